@@ -1,0 +1,3 @@
+//! BGP speaker: sessions to the policy's peers, flowspec and RTBH announcements.
+//!
+//! Not built yet (issue "BGP"). Nothing here announces anything.

@@ -1,0 +1,1 @@
+//! The daemon. Not built yet.

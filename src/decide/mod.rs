@@ -1,0 +1,3 @@
+//! Decisions: escalation ladder, reconnect authorisations, allowlists, circuit breaker.
+//!
+//! Not built yet (issue "Decide and remember"). Nothing here decides anything.

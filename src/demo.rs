@@ -1,0 +1,1 @@
+//! `egressguard demo`. Not built yet.

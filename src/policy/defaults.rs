@@ -1,0 +1,81 @@
+//! The documented defaults of every policy setting.
+//!
+//! `policies/default.yaml` repeats these values with their explanation; a unit test keeps the
+//! two in step. Change a default here and there together.
+
+use std::time::Duration;
+
+/// Schema version this build reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Name of the profile every other profile inherits from.
+pub const DEFAULT_PROFILE: &str = "default";
+
+// flood
+pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+pub const FLOOD_PPS: u64 = 150_000;
+pub const FLOOD_BPS: u64 = 5_000_000_000;
+pub const FLOOD_NEW_FLOWS_PER_SEC: u64 = 2_000;
+pub const FLOOD_UNREPLIED_SYN_PER_SEC: u64 = 500;
+/// Chargen, DNS, NTP, NetBIOS, SNMP, CLDAP, SSDP, WS-Discovery, mDNS, memcached.
+pub const FLOOD_AMPLIFICATION_PORTS: &[u16] =
+    &[19, 53, 123, 137, 161, 389, 1900, 3702, 5353, 11211];
+pub const FLOOD_AMPLIFICATION_FLOWS_PER_SEC: u64 = 500;
+pub const FLOOD_MAX_TARGETS: u32 = 8;
+
+// brute force
+pub const BRUTE_WINDOW: Duration = Duration::from_secs(60);
+pub const BRUTE_ATTEMPTS: u32 = 30;
+pub const BRUTE_MAX_FLOW_DURATION: Duration = Duration::from_secs(15);
+/// FTP, SSH, telnet, POP3, IMAP, SMB, MSSQL, MySQL, RDP, PostgreSQL, VNC, MikroTik Winbox.
+pub const BRUTE_PORTS: &[u16] = &[
+    21, 22, 23, 110, 143, 445, 1433, 3306, 3389, 5432, 5900, 8291,
+];
+
+// port scan
+pub const PORTSCAN_WINDOW: Duration = Duration::from_secs(60);
+pub const PORTSCAN_DISTINCT_PORTS: u32 = 100;
+pub const PORTSCAN_MIN_UNANSWERED_RATIO: f64 = 0.5;
+
+// network scan
+pub const NETSCAN_WINDOW: Duration = Duration::from_secs(60);
+pub const NETSCAN_DISTINCT_DESTINATIONS: u32 = 200;
+pub const NETSCAN_MIN_UNANSWERED_RATIO: f64 = 0.5;
+
+// spam
+pub const SPAM_WINDOW: Duration = Duration::from_secs(300);
+pub const SPAM_DISTINCT_DESTINATIONS: u32 = 40;
+pub const SPAM_PORTS: &[u16] = &[25];
+
+// escalation
+pub const FORGET_AFTER: Duration = Duration::from_secs(180 * 86_400);
+pub const FIRST_QUARANTINE: Duration = Duration::from_secs(3_600);
+
+// reconnect
+pub const RECONNECT_REQUIRES: &[&str] = &["fee_paid", "reinstalled", "acknowledged"];
+
+// enforcement
+pub const NFT_TABLE: &str = "egressguard";
+pub const BLACKHOLE_TABLE: u32 = 254;
+/// Route protocol number tagging the agent's blackhole routes (unassigned in
+/// `/etc/iproute2/rt_protos`).
+pub const BLACKHOLE_PROTOCOL: u8 = 201;
+pub const IPV6_BLOCK_PREFIX: u8 = 128;
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+
+// circuit breaker
+pub const BREAKER_MAX_NEW_BLOCKS_PER_MINUTE: u32 = 20;
+pub const BREAKER_MAX_BLOCKS_PER_NETWORK: u32 = 32;
+
+// bgp
+pub const BGP_PORT: u16 = 179;
+pub const BGP_HOLD_TIME: u16 = 90;
+
+// notify
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const NOTIFY_RETRIES: u32 = 3;
+
+// detection
+pub const EVALUATION_INTERVAL: Duration = Duration::from_millis(250);
+pub const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_SOURCES: u32 = 262_144;

@@ -1,0 +1,488 @@
+//! The policy: what to watch, what counts as abuse, what to do about it, and who may be let
+//! back on.
+//!
+//! The file is YAML, schema version 1 (see `policies/default.yaml` for the documented
+//! reference). Loading goes in three steps:
+//!
+//! 1. [`raw`]: serde reads the text into [`raw::RawPolicy`]; unknown fields and wrong shapes
+//!    stop here with the line and column serde_yaml reports.
+//! 2. [`locate`]: an independent pass over the YAML events maps every path
+//!    (`networks[2].prefix`) to its line and column.
+//! 3. [`validate`]: every value is parsed and every rule checked; *all* errors are collected,
+//!    each placed at its path's position, and the typed [`Policy`] is built.
+//!
+//! The typed policy is immutable and cheap to share (`Arc<Policy>`); a reload builds a new one
+//! and swaps it in only when it validated.
+
+pub mod defaults;
+mod error;
+pub mod locate;
+pub mod raw;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+pub use error::{Diagnostic, PolicyError, Severity};
+pub use raw::{FlowspecMatch, Mode};
+
+use crate::messages::{Announce, BlockKind, Category, Time};
+
+/// A validated policy.
+#[derive(Clone, Debug, Serialize)]
+pub struct Policy {
+    /// Where it was read from, and a digest of its text.
+    pub source: PolicySource,
+    /// Enforce, or only log.
+    pub mode: Mode,
+    /// Customer networks, most specific first (so the first match is the longest prefix).
+    pub networks: Vec<Network>,
+    /// Profiles by name, each fully resolved (built-in defaults ← `default` ← the profile).
+    pub profiles: BTreeMap<String, Profile>,
+    /// Addresses and prefixes never to block.
+    pub allow: Vec<IpNet>,
+    /// Also protect the router's own addresses, BGP peers and walled-garden destinations.
+    pub protect_infrastructure: bool,
+    /// Per-category actions.
+    pub actions: BTreeMap<Category, CategoryAction>,
+    /// The escalation ladder.
+    pub escalation: Escalation,
+    /// Conditions every reconnect authorisation must attest.
+    pub reconnect_requires: BTreeSet<String>,
+    /// Reconnect authorisations.
+    pub reconnect: Vec<Reconnect>,
+    /// Router-side enforcement.
+    pub enforcement: Enforcement,
+    /// Circuit breaker limits.
+    pub circuit_breaker: CircuitBreaker,
+    /// BGP speaker, when configured.
+    pub bgp: Option<Bgp>,
+    /// Alerts.
+    pub notify: Notify,
+    /// Prometheus exposition address, when turned on.
+    pub metrics: Option<SocketAddr>,
+    /// Detection engine settings.
+    pub detection: DetectionSettings,
+}
+
+/// Where a policy came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicySource {
+    /// The file (or `<inline>` in tests).
+    pub path: PathBuf,
+    /// Short digest of the file's text, shown by `status` as the policy version.
+    pub digest: String,
+}
+
+/// A customer network to watch.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Network {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// The profile its thresholds come from.
+    pub profile: String,
+    /// Optional label for logs.
+    pub name: Option<String>,
+}
+
+/// Thresholds per category, fully resolved.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Profile {
+    /// Outgoing (D)DoS.
+    pub flood: Flood,
+    /// Brute force.
+    pub brute_force: BruteForce,
+    /// Port scan.
+    pub port_scan: PortScan,
+    /// Network scan.
+    pub network_scan: NetworkScan,
+    /// Spam.
+    pub spam: Spam,
+}
+
+impl Profile {
+    /// Whether a category is detected at all under this profile.
+    pub fn enabled(&self, c: Category) -> bool {
+        match c {
+            Category::Flood => self.flood.enabled,
+            Category::BruteForce => self.brute_force.enabled,
+            Category::PortScan => self.port_scan.enabled,
+            Category::NetworkScan => self.network_scan.enabled,
+            Category::Spam => self.spam.enabled,
+        }
+    }
+}
+
+/// Flood thresholds. Any one crossed in `window` is a detection.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Flood {
+    /// Detect floods at all.
+    pub enabled: bool,
+    /// Averaging window.
+    pub window: Duration,
+    /// Packets per second from one source (nft counters).
+    pub pps: u64,
+    /// Bits per second from one source (nft counters).
+    pub bps: u64,
+    /// New flows per second from one source.
+    pub new_flows_per_sec: u64,
+    /// TCP SYNs per second that were never answered.
+    pub unreplied_syn_per_sec: u64,
+    /// UDP ports prone to amplification (DNS, NTP, SSDP, memcached, ...).
+    pub amplification_ports: Vec<u16>,
+    /// New UDP flows per second to amplification ports.
+    pub amplification_flows_per_sec: u64,
+    /// A flood goes to at most this many targets; wider fan-out is a scan.
+    pub max_targets: u32,
+}
+
+/// Brute-force thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BruteForce {
+    /// Detect brute force at all.
+    pub enabled: bool,
+    /// Window.
+    pub window: Duration,
+    /// Connections to one target's authentication port within the window.
+    pub attempts: u32,
+    /// Only flows shorter than this count as attempts.
+    pub max_flow_duration: Duration,
+    /// Authentication ports.
+    pub ports: Vec<u16>,
+}
+
+/// Port-scan thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PortScan {
+    /// Detect port scans at all.
+    pub enabled: bool,
+    /// Window.
+    pub window: Duration,
+    /// Distinct destination ports on one target within the window.
+    pub distinct_ports: u32,
+    /// Share of those flows that went unanswered or were reset (0..=1).
+    pub min_unanswered_ratio: f64,
+}
+
+/// Network-scan thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NetworkScan {
+    /// Detect network scans at all.
+    pub enabled: bool,
+    /// Window.
+    pub window: Duration,
+    /// Distinct destination addresses on one port within the window.
+    pub distinct_destinations: u32,
+    /// Share of those flows that went unanswered (0..=1).
+    pub min_unanswered_ratio: f64,
+}
+
+/// Spam thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Spam {
+    /// Detect spam at all (off for mail relays).
+    pub enabled: bool,
+    /// Window.
+    pub window: Duration,
+    /// Distinct SMTP destinations within the window.
+    pub distinct_destinations: u32,
+    /// SMTP ports (25; 465 and 587 when configured).
+    pub ports: Vec<u16>,
+}
+
+/// What to do about one category.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CategoryAction {
+    /// The ladder rung (1-based) the first offense of this category starts on at least.
+    pub start_at: usize,
+    /// BGP announcements for blocks of this category.
+    pub announce: Vec<Announce>,
+    /// How narrowly the flowspec rule matches.
+    pub flowspec_match: FlowspecMatch,
+    /// Flowspec rate limit in bytes per second; 0 discards.
+    pub rate_limit: u32,
+}
+
+/// The escalation ladder.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Escalation {
+    /// Offenses older than this no longer count.
+    pub forget_after: Duration,
+    /// Rung N applies to the Nth offense; the last rung repeats.
+    pub ladder: Vec<Rung>,
+}
+
+impl Escalation {
+    /// The rung for the `offense`th offense (1-based), starting at least at `start_at`.
+    pub fn rung(&self, offense: u32, start_at: usize) -> &Rung {
+        let n = (offense.max(1) as usize).max(start_at.max(1));
+        &self.ladder[n.min(self.ladder.len()) - 1]
+    }
+}
+
+/// One rung of the ladder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Rung {
+    /// Quarantine, block or terminate.
+    pub kind: BlockKind,
+    /// How long.
+    pub hold: Hold,
+}
+
+/// How long a rung holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// For a fixed time, then lifted by itself.
+    For(#[serde(with = "humantime_serde_compat")] Duration),
+    /// Until a reconnect authorisation lifts it.
+    UntilReconnect,
+    /// For good (termination); only an explicit override lifts it.
+    Forever,
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+/// A reconnect authorisation written by the abuse desk.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reconnect {
+    /// The address (or aggregated prefix) to let back on.
+    pub address: IpNet,
+    /// The abuse desk's ticket; an authorisation is used once per ticket.
+    pub ticket: String,
+    /// Who authorised it.
+    pub authorised_by: String,
+    /// The conditions attested.
+    pub conditions: BTreeSet<String>,
+    /// After this the authorisation is void.
+    pub expires: Time,
+    /// Lift even a termination.
+    pub override_termination: bool,
+}
+
+/// Router-side enforcement settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Enforcement {
+    /// The nft table (family `inet`) the agent owns.
+    pub table: String,
+    /// What a quarantined address may still reach.
+    pub walled_garden: Vec<IpNet>,
+    /// Blackhole routes.
+    pub blackhole: Blackhole,
+    /// IPv6 block prefix length: 128 blocks the address, 64 its /64.
+    pub ipv6_block_prefix: u8,
+    /// How often the kernel's state is compared with the desired state.
+    pub reconcile_interval: Duration,
+}
+
+/// Blackhole route settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Blackhole {
+    /// Install blackhole routes.
+    pub enabled: bool,
+    /// Routing table id (254 is `main`).
+    pub table: u32,
+    /// Route protocol number that tags the agent's routes.
+    pub protocol: u8,
+}
+
+/// Circuit breaker limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CircuitBreaker {
+    /// New blocks per minute across the router; more trips the breaker.
+    pub max_new_blocks_per_minute: u32,
+    /// Active blocks inside one customer network entry.
+    pub max_blocks_per_network: u32,
+}
+
+/// BGP speaker settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Bgp {
+    /// Our AS.
+    pub local_as: u32,
+    /// Our router id.
+    pub router_id: Ipv4Addr,
+    /// Peers.
+    pub peers: Vec<Peer>,
+}
+
+/// Address families of a BGP session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// AFI 1 SAFI 1.
+    Ipv4Unicast,
+    /// AFI 2 SAFI 1.
+    Ipv6Unicast,
+    /// AFI 1 SAFI 133.
+    Ipv4Flowspec,
+    /// AFI 2 SAFI 133.
+    Ipv6Flowspec,
+}
+
+impl Family {
+    /// All families with their policy names.
+    pub const ALL: [(Family, &'static str); 4] = [
+        (Family::Ipv4Unicast, "ipv4-unicast"),
+        (Family::Ipv6Unicast, "ipv6-unicast"),
+        (Family::Ipv4Flowspec, "ipv4-flowspec"),
+        (Family::Ipv6Flowspec, "ipv6-flowspec"),
+    ];
+}
+
+/// A BGP community from the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Community {
+    /// RFC 1997 `asn:value`.
+    Standard(u16, u16),
+    /// RFC 8092 `global:local1:local2`.
+    Large(u32, u32, u32),
+}
+
+/// A BGP peer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Peer {
+    /// Label for logs and `status`.
+    pub name: String,
+    /// Peer address.
+    pub address: IpAddr,
+    /// TCP port.
+    pub port: u16,
+    /// Peer AS (equal to `local_as` for iBGP).
+    pub remote_as: u32,
+    /// Local address to bind.
+    pub local_address: Option<IpAddr>,
+    /// Proposed hold time in seconds (0 or at least 3).
+    pub hold_time: u16,
+    /// Families to negotiate.
+    pub families: Vec<Family>,
+    /// What to announce to this peer.
+    pub announce: Vec<Announce>,
+    /// Extra communities on RTBH routes (65535:666 and NO_EXPORT are always added).
+    pub rtbh_communities: Vec<Community>,
+    /// Next hop of IPv4 RTBH routes.
+    pub rtbh_next_hop_v4: Option<Ipv4Addr>,
+    /// Next hop of IPv6 RTBH routes.
+    pub rtbh_next_hop_v6: Option<std::net::Ipv6Addr>,
+    /// Enforce flowspec rules learnt from this peer.
+    pub accept_flowspec: bool,
+    /// File holding the TCP MD5 password.
+    pub md5_password_file: Option<PathBuf>,
+}
+
+/// Alerting.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Notify {
+    /// Command run per decision, decision JSON on stdin.
+    pub command: Option<Vec<String>>,
+    /// How long the command may run.
+    pub timeout: Duration,
+    /// Retries after a failure.
+    pub retries: u32,
+    /// Where X-ARF style abuse reports are written, one per incident.
+    pub report_dir: Option<PathBuf>,
+    /// Reporter address in the abuse reports.
+    pub reporter: Option<String>,
+}
+
+/// Detection engine settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DetectionSettings {
+    /// How often windows are evaluated.
+    pub evaluation_interval: Duration,
+    /// How often nft counters are read.
+    pub counter_interval: Duration,
+    /// Hard cap of tracked sources; the idlest is evicted beyond it.
+    pub max_sources: u32,
+}
+
+impl Policy {
+    /// Reads, validates and returns the policy at `path`.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::from_text(&text, path)
+    }
+
+    /// Validates policy text; `path` is used in diagnostics only.
+    pub fn from_text(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+        let (policy, diags) = validate::validate(text, path);
+        let errors: Vec<Diagnostic> = diags
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .cloned()
+            .collect();
+        match policy {
+            Some(p) if errors.is_empty() => Ok(p),
+            _ => Err(PolicyError::Invalid(errors)),
+        }
+    }
+
+    /// Validates policy text and returns every diagnostic (errors and warnings) with the
+    /// policy when it is valid. This is what `egressguard check` prints.
+    pub fn check_text(text: &str, path: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
+        let (policy, diags) = validate::validate(text, path);
+        let ok = !diags.iter().any(|d| d.severity == Severity::Error);
+        (if ok { policy } else { None }, diags)
+    }
+
+    /// The customer network that holds `addr`, by longest prefix.
+    pub fn network_of(&self, addr: IpAddr) -> Option<&Network> {
+        self.networks.iter().find(|n| n.prefix.contains(&addr))
+    }
+
+    /// The profile for `addr`, when it is a customer address.
+    pub fn profile_of(&self, addr: IpAddr) -> Option<(&str, &Profile)> {
+        let n = self.network_of(addr)?;
+        let p = self.profiles.get(&n.profile)?;
+        Some((n.profile.as_str(), p))
+    }
+
+    /// Whether `addr` is allowlisted.
+    pub fn is_allowed(&self, addr: IpAddr) -> bool {
+        self.allow.iter().any(|a| a.contains(&addr))
+    }
+
+    /// Whether any allowlisted address lies inside `net` (blocking `net` would hit it).
+    pub fn allow_overlaps(&self, net: &IpNet) -> bool {
+        self.allow
+            .iter()
+            .any(|a| net.contains(a) || a.contains(net))
+    }
+
+    /// What to block for an offending `addr`: the address itself, or its IPv6 aggregate.
+    pub fn block_target(&self, addr: IpAddr) -> IpNet {
+        match addr {
+            IpAddr::V4(_) => IpNet::from(addr),
+            IpAddr::V6(_) => IpNet::new(addr, self.enforcement.ipv6_block_prefix)
+                .map(|n| n.trunc())
+                .unwrap_or_else(|_| IpNet::from(addr)),
+        }
+    }
+
+    /// The action settings for a category.
+    pub fn action(&self, c: Category) -> &CategoryAction {
+        &self.actions[&c]
+    }
+
+    /// Whether the agent enforces (as opposed to dry-run).
+    pub fn enforcing(&self) -> bool {
+        self.mode == Mode::Enforce
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,9 @@
+//! Root-only end-to-end tests in network namespaces.
+//!
+//! Every test starts with [`common::require_root`]: in CI (`CI` set) a missing privilege is
+//! a failure, never a silent pass; elsewhere the test says loudly that it skipped.
+//! Each test builds its own namespaces (names carry the test process id) and tears them down
+//! on drop, also when it fails.
+
+mod common;
+mod topology;
