@@ -1,2 +1,116 @@
-//! The command line: argument definitions (shared with the man page and completions
-//! generators) and one small module per verb.
+//! The command line: argument definitions (shared with the man page and completion
+//! generators, see [`generate`]) and one small module per verb. `main.rs` only parses and
+//! dispatches here.
+
+pub mod check;
+pub mod generate;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Installed location of the policy (a conffile; the agent never writes it).
+pub const DEFAULT_POLICY: &str = "/etc/egressguard/policy.yaml";
+/// Installed location of the state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/egressguard";
+/// Installed location of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/egressguard/control.sock";
+
+/// Process exit codes. Scripts and systemd rely on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success.
+    Ok = 0,
+    /// The policy is invalid (`check`, or `run` refusing to start).
+    InvalidPolicy = 1,
+    /// Bad command-line usage (clap's own code).
+    Usage = 2,
+    /// Anything else failed at run time (kernel, permissions, I/O).
+    Failure = 3,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e as u8)
+    }
+}
+
+/// egressguard: cuts compromised customer servers off the network.
+///
+/// It watches conntrack events and nftables counters on an edge router, detects outgoing
+/// abuse (floods, brute force, port and network scans, spam) by the thresholds of a YAML
+/// policy, and enforces with nftables sets, blackhole routes and BGP announcements until the
+/// abuse desk authorises the reconnect.
+#[derive(Debug, Parser)]
+#[command(name = "egressguard", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (normally started by systemd).
+    Run(RunArgs),
+    /// Validate a policy file like `nginx -t`: exit 0, or list every error with file:line:column.
+    Check(CheckArgs),
+    /// Show the agent at work in network namespaces built for the purpose (needs root).
+    Demo(DemoArgs),
+    /// Write the man page egressguard(8) into a directory (used by packaging).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Write bash and zsh completions into a directory (used by packaging).
+    #[command(hide = true)]
+    GenerateCompletions {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+/// `egressguard run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The policy file.
+    #[arg(long, short = 'p', value_name = "FILE", default_value = DEFAULT_POLICY)]
+    pub policy: PathBuf,
+    /// Directory of the state database.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Path of the control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `egressguard check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The policy file.
+    #[arg(long, short = 'p', value_name = "FILE", default_value = DEFAULT_POLICY)]
+    pub policy: PathBuf,
+    /// Also print the effective policy: every setting with defaults and inheritance applied.
+    #[arg(long)]
+    pub print_effective: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `egressguard demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Seconds to pause between the steps, to read along.
+    #[arg(long, default_value_t = 1.0)]
+    pub pause: f64,
+}

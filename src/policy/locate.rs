@@ -49,6 +49,9 @@ impl Index {
     pub fn value(&self, path: &str) -> Pos {
         let mut p = path;
         loop {
+            if p.is_empty() {
+                return Pos::START;
+            }
             if let Some(pos) = self.values.get(p) {
                 return *pos;
             }
@@ -84,7 +87,11 @@ fn parent(path: &str) -> Option<&str> {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
+    Map {
+        path: String,
+        key: Option<String>,
+        first: bool,
+    },
     Seq { path: String, next: usize },
 }
 
@@ -111,12 +118,18 @@ fn join(parent: &str, key: &str) -> String {
 impl MarkedEventReceiver for Receiver {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         // A scalar where a mapping expects its key is a key, not a value.
-        if let Some(Frame::Map { path, key }) = self.stack.last_mut()
+        if let Some(Frame::Map { path, key, first }) = self.stack.last_mut()
             && key.is_none()
         {
             match &ev {
                 Event::Scalar(k, ..) => {
                     let full = join(path, k);
+                    // A block mapping's start event is marked at its first `:`; the first
+                    // key is where a reader sees the mapping begin.
+                    if *first {
+                        self.index.values.insert(path.clone(), pos(mark));
+                        *first = false;
+                    }
                     self.index.keys.insert(full, pos(mark));
                     *key = Some(k.clone());
                     return;
@@ -134,7 +147,7 @@ impl MarkedEventReceiver for Receiver {
         }
         let path = match self.stack.last_mut() {
             None => String::new(),
-            Some(Frame::Map { path, key }) => join(path, &key.take().unwrap_or_default()),
+            Some(Frame::Map { path, key, .. }) => join(path, &key.take().unwrap_or_default()),
             Some(Frame::Seq { path, next }) => {
                 let p = format!("{path}[{next}]");
                 *next += 1;
@@ -146,8 +159,13 @@ impl MarkedEventReceiver for Receiver {
                 self.index.values.insert(path, pos(mark));
             }
             Event::MappingStart(..) => {
+                // Moved to its first key when one comes (see above).
                 self.index.values.insert(path.clone(), pos(mark));
-                self.stack.push(Frame::Map { path, key: None });
+                self.stack.push(Frame::Map {
+                    path,
+                    key: None,
+                    first: true,
+                });
             }
             Event::SequenceStart(..) => {
                 self.index.values.insert(path.clone(), pos(mark));

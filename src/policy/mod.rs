@@ -124,6 +124,7 @@ pub struct Flood {
     /// Detect floods at all.
     pub enabled: bool,
     /// Averaging window.
+    #[serde(serialize_with = "ser::duration")]
     pub window: Duration,
     /// Packets per second from one source (nft counters).
     pub pps: u64,
@@ -147,10 +148,12 @@ pub struct BruteForce {
     /// Detect brute force at all.
     pub enabled: bool,
     /// Window.
+    #[serde(serialize_with = "ser::duration")]
     pub window: Duration,
     /// Connections to one target's authentication port within the window.
     pub attempts: u32,
     /// Only flows shorter than this count as attempts.
+    #[serde(serialize_with = "ser::duration")]
     pub max_flow_duration: Duration,
     /// Authentication ports.
     pub ports: Vec<u16>,
@@ -162,6 +165,7 @@ pub struct PortScan {
     /// Detect port scans at all.
     pub enabled: bool,
     /// Window.
+    #[serde(serialize_with = "ser::duration")]
     pub window: Duration,
     /// Distinct destination ports on one target within the window.
     pub distinct_ports: u32,
@@ -175,6 +179,7 @@ pub struct NetworkScan {
     /// Detect network scans at all.
     pub enabled: bool,
     /// Window.
+    #[serde(serialize_with = "ser::duration")]
     pub window: Duration,
     /// Distinct destination addresses on one port within the window.
     pub distinct_destinations: u32,
@@ -188,6 +193,7 @@ pub struct Spam {
     /// Detect spam at all (off for mail relays).
     pub enabled: bool,
     /// Window.
+    #[serde(serialize_with = "ser::duration")]
     pub window: Duration,
     /// Distinct SMTP destinations within the window.
     pub distinct_destinations: u32,
@@ -212,6 +218,7 @@ pub struct CategoryAction {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Escalation {
     /// Offenses older than this no longer count.
+    #[serde(serialize_with = "ser::duration")]
     pub forget_after: Duration,
     /// Rung N applies to the Nth offense; the last rung repeats.
     pub ladder: Vec<Rung>,
@@ -235,22 +242,54 @@ pub struct Rung {
 }
 
 /// How long a rung holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hold {
     /// For a fixed time, then lifted by itself.
-    For(#[serde(with = "humantime_serde_compat")] Duration),
+    For(Duration),
     /// Until a reconnect authorisation lifts it.
     UntilReconnect,
     /// For good (termination); only an explicit override lifts it.
     Forever,
 }
 
-mod humantime_serde_compat {
+impl Serialize for Hold {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Hold::For(d) => s.collect_str(&format_args!("for {}", format_duration(*d))),
+            Hold::UntilReconnect => s.serialize_str("until reconnect"),
+            Hold::Forever => s.serialize_str("forever"),
+        }
+    }
+}
+
+/// A duration in the largest unit that divides it exactly: `180d`, `90m`, `250ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match s {
+        0 => "0s".to_owned(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Serialisation of the effective policy in the units the file is written in.
+mod ser {
     use std::time::Duration;
 
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
+    use crate::messages::Time;
+
+    pub fn duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&super::format_duration(*d))
+    }
+
+    pub fn time<S: serde::Serializer>(t: &Time, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(t)
     }
 }
 
@@ -266,6 +305,7 @@ pub struct Reconnect {
     /// The conditions attested.
     pub conditions: BTreeSet<String>,
     /// After this the authorisation is void.
+    #[serde(serialize_with = "ser::time")]
     pub expires: Time,
     /// Lift even a termination.
     pub override_termination: bool,
@@ -283,6 +323,7 @@ pub struct Enforcement {
     /// IPv6 block prefix length: 128 blocks the address, 64 its /64.
     pub ipv6_block_prefix: u8,
     /// How often the kernel's state is compared with the desired state.
+    #[serde(serialize_with = "ser::duration")]
     pub reconcile_interval: Duration,
 }
 
@@ -387,6 +428,7 @@ pub struct Notify {
     /// Command run per decision, decision JSON on stdin.
     pub command: Option<Vec<String>>,
     /// How long the command may run.
+    #[serde(serialize_with = "ser::duration")]
     pub timeout: Duration,
     /// Retries after a failure.
     pub retries: u32,
@@ -400,8 +442,10 @@ pub struct Notify {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DetectionSettings {
     /// How often windows are evaluated.
+    #[serde(serialize_with = "ser::duration")]
     pub evaluation_interval: Duration,
     /// How often nft counters are read.
+    #[serde(serialize_with = "ser::duration")]
     pub counter_interval: Duration,
     /// Hard cap of tracked sources; the idlest is evicted beyond it.
     pub max_sources: u32,

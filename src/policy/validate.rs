@@ -71,22 +71,22 @@ pub(super) fn validate(text: &str, file: &Path) -> (Option<Policy>, Vec<Diagnost
                     column: l.column(),
                 })
                 .unwrap_or(Pos::START);
-            let (msg, help) = explain_serde(&e.to_string());
+            let suffix = format!(" at line {} column {}", at.line, at.column);
+            let full = e.to_string();
+            let (msg, help) = explain_serde(full.strip_suffix(&suffix).unwrap_or(&full));
             cx.push(Severity::Error, at, "", msg, help);
             return (None, cx.diags);
         }
     };
     let policy = build(&mut cx, raw, text);
+    // Report in file order, as a reader goes through the file.
+    cx.diags.sort_by_key(|d| (d.line, d.column));
     let failed = cx.diags.iter().any(|d| d.severity == Severity::Error);
     (if failed { None } else { Some(policy) }, cx.diags)
 }
 
 /// Turns serde_yaml's message into ours: the position goes in front, a hint comes after.
 fn explain_serde(msg: &str) -> (String, Option<String>) {
-    let msg = match msg.rfind(" at line ") {
-        Some(i) => &msg[..i],
-        None => msg,
-    };
     let help = if msg.contains("unknown field") {
         Some(
             "remove the setting or correct its spelling; the names allowed here are listed above"
@@ -273,7 +273,7 @@ fn count(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: u64) -> u64 {
         Some(0) => {
             cx.err(
                 path,
-                "a threshold of 0 would flag every source",
+                "0 is not allowed here",
                 Some("write a number greater than 0".into()),
             );
             default
