@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  signal thread (SIGHUP, SIGTERM, SIGINT) ──Event──┐
+//!  control socket (one task per connection) ─Event──┤  request + oneshot reply
 //!                                                    ▼
 //!                                          ┌──────────────────┐
 //!                                          │  decision task   │  owns the policy (Arc, swapped on
@@ -23,10 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::cli::{Exit, RunArgs};
+use crate::control::protocol::{Body, Reply, Request, StatusView};
+use crate::control::server::{self, ControlError, ControlRequest};
+use crate::messages::Time;
 use crate::policy::{Policy, PolicyError};
 
 /// What the decision task is told.
@@ -42,6 +46,8 @@ pub enum Event {
         /// The signal's name, for the log.
         why: &'static str,
     },
+    /// A request from the control socket.
+    Control(ControlRequest),
 }
 
 /// Errors that stop the daemon at start.
@@ -56,6 +62,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The control socket could not be created.
+    #[error("cannot start")]
+    Control(#[source] ControlError),
 }
 
 /// `egressguard run`: returns when the daemon has stopped.
@@ -64,9 +73,9 @@ pub fn run(args: &RunArgs) -> Exit {
         Ok(()) => Exit::Ok,
         Err(DaemonError::Policy(e)) => {
             for d in e.diagnostics() {
-                error!(diagnostic = %d, "policy refused");
+                error!(diagnostic = %d.one_line(), "policy refused");
             }
-            error!(file = %args.policy.display(), "cannot start: {e}");
+            error!(file = %args.policy.display(), "cannot start: {}", first_line(&error_chain(&e)));
             Exit::InvalidPolicy
         }
         Err(e) => {
@@ -98,22 +107,46 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
         .map_err(DaemonError::Runtime)?;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let signals = spawn_signal_thread(tx.clone())?;
-    rt.block_on(async {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let outcome = rt.block_on(async {
+        let listener = server::bind(&args.socket).map_err(DaemonError::Control)?;
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
+        let control = tokio::spawn(server::serve(listener, ctl_tx, stop_rx));
+        let forward = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(req) = ctl_rx.recv().await {
+                    if tx.send(Event::Control(req)).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
         let mut d = Decider {
             policy_path: args.policy.clone(),
             policy,
+            started: Time::now(),
         };
         d.started(args);
         d.run(rx).await;
+        // Shutdown order: stop taking control requests, then the rest.
+        let _ = stop_tx.send(true);
+        let _ = control.await;
+        forward.abort();
+        let _ = std::fs::remove_file(&args.socket);
+        Ok(())
     });
     signals.close();
+    outcome?;
     info!("stopped");
     Ok(())
 }
 
-fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> Result<signal_hook::iterator::Handle, DaemonError> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+fn spawn_signal_thread(
+    tx: mpsc::Sender<Event>,
+) -> Result<signal_hook::iterator::Handle, DaemonError> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .map_err(DaemonError::Signals)?;
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("signals".into())
@@ -137,6 +170,7 @@ fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> Result<signal_hook::iterator:
 struct Decider {
     policy_path: PathBuf,
     policy: Arc<Policy>,
+    started: Time,
 }
 
 impl Decider {
@@ -151,7 +185,9 @@ impl Decider {
             socket = %args.socket.display(),
             "started"
         );
-        warn!("this build has no observers or enforcers yet: it watches nothing and blocks nothing");
+        warn!(
+            "this build has no observers or enforcers yet: it watches nothing and blocks nothing"
+        );
         sd_notify("READY=1");
     }
 
@@ -169,7 +205,49 @@ impl Decider {
                     sd_notify("STOPPING=1");
                     break;
                 }
+                Event::Control(req) => {
+                    let reply = self.control(req.request, &req.peer.user);
+                    let _ = req.reply.send(reply);
+                }
             }
+        }
+    }
+
+    /// Answers one control request.
+    fn control(&mut self, req: Request, user: &str) -> Reply {
+        match req {
+            Request::Status => Reply::Ok {
+                body: Body::Status(Box::new(self.status())),
+            },
+            Request::Reload => {
+                info!(user, "reload requested on the control socket");
+                match self.reload() {
+                    Ok(message) => Reply::Ok {
+                        body: Body::Done { message },
+                    },
+                    Err(error) => Reply::Error { error },
+                }
+            }
+            Request::List
+            | Request::Show { .. }
+            | Request::Block { .. }
+            | Request::Unblock { .. } => Reply::Error {
+                error: "this build has no decision stage yet: it holds no blocks".into(),
+            },
+        }
+    }
+
+    fn status(&self) -> StatusView {
+        let p = &self.policy;
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: if p.enforcing() { "enforce" } else { "dry-run" }.to_owned(),
+            policy_file: self.policy_path.display().to_string(),
+            policy_version: p.source.digest.clone(),
+            started: self.started,
+            now: Time::now(),
+            warnings: vec!["this build has no observers or enforcers yet: it watches nothing and blocks nothing".into()],
+            ..StatusView::default()
         }
     }
 
@@ -179,7 +257,10 @@ impl Decider {
         sd_notify("RELOADING=1");
         let outcome = match Policy::load(&self.policy_path) {
             Ok(p) => {
-                let msg = format!("policy reloaded: version {} (was {})", p.source.digest, self.policy.source.digest);
+                let msg = format!(
+                    "policy reloaded: version {} (was {})",
+                    p.source.digest, self.policy.source.digest
+                );
                 info!(
                     policy = %self.policy_path.display(),
                     version = %p.source.digest,
@@ -192,11 +273,12 @@ impl Decider {
             }
             Err(e) => {
                 for d in e.diagnostics() {
-                    error!(diagnostic = %d, "policy refused");
+                    error!(diagnostic = %d.one_line(), "policy refused");
                 }
                 error!(
                     policy = %self.policy_path.display(),
                     kept = %self.policy.source.digest,
+                    errors = e.diagnostics().len(),
                     "policy refused, keeping the previous policy: {}",
                     first_line(&error_chain(&e))
                 );
@@ -224,7 +306,8 @@ pub fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let _ = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };

@@ -23,7 +23,9 @@ pub const DEFAULT_POLICY: &str = include_str!("../policies/default.yaml");
 /// Runs the demo; returns the exit code.
 pub fn run(args: &DemoArgs) -> Exit {
     if !is_root() {
-        eprintln!("egressguard demo builds network namespaces and needs root: run `sudo egressguard demo`");
+        eprintln!(
+            "egressguard demo builds network namespaces and needs root: run `sudo egressguard demo`"
+        );
         return Exit::Failure;
     }
     if sh(&["ip", "-V"]).is_err() {
@@ -82,7 +84,9 @@ impl Demo {
     }
 
     fn play(&self) -> Result<(), String> {
-        println!("egressguard demo: an edge router that cuts compromised customer servers off the network.");
+        println!(
+            "egressguard demo: an edge router that cuts compromised customer servers off the network."
+        );
         self.step("1. Building the network in namespaces")?;
         let mut topo = Topology::new().map_err(|e| e.to_string())?;
         topo.add_customer(10).map_err(|e| e.to_string())?;
@@ -100,7 +104,8 @@ impl Demo {
         println!("   namespaces: {}", names.join(", "));
 
         self.step("2. Starting the agent on the router with the shipped default policy")?;
-        let scratch = Scratch(std::env::temp_dir().join(format!("egressguard-demo-{}", std::process::id())));
+        let scratch =
+            Scratch(std::env::temp_dir().join(format!("egressguard-demo-{}", std::process::id())));
         std::fs::create_dir_all(&scratch.0).map_err(|e| e.to_string())?;
         let policy = scratch.0.join("policy.yaml");
         std::fs::write(&policy, DEFAULT_POLICY).map_err(|e| e.to_string())?;
@@ -144,8 +149,13 @@ impl Demo {
         let inet = &topo.internet[0];
         for cust in &topo.customers {
             for (src, dst) in [(cust.v4, inet.v4), (cust.v6, inet.v6)] {
-                let ping = cust.ns.succeeds(&["ping", "-c", "1", "-W", "2", &dst.to_string()]);
-                let tcp = cust.ns.enter(|| fetch(SocketAddr::new(dst, 8080))).map_err(|e| e.to_string())?;
+                let ping = cust
+                    .ns
+                    .succeeds(&["ping", "-c", "1", "-W", "2", &dst.to_string()]);
+                let tcp = cust
+                    .ns
+                    .enter(|| fetch(SocketAddr::new(dst, 8080)))
+                    .map_err(|e| e.to_string())?;
                 println!(
                     "   {src:>15} -> {dst:<15} ping {}  tcp/8080 {}",
                     if ping { "ok" } else { "FAILED" },
@@ -171,7 +181,9 @@ impl Demo {
         let status = agent.stop(Duration::from_secs(5));
         println!(
             "   agent stopped: {}",
-            status.map(|s| s.to_string()).unwrap_or_else(|| "not running".into())
+            status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "not running".into())
         );
         drop(topo);
         let left = sh(&["ip", "netns", "list"]).unwrap_or_default();
@@ -184,7 +196,12 @@ impl Demo {
         }
     }
 
-    fn await_line(&self, rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> Result<(), String> {
+    fn await_line(
+        &self,
+        rx: &mpsc::Receiver<String>,
+        needle: &str,
+        limit: Duration,
+    ) -> Result<(), String> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             self.wait(Duration::ZERO)?;
@@ -202,7 +219,9 @@ impl Demo {
 fn serve(listener: TcpListener, n: usize) {
     let _ = listener.set_nonblocking(false);
     for _ in 0..n {
-        let Ok((mut s, _)) = listener.accept() else { return };
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let mut buf = [0u8; 64];
         let _ = s.read(&mut buf);
@@ -212,11 +231,12 @@ fn serve(listener: TcpListener, n: usize) {
 
 /// One bounded request to the demo web server.
 fn fetch(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
     s.write_all(b"GET /").map_err(|e| e.to_string())?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     Ok(out)
 }
-

@@ -13,6 +13,12 @@ fn main() -> ExitCode {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => cli::check::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Status(args) => cli::status::run(args),
+        Command::List(args) => cli::list::run(args),
+        Command::Show(args) => cli::show::run(args),
+        Command::Block(args) => cli::block::run(args),
+        Command::Unblock(args) => cli::unblock::run(args),
+        Command::Reload(args) => cli::reload::run(args),
         Command::GenerateMan { dir } => io_exit(cli::generate::man(dir)),
         Command::GenerateCompletions { dir } => io_exit(cli::generate::completions(dir)),
     };

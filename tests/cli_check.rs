@@ -16,8 +16,17 @@ fn repo() -> PathBuf {
 }
 
 fn check(file: &Path, extra: &[&str]) -> (i32, String) {
-    let out = bin().arg("check").arg("--policy").arg(file).args(extra).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = bin()
+        .arg("check")
+        .arg("--policy")
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -31,7 +40,11 @@ fn accepts_every_shipped_policy() {
         let (code, out) = check(&f, &[]);
         assert_eq!(code, 0, "{} refused:\n{out}", f.display());
         assert!(out.contains("policy OK"), "{out}");
-        assert!(!out.contains("warning"), "{} has warnings:\n{out}", f.display());
+        assert!(
+            !out.contains("warning"),
+            "{} has warnings:\n{out}",
+            f.display()
+        );
     }
 }
 
@@ -52,15 +65,26 @@ fn refuses_each_broken_fixture_at_the_right_place() {
                 (at, rest)
             })
             .collect();
-        assert!(!expects.is_empty(), "{} has no `# expect:` line", f.display());
+        assert!(
+            !expects.is_empty(),
+            "{} has no `# expect:` line",
+            f.display()
+        );
         let (code, out) = check(&f, &[]);
         assert_eq!(code, 1, "{} was not refused:\n{out}", f.display());
         let errors: Vec<&str> = out.lines().filter(|l| l.contains(": error: ")).collect();
-        assert_eq!(errors.len(), expects.len(), "{}: errors\n{out}", f.display());
+        assert_eq!(
+            errors.len(),
+            expects.len(),
+            "{}: errors\n{out}",
+            f.display()
+        );
         for (at, msg) in &expects {
             let prefix = format!("{}:{at}: error: ", f.display());
             assert!(
-                errors.iter().any(|l| l.starts_with(&prefix) && l.contains(msg.as_str())),
+                errors
+                    .iter()
+                    .any(|l| l.starts_with(&prefix) && l.contains(msg.as_str())),
                 "{}: expected `{prefix}…{msg}…` in\n{out}",
                 f.display()
             );
@@ -72,13 +96,19 @@ fn refuses_each_broken_fixture_at_the_right_place() {
 
 #[test]
 fn json_output_and_effective_policy() {
-    let (code, out) = check(&repo().join("policies/default.yaml"), &["--json", "--print-effective"]);
+    let (code, out) = check(
+        &repo().join("policies/default.yaml"),
+        &["--json", "--print-effective"],
+    );
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["policy"]["mode"], "dry-run");
     assert_eq!(v["policy"]["profiles"]["default"]["flood"]["window"], "10s");
-    let (code, out) = check(&repo().join("tests/fixtures/policy/broken/bad-prefix.yaml"), &["--json"]);
+    let (code, out) = check(
+        &repo().join("tests/fixtures/policy/broken/bad-prefix.yaml"),
+        &["--json"],
+    );
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ok"], false);
@@ -89,7 +119,10 @@ fn json_output_and_effective_policy() {
 
 #[test]
 fn print_effective_shows_inherited_values() {
-    let (code, out) = check(&repo().join("policies/examples/mail-and-scanner.yaml"), &["--print-effective"]);
+    let (code, out) = check(
+        &repo().join("policies/examples/mail-and-scanner.yaml"),
+        &["--print-effective"],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("# effective policy"), "{out}");
     assert!(out.contains("mailrelay:"), "{out}");
@@ -99,8 +132,14 @@ fn print_effective_shows_inherited_values() {
 
 #[test]
 fn unreadable_file_is_a_clear_error() {
-    let out = bin().args(["check", "--policy", "/nonexistent/policy.yaml"]).output().unwrap();
+    let out = bin()
+        .args(["check", "--policy", "/nonexistent/policy.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/policy.yaml: cannot read the policy"), "{err}");
+    assert!(
+        err.contains("/nonexistent/policy.yaml: cannot read the policy"),
+        "{err}"
+    );
 }

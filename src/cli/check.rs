@@ -33,7 +33,11 @@ pub fn run(args: &CheckArgs) -> Exit {
             ok,
             file: args.policy.display().to_string(),
             diagnostics: &diags,
-            policy: if args.print_effective { policy.as_ref() } else { None },
+            policy: if args.print_effective {
+                policy.as_ref()
+            } else {
+                None
+            },
         };
         let _ = serde_json::to_writer_pretty(&mut out, &report);
         let _ = writeln!(out);
@@ -41,7 +45,10 @@ pub fn run(args: &CheckArgs) -> Exit {
         for d in &diags {
             let _ = writeln!(out, "{d}");
         }
-        let errors = diags.iter().filter(|d| d.severity == Severity::Error).count();
+        let errors = diags
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
         let warnings = diags.len() - errors;
         match &policy {
             Some(p) => {

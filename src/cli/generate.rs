@@ -19,7 +19,10 @@ pub fn man(dir: &Path) -> io::Result<()> {
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let title = format!(".SH \"EGRESSGUARD {}\"\n", sub.get_name().to_uppercase());
         out.extend_from_slice(title.as_bytes());
-        let page = clap_mangen::Man::new(sub.clone().bin_name(format!("egressguard {}", sub.get_name())));
+        let page = clap_mangen::Man::new(
+            sub.clone()
+                .bin_name(format!("egressguard {}", sub.get_name())),
+        );
         page.render_description_section(&mut out)?;
         page.render_options_section(&mut out)?;
     }

@@ -2,8 +2,15 @@
 //! generators, see [`generate`]) and one small module per verb. `main.rs` only parses and
 //! dispatches here.
 
+pub mod block;
 pub mod check;
 pub mod generate;
+pub mod list;
+pub mod reload;
+pub mod show;
+pub mod status;
+mod table;
+pub mod unblock;
 
 use std::path::PathBuf;
 
@@ -28,8 +35,10 @@ pub enum Exit {
     InvalidPolicy = 1,
     /// Bad command-line usage (clap's own code).
     Usage = 2,
-    /// Anything else failed at run time (kernel, permissions, I/O).
+    /// Anything else failed at run time (kernel, permissions, I/O, agent unreachable).
     Failure = 3,
+    /// The agent refused the request (unknown address, missing ticket, ...).
+    Refused = 4,
 }
 
 impl From<Exit> for std::process::ExitCode {
@@ -45,7 +54,12 @@ impl From<Exit> for std::process::ExitCode {
 /// policy, and enforces with nftables sets, blackhole routes and BGP announcements until the
 /// abuse desk authorises the reconnect.
 #[derive(Debug, Parser)]
-#[command(name = "egressguard", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "egressguard",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
@@ -65,6 +79,18 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the agent at work in network namespaces built for the purpose (needs root).
     Demo(DemoArgs),
+    /// The agent's state: mode, policy version, sources, blocks, breaker, BGP sessions.
+    Status(ClientArgs),
+    /// Active blocks with reason, since and until.
+    List(ClientArgs),
+    /// Offense history of an address, with the evidence.
+    Show(ShowArgs),
+    /// Block an address by hand (audited).
+    Block(BlockArgs),
+    /// Lift a block by hand, citing the abuse ticket (audited).
+    Unblock(UnblockArgs),
+    /// Re-read the policy file; a policy that fails validation is refused and the old one stays.
+    Reload(ClientArgs),
     /// Write the man page egressguard(8) into a directory (used by packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -113,4 +139,82 @@ pub struct DemoArgs {
     /// Seconds to pause between the steps, to read along.
     #[arg(long, default_value_t = 1.0)]
     pub pause: f64,
+}
+
+/// Options every control verb takes.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Path of the agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the reply as JSON (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `egressguard show`.
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `egressguard block`.
+#[derive(Debug, Clone, Args)]
+pub struct BlockArgs {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    /// Why: goes to the audit trail and the notification.
+    #[arg(long)]
+    pub reason: String,
+    /// How long, e.g. 30m, 12h, 7d.
+    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `egressguard unblock`.
+#[derive(Debug, Clone, Args)]
+pub struct UnblockArgs {
+    /// The address.
+    pub addr: std::net::IpAddr,
+    /// The abuse desk's ticket that justifies lifting the block.
+    #[arg(long)]
+    pub ticket: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Sends one request and returns the reply body, or prints the error and returns the exit code.
+pub(crate) fn ask(
+    args: &ClientArgs,
+    req: crate::control::Request,
+) -> Result<crate::control::protocol::Body, Exit> {
+    use crate::control::{Reply, client};
+    match client::call(&args.socket, &req, std::time::Duration::from_secs(35)) {
+        Ok(Reply::Ok { body }) => Ok(body),
+        Ok(Reply::Error { error }) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "result": "error", "error": error })
+                );
+            } else {
+                eprintln!("egressguard: {error}");
+            }
+            Err(Exit::Refused)
+        }
+        Err(e) => {
+            eprintln!("egressguard: {}", crate::daemon::error_chain(&e));
+            Err(Exit::Failure)
+        }
+    }
+}
+
+/// Prints a body as JSON.
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }

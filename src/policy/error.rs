@@ -34,6 +34,24 @@ pub struct Diagnostic {
     pub help: Option<String>,
 }
 
+impl Diagnostic {
+    /// The diagnostic on one line (for logs): `file:line:col: path: message (help: ...)`.
+    pub fn one_line(&self) -> String {
+        let mut s = format!("{}:{}:{}: ", self.file.display(), self.line, self.column);
+        if !self.path.is_empty() {
+            s.push_str(&self.path);
+            s.push_str(": ");
+        }
+        s.push_str(&self.message);
+        if let Some(h) = &self.help {
+            s.push_str(" (help: ");
+            s.push_str(h);
+            s.push(')');
+        }
+        s
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sev = match self.severity {

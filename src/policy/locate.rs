@@ -92,7 +92,10 @@ enum Frame {
         key: Option<String>,
         first: bool,
     },
-    Seq { path: String, next: usize },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 struct Receiver {

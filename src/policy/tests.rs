@@ -25,7 +25,11 @@ fn errors(text: &str) -> Vec<String> {
         .filter(|d| d.severity == Severity::Error)
         .map(|d| format!("{}:{}: {}: {}", d.line, d.column, d.path, d.message))
         .collect();
-    assert_eq!(p.is_none(), !errs.is_empty(), "policy returned despite errors: {errs:?}");
+    assert_eq!(
+        p.is_none(),
+        !errs.is_empty(),
+        "policy returned despite errors: {errs:?}"
+    );
     errs
 }
 
@@ -41,8 +45,16 @@ fn warnings(text: &str) -> Vec<String> {
 fn one_error(text: &str, expect_at: &str, expect_msg: &str) {
     let errs = errors(text);
     assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
-    assert!(errs[0].starts_with(expect_at), "wrong position: {} (expected {expect_at})", errs[0]);
-    assert!(errs[0].contains(expect_msg), "wrong message: {} (expected …{expect_msg}…)", errs[0]);
+    assert!(
+        errs[0].starts_with(expect_at),
+        "wrong position: {} (expected {expect_at})",
+        errs[0]
+    );
+    assert!(
+        errs[0].contains(expect_msg),
+        "wrong message: {} (expected …{expect_msg}…)",
+        errs[0]
+    );
 }
 
 #[test]
@@ -51,7 +63,10 @@ fn base_is_valid_and_defaults_apply() {
     assert!(diags.is_empty(), "{diags:#?}");
     let p = p.unwrap();
     assert!(p.enforcing());
-    assert_eq!(p.profiles["default"].port_scan.distinct_ports, defaults::PORTSCAN_DISTINCT_PORTS);
+    assert_eq!(
+        p.profiles["default"].port_scan.distinct_ports,
+        defaults::PORTSCAN_DISTINCT_PORTS
+    );
     assert_eq!(p.escalation.ladder.len(), 3);
     assert_eq!(p.enforcement.table, "egressguard");
     assert_eq!(p.reconnect_requires.len(), 3);
@@ -68,14 +83,19 @@ fn every_shipped_policy_is_valid() {
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
         let (p, diags) = Policy::check_text(&text, &f);
-        assert!(p.is_some() && diags.is_empty(), "{}: {diags:#?}", f.display());
+        assert!(
+            p.is_some() && diags.is_empty(),
+            "{}: {diags:#?}",
+            f.display()
+        );
     }
 }
 
 #[test]
 fn default_yaml_matches_the_built_in_defaults() {
     // The shipped file documents the defaults; it must agree with defaults.rs.
-    let shipped = Policy::from_text(crate::demo::DEFAULT_POLICY, Path::new("default.yaml")).unwrap();
+    let shipped =
+        Policy::from_text(crate::demo::DEFAULT_POLICY, Path::new("default.yaml")).unwrap();
     let (builtin, _) = check(BASE);
     let builtin = builtin.unwrap();
     assert_eq!(shipped.profiles["default"], builtin.profiles["default"]);
@@ -85,24 +105,39 @@ fn default_yaml_matches_the_built_in_defaults() {
     assert_eq!(shipped.detection, builtin.detection);
     assert_eq!(shipped.notify, builtin.notify);
     assert_eq!(shipped.reconnect_requires, builtin.reconnect_requires);
-    assert_eq!(shipped.mode, Mode::DryRun, "the shipped default must be dry-run");
+    assert_eq!(
+        shipped.mode,
+        Mode::DryRun,
+        "the shipped default must be dry-run"
+    );
 }
 
 #[test]
 fn syntax_error_has_position() {
     one_error("version: 1\nnetworks:\n  - prefix: [1.2.3.0/24\n", "", "");
     let errs = errors("version: 1\nnetworks:\n  - prefix: [1.2.3.0/24\n");
-    assert!(errs[0].starts_with("4:") || errs[0].starts_with("3:"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("4:") || errs[0].starts_with("3:"),
+        "{errs:?}"
+    );
 }
 
 #[test]
 fn unknown_field_names_line_and_the_allowed_names() {
-    one_error(&format!("{BASE}  - prefx: 10.0.0.0/8\n"), "6:5", "unknown field `prefx`, expected one of `prefix`");
+    one_error(
+        &format!("{BASE}  - prefx: 10.0.0.0/8\n"),
+        "6:5",
+        "unknown field `prefx`, expected one of `prefix`",
+    );
 }
 
 #[test]
 fn unknown_mode_lists_values() {
-    one_error("version: 1\nmode: enforcing\n", "2:7", "unknown variant `enforcing`");
+    one_error(
+        "version: 1\nmode: enforcing\n",
+        "2:7",
+        "unknown variant `enforcing`",
+    );
 }
 
 #[test]
@@ -112,8 +147,16 @@ fn empty_file() {
 
 #[test]
 fn missing_or_wrong_version() {
-    one_error("mode: enforce\nnetworks:\n  - prefix: 10.0.0.0/8\n", "1:1", "schema version");
-    one_error(&BASE.replace("version: 1", "version: 2"), "1:10", "schema version 2 is not supported");
+    one_error(
+        "mode: enforce\nnetworks:\n  - prefix: 10.0.0.0/8\n",
+        "1:1",
+        "schema version",
+    );
+    one_error(
+        &BASE.replace("version: 1", "version: 2"),
+        "1:10",
+        "schema version 2 is not supported",
+    );
 }
 
 #[test]
@@ -123,22 +166,37 @@ fn no_networks() {
 
 #[test]
 fn bad_prefix_and_host_bits() {
-    one_error(&BASE.replace("203.0.113.0/24", "203.0.113.0/33"), "4:13", "is not an IP address or prefix");
+    one_error(
+        &BASE.replace("203.0.113.0/24", "203.0.113.0/33"),
+        "4:13",
+        "is not an IP address or prefix",
+    );
     let errs = errors(&BASE.replace("203.0.113.0/24", "203.0.113.7/24"));
     assert_eq!(errs.len(), 1);
-    assert!(errs[0].starts_with("4:13") && errs[0].contains("host bits"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("4:13") && errs[0].contains("host bits"),
+        "{errs:?}"
+    );
     let (_, diags) = check(&BASE.replace("203.0.113.0/24", "203.0.113.7/24"));
     assert_eq!(diags[0].help.as_deref(), Some("write `203.0.113.0/24`"));
 }
 
 #[test]
 fn duplicate_network() {
-    one_error(&format!("{BASE}  - prefix: 203.0.113.0/24\n"), "6:13", "listed twice");
+    one_error(
+        &format!("{BASE}  - prefix: 203.0.113.0/24\n"),
+        "6:13",
+        "listed twice",
+    );
 }
 
 #[test]
 fn unknown_profile() {
-    one_error(&format!("{BASE}    profile: mailrelay\n"), "6:14", "profile `mailrelay` is not defined");
+    one_error(
+        &format!("{BASE}    profile: mailrelay\n"),
+        "6:14",
+        "profile `mailrelay` is not defined",
+    );
 }
 
 #[test]
@@ -159,7 +217,11 @@ profiles:
     let errs = errors(text);
     assert_eq!(errs.len(), 5, "{errs:#?}");
     let at: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
-    assert_eq!(at, ["3:13", "5:14", "9:15", "10:23", "11:29"], "in file order");
+    assert_eq!(
+        at,
+        ["3:13", "5:14", "9:15", "10:23", "11:29"],
+        "in file order"
+    );
 }
 
 #[test]
@@ -184,7 +246,8 @@ fn thresholds_must_be_positive_numbers() {
 
 #[test]
 fn ratios_between_zero_and_one() {
-    let t = format!("{BASE}profiles:\n  default:\n    network_scan:\n      min_unanswered_ratio: 2\n");
+    let t =
+        format!("{BASE}profiles:\n  default:\n    network_scan:\n      min_unanswered_ratio: 2\n");
     one_error(&t, "9:29", "not a ratio");
 }
 
@@ -204,8 +267,14 @@ fn profiles_inherit_from_default() {
     let p = check(&t).0.unwrap();
     let relay = &p.profiles["relay"];
     assert!(!relay.spam.enabled);
-    assert_eq!(relay.spam.distinct_destinations, 10, "inherited from default");
-    assert_eq!(p.profile_of("2001:db8:c::5".parse().unwrap()).unwrap().0, "relay");
+    assert_eq!(
+        relay.spam.distinct_destinations, 10,
+        "inherited from default"
+    );
+    assert_eq!(
+        p.profile_of("2001:db8:c::5".parse().unwrap()).unwrap().0,
+        "relay"
+    );
 }
 
 #[test]
@@ -214,34 +283,55 @@ fn unused_profile_is_a_warning() {
     assert!(errors(&t).is_empty());
     let w = warnings(&t);
     assert_eq!(w.len(), 1);
-    assert!(w[0].starts_with("7:10") && w[0].contains("not used"), "{w:?}");
+    assert!(
+        w[0].starts_with("7:10") && w[0].contains("not used"),
+        "{w:?}"
+    );
 }
 
 #[test]
 fn overlapping_networks_resolve_by_longest_prefix() {
     let t = "version: 1\nnetworks:\n  - prefix: 10.0.0.0/8\n  - prefix: 10.1.0.0/16\n    profile: small\nprofiles:\n  small: {}\n";
     let p = check(t).0.unwrap();
-    assert_eq!(p.network_of("10.1.2.3".parse().unwrap()).unwrap().profile, "small");
-    assert_eq!(p.network_of("10.2.2.3".parse().unwrap()).unwrap().profile, "default");
+    assert_eq!(
+        p.network_of("10.1.2.3".parse().unwrap()).unwrap().profile,
+        "small"
+    );
+    assert_eq!(
+        p.network_of("10.2.2.3".parse().unwrap()).unwrap().profile,
+        "default"
+    );
     assert!(p.network_of("11.0.0.1".parse().unwrap()).is_none());
 }
 
 #[test]
 fn bad_allow_entry() {
-    one_error(&format!("{BASE}allow:\n  - router\n"), "7:5", "is not an IP address or prefix");
+    one_error(
+        &format!("{BASE}allow:\n  - router\n"),
+        "7:5",
+        "is not an IP address or prefix",
+    );
 }
 
 #[test]
 fn allowlisted_whole_network_is_a_warning() {
     let w = warnings(&format!("{BASE}allow:\n  - 203.0.0.0/16\n"));
-    assert!(w.iter().any(|w| w.starts_with("4:13") && w.contains("nothing in it will ever be blocked")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("4:13") && w.contains("nothing in it will ever be blocked")),
+        "{w:?}"
+    );
 }
 
 #[test]
 fn v6_aggregation_hiding_an_allowlisted_address_is_a_warning() {
     let t = format!("{BASE}allow:\n  - 2001:db8:c::1\nenforcement:\n  ipv6_block_prefix: 64\n");
     let w = warnings(&t);
-    assert!(w.iter().any(|w| w.starts_with("5:13") && w.contains("never blocked")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("5:13") && w.contains("never blocked")),
+        "{w:?}"
+    );
     let p = check(&t).0.unwrap();
     let target = p.block_target("2001:db8:c::77".parse().unwrap());
     assert_eq!(target.to_string(), "2001:db8:c::/64");
@@ -251,28 +341,62 @@ fn v6_aggregation_hiding_an_allowlisted_address_is_a_warning() {
 #[test]
 fn ladder_rules() {
     let l = |rungs: &str| format!("{BASE}escalation:\n  ladder:\n{rungs}");
-    one_error(&l("    - action: quarantine\n"), "8:7", "does not say how long");
-    one_error(&l("    - action: block\n      until: payday\n"), "9:14", "`until: payday` is not understood");
-    one_error(&l("    - action: block\n      for: 1h\n      until: reconnect\n"), "8:7", "either `for:` or `until:`");
-    one_error(&l("    - action: terminate\n      for: 1d\n"), "8:7", "no duration");
+    one_error(
+        &l("    - action: quarantine\n"),
+        "8:7",
+        "does not say how long",
+    );
+    one_error(
+        &l("    - action: block\n      until: payday\n"),
+        "9:14",
+        "`until: payday` is not understood",
+    );
+    one_error(
+        &l("    - action: block\n      for: 1h\n      until: reconnect\n"),
+        "8:7",
+        "either `for:` or `until:`",
+    );
+    one_error(
+        &l("    - action: terminate\n      for: 1d\n"),
+        "8:7",
+        "no duration",
+    );
     one_error(
         &l("    - action: terminate\n    - action: block\n      for: 1h\n"),
         "8:15",
         "must be the last rung",
     );
-    one_error(&format!("{BASE}escalation:\n  ladder: []\n"), "7:11", "ladder is empty");
-    let p = check(&l("    - action: quarantine\n      for: 30m\n    - action: block\n      until: reconnect\n"))
-        .0
-        .unwrap();
+    one_error(
+        &format!("{BASE}escalation:\n  ladder: []\n"),
+        "7:11",
+        "ladder is empty",
+    );
+    let p = check(&l(
+        "    - action: quarantine\n      for: 30m\n    - action: block\n      until: reconnect\n",
+    ))
+    .0
+    .unwrap();
     assert_eq!(p.escalation.rung(1, 1).kind, BlockKind::Quarantine);
     assert_eq!(p.escalation.rung(2, 1).hold, Hold::UntilReconnect);
-    assert_eq!(p.escalation.rung(9, 1).kind, BlockKind::Block, "the last rung repeats");
-    assert_eq!(p.escalation.rung(1, 2).kind, BlockKind::Block, "start_at skips rungs");
+    assert_eq!(
+        p.escalation.rung(9, 1).kind,
+        BlockKind::Block,
+        "the last rung repeats"
+    );
+    assert_eq!(
+        p.escalation.rung(1, 2).kind,
+        BlockKind::Block,
+        "start_at skips rungs"
+    );
 }
 
 #[test]
 fn action_start_at_within_ladder() {
-    one_error(&format!("{BASE}actions:\n  flood:\n    start_at: 4\n"), "8:15", "cannot start at rung 4");
+    one_error(
+        &format!("{BASE}actions:\n  flood:\n    start_at: 4\n"),
+        "8:15",
+        "cannot start at rung 4",
+    );
 }
 
 #[test]
@@ -302,7 +426,10 @@ fn valid_reconnect() {
 
 #[test]
 fn reconnect_outside_customer_networks() {
-    let t = format!("{BASE}{}", RECONNECT_OK.replace("203.0.113.45", "192.0.2.45"));
+    let t = format!(
+        "{BASE}{}",
+        RECONNECT_OK.replace("203.0.113.45", "192.0.2.45")
+    );
     one_error(&t, "7:14", "not in any customer network");
 }
 
@@ -328,9 +455,14 @@ fn reconnect_for_allowlisted_address_is_a_mistake() {
 
 #[test]
 fn reconnect_bad_expiry_and_duplicate_ticket() {
-    let t = format!("{BASE}{}", RECONNECT_OK.replace("2026-12-31T23:59:59Z", "next week"));
+    let t = format!(
+        "{BASE}{}",
+        RECONNECT_OK.replace("2026-12-31T23:59:59Z", "next week")
+    );
     one_error(&t, "11:14", "is not a date and time");
-    let second = RECONNECT_OK.replace("reconnect:\n", "").replace("203.0.113.45", "203.0.113.46");
+    let second = RECONNECT_OK
+        .replace("reconnect:\n", "")
+        .replace("203.0.113.45", "203.0.113.46");
     let t = format!("{BASE}{RECONNECT_OK}{second}");
     one_error(&t, "13:13", "ticket `T-1` is used twice");
 }
@@ -347,16 +479,40 @@ fn reconnect_v6_address_maps_to_the_block_target() {
 
 #[test]
 fn enforcement_rules() {
-    one_error(&format!("{BASE}enforcement:\n  table: 1bad-name\n"), "7:10", "not a usable nft table name");
-    one_error(&format!("{BASE}enforcement:\n  ipv6_block_prefix: 129\n"), "7:22", "prefix length");
-    one_error(&format!("{BASE}enforcement:\n  blackhole:\n    protocol: 2\n"), "8:15", "route protocol");
-    one_error(&format!("{BASE}enforcement:\n  blackhole:\n    table: local\n"), "8:12", "routing table");
-    one_error(&format!("{BASE}enforcement:\n  walled_garden: [portal]\n"), "7:19", "not an IP address");
+    one_error(
+        &format!("{BASE}enforcement:\n  table: 1bad-name\n"),
+        "7:10",
+        "not a usable nft table name",
+    );
+    one_error(
+        &format!("{BASE}enforcement:\n  ipv6_block_prefix: 129\n"),
+        "7:22",
+        "prefix length",
+    );
+    one_error(
+        &format!("{BASE}enforcement:\n  blackhole:\n    protocol: 2\n"),
+        "8:15",
+        "route protocol",
+    );
+    one_error(
+        &format!("{BASE}enforcement:\n  blackhole:\n    table: local\n"),
+        "8:12",
+        "routing table",
+    );
+    one_error(
+        &format!("{BASE}enforcement:\n  walled_garden: [portal]\n"),
+        "7:19",
+        "not an IP address",
+    );
 }
 
 #[test]
 fn breaker_limits_positive() {
-    one_error(&format!("{BASE}circuit_breaker:\n  max_new_blocks_per_minute: 0\n"), "7:30", "0 is not allowed");
+    one_error(
+        &format!("{BASE}circuit_breaker:\n  max_new_blocks_per_minute: 0\n"),
+        "7:30",
+        "0 is not allowed",
+    );
 }
 
 const BGP: &str = "\
@@ -371,10 +527,26 @@ bgp:
 #[test]
 fn bgp_rules() {
     assert!(errors(&format!("{BASE}{BGP}")).is_empty());
-    one_error(&format!("{BASE}{}", BGP.replace("64500\n  router", "0\n  router")), "7:13", "AS number");
-    one_error(&format!("{BASE}{}", BGP.replace("192.0.2.1", "r1")), "8:14", "router id");
-    one_error(&format!("{BASE}{BGP}      hold_time: 2\n"), "12:18", "hold time");
-    one_error(&format!("{BASE}{BGP}      families: [ipv4-multicast, ipv4-flowspec]\n"), "12:18", "not an address family");
+    one_error(
+        &format!("{BASE}{}", BGP.replace("64500\n  router", "0\n  router")),
+        "7:13",
+        "AS number",
+    );
+    one_error(
+        &format!("{BASE}{}", BGP.replace("192.0.2.1", "r1")),
+        "8:14",
+        "router id",
+    );
+    one_error(
+        &format!("{BASE}{BGP}      hold_time: 2\n"),
+        "12:18",
+        "hold time",
+    );
+    one_error(
+        &format!("{BASE}{BGP}      families: [ipv4-multicast, ipv4-flowspec]\n"),
+        "12:18",
+        "not an address family",
+    );
     one_error(
         &format!("{BASE}{BGP}      families: [ipv4-unicast]\n"),
         "10:7",
@@ -393,20 +565,43 @@ fn bgp_rules() {
         "not a BGP community",
     );
     let t = format!("{BASE}{BGP}actions:\n  flood:\n    announce: [flowspec]\n");
-    assert!(errors(&t).is_empty(), "a flowspec peer takes flowspec announcements");
+    assert!(
+        errors(&t).is_empty(),
+        "a flowspec peer takes flowspec announcements"
+    );
 }
 
 #[test]
 fn notify_and_metrics_rules() {
-    one_error(&format!("{BASE}notify:\n  command: [notify-abuse]\n"), "7:13", "not an absolute path");
-    one_error(&format!("{BASE}notify:\n  command: []\n"), "7:12", "command is empty");
-    one_error(&format!("{BASE}metrics:\n  listen: 0.0.0.0:9474\n"), "7:11", "not a loopback address");
-    one_error(&format!("{BASE}metrics:\n  listen: localhost\n"), "7:11", "not an address and port");
+    one_error(
+        &format!("{BASE}notify:\n  command: [notify-abuse]\n"),
+        "7:13",
+        "not an absolute path",
+    );
+    one_error(
+        &format!("{BASE}notify:\n  command: []\n"),
+        "7:12",
+        "command is empty",
+    );
+    one_error(
+        &format!("{BASE}metrics:\n  listen: 0.0.0.0:9474\n"),
+        "7:11",
+        "not a loopback address",
+    );
+    one_error(
+        &format!("{BASE}metrics:\n  listen: localhost\n"),
+        "7:11",
+        "not an address and port",
+    );
 }
 
 #[test]
 fn detection_rules() {
-    one_error(&format!("{BASE}detection:\n  max_sources: 10\n"), "7:16", "too few");
+    one_error(
+        &format!("{BASE}detection:\n  max_sources: 10\n"),
+        "7:16",
+        "too few",
+    );
     let w = warnings(&format!("{BASE}detection:\n  evaluation_interval: 10s\n"));
     assert_eq!(w.len(), 1, "{w:?}");
 }
@@ -415,6 +610,9 @@ fn detection_rules() {
 fn diagnostics_render_as_file_line_column() {
     let (_, diags) = check(&BASE.replace("203.0.113.0/24", "203.0.113.0/33"));
     let s = diags[0].to_string();
-    assert!(s.starts_with("p.yaml:4:13: error: networks[0].prefix: `203.0.113.0/33`"), "{s}");
+    assert!(
+        s.starts_with("p.yaml:4:13: error: networks[0].prefix: `203.0.113.0/33`"),
+        "{s}"
+    );
     assert!(s.contains("\n  help: write an address"), "{s}");
 }

@@ -21,7 +21,10 @@ fn namespaces_of(out: &str) -> Vec<String> {
 fn assert_gone(names: &[String]) {
     let left = sh(&["ip", "netns", "list"]).unwrap();
     for n in names {
-        assert!(!left.contains(n.as_str()), "namespace {n} left behind:\n{left}");
+        assert!(
+            !left.contains(n.as_str()),
+            "namespace {n} left behind:\n{left}"
+        );
     }
 }
 
@@ -30,11 +33,25 @@ fn demo_runs_end_to_end_and_cleans_up() {
     if !require_root("demo_runs_end_to_end_and_cleans_up") {
         return;
     }
-    let out = Command::new(agent_bin()).args(["demo", "--pause", "0"]).output().unwrap();
+    let out = Command::new(agent_bin())
+        .args(["demo", "--pause", "0"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout.matches("ping ok  tcp/8080 ok").count(), 4, "{stdout}");
-    assert!(stdout.contains("agent | ") && stdout.contains("started"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("ping ok  tcp/8080 ok").count(),
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("agent | ") && stdout.contains("started"),
+        "{stdout}"
+    );
     assert!(stdout.contains("all namespaces removed"), "{stdout}");
     let names = namespaces_of(&stdout);
     assert_eq!(names.len(), 4, "{stdout}");
@@ -67,7 +84,10 @@ fn demo_interrupted_with_ctrl_c_cleans_up() {
     }
     let status = child.wait().unwrap();
     assert!(!names.is_empty(), "never saw the namespaces:\n{text}");
-    assert!(!status.success(), "an interrupted demo must not report success");
+    assert!(
+        !status.success(),
+        "an interrupted demo must not report success"
+    );
     let err = {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut s).unwrap();

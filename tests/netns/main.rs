@@ -6,5 +6,6 @@
 //! on drop, also when it fails.
 
 mod common;
+mod control;
 mod demo;
 mod topology;

@@ -1,0 +1,66 @@
+//! `egressguard show ADDR`.
+
+use super::{Exit, ShowArgs, ask, print_json};
+use crate::control::Request;
+use crate::control::protocol::Body;
+
+/// Prints the offense history of an address with its evidence.
+pub fn run(args: &ShowArgs) -> Exit {
+    let body = match ask(&args.client, Request::Show { addr: args.addr }) {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    let Body::Show(h) = body else {
+        eprintln!("egressguard: unexpected reply to show");
+        return Exit::Failure;
+    };
+    if args.client.json {
+        print_json(&h);
+        return Exit::Ok;
+    }
+    println!("{}", h.target);
+    match &h.current {
+        Some(b) => println!(
+            "  now: {} since {} until {} ({})",
+            b.kind,
+            b.since,
+            b.until
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "reconnect".into()),
+            b.reason
+        ),
+        None => println!("  now: not held"),
+    }
+    if h.offenses.is_empty() {
+        println!("  no offenses on record");
+    }
+    for o in &h.offenses {
+        println!(
+            "\n  offense {} at {}: {} -> {}",
+            o.number, o.time, o.category, o.decision
+        );
+        if let Some(ev) = &o.evidence {
+            match serde_json::to_string_pretty(ev) {
+                Ok(j) => println!("{}", indent(&j, "    ")),
+                Err(_) => println!("    (evidence not printable)"),
+            }
+        }
+    }
+    if !h.audit.is_empty() {
+        println!("\n  audit trail:");
+        for a in &h.audit {
+            println!(
+                "    {}  {:<10} {:<10} {}",
+                a.time, a.actor, a.action, a.detail
+            );
+        }
+    }
+    Exit::Ok
+}
+
+fn indent(s: &str, pad: &str) -> String {
+    s.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,215 @@
+//! The control protocol's messages. Stable JSON: `egressguard <verb> --json` prints the
+//! reply body exactly as defined here, so scripts can rely on these field names.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{BlockKind, Category, Evidence, Time};
+
+/// A request from the CLI.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case")]
+pub enum Request {
+    /// Agent state summary.
+    Status,
+    /// Active blocks.
+    List,
+    /// Offense history of one address.
+    Show {
+        /// The address (or the aggregated prefix's address).
+        addr: IpAddr,
+    },
+    /// Manual block.
+    Block {
+        /// The address.
+        addr: IpAddr,
+        /// Why (goes to the audit trail and the notification).
+        reason: String,
+        /// How long, in seconds.
+        for_secs: u64,
+    },
+    /// Manual unblock.
+    Unblock {
+        /// The address.
+        addr: IpAddr,
+        /// The abuse desk's ticket that justifies it.
+        ticket: String,
+    },
+    /// Re-read the policy file.
+    Reload,
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done; the body depends on the request.
+    Ok {
+        /// The answer.
+        body: Body,
+    },
+    /// Refused or failed; `error` says why in words for the operator.
+    Error {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Reply bodies, one per verb.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Body {
+    /// `status`.
+    Status(Box<StatusView>),
+    /// `list`.
+    List(Vec<BlockView>),
+    /// `show`.
+    Show(Box<HistoryView>),
+    /// `block`, `unblock`, `reload`: what was done, in words.
+    Done {
+        /// E.g. `blocked 203.0.113.7/32 until 2026-11-25T05:00:00Z`.
+        message: String,
+    },
+}
+
+/// `egressguard status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Agent version.
+    pub version: String,
+    /// `enforce` or `dry-run`.
+    pub mode: String,
+    /// The policy file.
+    pub policy_file: String,
+    /// Digest of the policy in force.
+    pub policy_version: String,
+    /// When the agent started.
+    pub started: Time,
+    /// When this status was taken.
+    pub now: Time,
+    /// Sources the detector tracks now.
+    pub sources_tracked: u64,
+    /// Conntrack events seen since start.
+    pub events_seen: u64,
+    /// Conntrack events the kernel dropped (ENOBUFS) since start.
+    pub events_lost: u64,
+    /// Time of the last conntrack event, if any.
+    pub last_event: Option<Time>,
+    /// Active quarantines.
+    pub quarantined: u64,
+    /// Active blocks.
+    pub blocked: u64,
+    /// Terminated addresses.
+    pub terminated: u64,
+    /// Circuit breaker.
+    pub breaker: BreakerView,
+    /// BGP sessions.
+    pub bgp: Vec<PeerView>,
+    /// Outcome of each reconnect authorisation at the last (re)load.
+    pub reconnects: Vec<ReconnectView>,
+    /// Things the operator should look at (no events seen, breaker tripped, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Circuit breaker state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerView {
+    /// Whether new blocks are being held back.
+    pub tripped: bool,
+    /// Since when.
+    pub since: Option<Time>,
+    /// Why, in words.
+    pub reason: Option<String>,
+    /// Blocks held back while tripped.
+    pub held_back: u64,
+}
+
+/// One BGP session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    /// Peer name from the policy.
+    pub name: String,
+    /// Peer address.
+    pub address: IpAddr,
+    /// FSM state.
+    pub state: String,
+    /// Since when in that state.
+    pub since: Option<Time>,
+    /// Routes announced now.
+    pub announced: u64,
+}
+
+/// One reconnect authorisation's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReconnectView {
+    /// The ticket.
+    pub ticket: String,
+    /// The address.
+    pub address: IpNet,
+    /// `applied`, `already used`, or why it was refused.
+    pub outcome: String,
+}
+
+/// One active block (`egressguard list`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockView {
+    /// Address or prefix.
+    pub target: IpNet,
+    /// Quarantine, block or terminate.
+    pub kind: BlockKind,
+    /// The category detected, if a detection caused it.
+    pub category: Option<Category>,
+    /// Why, in words.
+    pub reason: String,
+    /// Since when.
+    pub since: Time,
+    /// Until when; `None` until a reconnect (or for good).
+    pub until: Option<Time>,
+    /// Offense number.
+    pub offense: u32,
+    /// True when only logged (dry-run).
+    pub dry_run: bool,
+}
+
+/// One past offense (`egressguard show`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OffenseView {
+    /// When.
+    pub time: Time,
+    /// Offense number.
+    pub number: u32,
+    /// Category.
+    pub category: Category,
+    /// What was decided, in words.
+    pub decision: String,
+    /// The evidence.
+    pub evidence: Option<Evidence>,
+}
+
+/// One audit trail entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// When.
+    pub time: Time,
+    /// Who: `agent`, or the operator's user name.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// Details in words.
+    pub detail: String,
+}
+
+/// `egressguard show ADDR`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    /// The address or prefix asked about.
+    pub target: IpNet,
+    /// Its current hold, if any.
+    pub current: Option<BlockView>,
+    /// Offenses, oldest first.
+    pub offenses: Vec<OffenseView>,
+    /// Audit entries, oldest first.
+    pub audit: Vec<AuditView>,
+}
