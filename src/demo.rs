@@ -5,17 +5,15 @@
 //! traffic through it and shows what happens. Everything it creates is removed when it ends,
 //! also on Ctrl-C. No packet leaves the namespaces it creates.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cli::{DemoArgs, Exit};
-use crate::netns::{Proc, Topology, is_root, sh};
+use crate::netns::{Agent, Topology, is_root, sh};
 
 /// The shipped default policy, as installed at /etc/egressguard/policy.yaml.
 pub const DEFAULT_POLICY: &str = include_str!("../policies/default.yaml");
@@ -106,37 +104,10 @@ impl Demo {
         self.step("2. Starting the agent on the router with the shipped default policy")?;
         let scratch =
             Scratch(std::env::temp_dir().join(format!("egressguard-demo-{}", std::process::id())));
-        std::fs::create_dir_all(&scratch.0).map_err(|e| e.to_string())?;
-        let policy = scratch.0.join("policy.yaml");
-        std::fs::write(&policy, DEFAULT_POLICY).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", topo.router.name()])
-            .arg(&exe)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--state-dir")
-            .arg(&scratch.0)
-            .arg("--socket")
-            .arg(scratch.0.join("control.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start the agent: {e}"))?;
-        let mut agent = Proc::new(child);
-        let (lines_tx, lines_rx) = mpsc::channel::<String>();
-        let stderr = agent.child().stderr.take().ok_or("agent has no stderr")?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                println!("   agent | {line}");
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        self.await_line(&lines_rx, "started", Duration::from_secs(10))?;
+        let mut agent = Agent::start(&topo.router, &exe, &scratch.0, DEFAULT_POLICY, true)
+            .map_err(|e| e.to_string())?;
+        self.await_line(&mut agent, "started", Duration::from_secs(10))?;
 
         self.step("3. Customers talk to the internet through the router")?;
         let server = topo.internet[0]
@@ -196,19 +167,14 @@ impl Demo {
         }
     }
 
-    fn await_line(
-        &self,
-        rx: &mpsc::Receiver<String>,
-        needle: &str,
-        limit: Duration,
-    ) -> Result<(), String> {
+    fn await_line(&self, agent: &mut Agent, needle: &str, limit: Duration) -> Result<(), String> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             self.wait(Duration::ZERO)?;
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains(needle) => return Ok(()),
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err("the agent exited".into()),
+            match agent.wait_for(&[needle], Duration::from_millis(100)) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.starts_with("the agent exited") => return Err(e),
+                Err(_) => {}
             }
         }
         Err(format!("the agent did not say `{needle}` within {limit:?}"))

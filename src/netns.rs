@@ -416,3 +416,137 @@ impl Topology {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// The agent running in a namespace, its log captured line by line. Stopped on drop.
+#[derive(Debug)]
+pub struct Agent {
+    proc: Proc,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    /// The scratch directory: policy, state database, control socket.
+    pub dir: std::path::PathBuf,
+    echo: bool,
+}
+
+impl Agent {
+    /// Writes `policy` into `dir` and starts `exe run` inside `ns` with its state and socket
+    /// in `dir`. With `echo`, every log line is also printed (for the demo).
+    pub fn start(
+        ns: &Netns,
+        exe: &std::path::Path,
+        dir: &std::path::Path,
+        policy: &str,
+        echo: bool,
+    ) -> Result<Agent, NetnsError> {
+        let io = |source| NetnsError::Spawn {
+            cmd: format!("write {}", dir.display()),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(dir.join("policy.yaml"), policy).map_err(io)?;
+        let mut cmd = ns.command(&[]);
+        cmd.arg(exe)
+            .arg("run")
+            .arg("--policy")
+            .arg(dir.join("policy.yaml"))
+            .arg("--state-dir")
+            .arg(dir)
+            .arg("--socket")
+            .arg(dir.join("control.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|source| NetnsError::Spawn {
+            cmd: format!("{} run", exe.display()),
+            source,
+        })?;
+        let mut proc = Proc::new(child);
+        let (tx, lines) = std::sync::mpsc::channel();
+        if let Some(stderr) = proc.child().stderr.take() {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if echo {
+                        println!("   agent | {line}");
+                    }
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Agent {
+            proc,
+            lines,
+            seen: Vec::new(),
+            dir: dir.to_owned(),
+            echo,
+        })
+    }
+
+    /// Waits until a log line contains every needle; returns it, or an error that quotes the
+    /// log so far.
+    pub fn wait_for(&mut self, needles: &[&str], limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if needles.iter().all(|n| l.contains(n)) {
+                        return Ok(l);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "no log line with {needles:?} within {limit:?}; log:\n{}",
+                        self.log()
+                    ));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!("the agent exited; log:\n{}", self.log()));
+                }
+            }
+        }
+    }
+
+    /// Every log line read so far.
+    pub fn log(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    /// Runs a CLI verb against this agent's socket (`exe VERB ARGS --socket ...`).
+    pub fn cli(&self, exe: &std::path::Path, args: &[&str]) -> Output {
+        let mut c = Command::new(exe);
+        c.args(args)
+            .arg("--socket")
+            .arg(self.dir.join("control.sock"));
+        c.output().unwrap_or_else(|e| Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+            stdout: Vec::new(),
+            stderr: e.to_string().into_bytes(),
+        })
+    }
+
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.proc.stop(grace);
+        if self.echo {
+            // Let the echo thread print the last lines.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        status
+    }
+}
