@@ -105,7 +105,7 @@ impl Demo {
         let scratch =
             Scratch(std::env::temp_dir().join(format!("egressguard-demo-{}", std::process::id())));
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut agent = Agent::start(&topo.router, &exe, &scratch.0, DEFAULT_POLICY, true)
+        let mut agent = Agent::start(Some(&topo.router), &exe, &scratch.0, DEFAULT_POLICY, true)
             .map_err(|e| e.to_string())?;
         self.await_line(&mut agent, "started", Duration::from_secs(10))?;
 

@@ -429,10 +429,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes `policy` into `dir` and starts `exe run` inside `ns` with its state and socket
-    /// in `dir`. With `echo`, every log line is also printed (for the demo).
+    /// Writes `policy` into `dir` and starts `exe run` inside `ns` (or in the caller's own
+    /// namespace when `None`) with its state and socket in `dir`. With `echo`, every log line
+    /// is also printed (for the demo).
     pub fn start(
-        ns: &Netns,
+        ns: Option<&Netns>,
         exe: &std::path::Path,
         dir: &std::path::Path,
         policy: &str,
@@ -444,9 +445,15 @@ impl Agent {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(dir.join("policy.yaml"), policy).map_err(io)?;
-        let mut cmd = ns.command(&[]);
-        cmd.arg(exe)
-            .arg("run")
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = ns.command(&[]);
+                c.arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("run")
             .arg("--policy")
             .arg(dir.join("policy.yaml"))
             .arg("--state-dir")
