@@ -3,7 +3,6 @@
 //! `status` and `reload`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use egressguard::netns::Agent;
