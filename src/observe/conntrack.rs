@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use nix::errno::Errno;
-use nix::sys::socket::{MsgFlags, MultiHeaders, recvmmsg, setsockopt, sockopt};
+// The address type must have real storage: with `()` nix hands the kernel a dangling
+// one-byte name pointer, and the second call fails with EFAULT after consuming messages.
+use nix::sys::socket::{MsgFlags, MultiHeaders, NetlinkAddr, recvmmsg, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
 use tokio::sync::mpsc::Sender;
 
@@ -295,7 +297,7 @@ impl Core {
         let mut resync_pending = self.opts.dump_at_start;
         let mut last_error_log: Option<Instant> = None;
         // Built here: the headers hold raw pointers and cannot cross threads.
-        let mut headers = MultiHeaders::<()>::preallocate(SLOTS, None);
+        let mut headers = MultiHeaders::<NetlinkAddr>::preallocate(SLOTS, None);
         while !stop.load(Ordering::Relaxed) && !sink.closed {
             self.filter_handle
                 .refresh(&mut self.filter_gen, &mut self.filter);
@@ -334,7 +336,7 @@ impl Core {
     /// whatever else is queued, up to [`SLOTS`] messages.
     fn receive(
         &mut self,
-        headers: &mut MultiHeaders<()>,
+        headers: &mut MultiHeaders<NetlinkAddr>,
         sink: &mut Sink,
     ) -> Result<(), Received> {
         let n = {
