@@ -9,3 +9,4 @@ mod common;
 mod control;
 mod demo;
 mod topology;
+mod observe;

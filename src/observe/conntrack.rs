@@ -1,0 +1,546 @@
+//! The conntrack listener: a `NETLINK_NETFILTER` socket subscribed to the conntrack event
+//! groups, read in batches on its own thread, with full-table dumps at start and after lost
+//! events.
+//!
+//! One thread owns two sockets opened in the caller's network namespace:
+//!
+//! - the *event* socket joins `NFNLGRP_CONNTRACK_NEW`, `_DESTROY` and (unless
+//!   [`Updates::None`]) `_UPDATE`, has a large receive buffer (`SO_RCVBUFFORCE`, several MB)
+//!   and is read with `recvmmsg` into a fixed array of slots: one syscall per batch of up to
+//!   [`SLOTS`] kernel messages, no allocation per event;
+//! - the *dump* socket sends `IPCTNL_MSG_CT_GET | NLM_F_DUMP` and reads the table, at start
+//!   (after the event socket subscribed, so nothing falls between them) and after the kernel
+//!   reported lost events (`ENOBUFS`). Flows found by a dump are [`FlowEventKind::New`].
+//!
+//! Every event is parsed in place ([`super::ctnetlink`]), filtered by customer source right
+//! after the original tuple, and pushed to a batch that goes out with `blocking_send` when a
+//! receive round is done (or the batch is full). A slow consumer only makes the kernel drop
+//! events on this socket, which is counted and repaired by a dump: the kernel never waits.
+//!
+//! A kernel-side filter was considered: ctnetlink's `CTA_FILTER` applies to dumps only, and a
+//! classic BPF socket filter would need `unsafe` (`SO_ATTACH_FILTER`) to match a list of
+//! prefixes; filtering costs a few nanoseconds here, so it stays in user space.
+//!
+//! [`FlowEventKind::New`]: crate::messages::FlowEventKind::New
+
+use std::fs;
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use nix::errno::Errno;
+// The address type must have real storage: with `()` nix hands the kernel a dangling
+// one-byte name pointer, and the second call fails with EFAULT after consuming messages.
+use nix::sys::socket::{MsgFlags, MultiHeaders, NetlinkAddr, recvmmsg, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
+use tokio::sync::mpsc::Sender;
+
+use crate::messages::{FlowEvent, FlowEventKind, Observation, TcpState, Time};
+
+use super::ctnetlink::{
+    self, NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE,
+    NLM_F_DUMP_INTR, Parsed,
+};
+use super::filter::{CustomerFilter, FilterHandle};
+use super::{ObserveError, ObserveStats, add};
+
+/// Messages read per `recvmmsg` call.
+pub const SLOTS: usize = 64;
+/// Bytes per slot: one conntrack event is a few hundred bytes.
+pub const SLOT_SIZE: usize = 4096;
+const DUMP_BUF: usize = 64 * 1024;
+
+/// Which update events to keep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Updates {
+    /// Do not subscribe to updates at all.
+    None,
+    /// Keep updates that carry a signal: a TCP flow answered (`SYN_RECV`), established or
+    /// reset/closed (`CLOSE`), and every non-TCP update (reply seen, assured). TCP teardown
+    /// states (`FIN_WAIT` ... `TIME_WAIT`) are dropped: the destroy event follows.
+    #[default]
+    Signals,
+    /// Keep every update.
+    All,
+}
+
+/// How the listener runs.
+#[derive(Clone, Debug)]
+pub struct ListenerOptions {
+    /// Receive buffer of the event socket (`SO_RCVBUFFORCE`, falling back to `SO_RCVBUF`).
+    pub rcvbuf: usize,
+    /// Which updates to keep.
+    pub updates: Updates,
+    /// Turn on `net.netfilter.nf_conntrack_acct` and `nf_conntrack_timestamp` (and
+    /// `nf_conntrack_events` when it is off) in the listener's namespace, logging each change.
+    pub enable_sysctls: bool,
+    /// Take a full dump when the listener starts.
+    pub dump_at_start: bool,
+    /// At most one resynchronising dump per this interval during an event storm.
+    pub min_resync_interval: Duration,
+    /// How often the thread looks at its stop flag when no events come.
+    pub poll_interval: Duration,
+    /// Observations per batch sent to the channel (a batch goes out earlier when a receive
+    /// round is done).
+    pub max_batch: usize,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> ListenerOptions {
+        ListenerOptions {
+            rcvbuf: 8 * 1024 * 1024,
+            updates: Updates::Signals,
+            enable_sysctls: true,
+            dump_at_start: true,
+            min_resync_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(100),
+            max_batch: 4096,
+        }
+    }
+}
+
+/// Whether an update event carries a signal under [`Updates::Signals`].
+pub fn update_has_signal(e: &FlowEvent) -> bool {
+    !matches!(
+        e.tcp_state,
+        Some(
+            TcpState::FinWait
+                | TcpState::CloseWait
+                | TcpState::LastAck
+                | TcpState::TimeWait
+                | TcpState::Listen
+                | TcpState::None
+        )
+    )
+}
+
+/// The running listener. Dropping it stops the thread and waits for it.
+#[derive(Debug)]
+pub struct ConntrackListener {
+    stop: Arc<AtomicBool>,
+    stats: Arc<ObserveStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConntrackListener {
+    /// Opens the sockets in the calling thread's network namespace, adjusts the sysctls, and
+    /// starts the listener thread, which delivers batches to `tx` until [`stop`] is called,
+    /// the listener is dropped, or the receiver is closed.
+    ///
+    /// [`stop`]: ConntrackListener::stop
+    pub fn open(
+        filter: Arc<FilterHandle>,
+        opts: ListenerOptions,
+        tx: Sender<Vec<Observation>>,
+    ) -> Result<ConntrackListener, ObserveError> {
+        let stats = Arc::new(ObserveStats::default());
+        let core = Core::open(filter, opts, stats.clone())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("egd-conntrack".into())
+            .spawn(move || core.run(tx, &flag))
+            .map_err(|e| ObserveError::Thread("conntrack listener", e))?;
+        Ok(ConntrackListener {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// The listener's counters.
+    pub fn stats(&self) -> Arc<ObserveStats> {
+        self.stats.clone()
+    }
+
+    /// Asks the thread to stop (it notices within `poll_interval`) and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ConntrackListener {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Batches observations and sends them when full or flushed.
+struct Sink {
+    tx: Sender<Vec<Observation>>,
+    batch: Vec<Observation>,
+    cap: usize,
+    closed: bool,
+}
+
+impl Sink {
+    fn push(&mut self, o: Observation) {
+        self.batch.push(o);
+        if self.batch.len() >= self.cap {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() || self.closed {
+            return;
+        }
+        let b = std::mem::replace(&mut self.batch, Vec::with_capacity(self.cap));
+        if self.tx.blocking_send(b).is_err() {
+            self.closed = true;
+        }
+    }
+}
+
+/// The sockets and buffers; everything the thread owns.
+struct Core {
+    events: Socket,
+    dump: Socket,
+    filter_handle: Arc<FilterHandle>,
+    filter: Arc<CustomerFilter>,
+    filter_gen: u64,
+    opts: ListenerOptions,
+    stats: Arc<ObserveStats>,
+    buf: Vec<u8>,
+    lens: [(usize, bool); SLOTS],
+    dump_buf: Vec<u8>,
+    seq: u32,
+}
+
+fn sockopt_err(option: &'static str) -> impl FnOnce(Errno) -> ObserveError {
+    move |e| ObserveError::SocketOption {
+        option,
+        source: io::Error::from(e),
+    }
+}
+
+impl Core {
+    fn open(
+        filter_handle: Arc<FilterHandle>,
+        opts: ListenerOptions,
+        stats: Arc<ObserveStats>,
+    ) -> Result<Core, ObserveError> {
+        let mut events = Socket::new(NETLINK_NETFILTER).map_err(ObserveError::Socket)?;
+        events.bind_auto().map_err(ObserveError::Socket)?;
+        if setsockopt(&events, sockopt::RcvBufForce, &opts.rcvbuf).is_err() {
+            // Without CAP_NET_ADMIN the kernel caps the size at net.core.rmem_max.
+            setsockopt(&events, sockopt::RcvBuf, &opts.rcvbuf).map_err(sockopt_err("SO_RCVBUF"))?;
+        }
+        let timeout = TimeVal::new(
+            opts.poll_interval.as_secs() as _,
+            opts.poll_interval.subsec_micros() as _,
+        );
+        setsockopt(&events, sockopt::ReceiveTimeout, &timeout)
+            .map_err(sockopt_err("SO_RCVTIMEO"))?;
+        let mut groups = vec![NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY];
+        if opts.updates != Updates::None {
+            groups.push(NFNLGRP_CONNTRACK_UPDATE);
+        }
+        for group in groups {
+            events
+                .add_membership(group)
+                .map_err(|source| ObserveError::Subscribe { group, source })?;
+        }
+
+        let mut dump = Socket::new(NETLINK_NETFILTER).map_err(ObserveError::Socket)?;
+        dump.bind_auto().map_err(ObserveError::Socket)?;
+        setsockopt(&dump, sockopt::ReceiveTimeout, &TimeVal::new(10, 0))
+            .map_err(sockopt_err("SO_RCVTIMEO"))?;
+
+        if opts.enable_sysctls {
+            enable_sysctls();
+        }
+        let filter = filter_handle.get();
+        let mut filter_gen = 0;
+        let mut f = filter.clone();
+        filter_handle.refresh(&mut filter_gen, &mut f);
+        tracing::info!(
+            rcvbuf = setsockopt_get_rcvbuf(&events),
+            updates = ?opts.updates,
+            "conntrack listener subscribed"
+        );
+        Ok(Core {
+            events,
+            dump,
+            filter_handle,
+            filter: f,
+            filter_gen,
+            opts,
+            stats,
+            buf: vec![0; SLOTS * SLOT_SIZE],
+            lens: [(0, false); SLOTS],
+            dump_buf: vec![0; DUMP_BUF],
+            seq: 0,
+        })
+    }
+
+    fn run(mut self, tx: Sender<Vec<Observation>>, stop: &AtomicBool) {
+        let cap = self.opts.max_batch.max(1);
+        let mut sink = Sink {
+            tx,
+            batch: Vec::with_capacity(cap),
+            cap,
+            closed: false,
+        };
+        let mut last_dump: Option<Instant> = None;
+        let mut resync_pending = self.opts.dump_at_start;
+        let mut last_error_log: Option<Instant> = None;
+        // Built here: the headers hold raw pointers and cannot cross threads.
+        let mut headers = MultiHeaders::<NetlinkAddr>::preallocate(SLOTS, None);
+        while !stop.load(Ordering::Relaxed) && !sink.closed {
+            self.filter_handle
+                .refresh(&mut self.filter_gen, &mut self.filter);
+            if resync_pending
+                && last_dump.is_none_or(|t| t.elapsed() >= self.opts.min_resync_interval)
+            {
+                resync_pending = false;
+                last_dump = Some(Instant::now());
+                if let Err(e) = self.dump_table(&mut sink, stop) {
+                    tracing::warn!(error = %error_chain(&e), "conntrack dump failed; retrying later");
+                    resync_pending = true;
+                }
+                sink.flush();
+            }
+            match self.receive(&mut headers, &mut sink) {
+                Ok(()) => {}
+                Err(Received::Lost) => {
+                    add(&self.stats.lost, 1);
+                    sink.push(Observation::Lost { time: Time::now() });
+                    resync_pending = true;
+                }
+                Err(Received::Failed(e)) => {
+                    if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::error!(error = %error_chain(&e), "conntrack listener: receive failed");
+                        last_error_log = Some(Instant::now());
+                    }
+                    std::thread::sleep(self.opts.poll_interval);
+                }
+            }
+            sink.flush();
+        }
+        tracing::info!("conntrack listener stopped");
+    }
+
+    /// One `recvmmsg` round: waits up to `poll_interval` for the first message, then takes
+    /// whatever else is queued, up to [`SLOTS`] messages.
+    fn receive(
+        &mut self,
+        headers: &mut MultiHeaders<NetlinkAddr>,
+        sink: &mut Sink,
+    ) -> Result<(), Received> {
+        let n = {
+            let Core {
+                events, buf, lens, ..
+            } = self;
+            let mut chunks = buf.chunks_exact_mut(SLOT_SIZE);
+            let mut iovs: [[IoSliceMut<'_>; 1]; SLOTS] =
+                std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+            let res = recvmmsg(
+                events.as_raw_fd(),
+                headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            );
+            match res {
+                Ok(results) => {
+                    let mut n = 0;
+                    for (i, r) in results.enumerate() {
+                        lens[i] = (r.bytes, r.flags.contains(MsgFlags::MSG_TRUNC));
+                        n = i + 1;
+                    }
+                    n
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
+                Err(Errno::ENOBUFS) => return Err(Received::Lost),
+                Err(e) => return Err(Received::Failed(ObserveError::Receive(e.into()))),
+            }
+        };
+        let time = Time::now();
+        let mut seen = 0u64;
+        let mut kept = 0u64;
+        let mut dropped = 0u64;
+        let mut errors = 0u64;
+        let mut overrun = false;
+        let updates = self.opts.updates;
+        for i in 0..n {
+            let (len, truncated) = self.lens[i];
+            if truncated {
+                errors += 1;
+                continue;
+            }
+            let data = &self.buf[i * SLOT_SIZE..i * SLOT_SIZE + len.min(SLOT_SIZE)];
+            let c = ctnetlink::parse_buffer(
+                data,
+                time,
+                &self.filter,
+                |e| {
+                    if e.kind == FlowEventKind::Update
+                        && updates == Updates::Signals
+                        && !update_has_signal(&e)
+                    {
+                        dropped += 1;
+                        return;
+                    }
+                    kept += 1;
+                    sink.push(Observation::Flow(e));
+                },
+                |_, p| {
+                    if p == Parsed::Overrun {
+                        overrun = true;
+                    }
+                },
+            );
+            seen += c.kept + c.foreign;
+            errors += c.errors;
+        }
+        add(&self.stats.events_seen, seen);
+        add(&self.stats.events_kept, kept);
+        add(&self.stats.updates_dropped, dropped);
+        add(&self.stats.parse_errors, errors);
+        if overrun {
+            return Err(Received::Lost);
+        }
+        Ok(())
+    }
+
+    /// Dumps the whole conntrack table into the sink.
+    fn dump_table(&mut self, sink: &mut Sink, stop: &AtomicBool) -> Result<(), ObserveError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut req = [0u8; ctnetlink::NLMSG_HDRLEN + ctnetlink::NFGENMSG_LEN];
+        let len = ctnetlink::dump_request(&mut req, seq);
+        self.dump
+            .send_to(&req[..len], &SocketAddr::new(0, 0), 0)
+            .map_err(ObserveError::DumpRequest)?;
+        add(&self.stats.dumps, 1);
+        let started = Instant::now();
+        let (mut flows, mut kept, mut errors) = (0u64, 0u64, 0u64);
+        let mut interrupted = false;
+        let result = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Ok(());
+            }
+            let mut slice: &mut [u8] = &mut self.dump_buf[..];
+            let n = match self.dump.recv(&mut slice, MsgFlags::MSG_TRUNC.bits()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(ObserveError::Receive(e)),
+            };
+            if n > self.dump_buf.len() {
+                errors += 1;
+                continue;
+            }
+            let time = Time::now();
+            let mut done = None;
+            let c = ctnetlink::parse_buffer(
+                &self.dump_buf[..n],
+                time,
+                &self.filter,
+                |e| sink.push(Observation::Flow(e)),
+                |m, p| match p {
+                    Parsed::Done if m.seq == seq => done = Some(Ok(())),
+                    Parsed::Error(code) if code < 0 && m.seq == seq => {
+                        done = Some(Err(ObserveError::DumpRefused(
+                            io::Error::from_raw_os_error(-code),
+                        )))
+                    }
+                    _ => {}
+                },
+            );
+            for m in ctnetlink::messages(&self.dump_buf[..n]).flatten() {
+                if m.flags & NLM_F_DUMP_INTR != 0 {
+                    interrupted = true;
+                }
+            }
+            flows += c.kept + c.foreign;
+            kept += c.kept;
+            errors += c.errors;
+            if let Some(r) = done {
+                break r;
+            }
+        };
+        add(&self.stats.dump_flows, flows);
+        add(&self.stats.events_kept, kept);
+        add(&self.stats.parse_errors, errors);
+        tracing::info!(
+            flows,
+            customer_flows = kept,
+            errors,
+            interrupted,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "conntrack table dumped"
+        );
+        result
+    }
+}
+
+enum Received {
+    Lost,
+    Failed(ObserveError),
+}
+
+fn setsockopt_get_rcvbuf(s: &Socket) -> usize {
+    nix::sys::socket::getsockopt(s, sockopt::RcvBuf).unwrap_or(0)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Turns on the conntrack sysctls the signals need, in the calling thread's namespace, and
+/// logs each change. Missing files (conntrack not loaded yet) are logged, not fatal.
+pub fn enable_sysctls() {
+    for (key, want, only_if_zero) in [
+        ("nf_conntrack_acct", "1", false),
+        ("nf_conntrack_timestamp", "1", false),
+        // 0 turns events off; 2 (the default on recent kernels) turns them on with a listener.
+        ("nf_conntrack_events", "1", true),
+    ] {
+        let path = format!("/proc/sys/net/netfilter/{key}");
+        match fs::read_to_string(&path) {
+            Ok(old) => {
+                let old = old.trim();
+                if old == want || (only_if_zero && old != "0") {
+                    continue;
+                }
+                match fs::write(&path, want) {
+                    Ok(()) => tracing::info!(
+                        sysctl = %format!("net.netfilter.{key}"),
+                        old,
+                        new = want,
+                        "changed sysctl for conntrack observation"
+                    ),
+                    Err(e) => tracing::warn!(
+                        sysctl = %format!("net.netfilter.{key}"),
+                        error = %e,
+                        "cannot change sysctl; conntrack events will lack its data"
+                    ),
+                }
+            }
+            Err(e) => tracing::warn!(
+                sysctl = %format!("net.netfilter.{key}"),
+                error = %e,
+                "cannot read sysctl (is nf_conntrack loaded?)"
+            ),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Per-source packet and byte counters from the agent's nft table.
+//!
+//! The table `inet <policy.enforcement.table>` (built by `enforce`) holds two dynamic sets,
+//! `src_counters4` and `src_counters6`, filled by a forward-chain rule with one element per
+//! customer source and a counter on each element. Every `counter_interval` the reader takes
+//! one snapshot of all the table's sets with a single `nft -j list sets table inet <T>` (nft
+//! 1.0.6 refuses two `list set` commands in one invocation; one `list sets` gives both),
+//! and turns the differences into [`CounterSample`]s.
+//!
+//! Elements come and go: an element expires after the set's timeout without traffic and may
+//! come back later with fresh counters. A counter that went down, or an address not in the
+//! previous snapshot, is a new element whose whole count falls in this interval; the first
+//! snapshot after start only sets the baseline. (The set's timeout must be well above the
+//! interval, or an element could expire and outgrow its old count within one interval.)
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::mpsc::Sender;
+
+use crate::messages::{CounterSample, Observation, Time};
+
+use super::filter::FilterHandle;
+use super::{ObserveError, ObserveStats, add};
+
+/// Names of the counter sets in the agent's table.
+pub const COUNTER_SETS: [&str; 2] = ["src_counters4", "src_counters6"];
+
+/// One element's counter as read from nft.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    /// The source address.
+    pub addr: IpAddr,
+    /// Packets since the element was created.
+    pub packets: u64,
+    /// Bytes since the element was created.
+    pub bytes: u64,
+}
+
+/// Reads the counter sets out of `nft -j list sets` output. Elements without a counter, and
+/// sets other than [`COUNTER_SETS`], are skipped.
+pub fn parse_nft_sets(json: &[u8]) -> Result<Vec<Reading>, ObserveError> {
+    let v: Value = serde_json::from_slice(json).map_err(ObserveError::NftJson)?;
+    let mut out = Vec::new();
+    let Some(items) = v.get("nftables").and_then(Value::as_array) else {
+        return Ok(out);
+    };
+    for item in items {
+        let Some(set) = item.get("set") else { continue };
+        let name = set.get("name").and_then(Value::as_str).unwrap_or("");
+        if !COUNTER_SETS.contains(&name) {
+            continue;
+        }
+        let Some(elems) = set.get("elem").and_then(Value::as_array) else {
+            continue;
+        };
+        for e in elems {
+            let Some(e) = e.get("elem") else { continue };
+            let Some(addr) = e
+                .get("val")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            let Some(c) = e.get("counter") else { continue };
+            let packets = c.get("packets").and_then(Value::as_u64).unwrap_or(0);
+            let bytes = c.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+            out.push(Reading {
+                addr,
+                packets,
+                bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Turns successive snapshots into per-interval deltas.
+#[derive(Debug, Default)]
+pub struct CounterDeltas {
+    prev: HashMap<IpAddr, (u64, u64)>,
+    primed: bool,
+}
+
+impl CounterDeltas {
+    /// An empty tracker: its first snapshot is the baseline.
+    pub fn new() -> CounterDeltas {
+        CounterDeltas::default()
+    }
+
+    /// Takes a snapshot read at `time`, `interval_ns` after the previous one, and returns a
+    /// sample for every address that sent something since.
+    pub fn update(
+        &mut self,
+        readings: &[Reading],
+        time: Time,
+        interval_ns: u64,
+    ) -> Vec<CounterSample> {
+        let mut next = HashMap::with_capacity(readings.len());
+        let mut out = Vec::new();
+        for r in readings {
+            next.insert(r.addr, (r.packets, r.bytes));
+            if !self.primed {
+                continue;
+            }
+            let (packets, bytes) = match self.prev.get(&r.addr) {
+                // Same element, still growing (or idle).
+                Some(&(pp, pb)) if r.packets >= pp && r.bytes >= pb => {
+                    (r.packets - pp, r.bytes - pb)
+                }
+                // Gone down: the element expired and came back; all of it is new.
+                Some(_) => (r.packets, r.bytes),
+                // Not there last time: created during this interval.
+                None => (r.packets, r.bytes),
+            };
+            if packets == 0 && bytes == 0 {
+                continue;
+            }
+            out.push(CounterSample {
+                time,
+                addr: r.addr,
+                packets,
+                bytes,
+                interval_ns,
+            });
+        }
+        self.prev = next;
+        self.primed = true;
+        out
+    }
+}
+
+/// Reads the counter sets of one table at an interval.
+#[derive(Debug)]
+pub struct CounterReader {
+    table: String,
+    filter: Arc<FilterHandle>,
+    deltas: CounterDeltas,
+    last: Option<Instant>,
+    stats: Arc<ObserveStats>,
+}
+
+impl CounterReader {
+    /// A reader of the sets in `inet <table>`, keeping customer sources only.
+    pub fn new(table: impl Into<String>, filter: Arc<FilterHandle>) -> CounterReader {
+        CounterReader {
+            table: table.into(),
+            filter,
+            deltas: CounterDeltas::new(),
+            last: None,
+            stats: Arc::new(ObserveStats::default()),
+        }
+    }
+
+    /// Shares counters with a listener's (so `status` reads one [`ObserveStats`]).
+    pub fn with_stats(mut self, stats: Arc<ObserveStats>) -> CounterReader {
+        self.stats = stats;
+        self
+    }
+
+    /// The reader's counters.
+    pub fn stats(&self) -> Arc<ObserveStats> {
+        self.stats.clone()
+    }
+
+    /// Runs `nft` once and returns the raw readings.
+    pub fn read_raw(&self) -> Result<Vec<Reading>, ObserveError> {
+        let args = ["-j", "list", "sets", "table", "inet", self.table.as_str()];
+        let out = Command::new("nft")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(ObserveError::NftSpawn)?;
+        if !out.status.success() {
+            return Err(ObserveError::NftFailed {
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        parse_nft_sets(&out.stdout)
+    }
+
+    /// Reads once and returns the samples since the previous read (none on the first).
+    pub fn read(&mut self) -> Result<Vec<CounterSample>, ObserveError> {
+        let readings = match self.read_raw() {
+            Ok(r) => r,
+            Err(e) => {
+                add(&self.stats.counter_errors, 1);
+                return Err(e);
+            }
+        };
+        add(&self.stats.counter_reads, 1);
+        let now = Instant::now();
+        let interval_ns = self
+            .last
+            .map(|t| u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.last = Some(now);
+        let filter = self.filter.get();
+        let readings: Vec<Reading> = readings
+            .into_iter()
+            .filter(|r| filter.contains(r.addr))
+            .collect();
+        let samples = self.deltas.update(&readings, Time::now(), interval_ns);
+        add(&self.stats.counter_samples, samples.len() as u64);
+        Ok(samples)
+    }
+
+    /// Starts a thread that reads every `interval` and sends the samples as one
+    /// `Vec<Observation::Counters>` per read. Runs `nft` in the calling thread's network
+    /// namespace.
+    pub fn spawn(
+        mut self,
+        interval: Duration,
+        tx: Sender<Vec<Observation>>,
+    ) -> Result<CounterHandle, ObserveError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let stats = self.stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("egd-counters".into())
+            .spawn(move || {
+                let mut last_error: Option<Instant> = None;
+                let mut next = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    match self.read() {
+                        Ok(samples) if !samples.is_empty() => {
+                            let batch = samples.into_iter().map(Observation::Counters).collect();
+                            if tx.blocking_send(batch).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                                tracing::warn!(error = %e, "cannot read the nft counters");
+                                last_error = Some(Instant::now());
+                            }
+                        }
+                    }
+                    next += interval;
+                    let now = Instant::now();
+                    if next < now {
+                        next = now;
+                    }
+                    while !flag.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        if now >= next {
+                            break;
+                        }
+                        std::thread::park_timeout(next - now);
+                    }
+                }
+            })
+            .map_err(|e| ObserveError::Thread("counter reader", e))?;
+        Ok(CounterHandle {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The running counter reader. Dropping it stops the thread and waits for it.
+#[derive(Debug)]
+pub struct CounterHandle {
+    stop: Arc<AtomicBool>,
+    stats: Arc<ObserveStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CounterHandle {
+    /// The reader's counters.
+    pub fn stats(&self) -> Arc<ObserveStats> {
+        self.stats.clone()
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CounterHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"set": {"family": "inet", "name": "customers4", "table": "egdtest", "type": "ipv4_addr", "handle": 2, "flags": ["interval"], "elem": [{"prefix": {"addr": "203.0.113.0", "len": 24}}]}}, {"set": {"family": "inet", "name": "src_counters4", "table": "egdtest", "type": "ipv4_addr", "handle": 4, "size": 65536, "flags": ["timeout"], "timeout": 600, "elem": [{"elem": {"val": "203.0.113.5", "expires": 595, "counter": {"packets": 3, "bytes": 100}}}, {"elem": {"val": "203.0.113.6", "expires": 595}}]}}, {"set": {"family": "inet", "name": "src_counters6", "table": "egdtest", "type": "ipv6_addr", "handle": 5, "size": 65536, "flags": ["timeout"], "timeout": 600, "elem": [{"elem": {"val": "2001:db8:c::a", "expires": 599, "counter": {"packets": 7, "bytes": 700}}}]}}, {"set": {"family": "inet", "name": "blocked4", "table": "egdtest", "type": "ipv4_addr", "handle": 6, "elem": [{"elem": {"val": "203.0.113.9", "counter": {"packets": 1, "bytes": 1}}}]}}]}"#;
+
+    #[test]
+    fn reads_counter_sets_only() {
+        let r = parse_nft_sets(LISTING.as_bytes()).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                Reading {
+                    addr: "203.0.113.5".parse().unwrap(),
+                    packets: 3,
+                    bytes: 100
+                },
+                Reading {
+                    addr: "2001:db8:c::a".parse().unwrap(),
+                    packets: 7,
+                    bytes: 700
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_sets_and_garbage() {
+        let empty = r#"{"nftables": [{"metainfo": {}}, {"set": {"name": "src_counters6", "type": "ipv6_addr"}}]}"#;
+        assert!(parse_nft_sets(empty.as_bytes()).unwrap().is_empty());
+        assert!(parse_nft_sets(b"{}").unwrap().is_empty());
+        assert!(matches!(
+            parse_nft_sets(b"Error: no such table"),
+            Err(ObserveError::NftJson(_))
+        ));
+    }
+
+    fn rd(a: &str, p: u64, b: u64) -> Reading {
+        Reading {
+            addr: a.parse().unwrap(),
+            packets: p,
+            bytes: b,
+        }
+    }
+
+    #[test]
+    fn first_snapshot_is_the_baseline_then_deltas() {
+        let mut d = CounterDeltas::new();
+        assert!(
+            d.update(&[rd("203.0.113.5", 100, 10_000)], Time(1), 0)
+                .is_empty()
+        );
+        let s = d.update(
+            &[rd("203.0.113.5", 150, 15_000), rd("203.0.113.6", 5, 500)],
+            Time(2),
+            1_000_000_000,
+        );
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].packets, s[0].bytes), (50, 5_000));
+        assert_eq!(s[0].interval_ns, 1_000_000_000);
+        assert_eq!(s[0].time, Time(2));
+        assert_eq!((s[1].packets, s[1].bytes), (5, 500), "new element counts whole");
+    }
+
+    #[test]
+    fn counter_going_down_is_a_new_element_not_a_negative_delta() {
+        let mut d = CounterDeltas::new();
+        d.update(&[rd("203.0.113.5", 100, 10_000)], Time(1), 0);
+        let s = d.update(&[rd("203.0.113.5", 3, 300)], Time(2), 1);
+        assert_eq!((s[0].packets, s[0].bytes), (3, 300));
+    }
+
+    #[test]
+    fn idle_and_expired_addresses_send_nothing() {
+        let mut d = CounterDeltas::new();
+        d.update(
+            &[rd("203.0.113.5", 100, 10_000), rd("203.0.113.6", 1, 1)],
+            Time(1),
+            0,
+        );
+        let s = d.update(&[rd("203.0.113.5", 100, 10_000)], Time(2), 1);
+        assert!(s.is_empty());
+        // 203.0.113.6 expired; when it comes back it counts from zero.
+        let s = d.update(&[rd("203.0.113.6", 4, 40)], Time(3), 1);
+        assert_eq!((s[0].packets, s[0].bytes), (4, 40));
+    }
+}
