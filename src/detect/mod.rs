@@ -206,7 +206,7 @@ impl Engine {
             v6_prefix: policy.enforcement.ipv6_block_prefix,
             table: Table::new(cap),
             touched: Vec::new(),
-            ring: Ring::new((cap / 8).clamp(1024, 32_768)),
+            ring: Ring::new((cap / 16).clamp(1024, 16_384)),
             now: 0,
             evictions: 0,
             events: 0,
@@ -319,7 +319,6 @@ impl Engine {
     fn init_slot(&mut self, s: u32, profile: u16, t: u64) {
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
-        st.first_seen = t;
         st.last_seen = t;
     }
 
@@ -509,7 +508,7 @@ impl Engine {
             .iter()
             .filter(|e| e.occupied())
             .map(|e| {
-                let v = target_view(e, st.targets.epoch, now, tw);
+                let v = target_view(e, st.targets.epoch, &st.tspan, now, tw);
                 (v.0, v.1)
             })
             .filter(|(_, n)| *n >= 0.5)
@@ -541,6 +540,11 @@ impl Engine {
         let sample = self
             .ring
             .collect(st.key.hash() | 1, window_start, SAMPLE_MAX);
+        // The first flow of the source in the window, as far as the samples tell.
+        let first_seen = self
+            .ring
+            .first(st.key.hash() | 1, window_start)
+            .unwrap_or(window_start);
         Detection {
             time: Time(now),
             source: st.key.net(),
@@ -557,7 +561,7 @@ impl Engine {
                     .collect(),
                 top_destinations,
                 top_ports,
-                first_seen: Time(st.first_seen.max(window_start.as_nanos())),
+                first_seen,
                 last_seen: Time(st.last_seen),
                 sample,
             },
@@ -766,7 +770,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
             let scale = w[1] as f64 / w[2] as f64;
             let mut best: Option<(source::Target, f64, f64, f64, f64)> = None;
             for e in st.targets.entries.iter().filter(|e| e.occupied()) {
-                let v = target_view(e, st.targets.epoch, now, w[2]);
+                let v = target_view(e, st.targets.epoch, &st.tspan, now, w[2]);
                 let attempts = v.3 * scale;
                 if attempts >= f64::from(b.attempts) && best.is_none_or(|b| attempts > b.3 * scale)
                 {
@@ -790,7 +794,8 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
             let ps = &p.port_scan;
             let mut best: Option<(source::Target, f64, f64, f64, f64, f64)> = None;
             for e in st.targets.entries.iter().filter(|e| e.occupied()) {
-                let (t, flows, accepted, auth, ports) = target_view(e, st.targets.epoch, now, w[2]);
+                let (t, flows, accepted, auth, ports) =
+                    target_view(e, st.targets.epoch, &st.tspan, now, w[2]);
                 let ports = ports.round();
                 let flows = flows.max(ports);
                 let ratio = if flows > 0.0 {

@@ -57,6 +57,15 @@ impl Ring {
         self.next = (self.next + 1) % self.buf.len();
     }
 
+    /// The time of the oldest sample of `source` since `since`.
+    pub fn first(&self, source: u64, since: Time) -> Option<Time> {
+        self.buf
+            .iter()
+            .filter(|s| s.source == source && s.time >= since.as_nanos())
+            .map(|s| Time(s.time))
+            .min()
+    }
+
     /// Up to `max` most recent samples of `source` since `since`, one per flow (a flow's
     /// answer and its start merge into one sample), oldest first.
     pub fn collect(&self, source: u64, since: Time, max: usize) -> Vec<FlowSample> {

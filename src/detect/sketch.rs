@@ -145,14 +145,57 @@ pub fn sliding(cur: u64, prev: u64, prev_weight: f64) -> f64 {
     cur as f64 + prev as f64 * prev_weight
 }
 
-/// Where `now` falls relative to a stored epoch of length `len_ns`.
+/// When in their epochs a structure saw events: first and last offset, in 1/256 of the
+/// epoch, for the current and the previous epoch.
+///
+/// The previous epoch's counts are weighted by the share of its *active span* still inside
+/// the window, not by the share of the whole epoch: an attack that started late in the
+/// previous epoch is counted in full, so the estimate does not lag a rising rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// First and last offset in the current epoch (`[255, 0]` when empty).
+    pub cur: [u8; 2],
+    /// The same for the previous epoch.
+    pub prev: [u8; 2],
+}
+
+const EMPTY_SPAN: [u8; 2] = [u8::MAX, 0];
+
+impl Default for Span {
+    fn default() -> Self {
+        Span {
+            cur: EMPTY_SPAN,
+            prev: EMPTY_SPAN,
+        }
+    }
+}
+
+impl Span {
+    /// Notes an event at `now_ns` in the current epoch.
+    #[inline]
+    pub fn note(&mut self, now_ns: u64, len_ns: u64) {
+        let off = (u128::from(now_ns % len_ns) * 256 / u128::from(len_ns)) as u8;
+        self.cur[0] = self.cur[0].min(off);
+        self.cur[1] = self.cur[1].max(off);
+    }
+
+    /// The epochs moved on by `gap`.
+    #[inline]
+    pub fn rolled(&mut self, gap: u32) {
+        self.prev = if gap == 1 { self.cur } else { EMPTY_SPAN };
+        self.cur = EMPTY_SPAN;
+    }
+}
+
+/// Where `now` falls relative to a stored epoch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EpochView {
-    /// Whether the stored current epoch is still current (else it became the previous one).
+    /// Whether the stored current epoch is still current.
     pub same: bool,
     /// Whether the stored current epoch is the one before now's (it is now "previous").
     pub next: bool,
-    /// Weight of the previous epoch: the share of it still inside the sliding window.
+    /// Weight of the previous epoch: the share of its active span still inside the window
+    /// `(now - len, now]`.
     pub prev_weight: f64,
 }
 
@@ -162,17 +205,39 @@ pub fn epoch_of(now_ns: u64, len_ns: u64) -> u32 {
     (now_ns / len_ns.max(1)) as u32
 }
 
-/// How `now_ns` relates to the stored epoch number `stored`.
+/// How `now_ns` relates to the stored epoch number `stored` with activity `span`.
 #[inline]
-pub fn epoch_view(stored: u32, now_ns: u64, len_ns: u64) -> EpochView {
+pub fn epoch_view(stored: u32, span: &Span, now_ns: u64, len_ns: u64) -> EpochView {
     let len = len_ns.max(1);
-    let now = epoch_of(now_ns, len);
-    let into = (now_ns % len) as f64 / len as f64;
-    let d = now.wrapping_sub(stored);
+    let d = epoch_of(now_ns, len).wrapping_sub(stored);
+    let (same, next) = (d == 0, d == 1);
+    let prev = if same {
+        span.prev
+    } else if next {
+        span.cur
+    } else {
+        EMPTY_SPAN
+    };
+    let prev_weight = if prev[0] > prev[1] {
+        0.0
+    } else {
+        let cur_start = now_ns - now_ns % len;
+        let prev_start = cur_start.saturating_sub(len) as f64;
+        let a = prev_start + f64::from(prev[0]) * len as f64 / 256.0;
+        let b = prev_start + (f64::from(prev[1]) + 1.0) * len as f64 / 256.0;
+        let ws = now_ns.saturating_sub(len) as f64;
+        if ws <= a {
+            1.0
+        } else if ws >= b {
+            0.0
+        } else {
+            (b - ws) / (b - a)
+        }
+    };
     EpochView {
-        same: d == 0,
-        next: d == 1,
-        prev_weight: 1.0 - into,
+        same,
+        next,
+        prev_weight,
     }
 }
 
@@ -181,6 +246,8 @@ pub fn epoch_view(stored: u32, now_ns: u64, len_ns: u64) -> EpochView {
 pub struct TwoEpochs<T: Copy + Default> {
     /// Epoch number of `cur`.
     pub epoch: u32,
+    /// When in the epochs events came.
+    pub span: Span,
     /// Counters of the current epoch.
     pub cur: T,
     /// Counters of the previous epoch.
@@ -188,37 +255,36 @@ pub struct TwoEpochs<T: Copy + Default> {
 }
 
 impl<T: Copy + Default> TwoEpochs<T> {
-    /// Moves the epochs on to `now_ns`, then returns the current counters for updating.
+    /// Moves the epochs on to `now_ns`, notes an event, and returns the current counters.
     #[inline]
     pub fn at(&mut self, now_ns: u64, len_ns: u64) -> &mut T {
         let now = epoch_of(now_ns, len_ns);
         let d = now.wrapping_sub(self.epoch);
-        if d != 0 {
-            // An event older than the current epoch (d "negative") lands in the current one.
+        if d != 0 && d < u32::MAX / 2 {
+            // (An event older than the current epoch lands in the current one.)
             if d == 1 {
                 self.prev = self.cur;
-                self.cur = T::default();
-                self.epoch = now;
-            } else if d < u32::MAX / 2 {
+            } else {
                 self.prev = T::default();
-                self.cur = T::default();
-                self.epoch = now;
             }
+            self.cur = T::default();
+            self.span.rolled(d);
+            self.epoch = now;
+        }
+        if d == 0 || d < u32::MAX / 2 {
+            self.span.note(now_ns, len_ns);
         }
         &mut self.cur
     }
 
-    /// Read-only view at `now_ns`: (current, previous, previous weight), without moving epochs.
+    /// Read-only view at `now_ns`: (current, previous, previous weight).
     #[inline]
     pub fn view(&self, now_ns: u64, len_ns: u64) -> (T, T, f64) {
-        let v = epoch_view(self.epoch, now_ns, len_ns);
+        let v = epoch_view(self.epoch, &self.span, now_ns, len_ns);
         if v.same {
             (self.cur, self.prev, v.prev_weight)
         } else if v.next {
             (T::default(), self.cur, v.prev_weight)
-        } else if now_ns / len_ns.max(1) < u64::from(self.epoch) && self.epoch != 0 {
-            // `now` before the stored epoch (out-of-order evaluation): use what is there.
-            (self.cur, self.prev, 1.0)
         } else {
             (T::default(), T::default(), 0.0)
         }
@@ -264,16 +330,26 @@ impl<E: Keyed, const K: usize> Default for SpaceSaving<E, K> {
 }
 
 impl<E: Keyed, const K: usize> SpaceSaving<E, K> {
-    /// Moves every entry on to `now_ns`'s epoch.
+    /// Moves every entry on to `now_ns`'s epoch, and the owner's `span` with them (notes
+    /// the event in it).
     #[inline]
-    pub fn roll(&mut self, now_ns: u64, len_ns: u64) {
+    pub fn roll(&mut self, now_ns: u64, len_ns: u64, span: Option<&mut Span>) {
         let now = epoch_of(now_ns, len_ns);
         let d = now.wrapping_sub(self.epoch);
-        if d != 0 && d < u32::MAX / 2 {
+        let moved = d != 0 && d < u32::MAX / 2;
+        if moved {
             for e in &mut self.entries {
                 e.roll(d);
             }
             self.epoch = now;
+        }
+        if let Some(span) = span {
+            if moved {
+                span.rolled(d);
+            }
+            if d < u32::MAX / 2 {
+                span.note(now_ns, len_ns);
+            }
         }
     }
 
@@ -371,20 +447,41 @@ mod tests {
     fn two_epochs_roll_and_weigh() {
         let len = 10_000_000_000u64; // 10 s
         let mut w: TwoEpochs<u32> = TwoEpochs::default();
-        *w.at(100 * len, len) += 10;
-        let (c, p, pw) = w.view(100 * len + len / 2, len);
+        // events spread over the whole epoch
+        for i in 0..10 {
+            *w.at(100 * len + i * len / 10, len) += 1;
+        }
+        let (c, p, _) = w.view(100 * len + len - 1, len);
         assert_eq!((c, p), (10, 0));
-        assert!((pw - 0.5).abs() < 1e-9);
-        // next epoch: cur becomes prev, weighted by what is left of it in the window
+        // next epoch: cur becomes prev, weighted by what is left of its span in the window
         let (c, p, pw) = w.view(101 * len + len / 4, len);
         assert_eq!((c, p), (0, 10));
-        assert!((pw - 0.75).abs() < 1e-9);
+        // active span of the previous epoch: [0, 231/256); window start 0.25 into it
+        let end = 231.0 / 256.0;
+        assert!((pw - (end - 0.25) / end).abs() < 1e-9, "{pw}");
         *w.at(101 * len, len) += 3;
         assert_eq!((w.cur, w.prev), (3, 10));
         // two epochs later everything is gone
         assert_eq!(w.view(103 * len, len), (0, 0, 0.0));
         *w.at(103 * len, len) += 1;
         assert_eq!((w.cur, w.prev), (1, 0));
+    }
+
+    #[test]
+    fn a_burst_late_in_the_previous_epoch_counts_in_full() {
+        let len = 10_000_000_000u64;
+        let mut w: TwoEpochs<u32> = TwoEpochs::default();
+        // 100 events in the last second of epoch 100
+        for i in 0..100 {
+            *w.at(100 * len + 9 * len / 10 + i * len / 1000, len) += 1;
+        }
+        // 5 s later the whole burst is still inside the 10 s window
+        let (c, p, pw) = w.view(101 * len + len / 2, len);
+        assert_eq!((c, p), (0, 100));
+        assert_eq!(pw, 1.0);
+        // 10.5 s after the burst began, about half of it has left the window
+        let (_, _, pw) = w.view(101 * len + 9 * len / 10 + len / 20, len);
+        assert!((pw - 0.5).abs() < 0.06, "{pw}");
     }
 
     #[derive(Clone, Copy, Debug, Default, PartialEq)]

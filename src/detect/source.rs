@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use super::sketch::{
-    Bits, Keyed, SpaceSaving, TwoEpochs, hash16, hash128, sliding, sliding_distinct,
+    Bits, Keyed, SpaceSaving, Span, TwoEpochs, hash16, hash128, sliding, sliding_distinct,
     sliding_distinct_folded,
 };
 use crate::messages::Category;
@@ -169,6 +169,8 @@ pub struct NetScanCounts {
 pub struct NetScan {
     /// Epoch number of `cur`.
     pub epoch: u32,
+    /// When in the epochs events came.
+    pub span: Span,
     /// Current epoch.
     pub cur: NetScanCounts,
     /// Previous epoch's destinations (128 bits).
@@ -195,7 +197,11 @@ impl NetScan {
                 *self = NetScan::default();
             }
             self.cur = NetScanCounts::default();
+            self.span.rolled(d);
             self.epoch = super::sketch::epoch_of(t, len);
+        }
+        if d < u32::MAX / 2 {
+            self.span.note(t, len);
         }
         &mut self.cur
     }
@@ -206,6 +212,8 @@ impl NetScan {
 pub struct Spam {
     /// Epoch number of `cur_*`.
     pub epoch: u32,
+    /// When in the epochs events came.
+    pub span: Span,
     /// New SMTP flows, current and previous epoch.
     pub flows: [u32; 2],
     /// SMTP flows answered, current and previous epoch.
@@ -229,7 +237,11 @@ impl Spam {
                 *self = Spam::default();
             }
             self.dsts = Bits::default();
+            self.span.rolled(d);
             self.epoch = super::sketch::epoch_of(t, len);
+        }
+        if d < u32::MAX / 2 {
+            self.span.note(t, len);
         }
     }
 }
@@ -335,8 +347,6 @@ pub const TOUCHED: u8 = 2;
 pub struct SourceState {
     /// Which source.
     pub key: SrcKey,
-    /// First event of the source since it was tracked.
-    pub first_seen: u64,
     /// Last event of the source.
     pub last_seen: u64,
     /// Less recently seen neighbour in the LRU list (toward the tail).
@@ -358,6 +368,8 @@ pub struct SourceState {
     pub flood: TwoEpochs<FloodCounts>,
     /// Per-destination heavy hitters (brute force, port scan, evidence).
     pub targets: SpaceSaving<Target, TARGETS>,
+    /// Activity span of `targets` (and `ports`, which moves with it).
+    pub tspan: Span,
     /// Destination-port heavy hitters (evidence).
     pub ports: SpaceSaving<PortEntry, PORTS>,
     /// Network-scan counters.
@@ -462,11 +474,11 @@ impl SourceState {
         }
         // Targets and ports feed brute force, port scan and every evidence record.
         let tw = w[2];
-        self.targets.roll(t, tw);
-        self.ports.roll(t, tw);
+        self.targets.roll(t, tw, Some(&mut self.tspan));
+        self.ports.roll(t, tw, None);
         let key = split4(f.dst);
         if f.new {
-            let pw = super::sketch::epoch_view(self.targets.epoch, t, tw).prev_weight;
+            let pw = super::sketch::epoch_view(self.targets.epoch, &self.tspan, t, tw).prev_weight;
             let e = self.targets.upsert(key, pw);
             e.flows[0] = e.flows[0].saturating_add(1);
             let mut score = u16::from(e.ports.insert_new(hash16(f.dport)));
@@ -591,7 +603,7 @@ impl SourceState {
     /// ports, ports saturated).
     pub fn netscan_view(&self, t: u64, len: u64) -> (f64, f64, f64, f64, bool) {
         let n = &self.netscan;
-        let v = super::sketch::epoch_view(n.epoch, t, len);
+        let v = super::sketch::epoch_view(n.epoch, &n.span, t, len);
         let pw = v.prev_weight;
         let (c, pd, pp, pf, pa) = if v.same {
             (
@@ -623,7 +635,7 @@ impl SourceState {
     /// Spam measures at `t`: (flows, answered, distinct destinations).
     pub fn spam_view(&self, t: u64, len: u64) -> (f64, f64, f64) {
         let s = &self.spam;
-        let v = super::sketch::epoch_view(s.epoch, t, len);
+        let v = super::sketch::epoch_view(s.epoch, &s.span, t, len);
         let pw = v.prev_weight;
         if v.same {
             (
@@ -650,7 +662,7 @@ impl SourceState {
             .entries
             .iter()
             .filter(|e| e.occupied())
-            .map(|e| target_view(e, self.targets.epoch, t, len))
+            .map(|e| target_view(e, self.targets.epoch, &self.tspan, t, len))
             .filter(|v| v.1 > 0.0 || v.3 > 0.0)
             .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -659,7 +671,8 @@ impl SourceState {
 
     /// The port entries with their flows in the window at `t`, heaviest first.
     pub fn port_views(&self, t: u64, len: u64) -> Vec<(u16, f64)> {
-        let v = super::sketch::epoch_view(self.ports.epoch, t, len);
+        // The port table moves with the target table: use its activity span.
+        let v = super::sketch::epoch_view(self.ports.epoch, &self.tspan, t, len);
         let mut out: Vec<_> = self
             .ports
             .entries
@@ -690,8 +703,14 @@ fn shift(v: [u16; 2], ev: &super::sketch::EpochView) -> (u64, u64) {
 }
 
 /// Measures of one target entry at `t`: (entry, flows, accepted, auth, distinct ports).
-pub fn target_view(e: &Target, epoch: u32, t: u64, len: u64) -> (Target, f64, f64, f64, f64) {
-    let v = super::sketch::epoch_view(epoch, t, len);
+pub fn target_view(
+    e: &Target,
+    epoch: u32,
+    span: &Span,
+    t: u64,
+    len: u64,
+) -> (Target, f64, f64, f64, f64) {
+    let v = super::sketch::epoch_view(epoch, span, t, len);
     let pw = v.prev_weight;
     let (fc, fp) = shift(e.flows, &v);
     let flows = sliding(fc, fp, pw);
@@ -715,9 +734,9 @@ mod tests {
     fn source_state_fits_the_budget() {
         let size = std::mem::size_of::<SourceState>();
         // Per tracked source the engine also holds 8 bytes of index (2 slots of u32 per
-        // source), 4 of touch list and 5 of sample ring (cap/8 samples of 40 bytes):
-        // 488 + 17 = 505 ≤ 512.
-        assert!(size <= 488, "SourceState is {size} bytes");
+        // source), 4 of touch list and 2.5 of sample ring (cap/16 samples of 40 bytes):
+        // 496 + 14.5 ≤ 512.
+        assert!(size <= 496, "SourceState is {size} bytes");
     }
 
     #[test]
