@@ -361,9 +361,10 @@ impl<E: Keyed, const K: usize> SpaceSaving<E, K> {
             .find(|e| e.occupied() && e.key() == key)
     }
 
-    /// The entry for `key`, taking the lightest one when it is not tracked.
+    /// The entry for `key`, taking the lightest one when it is not tracked; and whether it
+    /// was tracked.
     #[inline]
-    pub fn upsert(&mut self, key: E::Key, prev_weight: f64) -> &mut E {
+    pub fn upsert(&mut self, key: E::Key, prev_weight: f64) -> (&mut E, bool) {
         let mut hit = None;
         let mut min_i = 0;
         let mut min_w = f64::INFINITY;
@@ -385,6 +386,7 @@ impl<E: Keyed, const K: usize> SpaceSaving<E, K> {
                 min_i = i;
             }
         }
+        let found = hit.is_some();
         let i = match hit {
             Some(i) => i,
             None => {
@@ -397,7 +399,7 @@ impl<E: Keyed, const K: usize> SpaceSaving<E, K> {
                 min_i
             }
         };
-        &mut self.entries[i]
+        (&mut self.entries[i], found)
     }
 }
 
@@ -519,7 +521,7 @@ mod tests {
         for i in 0..1000u32 {
             // one heavy key among many light ones
             let k = if i % 2 == 0 { 1 } else { 100 + i };
-            t.upsert(k, 1.0).n[0] += 1;
+            t.upsert(k, 1.0).0.n[0] += 1;
         }
         let heavy = t.entries.iter().find(|e| e.k == 1).expect("heavy key kept");
         assert_eq!(heavy.n[0] - heavy.err, 500);

@@ -298,7 +298,7 @@ impl Keyed for Target {
         }
     }
     fn occupied(&self) -> bool {
-        self.score != [0, 0] || self.flows != [0, 0]
+        self.flows != [0, 0]
     }
 }
 
@@ -479,18 +479,23 @@ impl SourceState {
         let key = split4(f.dst);
         if f.new {
             let pw = super::sketch::epoch_view(self.targets.epoch, &self.tspan, t, tw).prev_weight;
-            let e = self.targets.upsert(key, pw);
+            let (e, hit) = self.targets.upsert(key, pw);
             e.flows[0] = e.flows[0].saturating_add(1);
-            let mut score = u16::from(e.ports.insert_new(hash16(f.dport)));
+            let new_port = e.ports.insert_new(hash16(f.dport));
             if f.auth {
                 e.auth[0] = e.auth[0].saturating_add(1);
-                score += 1;
             }
-            e.score[0] = e.score[0].saturating_add(score);
+            // Only a destination seen before gains weight (a further port, a further login
+            // attempt): newcomers enter at the floor, so a stream of one-off destinations
+            // (a crawler, a resolver re-entering) never raises it above a scanned host.
+            if hit {
+                let score = u16::from(new_port) + u16::from(f.auth);
+                e.score[0] = e.score[0].saturating_add(score);
+            }
             if f.accepted {
                 e.accepted[0] = e.accepted[0].saturating_add(1);
             }
-            let p = self.ports.upsert(f.dport, pw);
+            let (p, _) = self.ports.upsert(f.dport, pw);
             p.flows[0] = p.flows[0].saturating_add(1);
         } else if f.accepted || f.long_auth {
             if let Some(e) = self.targets.find(key) {
