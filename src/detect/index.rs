@@ -110,6 +110,11 @@ impl Table {
                 let (slot, evicted) = if let Some(s) = self.free.pop() {
                     (s, false)
                 } else if self.slots.len() < self.cap {
+                    if self.slots.len() == self.slots.capacity() {
+                        // Double, but never past the cap: the slab's size is the bound.
+                        let add = self.slots.len().clamp(64, self.cap) .min(self.cap - self.slots.len());
+                        self.slots.reserve_exact(add);
+                    }
                     self.slots.push(SourceState::default());
                     ((self.slots.len() - 1) as u32, false)
                 } else {
