@@ -1,3 +1,891 @@
-//! Detection: per-source sliding windows, one detector per abuse category, evidence.
+//! Detection: turns the observers' [`Observation`]s into [`Detection`]s with [`Evidence`].
 //!
-//! Not built yet (issue "Detect"). Nothing here detects anything.
+//! The [`Engine`] is a pure state machine: time comes only from the observations and from the
+//! `now` given to [`Engine::evaluate`]; it never reads the clock, sleeps or does I/O, so unit
+//! tests and recorded streams drive it deterministically.
+//!
+//! For every customer source (an address, or its IPv6 aggregate per
+//! `enforcement.ipv6_block_prefix`) it keeps one fixed-size [`source::SourceState`]: per
+//! category a two-epoch sliding window (epoch = the category's `window`), linear-counting
+//! bitmaps for distinct destinations and ports, and small Space-Saving tables of the heaviest
+//! destinations and ports. Sources are capped at `detection.max_sources`; beyond the cap the
+//! idlest source is evicted (and counted). Per event nothing allocates: the slab grows to the
+//! cap once, the index is sized at creation.
+//!
+//! The daemon calls:
+//!
+//! ```text
+//! let mut engine = Engine::new(policy);            // Arc<Policy>
+//! engine.observe(&observation);                    // for every Observation, in order
+//! engine.evaluate(now, &mut detections);           // every detection.evaluation_interval
+//! engine.set_policy(new_policy);                   // on reload; keeps the windows
+//! engine.stats();                                  // for `status` and metrics
+//! ```
+//!
+//! A threshold can only be crossed by an observation (time passing only lowers the windowed
+//! counts), so `evaluate` looks only at the sources touched since the previous call: a
+//! detection comes at the first `evaluate` after the event that crossed the threshold, i.e.
+//! within one evaluation interval. After a detection, the source is held down for that
+//! category until the category's window has fully rolled over, then re-armed.
+//!
+//! What each category looks at (all thresholds from the source's policy profile):
+//!
+//! | category | fires when (in the category's window) |
+//! | --- | --- |
+//! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
+//! | brute force | new flows to `ports` of one destination ≥ `attempts` (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times) |
+//! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
+//! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
+//! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
+//!
+//! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
+//! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
+//! for other protocols. A `New` event that already carries `SEEN_REPLY` comes from a dump of
+//! existing flows (at start or after [`Observation::Lost`]) and is not counted as new.
+
+mod evidence;
+pub mod index;
+pub mod ring;
+pub mod sketch;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::messages::{
+    Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind, Observation,
+    TcpState, Time, ct_status, proto,
+};
+use crate::policy::{Policy, Profile};
+
+use index::{Got, Table};
+use ring::{Ring, Sample};
+use sketch::Keyed;
+use source::{
+    FlowFacts, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr, cat_index,
+    target_view,
+};
+
+/// Flow samples attached to one detection's evidence.
+pub const SAMPLE_MAX: usize = 8;
+/// Destinations and ports listed in one detection's evidence.
+pub const TOP_MAX: usize = source::TARGETS;
+
+const PORT_AUTH: u8 = 1;
+const PORT_AMP: u8 = 2;
+const PORT_SMTP: u8 = 4;
+
+/// A profile prepared for the hot path.
+#[derive(Debug)]
+struct Prepared {
+    name: String,
+    profile: Profile,
+    /// Window lengths in ns, [`Category::ALL`] order.
+    windows: Windows,
+    /// Bit i: category i enabled.
+    enabled: u8,
+    /// Per destination port: [`PORT_AUTH`] | [`PORT_AMP`] | [`PORT_SMTP`].
+    port_flags: Box<[u8]>,
+}
+
+impl Prepared {
+    fn new(name: &str, p: &Profile) -> Prepared {
+        let mut port_flags = vec![0u8; 65_536].into_boxed_slice();
+        for &port in &p.brute_force.ports {
+            port_flags[usize::from(port)] |= PORT_AUTH;
+        }
+        for &port in &p.flood.amplification_ports {
+            port_flags[usize::from(port)] |= PORT_AMP;
+        }
+        for &port in &p.spam.ports {
+            port_flags[usize::from(port)] |= PORT_SMTP;
+        }
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let mut enabled = 0u8;
+        for c in Category::ALL {
+            if p.enabled(c) {
+                enabled |= 1 << cat_index(c);
+            }
+        }
+        Prepared {
+            name: name.to_owned(),
+            profile: p.clone(),
+            windows: [
+                ns(p.flood.window),
+                ns(p.brute_force.window),
+                ns(p.port_scan.window),
+                ns(p.network_scan.window),
+                ns(p.spam.window),
+            ],
+            enabled,
+            port_flags,
+        }
+    }
+}
+
+/// Counters of the engine, for `status` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EngineStats {
+    /// Sources tracked now.
+    pub tracked_sources: u64,
+    /// The cap (`detection.max_sources`).
+    pub max_sources: u64,
+    /// Sources evicted (idlest first) to stay under the cap, since start.
+    pub evictions: u64,
+    /// Observations seen.
+    pub events: u64,
+    /// Flow events from customer sources.
+    pub flow_events: u64,
+    /// Counter samples from customer sources.
+    pub counter_samples: u64,
+    /// Observations about addresses that are not customers (ignored).
+    pub ignored: u64,
+    /// `New` events of existing flows (from a dump), not counted as new flows.
+    pub dumped_flows: u64,
+    /// `Lost` observations (the kernel dropped events).
+    pub lost: u64,
+    /// Detections raised, per category.
+    pub detections_by_category: BTreeMap<Category, u64>,
+    /// Crossings not reported again because the source was held down for that category.
+    pub held_down: u64,
+    /// Bytes held by the engine's tables (slab, index, touch list, sample ring).
+    pub memory_bytes: u64,
+}
+
+/// The detection engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    policy: Arc<Policy>,
+    profiles: Vec<Prepared>,
+    nets4: Vec<(u32, u32, u16)>,
+    nets6: Vec<(u128, u128, u16)>,
+    v6_prefix: u8,
+    table: Table,
+    touched: Vec<u32>,
+    ring: Ring,
+    now: u64,
+    evictions: u64,
+    events: u64,
+    flow_events: u64,
+    counter_samples: u64,
+    ignored: u64,
+    dumped: u64,
+    lost: u64,
+    held_down: u64,
+    detections: [u64; 5],
+}
+
+fn mask4(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    }
+}
+
+fn mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len.min(128)))
+    }
+}
+
+impl Engine {
+    /// An engine for `policy`, with no state.
+    pub fn new(policy: Arc<Policy>) -> Engine {
+        let cap = policy.detection.max_sources as usize;
+        let mut e = Engine {
+            profiles: Vec::new(),
+            nets4: Vec::new(),
+            nets6: Vec::new(),
+            v6_prefix: policy.enforcement.ipv6_block_prefix,
+            table: Table::new(cap),
+            touched: Vec::new(),
+            ring: Ring::new((cap / 16).clamp(1024, 16_384)),
+            now: 0,
+            evictions: 0,
+            events: 0,
+            flow_events: 0,
+            counter_samples: 0,
+            ignored: 0,
+            dumped: 0,
+            lost: 0,
+            held_down: 0,
+            detections: [0; 5],
+            policy,
+        };
+        e.prepare();
+        e
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    fn prepare(&mut self) {
+        let p = &self.policy;
+        self.profiles = p
+            .profiles
+            .iter()
+            .map(|(name, prof)| Prepared::new(name, prof))
+            .collect();
+        let idx = |name: &str| -> u16 {
+            self.profiles
+                .iter()
+                .position(|q| q.name == name)
+                .unwrap_or(0) as u16
+        };
+        // `networks` is most specific first: the first match wins, as in `Policy::network_of`.
+        self.nets4 = Vec::new();
+        self.nets6 = Vec::new();
+        for n in &p.networks {
+            match n.prefix {
+                IpNet::V4(v4) => {
+                    let m = mask4(v4.prefix_len());
+                    self.nets4
+                        .push((u32::from(v4.network()) & m, m, idx(&n.profile)));
+                }
+                IpNet::V6(v6) => {
+                    let m = mask6(v6.prefix_len());
+                    self.nets6
+                        .push((u128::from(v6.network()) & m, m, idx(&n.profile)));
+                }
+            }
+        }
+        self.v6_prefix = p.enforcement.ipv6_block_prefix;
+    }
+
+    /// The profile index and the source key of a customer address.
+    #[inline]
+    fn customer(&self, addr: IpAddr) -> Option<(u16, SrcKey)> {
+        match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                let &(_, _, p) = self.nets4.iter().find(|(n, m, _)| a & m == *n)?;
+                Some((
+                    p,
+                    SrcKey {
+                        addr: source::split4(u128::from(a)),
+                        len: 32,
+                        v6: false,
+                    },
+                ))
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                let &(_, _, p) = self.nets6.iter().find(|(n, m, _)| a & m == *n)?;
+                Some((
+                    p,
+                    SrcKey {
+                        addr: source::split4(a & mask6(self.v6_prefix)),
+                        len: self.v6_prefix,
+                        v6: true,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// The slot of a customer source, tracking it when new.
+    #[inline]
+    fn slot_of(&mut self, key: &SrcKey, profile: u16, t: u64) -> u32 {
+        let slot = match self.table.get_or_insert(key) {
+            Got::Found(s) => s,
+            Got::New(s) => {
+                self.init_slot(s, profile, t);
+                s
+            }
+            Got::Evicted(s) => {
+                self.evictions += 1;
+                self.init_slot(s, profile, t);
+                s
+            }
+        };
+        let st = &mut self.table.slots[slot as usize];
+        st.last_seen = st.last_seen.max(t);
+        if st.flags & TOUCHED == 0 {
+            st.flags |= TOUCHED;
+            if self.touched.len() == self.touched.capacity() {
+                // Each slot is listed at most once: never grow past the cap.
+                let cap = self.table.cap();
+                let add = self.touched.len().clamp(64, cap).min(cap - self.touched.len());
+                self.touched.reserve_exact(add.max(1));
+            }
+            self.touched.push(slot);
+        }
+        slot
+    }
+
+    fn init_slot(&mut self, s: u32, profile: u16, t: u64) {
+        let st = &mut self.table.slots[s as usize];
+        st.profile = profile;
+        st.last_seen = t;
+    }
+
+    /// Takes one observation into account. Allocation-free once the source table has grown
+    /// to its cap.
+    pub fn observe(&mut self, obs: &Observation) {
+        self.events += 1;
+        let t = obs.time().as_nanos();
+        self.now = self.now.max(t);
+        match obs {
+            Observation::Flow(e) => self.on_flow(e),
+            Observation::Counters(c) => {
+                let Some((profile, key)) = self.customer(c.addr) else {
+                    self.ignored += 1;
+                    return;
+                };
+                if self.profiles[usize::from(profile)].enabled & 1 == 0 {
+                    return;
+                }
+                self.counter_samples += 1;
+                let w = self.profiles[usize::from(profile)].windows;
+                let slot = self.slot_of(&key, profile, t);
+                self.table.slots[slot as usize].on_counters(
+                    c.time.as_nanos(),
+                    c.packets,
+                    c.bytes,
+                    c.interval_ns,
+                    &w,
+                );
+            }
+            Observation::Tick { .. } => {}
+            Observation::Lost { .. } => self.lost += 1,
+        }
+    }
+
+    #[inline]
+    fn on_flow(&mut self, e: &FlowEvent) {
+        let Some((profile, key)) = self.customer(e.src) else {
+            self.ignored += 1;
+            return;
+        };
+        if e.src.is_ipv4() != e.dst.is_ipv4() {
+            self.ignored += 1;
+            return;
+        }
+        self.flow_events += 1;
+        let t = e.time.as_nanos();
+        let prep = &self.profiles[usize::from(profile)];
+        let seen_reply = e.status & ct_status::SEEN_REPLY != 0;
+        let assured = e.status & ct_status::ASSURED != 0;
+        let tcp = e.proto == proto::TCP;
+        let udp = e.proto == proto::UDP;
+        let pf = if tcp || udp {
+            prep.port_flags[usize::from(e.dport)]
+        } else {
+            0
+        };
+        let mut f = FlowFacts {
+            tcp,
+            amp: udp && pf & PORT_AMP != 0,
+            auth: pf & PORT_AUTH != 0,
+            smtp: tcp && pf & PORT_SMTP != 0,
+            dst: addr_bits(e.dst),
+            dport: e.dport,
+            ..FlowFacts::default()
+        };
+        match e.kind {
+            FlowEventKind::New => {
+                if seen_reply {
+                    // An existing flow from a dump: its start is unknown, do not count it.
+                    self.dumped += 1;
+                } else {
+                    f.new = true;
+                }
+            }
+            FlowEventKind::Update => {
+                if seen_reply && !assured {
+                    match (tcp, e.tcp_state) {
+                        (true, Some(TcpState::SynRecv)) => {
+                            f.answer = true;
+                            f.accepted = true;
+                        }
+                        (true, Some(TcpState::Close)) => f.answer = true,
+                        (true, _) => {}
+                        (false, _) => {
+                            f.answer = true;
+                            f.accepted = true;
+                        }
+                    }
+                }
+                if tcp && f.auth {
+                    let closing = matches!(e.tcp_state, Some(TcpState::TimeWait))
+                        || (assured && matches!(e.tcp_state, Some(TcpState::Close)));
+                    if let (true, Some(start)) = (closing, e.start) {
+                        let max = prep.profile.brute_force.max_flow_duration;
+                        f.long_auth = e.time.since(start) > max;
+                    }
+                }
+            }
+            FlowEventKind::Destroy => {}
+        }
+        let windows = prep.windows;
+        let enabled = prep.enabled;
+        let slot = self.slot_of(&key, profile, t);
+        let st = &mut self.table.slots[slot as usize];
+        if st.profile != profile {
+            // Another network of the same IPv6 aggregate: keep the first profile.
+        }
+        let epoch = st.targets.epoch;
+        st.on_flow(t, &f, &windows, enabled);
+        if st.targets.epoch != epoch {
+            st.samples = 0;
+        }
+        if (f.new || f.answer) && st.samples < ring::PER_SOURCE_EPOCH {
+            st.samples += 1;
+            self.ring.push(Sample {
+                source: key.hash() | 1,
+                time: t,
+                dst: source::split(f.dst),
+                sport: e.sport,
+                dport: e.dport,
+                proto: e.proto,
+                flags: u8::from(f.answer) | (u8::from(e.dst.is_ipv6()) << 1),
+            });
+        }
+    }
+
+    /// Evaluates every source that saw events since the last call, at `now`, and appends
+    /// the detections to `out`. Call it every `detection.evaluation_interval`.
+    pub fn evaluate(&mut self, now: Time, out: &mut Vec<Detection>) {
+        let now = now.as_nanos().max(self.now);
+        self.now = now;
+        let touched = std::mem::take(&mut self.touched);
+        for &slot in &touched {
+            let st = &mut self.table.slots[slot as usize];
+            if st.flags & TOUCHED == 0 {
+                continue;
+            }
+            st.flags &= !TOUCHED;
+            if st.flags & OCCUPIED == 0 {
+                continue;
+            }
+            self.evaluate_slot(slot, now, out);
+        }
+        self.touched = touched;
+        self.touched.clear();
+    }
+
+    fn evaluate_slot(&mut self, slot: u32, now: u64, out: &mut Vec<Detection>) {
+        let st = self.table.slots[slot as usize];
+        let Some(prep) = self.profiles.get(usize::from(st.profile)) else {
+            return;
+        };
+        for c in Category::ALL {
+            let i = cat_index(c);
+            if prep.enabled & (1 << i) == 0 {
+                continue;
+            }
+            let Some(finding) = check(c, &st, prep, now) else {
+                continue;
+            };
+            if self.table.slots[slot as usize].is_held(i, now) {
+                self.held_down += 1;
+                continue;
+            }
+            let window = prep.windows[i];
+            self.table.slots[slot as usize].hold(i, now, window);
+            self.detections[i] += 1;
+            out.push(self.detection(&st, prep, c, finding, now, window));
+        }
+    }
+
+    fn detection(
+        &self,
+        st: &SourceState,
+        prep: &Prepared,
+        c: Category,
+        f: Finding,
+        now: u64,
+        window: u64,
+    ) -> Detection {
+        let window_start = Time(now.saturating_sub(window));
+        let tw = prep.windows[2];
+        let mut targets: Vec<(source::Target, f64)> = st
+            .targets
+            .entries
+            .iter()
+            .filter(|e| e.occupied())
+            .map(|e| {
+                let v = target_view(e, st.targets.epoch, &st.tspan, now, tw);
+                (v.0, v.1)
+            })
+            .filter(|(_, n)| *n >= 0.5)
+            .collect();
+        // The target that crossed first, then by flows.
+        targets.sort_by(|a, b| {
+            let fa = Some(a.0.addr) == f.focus;
+            let fb = Some(b.0.addr) == f.focus;
+            fb.cmp(&fa).then(b.1.total_cmp(&a.1))
+        });
+        let top_destinations = targets
+            .iter()
+            .take(TOP_MAX)
+            .map(|(t, n)| Counted {
+                key: bits_addr(source::join4(t.addr), st.key.v6),
+                count: n.round() as u64,
+            })
+            .collect();
+        let top_ports = st
+            .port_views(now, tw)
+            .into_iter()
+            .filter(|(_, n)| *n >= 0.5)
+            .take(TOP_MAX)
+            .map(|(p, n)| Counted {
+                key: p,
+                count: n.round() as u64,
+            })
+            .collect();
+        let sample = self
+            .ring
+            .collect(st.key.hash() | 1, window_start, SAMPLE_MAX);
+        // The first flow of the source in the window, as far as the samples tell.
+        let first_seen = self
+            .ring
+            .first(st.key.hash() | 1, window_start)
+            .unwrap_or(window_start);
+        Detection {
+            time: Time(now),
+            source: st.key.net(),
+            category: c,
+            profile: prep.name.clone(),
+            evidence: Evidence {
+                window_start,
+                window_end: Time(now),
+                crossed: f.crossed,
+                counts: f
+                    .counts
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), round2(v)))
+                    .collect(),
+                top_destinations,
+                top_ports,
+                first_seen,
+                last_seen: Time(st.last_seen),
+                sample,
+            },
+        }
+    }
+
+    /// Replaces the policy, keeping every source's windows where they still mean the same:
+    /// a source that is no longer a customer is dropped; a category whose window length
+    /// changed starts over; the source cap is applied (idlest dropped first).
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        let old: Vec<(String, Windows)> = self
+            .profiles
+            .iter()
+            .map(|p| (p.name.clone(), p.windows))
+            .collect();
+        let old_v6 = self.v6_prefix;
+        self.policy = policy;
+        self.prepare();
+        let cap = self.policy.detection.max_sources as usize;
+        if cap != self.table.cap() {
+            self.evictions += self.table.resize(cap) as u64;
+        }
+        let slots: Vec<u32> = self.table.occupied().collect();
+        for s in slots {
+            let st = self.table.slots[s as usize];
+            let addr = bits_addr(source::join4(st.key.addr), st.key.v6);
+            let keep = match self.customer(addr) {
+                Some((p, key))
+                    if !st.key.v6 || (key.len == st.key.len && old_v6 == self.v6_prefix) =>
+                {
+                    Some(p)
+                }
+                _ => None,
+            };
+            let Some(p) = keep else {
+                self.table.remove(s);
+                continue;
+            };
+            let new_w = self.profiles[usize::from(p)].windows;
+            let old_w = old
+                .get(usize::from(st.profile))
+                .map(|(_, w)| *w)
+                .unwrap_or([0; 5]);
+            let x = &mut self.table.slots[s as usize];
+            x.profile = p;
+            if old_w[0] != new_w[0] {
+                x.flood = Default::default();
+            }
+            if old_w[2] != new_w[2] {
+                x.targets = Default::default();
+                x.ports = Default::default();
+            }
+            if old_w[3] != new_w[3] {
+                x.netscan = Default::default();
+            }
+            if old_w[4] != new_w[4] {
+                x.spam = Default::default();
+            }
+        }
+        // Rebuild the touch list from the flags (the table may have been rebuilt).
+        self.touched.clear();
+        let touched: Vec<u32> = self
+            .table
+            .occupied()
+            .filter(|&s| self.table.slots[s as usize].flags & TOUCHED != 0)
+            .collect();
+        self.touched.extend(touched);
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            tracked_sources: self.table.len() as u64,
+            max_sources: self.table.cap() as u64,
+            evictions: self.evictions,
+            events: self.events,
+            flow_events: self.flow_events,
+            counter_samples: self.counter_samples,
+            ignored: self.ignored,
+            dumped_flows: self.dumped,
+            lost: self.lost,
+            detections_by_category: Category::ALL
+                .iter()
+                .map(|&c| (c, self.detections[cat_index(c)]))
+                .collect(),
+            held_down: self.held_down,
+            memory_bytes: self.memory_bytes() as u64,
+        }
+    }
+
+    /// Bytes held by the engine's tables: what grows with the number of sources (slab,
+    /// index, touch list) plus the fixed sample ring and the per-profile port maps.
+    pub fn memory_bytes(&self) -> usize {
+        self.table.memory_bytes()
+            + self.touched.capacity() * 4
+            + self.ring.memory_bytes()
+            + self.profiles.len() * 65_536
+    }
+
+    /// Whether `addr`'s source (or aggregate) is tracked.
+    pub fn is_tracked(&self, addr: IpAddr) -> bool {
+        self.customer(addr)
+            .is_some_and(|(_, k)| self.table.get(&k).is_some())
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// What crossed, for one category of one source.
+#[derive(Debug)]
+struct Finding {
+    crossed: Vec<Crossed>,
+    counts: Vec<(&'static str, f64)>,
+    /// The destination the finding is about (brute force, port scan).
+    focus: Option<[u32; 4]>,
+}
+
+fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
+    Crossed {
+        signal: signal.to_owned(),
+        value: round2(value),
+        threshold,
+    }
+}
+
+/// Checks one category. Allocation-free unless something crossed.
+fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Finding> {
+    let p = &prep.profile;
+    let w = &prep.windows;
+    match c {
+        Category::Flood => {
+            let f = &p.flood;
+            let v = st.flood_view(now, w[0]);
+            let secs = w[0] as f64 / 1e9;
+            let new_rate = v.new / secs;
+            let syn_rate = v.syn_unanswered / secs;
+            let amp_rate = v.amp_unanswered / secs;
+            let targets = v.targets.round();
+            let few = targets <= f64::from(f.max_targets);
+            let share = if v.new > 0.0 {
+                v.unanswered / v.new
+            } else {
+                0.0
+            };
+            let unanswered_traffic = v.unanswered >= 1.0 && share >= 0.5;
+            let c_new = few && new_rate >= f.new_flows_per_sec as f64;
+            let c_syn = few && syn_rate >= f.unreplied_syn_per_sec as f64;
+            let c_amp = amp_rate >= f.amplification_flows_per_sec as f64;
+            let c_pps = unanswered_traffic && v.pps >= f.pps as f64;
+            let c_bps = unanswered_traffic && v.bps >= f.bps as f64;
+            if !(c_new || c_syn || c_amp || c_pps || c_bps) {
+                return None;
+            }
+            let mut x = Vec::new();
+            if c_new {
+                x.push(crossed(
+                    "new_flows_per_sec",
+                    new_rate,
+                    f.new_flows_per_sec as f64,
+                ));
+            }
+            if c_syn {
+                x.push(crossed(
+                    "unreplied_syn_per_sec",
+                    syn_rate,
+                    f.unreplied_syn_per_sec as f64,
+                ));
+            }
+            if c_amp {
+                x.push(crossed(
+                    "amplification_flows_per_sec",
+                    amp_rate,
+                    f.amplification_flows_per_sec as f64,
+                ));
+            }
+            if c_pps {
+                x.push(crossed("pps", v.pps, f.pps as f64));
+            }
+            if c_bps {
+                x.push(crossed("bps", v.bps, f.bps as f64));
+            }
+            Some(Finding {
+                crossed: x,
+                counts: vec![
+                    ("new_flows", v.new),
+                    ("new_flows_per_sec", new_rate),
+                    ("unanswered_flows", v.unanswered),
+                    ("unanswered_ratio", share),
+                    ("tcp_syn", v.syn),
+                    ("unreplied_syn_per_sec", syn_rate),
+                    ("amplification_flows", v.amp),
+                    ("amplification_flows_per_sec", amp_rate),
+                    ("distinct_destinations", targets),
+                    ("pps", v.pps),
+                    ("bps", v.bps),
+                ],
+                focus: None,
+            })
+        }
+        Category::BruteForce => {
+            let b = &p.brute_force;
+            // Attempts are counted in the target table, whose epochs follow the port-scan
+            // window; scale when the brute-force window differs.
+            let scale = w[1] as f64 / w[2] as f64;
+            let mut best: Option<(source::Target, f64, f64, f64, f64)> = None;
+            for e in st.targets.entries.iter().filter(|e| e.occupied()) {
+                let v = target_view(e, st.targets.epoch, &st.tspan, now, w[2]);
+                let attempts = v.3 * scale;
+                if attempts >= f64::from(b.attempts) && best.is_none_or(|b| attempts > b.3 * scale)
+                {
+                    best = Some(v);
+                }
+            }
+            let (t, flows, accepted, auth, ports) = best?;
+            let attempts = auth * scale;
+            Some(Finding {
+                crossed: vec![crossed("attempts", attempts, f64::from(b.attempts))],
+                counts: vec![
+                    ("attempts", attempts),
+                    ("flows_to_target", flows),
+                    ("accepted_by_target", accepted),
+                    ("distinct_ports_on_target", ports.round()),
+                ],
+                focus: Some(t.addr),
+            })
+        }
+        Category::PortScan => {
+            let ps = &p.port_scan;
+            let mut best: Option<(source::Target, f64, f64, f64, f64, f64)> = None;
+            for e in st.targets.entries.iter().filter(|e| e.occupied()) {
+                let (t, flows, accepted, auth, ports) =
+                    target_view(e, st.targets.epoch, &st.tspan, now, w[2]);
+                let ports = ports.round();
+                let flows = flows.max(ports);
+                let ratio = if flows > 0.0 {
+                    (1.0 - accepted / flows).max(0.0)
+                } else {
+                    0.0
+                };
+                if ports >= f64::from(ps.distinct_ports)
+                    && ratio >= ps.min_unanswered_ratio
+                    && best.is_none_or(|b| ports > b.4)
+                {
+                    best = Some((t, flows, accepted, auth, ports, ratio));
+                }
+            }
+            let (t, flows, accepted, _, ports, ratio) = best?;
+            Some(Finding {
+                crossed: vec![
+                    crossed("distinct_ports", ports, f64::from(ps.distinct_ports)),
+                    crossed("unanswered_ratio", ratio, ps.min_unanswered_ratio),
+                ],
+                counts: vec![
+                    ("distinct_ports", ports),
+                    ("flows_to_target", flows),
+                    ("accepted_by_target", accepted),
+                    ("unanswered_ratio", ratio),
+                ],
+                focus: Some(t.addr),
+            })
+        }
+        Category::NetworkScan => {
+            let ns = &p.network_scan;
+            let (flows, unanswered, dsts, ports, saturated) = st.netscan_view(now, w[3]);
+            let dsts = dsts.round();
+            let ports = ports.round();
+            let ratio = if flows > 0.0 { unanswered / flows } else { 0.0 };
+            let few_ports = !saturated && ports * 4.0 <= dsts;
+            if !(dsts >= f64::from(ns.distinct_destinations)
+                && ratio >= ns.min_unanswered_ratio
+                && few_ports)
+            {
+                return None;
+            }
+            Some(Finding {
+                crossed: vec![
+                    crossed(
+                        "distinct_destinations",
+                        dsts,
+                        f64::from(ns.distinct_destinations),
+                    ),
+                    crossed("unanswered_ratio", ratio, ns.min_unanswered_ratio),
+                ],
+                counts: vec![
+                    ("distinct_destinations", dsts),
+                    ("distinct_ports", ports),
+                    ("new_flows", flows),
+                    ("unanswered_flows", unanswered),
+                    ("unanswered_ratio", ratio),
+                ],
+                focus: None,
+            })
+        }
+        Category::Spam => {
+            let sp = &p.spam;
+            let (flows, answered, dsts) = st.spam_view(now, w[4]);
+            let dsts = dsts.round();
+            if dsts < f64::from(sp.distinct_destinations) {
+                return None;
+            }
+            Some(Finding {
+                crossed: vec![crossed(
+                    "distinct_destinations",
+                    dsts,
+                    f64::from(sp.distinct_destinations),
+                )],
+                counts: vec![
+                    ("distinct_destinations", dsts),
+                    ("smtp_flows", flows),
+                    ("smtp_flows_answered", answered),
+                ],
+                focus: None,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

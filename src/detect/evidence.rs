@@ -1,0 +1,167 @@
+//! The human-readable form of a detection, as the abuse desk forwards it to the customer.
+//! (The JSON form is serde's, from `messages`.)
+
+use std::fmt;
+
+use crate::messages::{Category, Detection, Evidence, Time, proto};
+
+/// What a category means, in words a customer understands.
+fn describe(c: Category) -> &'static str {
+    match c {
+        Category::Flood => "an outgoing flood (denial-of-service traffic)",
+        Category::BruteForce => "repeated login attempts (brute force) against one server",
+        Category::PortScan => "a port scan of one server",
+        Category::NetworkScan => "a network scan (one service probed across many addresses)",
+        Category::Spam => "mail sent directly to many mail servers (spam)",
+    }
+}
+
+/// What a signal name means.
+fn signal_text(s: &str) -> &str {
+    match s {
+        "new_flows_per_sec" => "new connections per second",
+        "unreplied_syn_per_sec" => "unanswered TCP connection attempts per second",
+        "amplification_flows_per_sec" => {
+            "unanswered UDP requests per second to amplification-prone ports"
+        }
+        "pps" => "packets per second",
+        "bps" => "bits per second",
+        "attempts" => "connections to login services of one server",
+        "distinct_ports" => "distinct ports contacted on one server",
+        "distinct_destinations" => "distinct destination addresses",
+        "unanswered_ratio" => "share of connections not answered",
+        other => other,
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "icmpv6".into(),
+        proto::SCTP => "sctp".into(),
+        other => format!("proto {other}"),
+    }
+}
+
+fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else if v.abs() < 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+struct Ms(Time);
+
+impl fmt::Display for Ms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.0.to_system())
+        )
+    }
+}
+
+impl fmt::Display for Evidence {
+    /// Multi-line, indented by two spaces, for inclusion in a report.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.window_end.since(self.window_start).as_secs_f64();
+        writeln!(
+            f,
+            "  Observed from {} to {} ({} s window)",
+            Ms(self.window_start),
+            Ms(self.window_end),
+            num(secs)
+        )?;
+        writeln!(
+            f,
+            "  First seen in the window: {}; last seen: {}",
+            Ms(self.first_seen),
+            Ms(self.last_seen)
+        )?;
+        writeln!(f, "  Limits exceeded:")?;
+        for c in &self.crossed {
+            writeln!(
+                f,
+                "    {} ({}): {} (limit {})",
+                signal_text(&c.signal),
+                c.signal,
+                num(c.value),
+                num(c.threshold)
+            )?;
+        }
+        if !self.counts.is_empty() {
+            writeln!(f, "  Measured in the window:")?;
+            for (k, v) in &self.counts {
+                writeln!(f, "    {k}: {}", num(*v))?;
+            }
+        }
+        if !self.top_destinations.is_empty() {
+            writeln!(f, "  Most contacted destinations (connections):")?;
+            for d in &self.top_destinations {
+                writeln!(f, "    {:<39} {}", d.key.to_string(), d.count)?;
+            }
+        }
+        if !self.top_ports.is_empty() {
+            writeln!(f, "  Most contacted destination ports (connections):")?;
+            for p in &self.top_ports {
+                writeln!(f, "    {:<39} {}", p.key, p.count)?;
+            }
+        }
+        if !self.sample.is_empty() {
+            writeln!(
+                f,
+                "  Sample of connections (UTC time, protocol, source port -> destination):"
+            )?;
+            for s in &self.sample {
+                let dst = match s.dst {
+                    std::net::IpAddr::V6(a) => format!("[{a}]:{}", s.dport),
+                    std::net::IpAddr::V4(a) => format!("{a}:{}", s.dport),
+                };
+                writeln!(
+                    f,
+                    "    {} {} {} -> {} {}",
+                    Ms(s.time),
+                    proto_name(s.proto),
+                    s.sport,
+                    dst,
+                    if s.answered {
+                        "answered"
+                    } else {
+                        "not answered"
+                    }
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Detection {
+    /// A short report: what was seen from which address, then the evidence.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let src = if self.source.prefix_len() == self.source.max_prefix_len() {
+            self.source.addr().to_string()
+        } else {
+            self.source.to_string()
+        };
+        writeln!(
+            f,
+            "Abuse detected from {src}: {} [{}]",
+            describe(self.category),
+            self.category
+        )?;
+        writeln!(
+            f,
+            "  Detected at {} under profile \"{}\"",
+            Ms(self.time),
+            self.profile
+        )?;
+        write!(f, "{}", self.evidence)
+    }
+}

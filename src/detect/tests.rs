@@ -1,0 +1,956 @@
+//! Engine tests driven by synthetic streams: for every category an attack that must be
+//! detected (with its evidence checked), the near miss just under the threshold that must
+//! not, and the benign workloads that look a little like attacks.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::messages::{CounterSample, FlowEvent, FlowEventKind, TcpState, ct_status, proto};
+
+/// 2027-01-15T08:00:00Z: a multiple of every default window (10 s, 60 s, 300 s).
+const T0: u64 = 1_800_000_000 * 1_000_000_000;
+const MS: u64 = 1_000_000;
+
+pub(super) const POLICY: &str = "\
+version: 1
+networks:
+  - prefix: 203.0.113.0/24
+  - prefix: 192.0.2.0/24
+    profile: mailrelay
+  - prefix: 2001:db8:1::/48
+profiles:
+  mailrelay:
+    spam:
+      enabled: false
+enforcement:
+  ipv6_block_prefix: 64
+";
+
+fn policy_from(text: &str) -> Arc<Policy> {
+    Arc::new(Policy::from_text(text, Path::new("<test>")).expect("test policy is valid"))
+}
+
+fn policy() -> Arc<Policy> {
+    policy_from(POLICY)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `n` distinct internet addresses, deterministic.
+fn internet(i: u32) -> IpAddr {
+    let a = 0x0a00_0000u32 | (i.wrapping_mul(2_654_435_761) & 0x00ff_ffff);
+    IpAddr::from(a.to_be_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flow(
+    ms: u64,
+    kind: FlowEventKind,
+    src: &str,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    status: u32,
+    state: Option<TcpState>,
+) -> Observation {
+    Observation::Flow(FlowEvent {
+        time: Time(T0 + ms * MS),
+        kind,
+        src: ip(src),
+        dst,
+        proto,
+        sport,
+        dport,
+        icmp: None,
+        status,
+        tcp_state: state,
+        orig_packets: None,
+        orig_bytes: None,
+        reply_packets: None,
+        reply_bytes: None,
+        start: None,
+        stop: None,
+    })
+}
+
+fn syn(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::New,
+        src,
+        dst,
+        proto::TCP,
+        sport,
+        dport,
+        0,
+        Some(TcpState::SynSent),
+    )
+}
+
+fn synack(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::Update,
+        src,
+        dst,
+        proto::TCP,
+        sport,
+        dport,
+        ct_status::SEEN_REPLY,
+        Some(TcpState::SynRecv),
+    )
+}
+
+fn established(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::Update,
+        src,
+        dst,
+        proto::TCP,
+        sport,
+        dport,
+        ct_status::SEEN_REPLY | ct_status::ASSURED,
+        Some(TcpState::Established),
+    )
+}
+
+fn rst(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::Update,
+        src,
+        dst,
+        proto::TCP,
+        sport,
+        dport,
+        ct_status::SEEN_REPLY,
+        Some(TcpState::Close),
+    )
+}
+
+fn udp(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::New,
+        src,
+        dst,
+        proto::UDP,
+        sport,
+        dport,
+        0,
+        None,
+    )
+}
+
+fn udp_reply(ms: u64, src: &str, dst: IpAddr, sport: u16, dport: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::Update,
+        src,
+        dst,
+        proto::UDP,
+        sport,
+        dport,
+        ct_status::SEEN_REPLY,
+        None,
+    )
+}
+
+fn counters(ms: u64, addr: &str, packets: u64, bytes: u64) -> Observation {
+    Observation::Counters(CounterSample {
+        time: Time(T0 + ms * MS),
+        addr: ip(addr),
+        packets,
+        bytes,
+        interval_ns: 1_000 * MS,
+    })
+}
+
+/// A full TCP connection that the destination accepted.
+fn answered_tcp(
+    out: &mut Vec<Observation>,
+    ms: u64,
+    src: &str,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+) {
+    out.push(syn(ms, src, dst, sport, dport));
+    out.push(synack(ms + 1, src, dst, sport, dport));
+    out.push(established(ms + 2, src, dst, sport, dport));
+}
+
+/// Drives `engine` like the daemon: events in order, `evaluate` on every evaluation-interval
+/// boundary of event time, and for `tail_ms` after the last event.
+fn drive(engine: &mut Engine, obs: &[Observation], tail_ms: u64) -> Vec<Detection> {
+    let interval = engine.policy().detection.evaluation_interval.as_nanos() as u64;
+    let mut out = Vec::new();
+    let Some(first) = obs.first() else {
+        return out;
+    };
+    let mut next = first.time().as_nanos() - first.time().as_nanos() % interval + interval;
+    for o in obs {
+        while o.time().as_nanos() >= next {
+            engine.evaluate(Time(next), &mut out);
+            next += interval;
+        }
+        engine.observe(o);
+    }
+    let end = obs.last().unwrap().time().as_nanos() + tail_ms * MS;
+    while next <= end {
+        engine.evaluate(Time(next), &mut out);
+        next += interval;
+    }
+    out
+}
+
+fn run(obs: &[Observation]) -> Vec<Detection> {
+    let mut e = Engine::new(policy());
+    drive(&mut e, obs, 1_000)
+}
+
+fn sorted(mut obs: Vec<Observation>) -> Vec<Observation> {
+    obs.sort_by_key(|o| o.time());
+    obs
+}
+
+fn of(d: &[Detection], c: Category) -> Vec<&Detection> {
+    d.iter().filter(|d| d.category == c).collect()
+}
+
+fn crossed_value(d: &Detection, signal: &str) -> f64 {
+    d.evidence
+        .crossed
+        .iter()
+        .find(|c| c.signal == signal)
+        .unwrap_or_else(|| panic!("{signal} not crossed in {:#?}", d.evidence.crossed))
+        .value
+}
+
+const BOT: &str = "203.0.113.7";
+
+// ---------------------------------------------------------------------------------------------
+// flood
+// ---------------------------------------------------------------------------------------------
+
+/// `rate` SYNs per second from `src` to one target, never answered, from `start_ms` on.
+fn syn_flood(src: &str, start_ms: u64, rate: u64, secs: u64) -> Vec<Observation> {
+    let target = ip("198.51.100.10");
+    (0..rate * secs)
+        .map(|i| {
+            syn(
+                start_ms + i * 1000 / rate,
+                src,
+                target,
+                1024 + (i % 60_000) as u16,
+                80,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn syn_flood_is_detected_with_evidence() {
+    let d = run(&syn_flood(BOT, 0, 1_000, 10));
+    let floods = of(&d, Category::Flood);
+    assert_eq!(floods.len(), 1, "{d:#?}");
+    assert_eq!(d.len(), 1, "nothing but the flood: {d:#?}");
+    let f = floods[0];
+    assert_eq!(f.source, "203.0.113.7/32".parse::<IpNet>().unwrap());
+    assert_eq!(f.profile, "default");
+    // 500 unanswered SYN/s averaged over 10 s: crossed with the 5000th SYN at 4.999 s.
+    assert_eq!(f.time, Time(T0 + 5_000 * MS));
+    assert!(crossed_value(f, "unreplied_syn_per_sec") >= 500.0);
+    assert!(
+        f.evidence
+            .crossed
+            .iter()
+            .all(|c| c.signal != "new_flows_per_sec")
+    );
+    let ev = &f.evidence;
+    assert_eq!(ev.window_end, f.time);
+    assert_eq!(ev.window_start, Time(T0 - 5_000 * MS));
+    assert_eq!(ev.first_seen, Time(T0));
+    assert!(ev.last_seen >= Time(T0 + 4_999 * MS) && ev.last_seen <= f.time);
+    assert_eq!(ev.top_destinations[0].key, ip("198.51.100.10"));
+    assert_eq!(ev.top_destinations[0].count, 5_000);
+    assert_eq!(ev.top_ports[0].key, 80);
+    assert_eq!(ev.top_ports[0].count, 5_000);
+    assert_eq!(ev.counts["distinct_destinations"], 1.0);
+    assert!(!ev.sample.is_empty() && ev.sample.len() <= SAMPLE_MAX);
+    assert!(ev.sample.iter().all(|s| s.dport == 80 && !s.answered));
+}
+
+#[test]
+fn syn_flood_just_under_the_threshold_is_not() {
+    // 499 unanswered SYN/s for a minute: never 500 on average over 10 s.
+    let d = run(&syn_flood(BOT, 0, 499, 60));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn detection_latency_is_within_one_evaluation_interval() {
+    // The flood starts 7.3 s into a 10 s epoch, so the window straddles two epochs.
+    for start in [0u64, 3_100, 7_300, 9_950] {
+        let obs = syn_flood(BOT, start, 2_000, 6);
+        // Truth: the 5000th SYN puts 5000 SYNs in the trailing 10 s window.
+        let crossing = obs[4_999].time();
+        let d = run(&obs);
+        let f = of(&d, Category::Flood);
+        assert_eq!(f.len(), 1, "start {start}: {d:#?}");
+        let lag = f[0].time.as_nanos() - crossing.as_nanos();
+        assert!(
+            lag <= 250 * MS,
+            "start {start}: detected {lag} ns after the crossing"
+        );
+    }
+}
+
+#[test]
+fn amplification_requests_are_a_flood() {
+    // Spoofed-looking NTP monlist requests to 50 reflectors, 600/s, never answered.
+    let obs: Vec<_> = (0..6_000u64)
+        .map(|i| udp(i * 1000 / 600, BOT, internet((i % 50) as u32), 40_000, 123))
+        .collect();
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert!(crossed_value(f[0], "amplification_flows_per_sec") >= 500.0);
+    assert_eq!(f[0].evidence.top_ports[0].key, 123);
+}
+
+#[test]
+fn packet_flood_by_counters_is_detected() {
+    // One UDP flow (one 5-tuple: one conntrack entry, never answered) carrying 300k pps.
+    let mut obs = vec![udp(0, BOT, ip("198.51.100.99"), 5555, 9999)];
+    for s in 1..=12 {
+        obs.push(counters(s * 1000, BOT, 300_000, 300_000 * 64));
+    }
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(crossed_value(f[0], "pps"), 300_000.0);
+    // The first sample (at 1 s) already averages 300k pps: the next evaluation reports it.
+    assert_eq!(f[0].time, Time(T0 + 1_250 * MS));
+}
+
+#[test]
+fn packet_rate_just_under_the_threshold_is_not() {
+    let mut obs = vec![udp(0, BOT, ip("198.51.100.99"), 5555, 9999)];
+    for s in 1..=30 {
+        obs.push(counters(s * 1000, BOT, 149_999, 149_999 * 64));
+    }
+    assert!(run(&obs).is_empty());
+}
+
+#[test]
+fn backup_job_at_high_bandwidth_is_not_a_flood() {
+    // One answered TCP flow to the backup server, then 8 Gbit/s for two minutes.
+    let mut obs = Vec::new();
+    answered_tcp(&mut obs, 0, BOT, ip("198.51.100.50"), 50_000, 873);
+    for s in 1..=120 {
+        obs.push(counters(s * 1000, BOT, 700_000, 1_000_000_000));
+    }
+    let d = run(&obs);
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn busy_web_server_is_not_a_flood() {
+    // Clients connect in (the customer is the reply side: original src is the client),
+    // and the server's responses show in its counters: 250k pps, 3 Gbit/s. Its own outgoing
+    // flows are a few answered lookups.
+    let server = "203.0.113.80";
+    let mut obs = Vec::new();
+    for i in 0..60_000u64 {
+        let client = internet(i as u32);
+        let ms = i;
+        obs.push(Observation::Flow(FlowEvent {
+            time: Time(T0 + ms * MS),
+            kind: FlowEventKind::New,
+            src: client,
+            dst: ip(server),
+            proto: proto::TCP,
+            sport: 30_000 + (i % 30_000) as u16,
+            dport: 443,
+            icmp: None,
+            status: 0,
+            tcp_state: Some(TcpState::SynSent),
+            orig_packets: None,
+            orig_bytes: None,
+            reply_packets: None,
+            reply_bytes: None,
+            start: None,
+            stop: None,
+        }));
+    }
+    for s in 0..60u64 {
+        obs.push(udp(
+            s * 1000 + 5,
+            server,
+            ip("198.51.100.53"),
+            40_000 + s as u16,
+            53,
+        ));
+        obs.push(udp_reply(
+            s * 1000 + 6,
+            server,
+            ip("198.51.100.53"),
+            40_000 + s as u16,
+            53,
+        ));
+        obs.push(counters(s * 1000 + 999, server, 250_000, 375_000_000));
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn dns_resolver_is_not_flagged() {
+    // 3000 queries/s to 5000 authoritative servers for 30 s, all answered.
+    let src = "203.0.113.53";
+    let mut obs = Vec::new();
+    for i in 0..90_000u64 {
+        let ms = i / 3;
+        let dst = internet((i % 5_000) as u32);
+        let sport = 1024 + (i % 60_000) as u16;
+        obs.push(udp(ms, src, dst, sport, 53));
+        obs.push(udp_reply(ms + 20, src, dst, sport, 53));
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// brute force
+// ---------------------------------------------------------------------------------------------
+
+fn ssh_attempts(n: u64, every_ms: u64) -> Vec<Observation> {
+    let target = ip("198.51.100.22");
+    let mut obs = Vec::new();
+    for i in 0..n {
+        let ms = i * every_ms;
+        let sport = 40_000 + i as u16;
+        answered_tcp(&mut obs, ms, BOT, target, sport, 22);
+        obs.push(flow(
+            ms + 900,
+            FlowEventKind::Update,
+            BOT,
+            target,
+            proto::TCP,
+            sport,
+            22,
+            ct_status::SEEN_REPLY | ct_status::ASSURED,
+            Some(TcpState::TimeWait),
+        ));
+    }
+    sorted(obs)
+}
+
+#[test]
+fn ssh_brute_force_is_detected() {
+    let d = run(&ssh_attempts(40, 1_000));
+    let b = of(&d, Category::BruteForce);
+    assert_eq!(b.len(), 1, "{d:#?}");
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(crossed_value(b[0], "attempts"), 30.0);
+    // The 30th attempt starts at 29 s: reported by the next evaluation.
+    assert_eq!(b[0].time, Time(T0 + 29_250 * MS));
+    let ev = &b[0].evidence;
+    assert_eq!(ev.top_destinations[0].key, ip("198.51.100.22"));
+    assert_eq!(ev.top_destinations[0].count, 30);
+    assert_eq!(ev.top_ports[0].key, 22);
+    assert_eq!(ev.counts["accepted_by_target"], 30.0);
+    assert!(ev.sample.iter().all(|s| s.dport == 22));
+    assert!(ev.sample.iter().any(|s| s.answered));
+}
+
+#[test]
+fn brute_force_just_under_the_threshold_is_not() {
+    assert!(run(&ssh_attempts(29, 1_000)).is_empty());
+    // 30 attempts spread over more than the window never have 30 in it.
+    assert!(run(&ssh_attempts(30, 2_100)).is_empty());
+}
+
+#[test]
+fn long_sessions_are_not_attempts() {
+    // 40 sessions to the same server, each lasting 20 s (kernel timestamps say so).
+    let target = ip("198.51.100.22");
+    let mut obs = Vec::new();
+    for i in 0..40u64 {
+        let ms = i * 1_000;
+        let sport = 40_000 + i as u16;
+        answered_tcp(&mut obs, ms, BOT, target, sport, 22);
+        if let Observation::Flow(mut e) = established(ms + 20_000, BOT, target, sport, 22) {
+            e.tcp_state = Some(TcpState::TimeWait);
+            e.start = Some(Time(T0 + ms * MS));
+            obs.push(Observation::Flow(e));
+        }
+    }
+    let d = run(&sorted(obs));
+    // The first 20 sessions end after the 30th has started: they count until they end,
+    // so the attempts in the window stay below 30 once the long ones are taken back.
+    assert!(of(&d, Category::BruteForce).len() <= 1, "{d:#?}");
+    let mut e = Engine::new(policy());
+    let obs2 = sorted({
+        let mut v = Vec::new();
+        for i in 0..40u64 {
+            let ms = i * 1_000;
+            let sport = 40_000 + i as u16;
+            answered_tcp(&mut v, ms, BOT, target, sport, 22);
+            // ends 16 s later (> 15 s max_flow_duration)
+            if let Observation::Flow(mut x) = established(ms + 16_000, BOT, target, sport, 22) {
+                x.tcp_state = Some(TcpState::TimeWait);
+                x.start = Some(Time(T0 + ms * MS));
+                v.push(Observation::Flow(x));
+            }
+        }
+        v
+    });
+    let d2 = drive(&mut e, &obs2, 1_000);
+    assert!(of(&d2, Category::BruteForce).is_empty(), "{d2:#?}");
+}
+
+#[test]
+fn configuration_management_fan_out_is_not_brute_force() {
+    // One SSH session to each of 300 servers in a minute (ansible), all answered.
+    let mut obs = Vec::new();
+    for i in 0..300u64 {
+        answered_tcp(
+            &mut obs,
+            i * 200,
+            BOT,
+            internet(i as u32),
+            40_000 + i as u16,
+            22,
+        );
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// port scan
+// ---------------------------------------------------------------------------------------------
+
+/// A SYN scan of `ports` ports of one target, `per_sec` a second: closed ports reset, every
+/// 50th port open.
+fn port_scan(ports: u16, per_sec: u64) -> Vec<Observation> {
+    let target = ip("198.51.100.33");
+    let mut obs = Vec::new();
+    for p in 1..=ports {
+        let ms = u64::from(p) * 1000 / per_sec;
+        obs.push(syn(ms, BOT, target, 61_000, p));
+        if p % 50 == 0 {
+            obs.push(synack(ms + 1, BOT, target, 61_000, p));
+        } else {
+            obs.push(rst(ms + 1, BOT, target, 61_000, p));
+        }
+    }
+    sorted(obs)
+}
+
+#[test]
+fn port_scan_is_detected() {
+    let d = run(&port_scan(1_000, 500));
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "{d:#?}");
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(crossed_value(p[0], "distinct_ports") >= 100.0);
+    assert!(crossed_value(p[0], "unanswered_ratio") >= 0.9);
+    assert_eq!(p[0].evidence.top_destinations[0].key, ip("198.51.100.33"));
+    // ~100 ports at 500/s: detected within the first quarter second after 0.2 s.
+    assert!(p[0].time <= Time(T0 + 500 * MS), "{:?}", p[0].time);
+}
+
+#[test]
+fn port_scan_just_under_the_threshold_is_not() {
+    // 90 ports: under 100 including the linear-counting error (±6% at this size).
+    let d = run(&port_scan(90, 100));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn many_open_ports_of_one_server_is_not_a_scan() {
+    // 150 ports, all accepted: a monitoring check of a server's services.
+    let target = ip("198.51.100.34");
+    let mut obs = Vec::new();
+    for p in 1..=150u16 {
+        answered_tcp(&mut obs, u64::from(p) * 10, BOT, target, 50_000, 1_000 + p);
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn port_scan_hidden_in_busy_traffic_is_still_detected() {
+    // A web crawler's 20 new flows/s to 2000 sites and a resolver's 50 lookups/s keep the
+    // target table busy; the scanned host still wins its entry.
+    let mut obs = port_scan(400, 20);
+    for i in 0..400u64 {
+        let ms = i * 50;
+        answered_tcp(
+            &mut obs,
+            ms,
+            BOT,
+            internet(i as u32),
+            50_000 + i as u16,
+            443,
+        );
+        for j in 0..2 {
+            let sport = (i * 2 + j) as u16;
+            obs.push(udp(ms + j, BOT, ip("198.51.100.53"), sport, 53));
+            obs.push(udp_reply(ms + j + 3, BOT, ip("198.51.100.53"), sport, 53));
+        }
+    }
+    let obs = sorted(obs);
+    let mut e = Engine::new(policy());
+    let d = drive(&mut e, &obs, 1_000);
+    assert_eq!(of(&d, Category::PortScan).len(), 1, "{d:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// network scan
+// ---------------------------------------------------------------------------------------------
+
+fn telnet_sweep(n: u32, per_sec: u64) -> Vec<Observation> {
+    (0..n)
+        .map(|i| syn(u64::from(i) * 1000 / per_sec, BOT, internet(i), 50_000, 23))
+        .collect()
+}
+
+#[test]
+fn network_scan_is_detected() {
+    let d = run(&telnet_sweep(1_000, 100));
+    let n = of(&d, Category::NetworkScan);
+    assert_eq!(n.len(), 1, "{d:#?}");
+    assert!(crossed_value(n[0], "distinct_destinations") >= 200.0);
+    assert_eq!(n[0].evidence.top_ports[0].key, 23);
+    assert_eq!(n[0].evidence.counts["distinct_ports"], 1.0);
+}
+
+#[test]
+fn network_scan_just_under_the_threshold_is_not() {
+    // 170 addresses: 15% under 200, outside the sketch's error (σ ≈ 5% at this size).
+    let d = run(&telnet_sweep(170, 10));
+    assert!(
+        d.is_empty(),
+        "{:#?}",
+        d.iter().map(|d| &d.evidence.crossed).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn downloading_from_many_mirrors_is_not_a_scan() {
+    // 600 mirrors in a minute on 80 and 443, all answered.
+    let mut obs = Vec::new();
+    for i in 0..600u64 {
+        let port = if i % 2 == 0 { 80 } else { 443 };
+        answered_tcp(
+            &mut obs,
+            i * 100,
+            BOT,
+            internet(i as u32),
+            40_000 + i as u16,
+            port,
+        );
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn peer_to_peer_fan_out_is_not_a_network_scan() {
+    // 2000 peers on random ports, most not answering.
+    let obs: Vec<_> = (0..2_000u32)
+        .map(|i| {
+            udp(
+                u64::from(i) * 20,
+                BOT,
+                internet(i),
+                6_881,
+                10_000 + (i * 7919 % 50_000) as u16,
+            )
+        })
+        .collect();
+    let d = run(&obs);
+    assert!(of(&d, Category::NetworkScan).is_empty(), "{d:#?}");
+    assert!(of(&d, Category::PortScan).is_empty(), "{d:#?}");
+}
+
+#[test]
+fn ipv6_sources_are_aggregated_per_64() {
+    // Each probe from a different address of the same /64.
+    let obs: Vec<_> = (0..1_000u32)
+        .map(|i| {
+            let src = format!("2001:db8:1:5::{:x}", i + 1);
+            let dst: IpAddr = format!("2001:db8:ffff::{:x}", i + 1).parse().unwrap();
+            syn(u64::from(i) * 10, &src, dst, 50_000, 22)
+        })
+        .collect();
+    let mut e = Engine::new(policy());
+    let d = drive(&mut e, &obs, 1_000);
+    let n = of(&d, Category::NetworkScan);
+    assert_eq!(n.len(), 1, "{d:#?}");
+    assert_eq!(n[0].source, "2001:db8:1:5::/64".parse::<IpNet>().unwrap());
+    assert_eq!(e.stats().tracked_sources, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// spam
+// ---------------------------------------------------------------------------------------------
+
+fn smtp_fan_out(src: &str, n: u32, every_ms: u64) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    for i in 0..n {
+        answered_tcp(
+            &mut obs,
+            u64::from(i) * every_ms,
+            src,
+            internet(i),
+            45_000 + i as u16,
+            25,
+        );
+    }
+    sorted(obs)
+}
+
+#[test]
+fn spam_is_detected() {
+    let d = run(&smtp_fan_out(BOT, 80, 2_000));
+    let s = of(&d, Category::Spam);
+    assert_eq!(s.len(), 1, "{d:#?}");
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(crossed_value(s[0], "distinct_destinations") >= 40.0);
+    assert_eq!(s[0].evidence.top_ports[0].key, 25);
+    assert!(s[0].evidence.sample.iter().all(|x| x.dport == 25));
+}
+
+#[test]
+fn spam_just_under_the_threshold_is_not() {
+    // 35 mail servers in 5 minutes: under 40 including the sketch's error.
+    assert!(run(&smtp_fan_out(BOT, 35, 5_000)).is_empty());
+}
+
+#[test]
+fn mail_relay_profile_is_not_spam() {
+    // The same fan-out, 10 times wider, from the relay network (spam disabled).
+    let d = run(&smtp_fan_out("192.0.2.25", 800, 300));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// engine behaviour
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_detected_source_is_held_down_then_rearmed() {
+    // A SYN flood for 60 s, then quiet.
+    let d = run(&syn_flood(BOT, 0, 1_000, 60));
+    let f = of(&d, Category::Flood);
+    assert!(f.len() >= 5 && f.len() <= 6, "{}", f.len());
+    for w in f.windows(2) {
+        // Not again before the 10 s window has rolled over ...
+        assert!(w[1].time.since(w[0].time).as_secs_f64() >= 10.0);
+        // ... but re-armed right after it.
+        assert!(w[1].time.since(w[0].time).as_secs_f64() <= 10.25);
+    }
+    let mut e = Engine::new(policy());
+    drive(&mut e, &syn_flood(BOT, 0, 1_000, 60), 0);
+    assert!(e.stats().held_down > 0);
+    // Quiet afterwards: nothing more.
+    let mut more = Vec::new();
+    e.observe(&Observation::Tick {
+        time: Time(T0 + 200_000 * MS),
+    });
+    e.evaluate(Time(T0 + 200_000 * MS), &mut more);
+    assert!(more.is_empty());
+}
+
+#[test]
+fn non_customers_are_ignored() {
+    let obs: Vec<_> = (0..10_000u64)
+        .map(|i| syn(i / 2, "198.51.100.200", ip("203.0.113.9"), 1_000, 22))
+        .collect();
+    let mut e = Engine::new(policy());
+    assert!(drive(&mut e, &obs, 0).is_empty());
+    let s = e.stats();
+    assert_eq!(s.tracked_sources, 0);
+    assert_eq!(s.ignored, 10_000);
+}
+
+#[test]
+fn dumped_flows_are_not_new() {
+    // After a loss the observer dumps the table: 10 000 established flows at once.
+    let mut obs = vec![Observation::Lost { time: Time(T0) }];
+    for i in 0..10_000u64 {
+        obs.push(flow(
+            1,
+            FlowEventKind::New,
+            BOT,
+            internet(i as u32),
+            proto::TCP,
+            (1024 + i) as u16,
+            443,
+            ct_status::SEEN_REPLY | ct_status::ASSURED,
+            Some(TcpState::Established),
+        ));
+    }
+    let mut e = Engine::new(policy());
+    assert!(drive(&mut e, &obs, 1_000).is_empty());
+    assert_eq!(e.stats().dumped_flows, 10_000);
+    assert_eq!(e.stats().lost, 1);
+}
+
+#[test]
+fn sources_are_capped_and_the_idlest_evicted() {
+    let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
+    let mut e = Engine::new(p);
+    let mut out = Vec::new();
+    for i in 0..10_000u32 {
+        let src = IpAddr::from((0xcb00_7100u32 | (i & 0xff)).to_be_bytes());
+        // Only 256 addresses in 203.0.113.0/24: use the IPv6 network for more.
+        let src = if i < 256 {
+            src
+        } else {
+            format!("2001:db8:1:{:x}::1", i).parse().unwrap()
+        };
+        if let Observation::Flow(mut f) = syn(u64::from(i), BOT, ip("198.51.100.1"), 1, 80) {
+            f.src = src;
+            f.dst = if src.is_ipv4() {
+                f.dst
+            } else {
+                ip("2001:db8:ffff::1")
+            };
+            e.observe(&Observation::Flow(f));
+        }
+        if i % 250 == 0 {
+            e.evaluate(Time(T0 + u64::from(i) * MS), &mut out);
+        }
+    }
+    let s = e.stats();
+    assert_eq!(s.tracked_sources, 1024);
+    assert_eq!(s.evictions, 10_000 - 1024);
+    // The most recent are kept, the oldest gone.
+    assert!(e.is_tracked("2001:db8:1:270f::1".parse().unwrap()));
+    assert!(!e.is_tracked(ip("203.0.113.0")));
+}
+
+#[test]
+fn policy_reload_keeps_the_windows() {
+    // Half the flood, reload (same thresholds, new Arc), the other half: detected at the
+    // same moment as without the reload.
+    let obs = syn_flood(BOT, 0, 1_000, 8);
+    let (a, b) = obs.split_at(3_000);
+    let mut e = Engine::new(policy());
+    let mut d = drive(&mut e, a, 0);
+    e.set_policy(policy_from(&format!("{POLICY}# reloaded\n")));
+    d.extend(drive(&mut e, b, 1_000));
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].time, Time(T0 + 5_000 * MS));
+}
+
+#[test]
+fn policy_reload_applies_new_thresholds_and_cap() {
+    let mut e = Engine::new(policy());
+    drive(&mut e, &port_scan(60, 100), 0);
+    // Lower the port-scan threshold: the next event crosses it.
+    e.set_policy(policy_from(&POLICY.replace(
+        "profiles:\n",
+        "profiles:\n  default:\n    port_scan:\n      distinct_ports: 50\n",
+    )));
+    let mut d = Vec::new();
+    e.observe(&syn(700, BOT, ip("198.51.100.33"), 61_000, 61));
+    e.evaluate(Time(T0 + 750 * MS), &mut d);
+    assert_eq!(of(&d, Category::PortScan).len(), 1, "{d:#?}");
+    // Shrink the cap below the tracked count.
+    let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
+    for i in 0..200u32 {
+        e.observe(&syn(
+            800,
+            &format!("203.0.113.{}", i % 250),
+            ip("198.51.100.1"),
+            1,
+            80,
+        ));
+    }
+    e.set_policy(p);
+    assert!(e.stats().tracked_sources <= 1024);
+    assert_eq!(e.stats().max_sources, 1024);
+}
+
+#[test]
+fn disabling_a_category_on_reload_stops_it() {
+    let text = POLICY.replace(
+        "profiles:\n",
+        "profiles:\n  default:\n    network_scan:\n      enabled: false\n",
+    );
+    let mut e = Engine::new(policy_from(&text));
+    let d = drive(&mut e, &telnet_sweep(1_000, 100), 1_000);
+    assert!(of(&d, Category::NetworkScan).is_empty(), "{d:#?}");
+}
+
+#[test]
+fn replay_is_deterministic() {
+    let mut obs = port_scan(300, 200);
+    obs.extend(syn_flood("203.0.113.8", 0, 1_000, 8));
+    obs.extend(smtp_fan_out("203.0.113.9", 60, 100));
+    let obs = sorted(obs);
+    let a = run(&obs);
+    let b = run(&obs);
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 3, "{a:#?}");
+}
+
+#[test]
+fn evidence_reads_well_and_round_trips_as_json() {
+    let d = run(&ssh_attempts(40, 1_000));
+    let text = d[0].to_string();
+    for needle in [
+        "Abuse detected from 203.0.113.7: repeated login attempts",
+        "[brute_force]",
+        "profile \"default\"",
+        "connections to login services of one server (attempts): 30 (limit 30)",
+        "198.51.100.22",
+        "Most contacted destination ports",
+        "tcp 40000 -> 198.51.100.22:22 answered",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let json = serde_json::to_string(&d[0]).unwrap();
+    let back: Detection = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, d[0]);
+}
+
+#[test]
+fn evaluate_does_not_allocate_without_detections() {
+    // The touch list is reused: its capacity stays put across evaluations.
+    let mut e = Engine::new(policy());
+    let mut out = Vec::new();
+    for round in 0..10u64 {
+        for i in 0..100u64 {
+            e.observe(&udp(
+                round * 250 + i,
+                BOT,
+                ip("198.51.100.53"),
+                i as u16,
+                53,
+            ));
+        }
+        e.evaluate(Time(T0 + (round + 1) * 250 * MS), &mut out);
+    }
+    let cap = e.touched.capacity();
+    for round in 10..20u64 {
+        e.observe(&udp(round * 250, BOT, ip("198.51.100.53"), 1, 53));
+        e.evaluate(Time(T0 + (round + 1) * 250 * MS), &mut out);
+    }
+    assert_eq!(e.touched.capacity(), cap);
+    assert!(out.is_empty());
+}
