@@ -193,7 +193,8 @@ impl TableSpec {
                 flags.insert(SetFlag::Interval);
             }
             Role::Counters => {
-                flags.insert(SetFlag::Dynamic);
+                // nft 1.0.6's JSON parser refuses `dynamic`; the kernel set gets it from the
+                // `update` statement that uses it (written in the same transaction).
                 flags.insert(SetFlag::Timeout);
                 size = Some(self.counter_set_size);
                 timeout = Some(COUNTER_TIMEOUT_SECS);
@@ -745,33 +746,56 @@ impl Tx {
             }))));
     }
 
-    /// The whole structure: table, sets, chains, rules (after flushing `flush` chains and
-    /// deleting `drop_chains` and `drop_sets`, which are wrong). Elements are added separately.
-    pub fn structure(
-        &mut self,
-        spec: &TableSpec,
-        flush: &[ChainId],
-        drop_chains: &[ChainId],
-        drop_sets: &[SetId],
-    ) {
-        for c in flush {
+    /// The whole structure: after flushing `flush` chains and deleting `drop_chains` and
+    /// `drop_sets` (which are wrong), the table, the sets in `add_sets` and chains in
+    /// `add_chains` (those missing or deleted) and every rule. Existing sets are never
+    /// re-added: nft 1.0.6's JSON cannot spell `flags dynamic`, and re-adding a set with
+    /// other flags fails. Elements are added separately.
+    pub fn structure(&mut self, spec: &TableSpec, s: &Structure) {
+        for c in &s.flush {
             self.flush_chain(spec, *c);
         }
-        for c in drop_chains {
+        for c in &s.drop_chains {
             self.delete_chain(spec, *c);
         }
-        for s in drop_sets {
-            self.delete_set(spec, *s);
+        for id in &s.drop_sets {
+            self.delete_set(spec, *id);
         }
         self.add_table(spec);
-        for s in SetId::all() {
-            self.add_set(spec, s);
+        for id in &s.add_sets {
+            self.add_set(spec, *id);
         }
-        for c in ChainId::ALL {
-            self.add_chain(spec, c);
+        for c in &s.add_chains {
+            self.add_chain(spec, *c);
         }
         for r in rules() {
             self.add_rule(spec, &r);
+        }
+    }
+}
+
+/// What a structural rewrite does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Structure {
+    /// Chains to flush (those that exist).
+    pub flush: Vec<ChainId>,
+    /// Chains to delete (their definition is wrong).
+    pub drop_chains: Vec<ChainId>,
+    /// Sets to delete (their definition is wrong).
+    pub drop_sets: Vec<SetId>,
+    /// Sets to create (missing or deleted).
+    pub add_sets: Vec<SetId>,
+    /// Chains to create (missing or deleted).
+    pub add_chains: Vec<ChainId>,
+}
+
+impl Structure {
+    /// Everything from nothing (the table does not exist).
+    pub fn fresh() -> Structure {
+        Structure {
+            add_sets: SetId::all().collect(),
+            add_chains: ChainId::ALL.to_vec(),
+            ..Structure::default()
         }
     }
 }

@@ -494,8 +494,6 @@ impl Enforcer {
         mut policy_rx: watch::Receiver<Arc<Policy>>,
         mut stop_rx: watch::Receiver<bool>,
     ) -> Enforcer {
-        desired_rx.mark_unchanged();
-        policy_rx.mark_unchanged();
         let new_interval = |p: &Policy| {
             let mut i = tokio::time::interval(p.enforcement.reconcile_interval);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -11,7 +11,9 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use super::kernel::{KernelElem, KernelTable};
-use super::layout::{ChainId, ElemKey, Fam, MAX_TIMEOUT_SECS, Role, SetId, TableSpec, Tx};
+use super::layout::{
+    ChainId, ElemKey, Fam, MAX_TIMEOUT_SECS, Role, SetId, Structure, TableSpec, Tx,
+};
 use crate::messages::{BlockKind, DesiredBlocks, Time};
 use crate::policy::Policy;
 
@@ -185,12 +187,8 @@ pub struct Plan {
     pub rebuild: bool,
     /// Why the structure is rewritten (empty when it is not).
     pub reasons: Vec<String>,
-    /// Chains to flush before rules are added again.
-    pub flush_chains: Vec<ChainId>,
-    /// Chains to delete (their definition is wrong).
-    pub drop_chains: Vec<ChainId>,
-    /// Sets to delete and create again (their definition is wrong).
-    pub drop_sets: Vec<SetId>,
+    /// What the rewrite does (when `rebuild`).
+    pub structure: Structure,
     /// Element changes, in set order.
     pub changes: Vec<ElemChange>,
 }
@@ -205,7 +203,7 @@ impl Plan {
     pub fn to_tx(&self, spec: &TableSpec) -> Tx {
         let mut tx = Tx::new();
         if self.rebuild {
-            tx.structure(spec, &self.flush_chains, &self.drop_chains, &self.drop_sets);
+            tx.structure(spec, &self.structure);
         }
         let mut dels: BTreeMap<SetId, Vec<ElemKey>> = BTreeMap::new();
         let mut adds: BTreeMap<SetId, Vec<(ElemKey, Option<u64>)>> = BTreeMap::new();
@@ -270,6 +268,7 @@ pub fn plan(
                     p.reasons.push(format!("set {} missing", id.name()));
                 }
                 fresh.insert(id);
+                p.structure.add_sets.push(id);
             }
             Some(s) => {
                 let flags: Vec<&str> = s.flags.iter().map(String::as_str).collect();
@@ -282,7 +281,8 @@ pub fn plan(
                     p.rebuild = true;
                     p.reasons
                         .push(format!("set {} has the wrong definition", id.name()));
-                    p.drop_sets.push(id);
+                    p.structure.drop_sets.push(id);
+                    p.structure.add_sets.push(id);
                     fresh.insert(id);
                 }
             }
@@ -296,9 +296,10 @@ pub fn plan(
                     p.rebuild = true;
                     p.reasons.push(format!("chain {} missing", c.name()));
                 }
+                p.structure.add_chains.push(c);
             }
             Some(kc) => {
-                p.flush_chains.push(c);
+                p.structure.flush.push(c);
                 let props_ok = kc.chain_type.as_deref() == Some("filter")
                     && kc.hook.as_deref() == Some(c.hook_name())
                     && kc.prio == Some(i64::from(super::layout::CHAIN_PRIORITY))
@@ -307,7 +308,8 @@ pub fn plan(
                     p.rebuild = true;
                     p.reasons
                         .push(format!("chain {} has the wrong definition", c.name()));
-                    p.drop_chains.push(c);
+                    p.structure.drop_chains.push(c);
+                    p.structure.add_chains.push(c);
                     continue;
                 }
                 match baseline.and_then(|b| b.get(&c)) {
@@ -331,7 +333,7 @@ pub fn plan(
         }
     }
     if !p.rebuild {
-        p.flush_chains.clear();
+        p.structure = Structure::default();
     }
     p.reasons.dedup();
     // Elements.
@@ -668,7 +670,11 @@ mod tests {
         let pl = plan(&spec(), &w, Some(&k), Some(&base), NOW);
         assert!(pl.rebuild);
         assert!(pl.changes.is_empty(), "elements untouched: {pl:?}");
-        assert_eq!(pl.flush_chains, ChainId::ALL);
+        assert_eq!(pl.structure.flush, ChainId::ALL);
+        assert!(
+            pl.structure.add_sets.is_empty(),
+            "existing sets are not re-added"
+        );
         let json = pl.to_tx(&spec()).to_json();
         assert!(
             !json.contains(r#""flush":{"set""#),
@@ -678,7 +684,8 @@ mod tests {
         let mut k = k0.clone();
         k.sets.get_mut("blocked4").unwrap().flags = vec!["interval".into()];
         let pl = plan(&spec(), &w, Some(&k), Some(&base), NOW);
-        assert_eq!(pl.drop_sets, [SetId::new(Role::Blocked, Fam::V4)]);
+        assert_eq!(pl.structure.drop_sets, [SetId::new(Role::Blocked, Fam::V4)]);
+        assert_eq!(pl.structure.add_sets, [SetId::new(Role::Blocked, Fam::V4)]);
         assert!(pl.changes.iter().any(
             |c| c.op == ElemOp::Add && c.key == ElemKey::Net("203.0.113.5/32".parse().unwrap())
         ));
@@ -686,10 +693,10 @@ mod tests {
         let mut k = k0.clone();
         k.chains.get_mut("input").unwrap().prio = Some(0);
         let pl = plan(&spec(), &w, Some(&k), Some(&base), NOW);
-        assert_eq!(pl.drop_chains, [ChainId::Input]);
+        assert_eq!(pl.structure.drop_chains, [ChainId::Input]);
         // Start: rules always rewritten, elements kept.
         let pl = plan(&spec(), &w, Some(&k0), None, NOW);
         assert!(pl.rebuild && pl.changes.is_empty());
-        assert!(pl.drop_sets.is_empty() && pl.drop_chains.is_empty());
+        assert!(pl.structure.drop_sets.is_empty() && pl.structure.drop_chains.is_empty());
     }
 }

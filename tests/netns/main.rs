@@ -6,4 +6,5 @@
 //! on drop, also when it fails.
 
 mod common;
+mod enforce;
 mod topology;
