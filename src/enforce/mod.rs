@@ -1,3 +1,925 @@
-//! Enforcement on the router: the nft table, blackhole routes, reconcile loop.
+//! Enforcement on the router: the agent's own nft table, blackhole routes, and the reconcile
+//! loop that keeps the kernel in step with the decided blocks.
 //!
-//! Not built yet (issue "Enforce"). Nothing here enforces anything.
+//! # What it owns
+//!
+//! Exactly one nft table, `inet <policy.enforcement.table>` (default `inet egressguard`),
+//! and the blackhole routes tagged with `policy.enforcement.blackhole.protocol` in table
+//! `policy.enforcement.blackhole.table`. Nothing else on the box is touched: no
+//! `flush ruleset`, no other table, so it coexists with the operator's firewall, firewalld
+//! and VyOS tables. Every write is one `nft -j -f -` transaction built with the `nftables`
+//! crate's schema types: all of it applies, or none of it.
+//!
+//! # The table
+//!
+//! ```text
+//! table inet egressguard {
+//!     set customers4   { type ipv4_addr; flags interval; }            # policy.networks
+//!     set customers6   { type ipv6_addr; flags interval; }
+//!     set allow4       { type ipv4_addr; flags interval; }            # policy.allow
+//!     set allow6       { type ipv6_addr; flags interval; }
+//!     set garden4      { type ipv4_addr; flags interval; }            # enforcement.walled_garden
+//!     set garden6      { type ipv6_addr; flags interval; }
+//!     set blocked4     { type ipv4_addr; flags interval,timeout; }    # Block, Terminate
+//!     set blocked6     { type ipv6_addr; flags interval,timeout; }    # (/128 or /64)
+//!     set quarantine4  { type ipv4_addr; flags interval,timeout; }    # Quarantine
+//!     set quarantine6  { type ipv6_addr; flags interval,timeout; }
+//!     set src_counters4 { type ipv4_addr; size N; flags dynamic,timeout; timeout 5m; }
+//!     set src_counters6 { type ipv6_addr; size N; flags dynamic,timeout; timeout 5m; }
+//!
+//!     chain forward {
+//!         type filter hook forward priority filter - 10; policy accept;
+//!         ip saddr @customers4 update @src_counters4 { ip saddr counter }
+//!         ip6 saddr @customers6 update @src_counters6 { ip6 saddr counter }
+//!         ip saddr @blocked4 ip saddr != @allow4 counter drop
+//!         ip daddr @blocked4 ip daddr != @allow4 counter drop
+//!         ip saddr @quarantine4 ip saddr != @allow4 ip daddr != @garden4 counter drop
+//!         ip daddr @quarantine4 ip saddr @garden4 ct state established,related return
+//!         ip daddr @quarantine4 ip daddr != @allow4 counter drop
+//!         (the same five for ip6)
+//!     }
+//!     chain input {
+//!         type filter hook input priority filter - 10; policy accept;
+//!         icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } return
+//!         ip saddr @blocked4 ip saddr != @allow4 counter drop
+//!         ip saddr @quarantine4 ip saddr != @allow4 ip daddr != @garden4 counter drop
+//!         (ip6 likewise)
+//!     }
+//!     chain output {
+//!         type filter hook output priority filter - 10; policy accept;
+//!         icmpv6 type { nd-... } return
+//!         ip daddr @blocked4 ip daddr != @allow4 counter drop
+//!         ip daddr @quarantine4 ip saddr @garden4 ct state established,related return
+//!         ip daddr @quarantine4 ip daddr != @allow4 counter drop
+//!         (ip6 likewise)
+//!     }
+//! }
+//! ```
+//!
+//! Every rule carries a comment `egressguard:<name>`.
+//!
+//! **Priorities.** All three chains hook at `filter - 10` (-10): after conntrack (-200) and
+//! destination NAT (-100), before the operator's filter chains (0; firewalld uses
+//! `filter + 10`, VyOS 0). An `accept` in another base chain never overrides a `drop` in
+//! ours, and our chains only ever drop or fall through (`return` ends our chain, not the
+//! packet's path), so the operator's rules still see every packet we let pass. A raw
+//! priority (-300) was not chosen: conntrack has not run there, and the quarantine's reply
+//! rule needs it.
+//!
+//! **Why input and output too.** A compromised server attacks the router itself as readily
+//! as anything behind it (SSH brute force on the router, floods of its control plane), and
+//! "nothing reaches it" includes the router's own services. The walled garden may hold the
+//! router's addresses (a captive portal or resolver there), which the input chain honours.
+//! ICMPv6 neighbour discovery passes, so a quarantined host can still resolve its gateway.
+//!
+//! **Conntrack.** The `ct state` rules load conntrack for the table's families in the
+//! namespace: the kernel only tracks connections once a rule uses it, and the observer's
+//! ctnetlink events depend on that.
+//!
+//! **Allowlist.** Every drop is guarded by `!= @allowN` on the blocked side: an allowlisted
+//! address is never cut off, even when a wider block (an IPv6 /64) covers it.
+//!
+//! # Behaviour
+//!
+//! * Declarative: the enforcer is handed [`DesiredBlocks`]; each sync reads the table back
+//!   (`nft -j list table`), computes the difference ([`plan`]), applies it as one transaction
+//!   and reads back again to verify. The same sync runs every
+//!   `policy.enforcement.reconcile_interval` (500 ms by default) and repairs drift: a deleted
+//!   or flushed table, a changed rule, an element removed or added by hand, a deleted route.
+//!   Each repair is logged as `repaired` with `what`, `set`/`target` and `action` fields.
+//! * Timeouts: an element of a block with an expiry carries the nft timeout left, so the
+//!   kernel lifts it by itself even when the agent is dead; a block without expiry has none.
+//! * Restart: the structure is written with `add` (idempotent), chains are flushed and their
+//!   rules written again in the same transaction, and sets are never flushed. Until the first
+//!   [`DesiredBlocks`] arrives after start, the blocked and quarantined elements in the kernel
+//!   are kept as they are. A restart therefore never opens a gap. Stopping leaves everything
+//!   in place; [`remove_all`] removes the table and the routes (package purge).
+//! * Dry run (`mode: dry-run`): the table is created (counters and conntrack keep working
+//!   for detection), but the blocked and quarantined sets are kept empty and no route is
+//!   installed; every change is logged as `would block`, `would quarantine`,
+//!   `would terminate` or `would unblock`. Switching a running agent to dry run lifts the
+//!   blocks in the kernel.
+//! * Blackhole routes (when `policy.enforcement.blackhole.enabled`): one `blackhole` route
+//!   per Block/Terminate target, none for quarantines (the garden's replies must pass), none
+//!   for a target overlapping the allowlist. See [`route`].
+//!
+//! # API for the daemon
+//!
+//! ```ignore
+//! let enforcer = Enforcer::init(policy.clone()).await?;   // fails clearly at start
+//! let handle = enforcer.spawn();                           // the writer task
+//! handle.submit(desired_blocks);                           // never waits on the kernel
+//! handle.set_policy(new_policy);                           // on reload
+//! let stats = handle.stats();                              // applies, repairs, latency ...
+//! handle.shutdown().await;                                 // leaves the kernel state in place
+//! remove_all(&RemoveTarget::from_policy(&policy), &EnforceOptions::default()).await?; // purge
+//! ```
+
+pub mod kernel;
+pub mod layout;
+pub mod nft;
+pub mod plan;
+pub mod route;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::messages::{BlockKind, DesiredBlocks, Time};
+use crate::policy::Policy;
+use kernel::KernelTable;
+use layout::{ChainId, ElemKey, Role, SetId, TableSpec};
+use nft::Nft;
+use plan::{ElemOp, Plan, Want};
+use route::{RouteTag, RouteWriter};
+
+/// Per-element log lines of one sync beyond this many are summarised.
+const MAX_LINES: usize = 100;
+
+/// Why enforcement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    /// The nft program could not be started.
+    #[error(
+        "cannot run `{}`: install the nftables package (`apt-get install nftables`)",
+        program.display()
+    )]
+    NftMissing {
+        /// The program path tried.
+        program: PathBuf,
+        /// Why it could not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused for lack of privilege.
+    #[error("permission denied ({detail}): run egressguard as root or with CAP_NET_ADMIN")]
+    PermissionDenied {
+        /// What was refused, with nft's or the kernel's words.
+        detail: String,
+    },
+    /// The kernel has no (usable) nf_tables.
+    #[error(
+        "the kernel has no usable nf_tables ({detail}): load the modules (`modprobe nf_tables`) or use a kernel built with CONFIG_NF_TABLES, CONFIG_NF_TABLES_INET and CONFIG_NFT_CT"
+    )]
+    KernelUnsupported {
+        /// nft's words.
+        detail: String,
+    },
+    /// nft refused a transaction; nothing of it was applied.
+    #[error(
+        "nft refused a transaction of {commands} commands, nothing of it was applied: {stderr}"
+    )]
+    NftFailed {
+        /// Commands in the transaction.
+        commands: usize,
+        /// nft's stderr.
+        stderr: String,
+    },
+    /// Listing the table failed.
+    #[error("`nft -j list table inet {table}` failed: {stderr}")]
+    ListFailed {
+        /// The table.
+        table: String,
+        /// nft's stderr.
+        stderr: String,
+    },
+    /// Talking to the nft process failed.
+    #[error("talking to nft failed")]
+    NftIo(#[source] std::io::Error),
+    /// The table's listing could not be read.
+    #[error("cannot read the listing of table inet {table}")]
+    Listing {
+        /// The table.
+        table: String,
+        /// What was wrong with it.
+        #[source]
+        source: kernel::ParseError,
+    },
+    /// After a transaction the kernel did not hold what it should.
+    #[error("the kernel does not hold what was just applied: {0}")]
+    Verify(String),
+    /// A route netlink socket could not be opened.
+    #[error("cannot open a route netlink socket")]
+    Netlink(#[source] std::io::Error),
+    /// Listing the agent's routes failed.
+    #[error("listing blackhole routes of table {table} failed")]
+    RouteList {
+        /// The routing table.
+        table: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Adding or deleting a route failed.
+    #[error("cannot {action} blackhole route {target} in table {table}")]
+    Route {
+        /// `add` or `delete`.
+        action: &'static str,
+        /// The route's destination.
+        target: IpNet,
+        /// The routing table.
+        table: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The writer task ended abnormally.
+    #[error("the enforcer task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Settings that are not in the policy.
+#[derive(Clone, Debug)]
+pub struct EnforceOptions {
+    /// The nft program (default `nft`, looked up in `PATH`).
+    pub nft: PathBuf,
+}
+
+impl Default for EnforceOptions {
+    fn default() -> Self {
+        EnforceOptions {
+            nft: PathBuf::from(nft::DEFAULT_NFT),
+        }
+    }
+}
+
+/// Counters the enforcer keeps, shared with its handle.
+#[derive(Debug, Default)]
+struct Stats {
+    syncs: AtomicU64,
+    applies: AtomicU64,
+    repairs: AtomicU64,
+    errors: AtomicU64,
+    last_apply_us: AtomicU64,
+    generation: AtomicU64,
+    elements: AtomicU64,
+    routes: AtomicU64,
+}
+
+/// A snapshot of the enforcer's counters (for `status` and metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EnforceStats {
+    /// Comparisons with the kernel (applies and reconcile ticks).
+    pub syncs: u64,
+    /// Transactions applied.
+    pub applies: u64,
+    /// Repairs of drift (per element, route or structure).
+    pub repairs: u64,
+    /// Failed syncs.
+    pub errors: u64,
+    /// Wall time of the last applied sync (read, apply, verify), in microseconds.
+    pub last_apply_us: u64,
+    /// Generation of the last desired blocks applied.
+    pub generation: u64,
+    /// Blocked and quarantined elements held.
+    pub elements: u64,
+    /// Blackhole routes held.
+    pub routes: u64,
+}
+
+impl Stats {
+    fn snapshot(&self) -> EnforceStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EnforceStats {
+            syncs: l(&self.syncs),
+            applies: l(&self.applies),
+            repairs: l(&self.repairs),
+            errors: l(&self.errors),
+            last_apply_us: l(&self.last_apply_us),
+            generation: l(&self.generation),
+            elements: l(&self.elements),
+            routes: l(&self.routes),
+        }
+    }
+}
+
+/// What started a sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Start,
+    Desired,
+    Policy,
+    Tick,
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    /// A transaction was applied.
+    pub applied: bool,
+    /// The structure (table, sets, chains, rules) was written.
+    pub rebuilt: bool,
+    /// Elements added, removed, replaced.
+    pub added: usize,
+    /// Elements removed.
+    pub removed: usize,
+    /// Elements replaced (timeout changed).
+    pub replaced: usize,
+    /// Routes added.
+    pub routes_added: usize,
+    /// Routes removed.
+    pub routes_removed: usize,
+    /// Repairs of drift among the above.
+    pub repairs: usize,
+}
+
+/// The enforcer: owns the nft table and the blackhole routes.
+pub struct Enforcer {
+    nft: Nft,
+    policy: Arc<Policy>,
+    spec: TableSpec,
+    desired: Option<Arc<DesiredBlocks>>,
+    routes: RouteWriter,
+    route_tag: RouteTag,
+    routes_checked: bool,
+    applied: Want,
+    baseline: Option<BTreeMap<ChainId, Vec<Value>>>,
+    dry_shadow: BTreeMap<IpNet, (BlockKind, Option<Time>)>,
+    stats: Arc<Stats>,
+}
+
+fn spec_of(policy: &Policy) -> TableSpec {
+    TableSpec {
+        table: policy.enforcement.table.clone(),
+        counter_set_size: policy.detection.max_sources.max(1024),
+    }
+}
+
+fn tag_of(policy: &Policy) -> RouteTag {
+    RouteTag {
+        table: policy.enforcement.blackhole.table,
+        protocol: policy.enforcement.blackhole.protocol,
+    }
+}
+
+fn chain_rules(k: &KernelTable) -> BTreeMap<ChainId, Vec<Value>> {
+    ChainId::ALL
+        .into_iter()
+        .filter_map(|c| k.chains.get(c.name()).map(|ch| (c, ch.rules.clone())))
+        .collect()
+}
+
+impl Enforcer {
+    /// Starts enforcement under `policy`: checks that nft runs with enough privilege, writes
+    /// the table (one transaction, so never half of it) and checks the agent's routes.
+    /// Blocked and quarantined elements already in the kernel stay until the first
+    /// [`DesiredBlocks`] arrives. Must run inside a tokio runtime (the route socket is driven
+    /// by it); sockets and nft run in the calling thread's network namespace.
+    pub async fn init(policy: Arc<Policy>) -> Result<Enforcer, EnforceError> {
+        Enforcer::init_with(policy, EnforceOptions::default()).await
+    }
+
+    /// [`Enforcer::init`] with explicit options.
+    pub async fn init_with(
+        policy: Arc<Policy>,
+        opts: EnforceOptions,
+    ) -> Result<Enforcer, EnforceError> {
+        let mut e = Enforcer {
+            nft: Nft::new(opts.nft),
+            spec: spec_of(&policy),
+            route_tag: tag_of(&policy),
+            policy,
+            desired: None,
+            routes: RouteWriter::connect()?,
+            routes_checked: false,
+            applied: Want::default(),
+            baseline: None,
+            dry_shadow: BTreeMap::new(),
+            stats: Arc::new(Stats::default()),
+        };
+        e.sync(Trigger::Start).await?;
+        Ok(e)
+    }
+
+    /// The enforcer's counters.
+    pub fn stats(&self) -> EnforceStats {
+        self.stats.snapshot()
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.spec.table
+    }
+
+    /// Makes the kernel hold `desired` (one transaction), and verifies it. A set older than
+    /// the one applied last (by generation) is ignored.
+    pub async fn apply(&mut self, desired: Arc<DesiredBlocks>) -> Result<SyncReport, EnforceError> {
+        if let Some(cur) = &self.desired
+            && desired.generation < cur.generation
+        {
+            debug!(
+                generation = desired.generation,
+                current = cur.generation,
+                "stale desired blocks ignored"
+            );
+            return Ok(SyncReport::default());
+        }
+        self.desired = Some(desired);
+        self.sync(Trigger::Desired).await
+    }
+
+    /// Compares the kernel with what should be there and repairs any drift.
+    pub async fn reconcile(&mut self) -> Result<SyncReport, EnforceError> {
+        self.sync(Trigger::Tick).await
+    }
+
+    /// Switches to a new policy (reload): networks, allowlist, garden, mode, blackhole
+    /// settings and even the table's name (the new table is written before the old one is
+    /// removed, so there is no gap).
+    pub async fn set_policy(&mut self, policy: Arc<Policy>) -> Result<SyncReport, EnforceError> {
+        let old_spec = self.spec.clone();
+        let old_tag = self.route_tag;
+        let new_tag = tag_of(&policy);
+        self.spec = spec_of(&policy);
+        self.policy = policy;
+        if self.spec.table != old_spec.table {
+            self.baseline = None;
+        }
+        if new_tag != old_tag {
+            let old = self.routes.list(old_tag).await?;
+            let old: Vec<IpNet> = old.into_iter().collect();
+            self.routes.delete(&old, old_tag).await?;
+            info!(
+                table = old_tag.table,
+                protocol = old_tag.protocol,
+                removed = old.len(),
+                "blackhole routes moved to the new table/protocol"
+            );
+            self.route_tag = new_tag;
+            self.applied.routes.clear();
+        }
+        self.routes_checked = false;
+        let report = self.sync(Trigger::Policy).await?;
+        if self.spec.table != old_spec.table {
+            let removed = self.nft.delete_table(&old_spec.table).await?;
+            info!(
+                old = %old_spec.table,
+                new = %self.spec.table,
+                removed,
+                "nft table renamed"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Spawns the writer task on the current tokio runtime. The decision loop talks to it
+    /// through the returned handle and never waits on the kernel.
+    pub fn spawn(self) -> EnforcerHandle {
+        let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+        let (policy_tx, policy_rx) = watch::channel(self.policy.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stats = self.stats.clone();
+        let task = tokio::spawn(self.run(desired_rx, policy_rx, stop_rx));
+        EnforcerHandle {
+            desired: desired_tx,
+            policy: policy_tx,
+            stop: stop_tx,
+            stats,
+            task,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut desired_rx: watch::Receiver<Arc<DesiredBlocks>>,
+        mut policy_rx: watch::Receiver<Arc<Policy>>,
+        mut stop_rx: watch::Receiver<bool>,
+    ) -> Enforcer {
+        let new_interval = |p: &Policy| {
+            let mut i = tokio::time::interval(p.enforcement.reconcile_interval);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        };
+        let mut tick = new_interval(&self.policy);
+        loop {
+            let result = tokio::select! {
+                biased;
+                r = stop_rx.changed() => {
+                    if r.is_err() || *stop_rx.borrow() { break; }
+                    continue;
+                }
+                r = policy_rx.changed() => {
+                    if r.is_err() { break; }
+                    let p = policy_rx.borrow_and_update().clone();
+                    if p.enforcement.reconcile_interval != self.policy.enforcement.reconcile_interval {
+                        tick = new_interval(&p);
+                    }
+                    self.set_policy(p).await
+                }
+                r = desired_rx.changed() => {
+                    if r.is_err() { break; }
+                    let d = desired_rx.borrow_and_update().clone();
+                    self.apply(d).await
+                }
+                _ = tick.tick() => self.reconcile().await,
+            };
+            if let Err(e) = result {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                error!(table = %self.spec.table, error = %DisplayChain(&e), "enforcement failed; retrying on the next tick");
+            }
+        }
+        info!(table = %self.spec.table, "enforcer stopped; the table and routes stay in place");
+        self
+    }
+
+    fn log_dry_run(&mut self, desired: &DesiredBlocks, now: Time) {
+        let mut next = BTreeMap::new();
+        for b in desired.blocks.values() {
+            if let Some(exp) = b.expires
+                && plan::remaining_secs(exp, now).is_none()
+            {
+                continue;
+            }
+            next.insert(b.target.trunc(), (b.kind, b.expires));
+        }
+        for (target, (kind, expires)) in &next {
+            if self.dry_shadow.get(target) == Some(&(*kind, *expires)) {
+                continue;
+            }
+            let expires = expires.map(|e| e.to_string());
+            let expires = expires.as_deref().unwrap_or("never");
+            match kind {
+                BlockKind::Block => info!(%target, expires, dry_run = true, "would block"),
+                BlockKind::Quarantine => {
+                    info!(%target, expires, dry_run = true, "would quarantine")
+                }
+                BlockKind::Terminate => {
+                    info!(%target, expires, dry_run = true, "would terminate")
+                }
+            }
+        }
+        for target in self.dry_shadow.keys() {
+            if !next.contains_key(target) {
+                info!(%target, dry_run = true, "would unblock");
+            }
+        }
+        self.dry_shadow = next;
+    }
+
+    async fn sync(&mut self, trigger: Trigger) -> Result<SyncReport, EnforceError> {
+        let started = Instant::now();
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let now = Time::now();
+        let empty = DesiredBlocks::default();
+        let desired = self.desired.clone();
+        let desired_ref = desired.as_deref().unwrap_or(&empty);
+        if !self.policy.enforcing() && trigger != Trigger::Tick {
+            self.log_dry_run(desired_ref, now);
+        }
+        let mut want = Want::build(&self.policy, desired_ref, now);
+        // Before the first desired blocks after a start, keep the kernel's blocks.
+        let keep_blocks = desired.is_none() && self.policy.enforcing();
+        if trigger != Trigger::Tick && !want.covered.is_empty() {
+            debug!(covered = ?want.covered, "targets covered by a wider block of the same kind");
+        }
+
+        let mut report = SyncReport::default();
+        let mut attempt = 0;
+        let applied_plan: Option<Plan> = loop {
+            let kernel = self.nft.list_table(&self.spec.table).await?;
+            if keep_blocks {
+                adopt_blocks(&mut want, kernel.as_ref(), now);
+            }
+            let p = plan::plan(
+                &self.spec,
+                &want,
+                kernel.as_ref(),
+                self.baseline.as_ref(),
+                now,
+            );
+            if p.is_empty() {
+                break None;
+            }
+            match self.nft.apply(&p.to_tx(&self.spec)).await {
+                Ok(()) => break Some(p),
+                Err(e @ EnforceError::NftFailed { .. }) if attempt == 0 => {
+                    warn!(table = %self.spec.table, error = %e, "transaction refused; reading the table again and retrying once");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+
+        if let Some(p) = &applied_plan {
+            let kernel = self
+                .nft
+                .list_table(&self.spec.table)
+                .await?
+                .ok_or_else(|| EnforceError::Verify("the table is missing".into()))?;
+            if p.rebuild {
+                self.baseline = Some(chain_rules(&kernel));
+            }
+            let check = plan::plan(
+                &self.spec,
+                &want,
+                Some(&kernel),
+                self.baseline.as_ref(),
+                Time::now(),
+            );
+            if !check.is_empty() {
+                return Err(EnforceError::Verify(format!(
+                    "still {} element changes pending, structure: {:?}",
+                    check.changes.len(),
+                    check.reasons
+                )));
+            }
+            report.applied = true;
+            report.rebuilt = p.rebuild;
+            self.log_plan(p, &want, trigger, &mut report);
+        }
+
+        self.sync_routes(&want, trigger, &mut report).await?;
+
+        let elements: usize = want
+            .sets
+            .iter()
+            .filter(|(id, _)| matches!(id.role, Role::Blocked | Role::Quarantine))
+            .map(|(_, m)| m.len())
+            .sum();
+        self.stats
+            .elements
+            .store(elements as u64, Ordering::Relaxed);
+        self.stats
+            .routes
+            .store(want.routes.len() as u64, Ordering::Relaxed);
+        if let Some(d) = &desired {
+            self.stats.generation.store(d.generation, Ordering::Relaxed);
+        }
+        self.applied = want;
+        if report.applied || report.routes_added + report.routes_removed > 0 {
+            let us = started.elapsed().as_micros() as u64;
+            self.stats.applies.fetch_add(1, Ordering::Relaxed);
+            self.stats.last_apply_us.store(us, Ordering::Relaxed);
+            self.stats
+                .repairs
+                .fetch_add(report.repairs as u64, Ordering::Relaxed);
+            info!(
+                table = %self.spec.table,
+                trigger = ?trigger,
+                added = report.added,
+                removed = report.removed,
+                replaced = report.replaced,
+                rebuilt = report.rebuilt,
+                routes_added = report.routes_added,
+                routes_removed = report.routes_removed,
+                repairs = report.repairs,
+                latency_ms = us as f64 / 1000.0,
+                "applied"
+            );
+        }
+        Ok(report)
+    }
+
+    fn log_plan(&self, p: &Plan, want: &Want, trigger: Trigger, report: &mut SyncReport) {
+        let table = &self.spec.table;
+        let steady = matches!(trigger, Trigger::Tick | Trigger::Desired);
+        if p.rebuild {
+            match trigger {
+                Trigger::Start => info!(%table, reasons = ?p.reasons, "table written"),
+                Trigger::Policy => {
+                    info!(%table, reasons = ?p.reasons, "table rewritten for the new policy")
+                }
+                Trigger::Tick | Trigger::Desired => {
+                    report.repairs += 1;
+                    warn!(%table, what = "table", reasons = ?p.reasons, action = "rewritten", "repaired");
+                }
+            }
+        }
+        let mut lines = 0;
+        for c in &p.changes {
+            let (before, after) = match c.key {
+                ElemKey::Net(n) => (
+                    self.applied.sets.get(&c.set).and_then(|m| m.get(&n)),
+                    want.sets.get(&c.set).and_then(|m| m.get(&n)),
+                ),
+                ElemKey::Range(..) => (None, None),
+            };
+            // Drift: the kernel changed while what is wanted did not.
+            let repair = steady
+                && match c.op {
+                    ElemOp::Add | ElemOp::Replace => before.is_some() && before == after,
+                    ElemOp::Remove => before.is_none(),
+                };
+            let action = match c.op {
+                ElemOp::Add => {
+                    report.added += 1;
+                    "added"
+                }
+                ElemOp::Remove => {
+                    report.removed += 1;
+                    "removed"
+                }
+                ElemOp::Replace => {
+                    report.replaced += 1;
+                    "replaced"
+                }
+            };
+            let set = c.set.name();
+            let addr = c.key.to_string();
+            if repair {
+                report.repairs += 1;
+                lines += 1;
+                if lines <= MAX_LINES {
+                    warn!(%table, what = "element", set, %addr, action, timeout = ?c.timeout, "repaired");
+                }
+            } else if p.changes.len() <= MAX_LINES {
+                info!(%table, set, %addr, action, timeout = ?c.timeout, "enforced");
+            } else {
+                debug!(%table, set, %addr, action, timeout = ?c.timeout, "enforced");
+            }
+        }
+        if lines > MAX_LINES {
+            warn!(%table, what = "element", count = lines, "repaired (further lines left out)");
+        }
+    }
+
+    async fn sync_routes(
+        &mut self,
+        want: &Want,
+        trigger: Trigger,
+        report: &mut SyncReport,
+    ) -> Result<(), EnforceError> {
+        let keep = self.desired.is_none() && self.policy.enforcing();
+        if !self.policy.enforcement.blackhole.enabled && self.routes_checked {
+            return Ok(());
+        }
+        let tag = self.route_tag;
+        let have = self.routes.list(tag).await?;
+        let add: Vec<IpNet> = want.routes.difference(&have).copied().collect();
+        let del: Vec<IpNet> = if keep && self.policy.enforcement.blackhole.enabled {
+            Vec::new()
+        } else {
+            have.difference(&want.routes).copied().collect()
+        };
+        self.routes.add(&add, tag).await?;
+        self.routes.delete(&del, tag).await?;
+        self.routes_checked = true;
+        for t in &add {
+            report.routes_added += 1;
+            if self.applied.routes.contains(t) && trigger == Trigger::Tick {
+                report.repairs += 1;
+                warn!(what = "route", target = %t, table = tag.table, protocol = tag.protocol, action = "added", "repaired");
+            } else {
+                info!(target = %t, table = tag.table, protocol = tag.protocol, "blackhole route added");
+            }
+        }
+        for t in &del {
+            report.routes_removed += 1;
+            if !self.applied.routes.contains(t) && trigger == Trigger::Tick {
+                report.repairs += 1;
+                warn!(what = "route", target = %t, table = tag.table, protocol = tag.protocol, action = "removed", "repaired");
+            } else {
+                info!(target = %t, table = tag.table, protocol = tag.protocol, "blackhole route removed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Before the first desired blocks: want exactly the blocks the kernel holds (with the
+/// expiry they have), so nothing is added or removed.
+fn adopt_blocks(want: &mut Want, kernel: Option<&KernelTable>, now: Time) {
+    let Some(k) = kernel else { return };
+    for role in [Role::Blocked, Role::Quarantine] {
+        for fam in [layout::Fam::V4, layout::Fam::V6] {
+            let id = SetId::new(role, fam);
+            let Some(s) = k.sets.get(id.name()) else {
+                continue;
+            };
+            let m = want.sets.entry(id).or_default();
+            for e in &s.elems {
+                if let ElemKey::Net(n) = e.key {
+                    let exp = e
+                        .expires
+                        .map(|left| now.saturating_add(std::time::Duration::from_secs(left)));
+                    m.insert(n, exp);
+                    if role == Role::Blocked {
+                        want.routes.insert(n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Formats an error with its chain of causes on one line.
+pub struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's side of the writer task.
+pub struct EnforcerHandle {
+    desired: watch::Sender<Arc<DesiredBlocks>>,
+    policy: watch::Sender<Arc<Policy>>,
+    stop: watch::Sender<bool>,
+    stats: Arc<Stats>,
+    task: JoinHandle<Enforcer>,
+}
+
+impl EnforcerHandle {
+    /// Hands over the complete desired blocks. Never waits: the writer picks up the latest
+    /// set when it is free (intermediate sets are coalesced, which is right for declarative
+    /// state). A set older than the one pending (by generation) is dropped.
+    pub fn submit(&self, desired: DesiredBlocks) {
+        let desired = Arc::new(desired);
+        self.desired.send_if_modified(|cur| {
+            if desired.generation < cur.generation {
+                false
+            } else {
+                *cur = desired;
+                true
+            }
+        });
+    }
+
+    /// Hands over a reloaded policy.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.send_replace(policy);
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> EnforceStats {
+        self.stats.snapshot()
+    }
+
+    /// Stops the writer task and returns the enforcer. The table and routes stay.
+    pub async fn shutdown(self) -> Result<Enforcer, EnforceError> {
+        let _ = self.stop.send(true);
+        self.task.await.map_err(EnforceError::Task)
+    }
+}
+
+/// What to remove on purge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoveTarget {
+    /// The nft table (family inet).
+    pub table: String,
+    /// The agent's routes, by table and protocol.
+    pub routes: Option<RouteTag>,
+}
+
+impl RemoveTarget {
+    /// The table and routes a policy's agent owns (routes also when blackholing is off: an
+    /// earlier policy may have had it on).
+    pub fn from_policy(policy: &Policy) -> RemoveTarget {
+        RemoveTarget {
+            table: policy.enforcement.table.clone(),
+            routes: Some(tag_of(policy)),
+        }
+    }
+}
+
+/// What [`remove_all`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RemoveReport {
+    /// The table existed and was deleted.
+    pub table_removed: bool,
+    /// Blackhole routes deleted.
+    pub routes_removed: usize,
+}
+
+/// Removes everything the agent put into the kernel: its nft table and its blackhole
+/// routes. For package purge and a documented command; never called on stop.
+pub async fn remove_all(
+    target: &RemoveTarget,
+    opts: &EnforceOptions,
+) -> Result<RemoveReport, EnforceError> {
+    let nft = Nft::new(opts.nft.clone());
+    let table_removed = nft.delete_table(&target.table).await?;
+    let mut routes_removed = 0;
+    if let Some(tag) = target.routes {
+        let rw = RouteWriter::connect()?;
+        let have: Vec<IpNet> = rw.list(tag).await?.into_iter().collect();
+        rw.delete(&have, tag).await?;
+        routes_removed = have.len();
+    }
+    info!(table = %target.table, table_removed, routes_removed, "enforcement removed");
+    Ok(RemoveReport {
+        table_removed,
+        routes_removed,
+    })
+}
+
+/// The set of routes held, for tests and `status`.
+pub async fn list_routes(tag: RouteTag) -> Result<BTreeSet<IpNet>, EnforceError> {
+    RouteWriter::connect()?.list(tag).await
+}

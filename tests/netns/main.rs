@@ -8,5 +8,6 @@
 mod common;
 mod control;
 mod demo;
+mod enforce;
 mod topology;
 mod observe;

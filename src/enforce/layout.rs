@@ -1,0 +1,861 @@
+//! The shape of the agent's own nft table: its sets, its chains and their rules, built with
+//! the `nftables` crate's JSON schema types, and the JSON transaction ([`Tx`]) they go into.
+//!
+//! Everything the agent puts into the kernel is described here and nowhere else, so the
+//! module documentation of [`crate::enforce`] and this file stay the single source of truth
+//! for the table layout.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nftables::expr::{
+    CT, Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+};
+use nftables::schema::{
+    Chain, Element, FlushObject, NfCmd, NfListObject, Set, SetFlag, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Counter, Match, Operator, Return, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde_json::Value;
+
+/// Priority of the agent's base chains: `filter - 10`, so its drops happen before the
+/// operator's own filter chains (priority `filter` = 0, firewalld's `filter + 10`, VyOS's 0)
+/// can accept the packet, and after conntrack (-200) and DNAT (-100) have run.
+pub const CHAIN_PRIORITY: i32 = -10;
+
+/// Idle timeout of a source in the per-source counter sets, in seconds.
+pub const COUNTER_TIMEOUT_SECS: u32 = 300;
+
+/// Longest timeout the agent puts on an element (ten years), far below the kernel's limit.
+pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Prefix of every rule comment; the rest names the rule.
+pub const RULE_TAG: &str = "egressguard:";
+
+/// Address family of a set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fam {
+    /// IPv4 (`ipv4_addr`, `ip saddr`).
+    V4,
+    /// IPv6 (`ipv6_addr`, `ip6 saddr`).
+    V6,
+}
+
+impl Fam {
+    /// The family of an address.
+    pub fn of(addr: IpAddr) -> Fam {
+        match addr {
+            IpAddr::V4(_) => Fam::V4,
+            IpAddr::V6(_) => Fam::V6,
+        }
+    }
+
+    fn proto(self) -> &'static str {
+        match self {
+            Fam::V4 => "ip",
+            Fam::V6 => "ip6",
+        }
+    }
+
+    fn set_type(self) -> SetType {
+        match self {
+            Fam::V4 => SetType::Ipv4Addr,
+            Fam::V6 => SetType::Ipv6Addr,
+        }
+    }
+
+    /// The nft type name of the family's addresses.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Fam::V4 => "ipv4_addr",
+            Fam::V6 => "ipv6_addr",
+        }
+    }
+}
+
+/// What a set holds, which fixes its flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Blocked addresses: `flags interval, timeout`.
+    Blocked,
+    /// Quarantined addresses: `flags interval, timeout`.
+    Quarantine,
+    /// Customer networks from the policy: `flags interval`.
+    Customers,
+    /// Allowlisted addresses from the policy: `flags interval`.
+    Allow,
+    /// Walled-garden destinations from the policy: `flags interval`.
+    Garden,
+    /// Per-source counters, filled by the packet path: `flags dynamic, timeout`.
+    Counters,
+}
+
+impl Role {
+    /// Roles whose elements the agent manages (all but the counters).
+    pub const MANAGED: [Role; 5] = [
+        Role::Blocked,
+        Role::Quarantine,
+        Role::Customers,
+        Role::Allow,
+        Role::Garden,
+    ];
+
+    /// Whether elements carry timeouts.
+    pub fn timed(self) -> bool {
+        matches!(self, Role::Blocked | Role::Quarantine | Role::Counters)
+    }
+}
+
+/// One set of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetId {
+    /// What it holds.
+    pub role: Role,
+    /// Address family.
+    pub fam: Fam,
+}
+
+impl SetId {
+    /// Constructs a set id.
+    pub const fn new(role: Role, fam: Fam) -> SetId {
+        SetId { role, fam }
+    }
+
+    /// The set's name in the table (`blocked4`, `src_counters6`, ...).
+    pub fn name(self) -> &'static str {
+        match (self.role, self.fam) {
+            (Role::Blocked, Fam::V4) => "blocked4",
+            (Role::Blocked, Fam::V6) => "blocked6",
+            (Role::Quarantine, Fam::V4) => "quarantine4",
+            (Role::Quarantine, Fam::V6) => "quarantine6",
+            (Role::Customers, Fam::V4) => "customers4",
+            (Role::Customers, Fam::V6) => "customers6",
+            (Role::Allow, Fam::V4) => "allow4",
+            (Role::Allow, Fam::V6) => "allow6",
+            (Role::Garden, Fam::V4) => "garden4",
+            (Role::Garden, Fam::V6) => "garden6",
+            (Role::Counters, Fam::V4) => "src_counters4",
+            (Role::Counters, Fam::V6) => "src_counters6",
+        }
+    }
+
+    /// Every set of the table, in creation order.
+    pub fn all() -> impl Iterator<Item = SetId> {
+        [
+            Role::Customers,
+            Role::Allow,
+            Role::Garden,
+            Role::Blocked,
+            Role::Quarantine,
+            Role::Counters,
+        ]
+        .into_iter()
+        .flat_map(|r| [SetId::new(r, Fam::V4), SetId::new(r, Fam::V6)])
+    }
+
+    /// The sets whose elements the agent manages.
+    pub fn managed() -> impl Iterator<Item = SetId> {
+        SetId::all().filter(|s| s.role != Role::Counters)
+    }
+
+    /// The flags the set must have, as `nft -j list` shows them (nft 1.0.6 does not list
+    /// `dynamic`, so it is left out of the comparison).
+    pub fn listed_flags(self) -> Vec<&'static str> {
+        match self.role {
+            Role::Blocked | Role::Quarantine => vec!["interval", "timeout"],
+            Role::Customers | Role::Allow | Role::Garden => vec!["interval"],
+            Role::Counters => vec!["timeout"],
+        }
+    }
+}
+
+/// The parameters of the table that do not come from the blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSpec {
+    /// The table's name (family `inet`).
+    pub table: String,
+    /// Size of each per-source counter set.
+    pub counter_set_size: u32,
+}
+
+impl TableSpec {
+    fn set_object(&self, id: SetId) -> Set<'static> {
+        let mut flags = HashSet::new();
+        let (mut size, mut timeout) = (None, None);
+        match id.role {
+            Role::Blocked | Role::Quarantine => {
+                flags.insert(SetFlag::Interval);
+                flags.insert(SetFlag::Timeout);
+            }
+            Role::Customers | Role::Allow | Role::Garden => {
+                flags.insert(SetFlag::Interval);
+            }
+            Role::Counters => {
+                // nft 1.0.6's JSON parser refuses `dynamic`; the kernel set gets it from the
+                // `update` statement that uses it (written in the same transaction).
+                flags.insert(SetFlag::Timeout);
+                size = Some(self.counter_set_size);
+                timeout = Some(COUNTER_TIMEOUT_SECS);
+            }
+        }
+        Set {
+            family: NfFamily::INet,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Borrowed(id.name()),
+            handle: None,
+            set_type: SetTypeValue::Single(id.fam.set_type()),
+            policy: None,
+            flags: Some(flags),
+            elem: None,
+            timeout,
+            gc_interval: None,
+            size,
+            comment: None,
+        }
+    }
+
+    /// The set's expected size and default timeout as listed (only counter sets have them).
+    pub fn listed_size_timeout(&self, id: SetId) -> (Option<u64>, Option<u64>) {
+        match id.role {
+            Role::Counters => (
+                Some(u64::from(self.counter_set_size)),
+                Some(u64::from(COUNTER_TIMEOUT_SECS)),
+            ),
+            _ => (None, None),
+        }
+    }
+
+    fn table_object(&self) -> Table<'static> {
+        Table {
+            family: NfFamily::INet,
+            name: Cow::Owned(self.table.clone()),
+            handle: None,
+        }
+    }
+
+    fn chain_object(&self, chain: ChainId, with_hook: bool) -> Chain<'static> {
+        Chain {
+            family: NfFamily::INet,
+            table: Cow::Owned(self.table.clone()),
+            name: Cow::Borrowed(chain.name()),
+            newname: None,
+            handle: None,
+            _type: with_hook.then_some(NfChainType::Filter),
+            hook: with_hook.then_some(chain.hook()),
+            prio: with_hook.then_some(CHAIN_PRIORITY),
+            dev: None,
+            policy: with_hook.then_some(NfChainPolicy::Accept),
+        }
+    }
+}
+
+/// One base chain of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChainId {
+    /// Forwarded traffic: the customers' traffic through the router.
+    Forward,
+    /// Traffic to the router itself.
+    Input,
+    /// Traffic from the router itself.
+    Output,
+}
+
+impl ChainId {
+    /// All chains.
+    pub const ALL: [ChainId; 3] = [ChainId::Forward, ChainId::Input, ChainId::Output];
+
+    /// The chain's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainId::Forward => "forward",
+            ChainId::Input => "input",
+            ChainId::Output => "output",
+        }
+    }
+
+    fn hook(self) -> NfHook {
+        match self {
+            ChainId::Forward => NfHook::Forward,
+            ChainId::Input => NfHook::Input,
+            ChainId::Output => NfHook::Output,
+        }
+    }
+
+    /// The hook name as `nft -j list` shows it.
+    pub fn hook_name(self) -> &'static str {
+        self.name()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules
+// ---------------------------------------------------------------------------------------------
+
+fn addr(fam: Fam, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(fam.proto()),
+            field: Cow::Borrowed(field),
+        },
+    )))
+}
+
+fn in_set(fam: Fam, field: &'static str, set: SetId) -> Statement<'static> {
+    Statement::Match(Match {
+        left: addr(fam, field),
+        right: Expression::String(Cow::Owned(format!("@{}", set.name()))),
+        op: Operator::EQ,
+    })
+}
+
+fn not_in_set(fam: Fam, field: &'static str, set: SetId) -> Statement<'static> {
+    Statement::Match(Match {
+        left: addr(fam, field),
+        right: Expression::String(Cow::Owned(format!("@{}", set.name()))),
+        op: Operator::NEQ,
+    })
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(None))
+}
+
+fn drop_() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+fn return_() -> Statement<'static> {
+    Statement::Return(None::<Return>)
+}
+
+fn ct_established() -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed("state"),
+            family: None,
+            dir: None,
+        })),
+        right: Expression::List(vec![
+            Expression::String(Cow::Borrowed("established")),
+            Expression::String(Cow::Borrowed("related")),
+        ]),
+        op: Operator::IN,
+    })
+}
+
+fn neighbour_discovery() -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: Cow::Borrowed("icmpv6"),
+                field: Cow::Borrowed("type"),
+            },
+        ))),
+        right: Expression::Named(NamedExpression::Set(
+            [
+                "nd-router-solicit",
+                "nd-router-advert",
+                "nd-neighbor-solicit",
+                "nd-neighbor-advert",
+            ]
+            .into_iter()
+            .map(|t| SetItem::Element(Expression::String(Cow::Borrowed(t))))
+            .collect(),
+        )),
+        op: Operator::EQ,
+    })
+}
+
+/// One rule of the table before serialisation.
+#[derive(Clone, Debug)]
+pub struct RuleDef {
+    /// Its chain.
+    pub chain: ChainId,
+    /// Its comment (`egressguard:<name>`), which names it in the listing.
+    pub comment: String,
+    /// Its statements.
+    pub expr: Vec<Statement<'static>>,
+    /// Counter rule: the `update @src_countersN { ... counter }` statement, added to the
+    /// serialised rule because `nftables::stmt::Set` has no `stmt` member.
+    pub counter_update: Option<Fam>,
+}
+
+fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
+    RuleDef {
+        chain,
+        comment: format!("{RULE_TAG}{name}"),
+        expr,
+        counter_update: None,
+    }
+}
+
+/// Every rule of the table, in order, for both families.
+pub fn rules() -> Vec<RuleDef> {
+    use ChainId::*;
+    let mut out = Vec::new();
+    // forward: per-source counters first, so the observer also sees what blocked sources
+    // still try to send.
+    for fam in [Fam::V4, Fam::V6] {
+        let sfx = if fam == Fam::V4 { "4" } else { "6" };
+        let mut r = rule(
+            Forward,
+            &format!("count-customers{sfx}"),
+            vec![in_set(fam, "saddr", SetId::new(Role::Customers, fam))],
+        );
+        r.counter_update = Some(fam);
+        out.push(r);
+    }
+    for fam in [Fam::V4, Fam::V6] {
+        let sfx = if fam == Fam::V4 { "4" } else { "6" };
+        let blocked = SetId::new(Role::Blocked, fam);
+        let quar = SetId::new(Role::Quarantine, fam);
+        let allow = SetId::new(Role::Allow, fam);
+        let garden = SetId::new(Role::Garden, fam);
+        out.push(rule(
+            Forward,
+            &format!("blocked-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", blocked),
+                not_in_set(fam, "saddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Forward,
+            &format!("blocked-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", blocked),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Forward,
+            &format!("quarantine-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", quar),
+                not_in_set(fam, "saddr", allow),
+                not_in_set(fam, "daddr", garden),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Forward,
+            &format!("quarantine-garden-replies{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                in_set(fam, "saddr", garden),
+                ct_established(),
+                return_(),
+            ],
+        ));
+        out.push(rule(
+            Forward,
+            &format!("quarantine-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+    }
+    // input and output: the router's own addresses. Neighbour discovery stays up so a
+    // quarantined host can still resolve its gateway to reach the garden.
+    out.push(rule(
+        Input,
+        "neighbour-discovery",
+        vec![neighbour_discovery(), return_()],
+    ));
+    out.push(rule(
+        Output,
+        "neighbour-discovery",
+        vec![neighbour_discovery(), return_()],
+    ));
+    for fam in [Fam::V4, Fam::V6] {
+        let sfx = if fam == Fam::V4 { "4" } else { "6" };
+        let blocked = SetId::new(Role::Blocked, fam);
+        let quar = SetId::new(Role::Quarantine, fam);
+        let allow = SetId::new(Role::Allow, fam);
+        let garden = SetId::new(Role::Garden, fam);
+        out.push(rule(
+            Input,
+            &format!("blocked-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", blocked),
+                not_in_set(fam, "saddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Input,
+            &format!("quarantine-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", quar),
+                not_in_set(fam, "saddr", allow),
+                not_in_set(fam, "daddr", garden),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Output,
+            &format!("blocked-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", blocked),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+        out.push(rule(
+            Output,
+            &format!("quarantine-garden-replies{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                in_set(fam, "saddr", garden),
+                ct_established(),
+                return_(),
+            ],
+        ));
+        out.push(rule(
+            Output,
+            &format!("quarantine-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elements
+// ---------------------------------------------------------------------------------------------
+
+/// The key of a set element as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ElemKey {
+    /// An address or a prefix.
+    Net(IpNet),
+    /// A range that is not a prefix (only put there by hand).
+    Range(IpAddr, IpAddr),
+}
+
+impl std::fmt::Display for ElemKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ElemKey::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr()),
+            ElemKey::Net(n) => write!(f, "{n}"),
+            ElemKey::Range(a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
+
+fn key_expr(key: &ElemKey) -> Expression<'static> {
+    match key {
+        ElemKey::Net(n) if n.prefix_len() == n.max_prefix_len() => {
+            Expression::String(Cow::Owned(n.addr().to_string()))
+        }
+        ElemKey::Net(n) => Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(Cow::Owned(n.network().to_string()))),
+            len: u32::from(n.prefix_len()),
+        })),
+        ElemKey::Range(a, b) => Expression::Range(Box::new(nftables::expr::Range {
+            range: [
+                Expression::String(Cow::Owned(a.to_string())),
+                Expression::String(Cow::Owned(b.to_string())),
+            ],
+        })),
+    }
+}
+
+fn elem_expr(key: &ElemKey, timeout_secs: Option<u64>) -> Expression<'static> {
+    match timeout_secs {
+        None => key_expr(key),
+        Some(t) => Expression::Named(NamedExpression::Elem(Elem {
+            val: Box::new(key_expr(key)),
+            timeout: Some(t.clamp(1, MAX_TIMEOUT_SECS) as u32),
+            expires: None,
+            comment: None,
+            counter: None,
+        })),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions
+// ---------------------------------------------------------------------------------------------
+
+/// One `nft -j -f -` transaction: a list of commands, applied all or nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Tx {
+    cmds: Vec<Value>,
+}
+
+fn to_value(cmd: NfCmd<'_>) -> Value {
+    // The schema types serialise infallibly (no maps with non-string keys, no floats).
+    serde_json::to_value(cmd).unwrap_or(Value::Null)
+}
+
+impl Tx {
+    /// An empty transaction.
+    pub fn new() -> Tx {
+        Tx::default()
+    }
+
+    /// Number of commands.
+    pub fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    /// The JSON document fed to `nft -j -f -`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({ "nftables": self.cmds }).to_string()
+    }
+
+    /// `add table inet T` (does nothing when it exists).
+    pub fn add_table(&mut self, spec: &TableSpec) {
+        self.cmds.push(to_value(NfCmd::Add(NfListObject::Table(
+            spec.table_object(),
+        ))));
+    }
+
+    /// `delete table inet T`.
+    pub fn delete_table(&mut self, table: &str) {
+        self.cmds
+            .push(to_value(NfCmd::Delete(NfListObject::Table(Table {
+                family: NfFamily::INet,
+                name: Cow::Owned(table.to_owned()),
+                handle: None,
+            }))));
+    }
+
+    /// `add set` (does nothing when an identical set exists; its elements stay).
+    pub fn add_set(&mut self, spec: &TableSpec, id: SetId) {
+        self.cmds
+            .push(to_value(NfCmd::Add(NfListObject::Set(Box::new(
+                spec.set_object(id),
+            )))));
+    }
+
+    /// `delete set` (only for a set whose definition is wrong; rules using it must be gone).
+    pub fn delete_set(&mut self, spec: &TableSpec, id: SetId) {
+        self.cmds
+            .push(to_value(NfCmd::Delete(NfListObject::Set(Box::new(
+                spec.set_object(id),
+            )))));
+    }
+
+    /// `add chain` with its hook (does nothing when it exists).
+    pub fn add_chain(&mut self, spec: &TableSpec, chain: ChainId) {
+        self.cmds.push(to_value(NfCmd::Add(NfListObject::Chain(
+            spec.chain_object(chain, true),
+        ))));
+    }
+
+    /// `flush chain` (removes its rules).
+    pub fn flush_chain(&mut self, spec: &TableSpec, chain: ChainId) {
+        self.cmds.push(to_value(NfCmd::Flush(FlushObject::Chain(
+            spec.chain_object(chain, false),
+        ))));
+    }
+
+    /// `delete chain` (must be flushed first).
+    pub fn delete_chain(&mut self, spec: &TableSpec, chain: ChainId) {
+        self.cmds.push(to_value(NfCmd::Delete(NfListObject::Chain(
+            spec.chain_object(chain, false),
+        ))));
+    }
+
+    /// `add rule`.
+    pub fn add_rule(&mut self, spec: &TableSpec, rule: &RuleDef) {
+        let obj = nftables::schema::Rule {
+            family: NfFamily::INet,
+            table: Cow::Owned(spec.table.clone()),
+            chain: Cow::Borrowed(rule.chain.name()),
+            expr: Cow::Owned(rule.expr.clone()),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(rule.comment.clone())),
+        };
+        let mut v = to_value(NfCmd::Add(NfListObject::Rule(obj)));
+        if let Some(fam) = rule.counter_update {
+            // `update @src_countersN { ip saddr counter }`: nft's JSON has a `stmt` list in
+            // the set statement that the crate's `stmt::Set` cannot express.
+            let set = SetId::new(Role::Counters, fam);
+            let update = serde_json::json!({
+                "set": {
+                    "op": "update",
+                    "elem": serde_json::to_value(addr(fam, "saddr")).unwrap_or(Value::Null),
+                    "set": format!("@{}", set.name()),
+                    "stmt": [{ "counter": null }],
+                }
+            });
+            if let Some(expr) = v
+                .pointer_mut("/add/rule/expr")
+                .and_then(Value::as_array_mut)
+            {
+                expr.push(update);
+            }
+        }
+        self.cmds.push(v);
+    }
+
+    /// `add element` with optional timeouts (seconds), all in one command.
+    pub fn add_elements(&mut self, spec: &TableSpec, id: SetId, elems: &[(ElemKey, Option<u64>)]) {
+        if elems.is_empty() {
+            return;
+        }
+        let elem: Vec<Expression<'static>> = elems.iter().map(|(k, t)| elem_expr(k, *t)).collect();
+        self.cmds
+            .push(to_value(NfCmd::Add(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: Cow::Owned(spec.table.clone()),
+                name: Cow::Borrowed(id.name()),
+                elem: Cow::Owned(elem),
+            }))));
+    }
+
+    /// `delete element`, all in one command.
+    pub fn delete_elements(&mut self, spec: &TableSpec, id: SetId, keys: &[ElemKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        let elem: Vec<Expression<'static>> = keys.iter().map(key_expr).collect();
+        self.cmds
+            .push(to_value(NfCmd::Delete(NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: Cow::Owned(spec.table.clone()),
+                name: Cow::Borrowed(id.name()),
+                elem: Cow::Owned(elem),
+            }))));
+    }
+
+    /// The whole structure: after flushing `flush` chains and deleting `drop_chains` and
+    /// `drop_sets` (which are wrong), the table, the sets in `add_sets` and chains in
+    /// `add_chains` (those missing or deleted) and every rule. Existing sets are never
+    /// re-added: nft 1.0.6's JSON cannot spell `flags dynamic`, and re-adding a set with
+    /// other flags fails. Elements are added separately.
+    pub fn structure(&mut self, spec: &TableSpec, s: &Structure) {
+        for c in &s.flush {
+            self.flush_chain(spec, *c);
+        }
+        for c in &s.drop_chains {
+            self.delete_chain(spec, *c);
+        }
+        for id in &s.drop_sets {
+            self.delete_set(spec, *id);
+        }
+        self.add_table(spec);
+        for id in &s.add_sets {
+            self.add_set(spec, *id);
+        }
+        for c in &s.add_chains {
+            self.add_chain(spec, *c);
+        }
+        for r in rules() {
+            self.add_rule(spec, &r);
+        }
+    }
+}
+
+/// What a structural rewrite does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Structure {
+    /// Chains to flush (those that exist).
+    pub flush: Vec<ChainId>,
+    /// Chains to delete (their definition is wrong).
+    pub drop_chains: Vec<ChainId>,
+    /// Sets to delete (their definition is wrong).
+    pub drop_sets: Vec<SetId>,
+    /// Sets to create (missing or deleted).
+    pub add_sets: Vec<SetId>,
+    /// Chains to create (missing or deleted).
+    pub add_chains: Vec<ChainId>,
+}
+
+impl Structure {
+    /// Everything from nothing (the table does not exist).
+    pub fn fresh() -> Structure {
+        Structure {
+            add_sets: SetId::all().collect(),
+            add_chains: ChainId::ALL.to_vec(),
+            ..Structure::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TableSpec {
+        TableSpec {
+            table: "egressguard".into(),
+            counter_set_size: 65536,
+        }
+    }
+
+    #[test]
+    fn counter_rule_carries_the_update_statement() {
+        let mut tx = Tx::new();
+        let r = rules()
+            .into_iter()
+            .find(|r| r.counter_update.is_some())
+            .unwrap();
+        tx.add_rule(&spec(), &r);
+        let json = tx.to_json();
+        assert!(json.contains(r#""op":"update""#), "{json}");
+        assert!(json.contains(r#""set":"@src_counters4""#), "{json}");
+        assert!(json.contains(r#""stmt":[{"counter":null}]"#), "{json}");
+    }
+
+    #[test]
+    fn elements_are_addresses_prefixes_or_timed() {
+        let mut tx = Tx::new();
+        tx.add_elements(
+            &spec(),
+            SetId::new(Role::Blocked, Fam::V6),
+            &[
+                (ElemKey::Net("2001:db8:c::5/128".parse().unwrap()), None),
+                (ElemKey::Net("2001:db8:d::/64".parse().unwrap()), Some(30)),
+            ],
+        );
+        let json = tx.to_json();
+        assert!(json.contains(r#""2001:db8:c::5""#), "{json}");
+        assert!(
+            json.contains(r#""prefix":{"addr":"2001:db8:d::","len":64}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""timeout":30"#), "{json}");
+    }
+
+    #[test]
+    fn every_rule_has_a_unique_name_per_chain() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in rules() {
+            assert!(seen.insert((r.chain, r.comment.clone())), "{}", r.comment);
+        }
+    }
+
+    #[test]
+    fn set_names_are_unique() {
+        let names: std::collections::BTreeSet<_> = SetId::all().map(SetId::name).collect();
+        assert_eq!(names.len(), 12);
+    }
+}

@@ -1,0 +1,805 @@
+//! The enforcer against the real kernel, inside the router namespace of a [`Topology`]:
+//! blocks and quarantines cut traffic as a user would check with ping, expiry and unblock
+//! lift them, the operator's own tables stay byte-identical, drift is repaired, blackhole
+//! routes follow the blocks, and start-up errors name their fix.
+//!
+//! The enforcer runs on a current-thread tokio runtime on a thread that entered the router
+//! namespace (`Netns::enter`), so its netlink sockets live there and the `nft` children it
+//! spawns inherit the namespace. Each test uses its own table name, and checks that the table
+//! never appears outside the namespace.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use egressguard::enforce::route::RouteTag;
+use egressguard::enforce::{EnforceError, EnforceOptions, Enforcer, RemoveTarget, remove_all};
+use egressguard::messages::{BlockKind, DesiredBlock, DesiredBlocks, Time};
+use egressguard::netns::{Netns, Topology};
+use egressguard::policy::Policy;
+
+use crate::common::require_root;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn table_name() -> String {
+    format!(
+        "egt{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A policy for `table`: `top` is added at the top level (it may set `mode:`), `enf` inside
+/// `enforcement:`.
+fn policy_with(table: &str, top: &str, enf: &str) -> Arc<Policy> {
+    let mode = if top.contains("mode:") {
+        ""
+    } else {
+        "mode: enforce\n"
+    };
+    let text = format!(
+        "version: 1\n{mode}{top}networks:\n  - prefix: 203.0.113.0/24\n  - prefix: 2001:db8:c::/64\n\
+         enforcement:\n  table: {table}\n  reconcile_interval: 200ms\n  walled_garden:\n    - 198.51.100.53/32\n    - 2001:db8:1::35/128\n{enf}"
+    );
+    Arc::new(Policy::from_text(&text, Path::new("<test>")).expect("test policy is valid"))
+}
+
+fn policy(table: &str, top: &str) -> Arc<Policy> {
+    policy_with(table, top, "")
+}
+
+const BLACKHOLE: &str = "  blackhole:\n    enabled: true\n    table: 100\n    protocol: 201\n";
+
+fn block(target: &str, kind: BlockKind, expires: Option<Time>) -> DesiredBlock {
+    DesiredBlock {
+        target: target.parse().expect("target"),
+        kind,
+        expires,
+        announce: vec![],
+        flowspec: None,
+    }
+}
+
+fn desired(generation: u64, blocks: Vec<DesiredBlock>) -> Arc<DesiredBlocks> {
+    Arc::new(DesiredBlocks {
+        generation,
+        blocks: blocks.into_iter().map(|b| (b.target, b)).collect(),
+    })
+}
+
+/// Runs `f` on a current-thread runtime inside the router namespace.
+fn in_router<F, Fut>(topo: &Topology, f: F)
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = ()>,
+{
+    topo.router
+        .enter(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(f());
+        })
+        .expect("enter router namespace");
+}
+
+/// Pings `dst` once from `ns`, without blocking the runtime.
+async fn ping(ns: &Netns, dst: IpAddr) -> bool {
+    let d = dst.to_string();
+    let mut cmd: tokio::process::Command = ns.command(&["ping", "-c", "1", "-W", "1", &d]).into();
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Polls `check` until it holds or `limit` passes; returns the time it took.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn nft_in(ns: &Netns, args: &[&str]) -> String {
+    let mut full = vec!["nft"];
+    full.extend_from_slice(args);
+    ns.run(&full)
+        .unwrap_or_else(|e| panic!("nft {args:?}: {e}"))
+}
+
+async fn nft_async(ns: &Netns, args: &[&str]) -> Option<String> {
+    let mut full = vec!["nft"];
+    full.extend_from_slice(args);
+    let mut cmd: tokio::process::Command = ns.command(&full).into();
+    let out = cmd.output().await.ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn set_list(ns: &Netns, table: &str, set: &str) -> String {
+    nft_in(ns, &["list", "set", "inet", table, set])
+}
+
+/// The table must never leak into the test runner's own namespace.
+fn assert_not_in_host(table: &str) {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .output()
+        .expect("nft runs");
+    assert!(
+        !out.status.success(),
+        "table inet {table} appeared outside the router namespace"
+    );
+}
+
+fn topology(customers: &[u16], internet: &[u16]) -> Topology {
+    let mut topo = Topology::new().expect("topology");
+    for c in customers {
+        topo.add_customer(*c).expect("customer");
+    }
+    for h in internet {
+        topo.add_internet_host(*h).expect("internet host");
+    }
+    topo
+}
+
+#[test]
+fn blocked_address_reaches_nothing_and_nothing_reaches_it_while_its_neighbour_can() {
+    if !require_root(
+        "blocked_address_reaches_nothing_and_nothing_reaches_it_while_its_neighbour_can",
+    ) {
+        return;
+    }
+    let topo = topology(&[10, 11], &[20]);
+    let table = table_name();
+    let (bad, good, inet) = (&topo.customers[0], &topo.customers[1], &topo.internet[0]);
+    in_router(&topo, || async {
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("init");
+        for dst in [inet.v4, inet.v6] {
+            assert!(
+                ping(&bad.ns, dst).await,
+                "before the block {dst} is reachable"
+            );
+        }
+        e.apply(desired(
+            1,
+            vec![
+                block(&format!("{}/32", bad.v4), BlockKind::Block, None),
+                block(&format!("{}/128", bad.v6), BlockKind::Terminate, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        assert!(set_list(&topo.router, &table, "blocked4").contains(&bad.v4.to_string()));
+        assert!(set_list(&topo.router, &table, "blocked6").contains(&bad.v6.to_string()));
+        for (from, to) in [(bad.v4, inet.v4), (bad.v6, inet.v6)] {
+            assert!(
+                !ping(&bad.ns, to).await,
+                "blocked {from} still reaches {to}"
+            );
+        }
+        for dst in [bad.v4, bad.v6] {
+            assert!(!ping(&inet.ns, dst).await, "{dst} is still reachable");
+        }
+        for dst in [inet.v4, inet.v6] {
+            assert!(ping(&good.ns, dst).await, "the neighbour lost {dst}");
+        }
+        for dst in [good.v4, good.v6] {
+            assert!(
+                ping(&inet.ns, dst).await,
+                "the neighbour {dst} is unreachable"
+            );
+        }
+        // The drops are counted.
+        let fwd = nft_in(&topo.router, &["list", "chain", "inet", &table, "forward"]);
+        assert!(
+            fwd.lines()
+                .any(|l| l.contains("@blocked4") && !l.contains("packets 0 ")),
+            "{fwd}"
+        );
+        // Unblock lifts it at once.
+        e.apply(desired(2, vec![])).await.expect("unblock");
+        for dst in [inet.v4, inet.v6] {
+            assert!(
+                ping(&bad.ns, dst).await,
+                "unblocked host cannot reach {dst}"
+            );
+        }
+        assert!(!set_list(&topo.router, &table, "blocked4").contains(&bad.v4.to_string()));
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn quarantined_address_reaches_only_the_walled_garden() {
+    if !require_root("quarantined_address_reaches_only_the_walled_garden") {
+        return;
+    }
+    let topo = topology(&[10, 11], &[20, 53]);
+    let table = table_name();
+    let (q, other, inet, garden) = (
+        &topo.customers[0],
+        &topo.customers[1],
+        &topo.internet[0],
+        &topo.internet[1],
+    );
+    in_router(&topo, || async {
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("init");
+        e.apply(desired(
+            1,
+            vec![
+                block(&format!("{}/32", q.v4), BlockKind::Quarantine, None),
+                block(&format!("{}/128", q.v6), BlockKind::Quarantine, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        for dst in [garden.v4, garden.v6] {
+            // Replies from the garden come back (conntrack: established).
+            assert!(
+                ping(&q.ns, dst).await,
+                "quarantined host lost the garden {dst}"
+            );
+        }
+        for dst in [inet.v4, inet.v6, other.v4, other.v6] {
+            assert!(
+                !ping(&q.ns, dst).await,
+                "quarantined host still reaches {dst}"
+            );
+        }
+        for dst in [q.v4, q.v6] {
+            assert!(
+                !ping(&inet.ns, dst).await,
+                "{dst} reachable from the internet"
+            );
+            assert!(
+                !ping(&garden.ns, dst).await,
+                "the garden may answer {dst}, not open connections to it"
+            );
+        }
+        for dst in [inet.v4, inet.v6] {
+            assert!(ping(&other.ns, dst).await, "the neighbour lost {dst}");
+        }
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn expiry_lifts_a_block_by_itself_even_with_the_agent_stopped() {
+    if !require_root("expiry_lifts_a_block_by_itself_even_with_the_agent_stopped") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let (c, inet) = (&topo.customers[0], &topo.internet[0]);
+    in_router(&topo, || async {
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("init");
+        let expires = Time::now().saturating_add(Duration::from_secs(4));
+        e.apply(desired(
+            1,
+            vec![
+                block(&format!("{}/32", c.v4), BlockKind::Block, Some(expires)),
+                block(&format!("{}/128", c.v6), BlockKind::Block, Some(expires)),
+            ],
+        ))
+        .await
+        .expect("apply");
+        let listed = set_list(&topo.router, &table, "blocked4");
+        assert!(
+            listed.contains("timeout"),
+            "element carries its timeout: {listed}"
+        );
+        assert!(!ping(&c.ns, inet.v4).await);
+        assert!(!ping(&c.ns, inet.v6).await);
+        // The agent is gone: the kernel lifts the block by itself.
+        drop(e);
+        let lifted = eventually(Duration::from_secs(8), || async {
+            ping(&c.ns, inet.v4).await && ping(&c.ns, inet.v6).await
+        })
+        .await;
+        assert!(lifted.is_some(), "the block did not expire");
+        assert!(Time::now() >= expires, "lifted before its time");
+        assert!(!set_list(&topo.router, &table, "blocked4").contains(&c.v4.to_string()));
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn operator_tables_are_byte_identical_across_start_reload_restart_and_stop() {
+    if !require_root("operator_tables_are_byte_identical_across_start_reload_restart_and_stop") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let r = &topo.router;
+    let ruleset = r#"table inet filter {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        ip saddr 203.0.113.0/24 counter accept
+        ip6 saddr 2001:db8:c::/64 accept
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport 22 accept
+    }
+}
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr 203.0.113.0/24 oifname "br-inet" masquerade
+    }
+}
+"#;
+    let path = std::env::temp_dir().join(format!("{table}-operator.nft"));
+    std::fs::write(&path, ruleset).expect("write ruleset");
+    nft_in(r, &["-f", path.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&path);
+    let snapshot = || {
+        (
+            nft_in(r, &["list", "table", "inet", "filter"]),
+            nft_in(r, &["list", "table", "ip", "nat"]),
+        )
+    };
+    // Counters of the operator's rules change with traffic; none flows during the test.
+    let before = snapshot();
+    let c = &topo.customers[0];
+    in_router(&topo, || async {
+        let p = policy(&table, "");
+        let mut e = Enforcer::init(p.clone()).await.expect("start");
+        assert_eq!(snapshot(), before, "start changed the operator's tables");
+        e.apply(desired(
+            1,
+            vec![block(&format!("{}/32", c.v4), BlockKind::Block, None)],
+        ))
+        .await
+        .expect("apply");
+        // Reload with a changed policy (another garden address).
+        let p2 = policy(&table, "allow:\n  - 203.0.113.250/32\n");
+        e.set_policy(p2.clone()).await.expect("reload");
+        assert_eq!(snapshot(), before, "reload changed the operator's tables");
+        // Stop, then restart: the block must still be there right after start, before any
+        // desired blocks arrive (no gap), and after the reconcile tick too.
+        drop(e);
+        assert_eq!(snapshot(), before, "stop changed the operator's tables");
+        let listed = set_list(r, &table, "blocked4");
+        assert!(listed.contains(&c.v4.to_string()), "stop removed the block");
+        let mut e = Enforcer::init(p2).await.expect("restart");
+        assert!(
+            set_list(r, &table, "blocked4").contains(&c.v4.to_string()),
+            "restart opened a gap"
+        );
+        e.reconcile().await.expect("reconcile");
+        assert!(set_list(r, &table, "blocked4").contains(&c.v4.to_string()));
+        assert_eq!(snapshot(), before, "restart changed the operator's tables");
+        // Purge removes only ours.
+        let report = remove_all(&RemoveTarget::from_policy(&p), &EnforceOptions::default())
+            .await
+            .expect("remove");
+        assert!(report.table_removed);
+        assert_eq!(snapshot(), before, "purge changed the operator's tables");
+        assert!(
+            topo.router
+                .run(&["nft", "list", "table", "inet", &table])
+                .is_err()
+        );
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn drift_is_repaired_by_the_writer_task_within_a_second() {
+    if !require_root("drift_is_repaired_by_the_writer_task_within_a_second") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let (c, inet) = (&topo.customers[0], &topo.internet[0]);
+    let r = &topo.router;
+    in_router(&topo, || async {
+        let p = policy_with(&table, "", BLACKHOLE);
+        let e = Enforcer::init(p).await.expect("init");
+        let handle = e.spawn();
+        let mut d = (*desired(
+            1,
+            vec![
+                block(&format!("{}/32", c.v4), BlockKind::Block, None),
+                block(&format!("{}/128", c.v6), BlockKind::Block, None),
+            ],
+        ))
+        .clone();
+        handle.submit(d.clone());
+        let held = eventually(Duration::from_secs(3), || async {
+            nft_async(r, &["list", "set", "inet", &table, "blocked4"])
+                .await
+                .is_some_and(|s| s.contains(&c.v4.to_string()))
+        })
+        .await;
+        assert!(held.is_some(), "the writer did not apply the block");
+
+        // The admin deletes the whole table.
+        nft_in(r, &["delete", "table", "inet", &table]);
+        let back = eventually(Duration::from_secs(3), || async {
+            nft_async(r, &["list", "set", "inet", &table, "blocked4"])
+                .await
+                .is_some_and(|s| s.contains(&c.v4.to_string()))
+        })
+        .await
+        .expect("table not repaired");
+        assert!(back < Duration::from_secs(1), "repair took {back:?}");
+        assert!(!ping(&c.ns, inet.v4).await, "repaired table does not drop");
+
+        // The admin flushes the table (all rules gone).
+        nft_in(r, &["flush", "table", "inet", &table]);
+        let back = eventually(Duration::from_secs(3), || async {
+            nft_async(r, &["list", "chain", "inet", &table, "forward"])
+                .await
+                .is_some_and(|s| s.contains("@blocked4"))
+        })
+        .await
+        .expect("flushed rules not repaired");
+        assert!(back < Duration::from_secs(1), "repair took {back:?}");
+
+        // An element removed by hand.
+        nft_in(
+            r,
+            &[
+                "delete",
+                "element",
+                "inet",
+                &table,
+                "blocked6",
+                &format!("{{ {} }}", c.v6),
+            ],
+        );
+        eventually(Duration::from_secs(3), || async {
+            nft_async(r, &["list", "set", "inet", &table, "blocked6"])
+                .await
+                .is_some_and(|s| s.contains(&c.v6.to_string()))
+        })
+        .await
+        .expect("element not repaired");
+
+        // A route deleted by hand.
+        topo.router
+            .run(&[
+                "ip",
+                "route",
+                "del",
+                "blackhole",
+                &format!("{}/32", c.v4),
+                "table",
+                "100",
+            ])
+            .expect("delete route");
+        eventually(Duration::from_secs(3), || async {
+            let mut cmd: tokio::process::Command = r
+                .command(&["ip", "route", "show", "table", "100", "proto", "201"])
+                .into();
+            cmd.output()
+                .await
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&c.v4.to_string()))
+        })
+        .await
+        .expect("route not repaired");
+
+        let stats = handle.stats();
+        assert!(stats.repairs >= 4, "{stats:?}");
+        assert_eq!(stats.errors, 0, "{stats:?}");
+
+        // Unblocking through the handle lifts the block and the route.
+        d.generation = 2;
+        d.blocks.clear();
+        handle.submit(d);
+        eventually(Duration::from_secs(3), || async {
+            ping(&c.ns, inet.v4).await
+        })
+        .await
+        .expect("unblock not applied");
+        handle.shutdown().await.expect("shutdown");
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn blackhole_routes_follow_the_blocks_and_only_ours_are_touched() {
+    if !require_root("blackhole_routes_follow_the_blocks_and_only_ours_are_touched") {
+        return;
+    }
+    let topo = topology(&[10, 11], &[20]);
+    let table = table_name();
+    let r = &topo.router;
+    let show = |fam: &str| {
+        r.run(&["ip", fam, "route", "show", "table", "100", "proto", "201"])
+            .expect("ip route")
+    };
+    // Someone else's route in the same table, with another protocol.
+    r.run(&[
+        "ip",
+        "route",
+        "add",
+        "blackhole",
+        "192.0.2.0/24",
+        "table",
+        "100",
+        "proto",
+        "static",
+    ])
+    .expect("foreign route");
+    let (c, q) = (&topo.customers[0], &topo.customers[1]);
+    in_router(&topo, || async {
+        let p = policy_with(&table, "", BLACKHOLE);
+        let mut e = Enforcer::init(p.clone()).await.expect("init");
+        e.apply(desired(
+            1,
+            vec![
+                block(&format!("{}/32", c.v4), BlockKind::Block, None),
+                block("2001:db8:c::/64", BlockKind::Block, None),
+                block(&format!("{}/32", q.v4), BlockKind::Quarantine, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        let v4 = show("-4");
+        assert!(v4.contains(&format!("blackhole {}", c.v4)), "{v4}");
+        assert!(
+            !v4.contains(&q.v4.to_string()),
+            "quarantine got a route: {v4}"
+        );
+        let v6 = show("-6");
+        assert!(v6.contains("blackhole 2001:db8:c::/64"), "{v6}");
+        e.apply(desired(2, vec![])).await.expect("unblock");
+        assert!(!show("-4").contains("blackhole"), "{}", show("-4"));
+        assert!(!show("-6").contains("blackhole"), "{}", show("-6"));
+        let all = r
+            .run(&["ip", "route", "show", "table", "100"])
+            .expect("ip route");
+        assert!(all.contains("192.0.2.0/24"), "foreign route removed: {all}");
+        remove_all(&RemoveTarget::from_policy(&p), &EnforceOptions::default())
+            .await
+            .expect("remove");
+        let tag = RouteTag {
+            table: 100,
+            protocol: 201,
+        };
+        assert!(
+            egressguard::enforce::list_routes(tag)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn counters_and_conntrack_work_for_customer_traffic() {
+    if !require_root("counters_and_conntrack_work_for_customer_traffic") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let (c, inet) = (&topo.customers[0], &topo.internet[0]);
+    in_router(&topo, || async {
+        let _e = Enforcer::init(policy(&table, "")).await.expect("init");
+        assert!(ping(&c.ns, inet.v4).await);
+        assert!(ping(&c.ns, inet.v6).await);
+        let s4 = set_list(&topo.router, &table, "src_counters4");
+        assert!(
+            s4.contains(&format!("{} ", c.v4)) && s4.contains("counter packets"),
+            "{s4}"
+        );
+        assert!(!s4.contains("counter packets 0 "), "{s4}");
+        let s6 = set_list(&topo.router, &table, "src_counters6");
+        assert!(s6.contains(&c.v6.to_string()), "{s6}");
+        let ct = topo
+            .router
+            .run(&["conntrack", "-L", "-s", &c.v4.to_string()])
+            .unwrap_or_default();
+        assert!(
+            ct.contains(&inet.v4.to_string()),
+            "no conntrack entry: {ct}"
+        );
+    });
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn dry_run_logs_what_it_would_do_and_enforces_nothing() {
+    if !require_root("dry_run_logs_what_it_would_do_and_enforces_nothing") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let (c, inet) = (&topo.customers[0], &topo.internet[0]);
+    let capture = Capture::default();
+    in_router(&topo, || async {
+        let w = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let p = policy_with(&table, "mode: dry-run\n", BLACKHOLE);
+        let mut e = Enforcer::init(p).await.expect("init");
+        e.apply(desired(
+            1,
+            vec![
+                block(&format!("{}/32", c.v4), BlockKind::Block, None),
+                block(&format!("{}/128", c.v6), BlockKind::Quarantine, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        assert!(ping(&c.ns, inet.v4).await, "dry run blocked");
+        assert!(!set_list(&topo.router, &table, "blocked4").contains(&c.v4.to_string()));
+        let routes = topo
+            .router
+            .run(&["ip", "route", "show", "table", "100"])
+            .unwrap_or_default();
+        assert!(routes.is_empty(), "{routes}");
+        e.apply(desired(2, vec![])).await.expect("apply");
+    });
+    let log = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("would block") && l.contains(&c.v4.to_string())),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("would quarantine") && l.contains(&c.v6.to_string())),
+        "{log}"
+    );
+    assert!(log.contains("would unblock"), "{log}");
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn missing_nft_names_the_package_to_install() {
+    if !require_root("missing_nft_names_the_package_to_install") {
+        return;
+    }
+    let ns = Netns::new("nonft").expect("netns");
+    let table = table_name();
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let opts = EnforceOptions {
+                nft: "/nonexistent/nft".into(),
+            };
+            let err = match Enforcer::init_with(policy(&table, ""), opts).await {
+                Ok(_) => panic!("init succeeded without nft"),
+                Err(e) => e,
+            };
+            assert!(matches!(err, EnforceError::NftMissing { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains("install the nftables package"), "{msg}");
+            assert!(msg.contains("/nonexistent/nft"), "{msg}");
+        });
+    })
+    .expect("enter");
+}
+
+#[test]
+fn unprivileged_nft_is_told_to_run_as_root_and_nothing_is_half_installed() {
+    if !require_root("unprivileged_nft_is_told_to_run_as_root_and_nothing_is_half_installed") {
+        return;
+    }
+    let ns = Netns::new("noperm").expect("netns");
+    let table = table_name();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrapper = dir.path().join("nft-as-nobody");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups nft \"$@\"\n",
+    )
+    .expect("wrapper");
+    std::process::Command::new("chmod")
+        .args(["755", wrapper.to_str().expect("utf-8")])
+        .status()
+        .expect("chmod");
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let opts = EnforceOptions {
+                nft: wrapper.clone(),
+            };
+            let err = match Enforcer::init_with(policy(&table, ""), opts).await {
+                Ok(_) => panic!("init succeeded without privilege"),
+                Err(e) => e,
+            };
+            assert!(
+                matches!(err, EnforceError::PermissionDenied { .. }),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("run egressguard as root or with CAP_NET_ADMIN"),
+                "{msg}"
+            );
+        });
+    })
+    .expect("enter");
+    assert!(
+        ns.run(&["nft", "list", "table", "inet", &table]).is_err(),
+        "a table was left behind"
+    );
+}
+
+#[test]
+fn a_refused_transaction_leaves_nothing_behind() {
+    if !require_root("a_refused_transaction_leaves_nothing_behind") {
+        return;
+    }
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
+    use egressguard::enforce::nft::Nft;
+    let ns = Netns::new("atomic").expect("netns");
+    let table = table_name();
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let spec = TableSpec {
+                table: table.clone(),
+                counter_set_size: 65536,
+            };
+            let mut tx = Tx::new();
+            tx.structure(&spec, &Structure::fresh());
+            // Overlapping intervals in one set: nft refuses the whole transaction.
+            tx.add_elements(
+                &spec,
+                SetId::new(Role::Blocked, Fam::V4),
+                &[
+                    (ElemKey::Net("203.0.113.0/24".parse().unwrap()), None),
+                    (ElemKey::Net("203.0.113.5/32".parse().unwrap()), None),
+                ],
+            );
+            let err = Nft::new("nft").apply(&tx).await.expect_err("refused");
+            assert!(matches!(err, EnforceError::NftFailed { .. }), "{err:?}");
+        });
+    })
+    .expect("enter");
+    assert!(
+        ns.run(&["nft", "list", "table", "inet", &table]).is_err(),
+        "half a table was installed"
+    );
+}
