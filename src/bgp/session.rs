@@ -323,19 +323,20 @@ impl PeerTask {
                                         .filter(|f| o.families.contains(&wire::family_code(*f)))
                                         .collect();
                                     keepalive = (!hold.is_zero()).then(|| {
-                                        let mut i = tokio::time::interval(hold / 3);
+                                        let every = hold / 3;
+                                        let mut i = tokio::time::interval_at(
+                                            tokio::time::Instant::now() + every,
+                                            every,
+                                        );
                                         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                                         i
                                     });
                                     self.stat(|s| s.families = families.iter().copied().collect());
                                     state = SessionState::OpenConfirm;
                                     self.set_state(state);
-                                    // The interval's first tick is immediate: that is our KEEPALIVE.
-                                    if keepalive.is_none() {
-                                        Ok(Some(wire::encode_keepalive()))
-                                    } else {
-                                        Ok(None)
-                                    }
+                                    // Our KEEPALIVE goes out now, before anything else can be
+                                    // sent (an UPDATE ahead of it is an FSM error to the peer).
+                                    Ok(Some(wire::encode_keepalive()))
                                 }
                                 Err(n) => Err(n),
                             },

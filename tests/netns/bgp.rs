@@ -389,3 +389,139 @@ protocol static flowstatic {
     });
     rt.block_on(h.shutdown());
 }
+
+// ---------------------------------------------------------------------------------------------
+// GoBGP
+// ---------------------------------------------------------------------------------------------
+
+const GOBGP_API: &str = "50051";
+
+fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
+    let conf = dir.join("gobgpd.toml");
+    let mut afis = String::new();
+    for f in ["ipv4-unicast", "ipv6-unicast", "ipv4-flowspec", "ipv6-flowspec"] {
+        afis.push_str(&format!(
+            "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n"
+        ));
+    }
+    std::fs::write(
+        &conf,
+        format!(
+            r#"[global.config]
+  as = 65002
+  router-id = "{PEER_V4}"
+  local-address-list = ["{PEER_V4}"]
+
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{AGENT_V4}"
+    peer-as = 65001
+  [neighbors.timers.config]
+    hold-time = 9
+  [neighbors.transport.config]
+    passive-mode = true
+{afis}"#
+        ),
+    )
+    .expect("write gobgpd.toml");
+    let p = ns
+        .spawn(&[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "--api-hosts",
+            &format!("127.0.0.1:{GOBGP_API}"),
+            "--log-level",
+            if std::env::var_os("BGP_DEBUG").is_some() { "debug" } else { "warn" },
+        ])
+        .expect("start gobgpd");
+    wait_for("gobgpd API", Duration::from_secs(15), || {
+        ns.run(&["gobgp", "-p", GOBGP_API, "neighbor"]).ok()
+    });
+    p
+}
+
+fn gobgp_rib(ns: &Netns, family: &str) -> String {
+    ns.run(&["gobgp", "-p", GOBGP_API, "global", "rib", "-a", family])
+        .unwrap_or_default()
+}
+
+#[test]
+fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
+    if !require_root("bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce") {
+        return;
+    }
+    let l = link();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut g = gobgpd(&l.upstream, dir.path());
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    wait_for("session with GoBGP", Duration::from_secs(30), || {
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!("{:?}", h.stats());
+        }
+        established(&h).then_some(())
+    });
+    tx.send(standard_blocks()).unwrap();
+    let out = wait_for("flowspec in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!("{o}");
+        }
+        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(o)
+    });
+    let line = out
+        .lines()
+        .find(|l| l.contains("203.0.113.7/32"))
+        .expect("line");
+    for want in ["[source: 203.0.113.7/32]", "[protocol: ==tcp]", "[destination-port: ==25 ==587]", "discard(as: 65001)"] {
+        assert!(line.contains(want), "GoBGP route lacks {want}: {line}");
+    }
+    let out6 = wait_for("v6 flowspec in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv6-flowspec");
+        o.contains("2001:db8:c:1::/64").then_some(o)
+    });
+    assert!(
+        out6.contains("[protocol: ==udp]") && out6.contains("rate: 125000"),
+        "{out6}"
+    );
+    let u4 = wait_for("RTBH in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4");
+        o.contains("203.0.113.7/32").then_some(o)
+    });
+    for want in ["blackhole", "no-export", "65001:666", "65001:1:2", "192.0.2.66"] {
+        assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
+    }
+
+    let mut next = (*standard_blocks()).clone();
+    next.generation = 2;
+    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    tx.send(Arc::new(next)).unwrap();
+    wait_for("withdrawal in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        (!o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+    });
+    wait_for("RTBH withdrawal in GoBGP", Duration::from_secs(10), || {
+        (!gobgp_rib(&l.upstream, "ipv4").contains("203.0.113.7/32")).then_some(())
+    });
+
+    tx.send(standard_blocks()).unwrap();
+    wait_for("re-announced", Duration::from_secs(10), || {
+        gobgp_rib(&l.upstream, "ipv4-flowspec")
+            .contains("203.0.113.7/32")
+            .then_some(())
+    });
+    g.stop(Duration::from_secs(3));
+    wait_for("session down", Duration::from_secs(30), || {
+        (!established(&h)).then_some(())
+    });
+    let _g = gobgpd(&l.upstream, dir.path());
+    wait_for("flowspec again after GoBGP restart", Duration::from_secs(40), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+    });
+    rt.block_on(h.shutdown());
+}
