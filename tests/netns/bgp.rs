@@ -525,3 +525,67 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     });
     rt.block_on(h.shutdown());
 }
+
+/// Scripted measurement (not a pass/fail test): latency from `DesiredBlocks` to the route in
+/// BIRD's table, and 10,000 rules in one session. Figures go to docs/performance.md.
+/// Run: `cargo test --release --test netns bgp_bench_bird -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bgp_bench_bird() {
+    if !require_root("bgp_bench_bird") {
+        return;
+    }
+    let l = link();
+    let b = bird(&l.upstream, 65002, "");
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    wait_for("session", Duration::from_secs(20), || established(&h).then_some(()));
+
+    // 1. One block at a time: time until BIRD shows it (birdc polling included).
+    let mut lat = Vec::new();
+    let mut list = Vec::new();
+    for i in 0..20u32 {
+        let t = format!("203.0.113.{}/32", 100 + i);
+        list.push(block(&t, &[Announce::Flowspec], None));
+        let start = Instant::now();
+        tx.send(blocks(u64::from(i) + 1, list.clone())).unwrap();
+        let want = format!("flow4 {{ src {t}; }}");
+        wait_for("route", Duration::from_secs(5), || {
+            bird_flow4(&b).contains(&want).then_some(())
+        });
+        lat.push(start.elapsed());
+    }
+    lat.sort();
+    eprintln!(
+        "BENCH latency DesiredBlocks->BIRD table: median {:?} max {:?} (n=20, includes birdc polls)",
+        lat[lat.len() / 2],
+        lat[lat.len() - 1]
+    );
+
+    // 2. 10,000 rules in one go (198.18.0.0/15, RFC 2544 benchmarking space; routes only).
+    let many: Vec<_> = (0..10_000u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0xc612_0000u32 + i);
+            block(&format!("{a}/32"), &[Announce::Flowspec], Some(FlowspecScope {
+                proto: Some(6),
+                dports: vec![25],
+                rate_bytes_per_sec: 0,
+            }))
+        })
+        .collect();
+    let start = Instant::now();
+    tx.send(blocks(100, many)).unwrap();
+    wait_for("10000 routes", Duration::from_secs(30), || {
+        b.birdc("show route table flowtab4 count")
+            .contains("10000 of 10000")
+            .then_some(())
+    });
+    let took = start.elapsed();
+    let s = &h.stats()[0];
+    eprintln!(
+        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
+        s.updates_sent
+    );
+    rt.block_on(h.shutdown());
+}
