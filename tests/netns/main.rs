@@ -6,8 +6,9 @@
 //! on drop, also when it fails.
 
 mod common;
+mod bgp;
 mod control;
 mod demo;
 mod enforce;
-mod topology;
 mod observe;
+mod topology;

@@ -1,0 +1,591 @@
+//! The BGP speaker against real BIRD 2 and GoBGP daemons: each daemon runs in an "upstream"
+//! namespace, the speaker in an "agent" namespace, joined by a veth pair. A block makes the
+//! exact flowspec rule (and RTBH route) appear in the daemon's table, an unblock withdraws it,
+//! a restarted daemon gets everything again, and flowspec from a trusted peer is learnt.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egressguard::bgp::{LearnedAction, SessionState, Speaker, SpeakerHandle};
+use egressguard::messages::{Announce, BlockKind, DesiredBlock, DesiredBlocks, FlowspecScope};
+use egressguard::netns::{Netns, Proc, addr, veth};
+use egressguard::policy::{Bgp, Policy};
+use ipnet::IpNet;
+use tokio::sync::watch;
+
+use crate::common::require_root;
+
+const AGENT_V4: &str = "192.0.2.1";
+const PEER_V4: &str = "192.0.2.2";
+
+/// Two namespaces joined by a veth: the agent at .1 / ::1, the upstream at .2 / ::2.
+struct Link {
+    agent: Netns,
+    upstream: Netns,
+}
+
+fn link() -> Link {
+    egressguard::netns::sweep_stale();
+    let agent = Netns::new("bgpagent").expect("agent ns");
+    let upstream = Netns::new("bgpup").expect("upstream ns");
+    veth(&agent, "up0", &upstream, "agent0").expect("veth");
+    addr(&agent, "up0", "192.0.2.1/24").expect("addr");
+    addr(&agent, "up0", "2001:db8:b::1/64").expect("addr");
+    addr(&upstream, "agent0", "192.0.2.2/24").expect("addr");
+    addr(&upstream, "agent0", "2001:db8:b::2/64").expect("addr");
+    Link { agent, upstream }
+}
+
+/// A tokio runtime whose worker threads live in `ns`: sockets the speaker opens are there.
+fn runtime_in(ns: &Netns) -> tokio::runtime::Runtime {
+    let path = PathBuf::from(format!("/run/netns/{}", ns.name()));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(move || {
+            let f = File::open(&path).expect("open netns");
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        })
+        .build()
+        .expect("runtime")
+}
+
+fn policy(peer_as: u32, port: u16, extra: &str) -> Bgp {
+    let text = format!(
+        r#"version: 1
+networks:
+  - prefix: 203.0.113.0/24
+  - prefix: 2001:db8:c::/48
+bgp:
+  local_as: 65001
+  router_id: 192.0.2.1
+  peers:
+    - name: up
+      address: {PEER_V4}
+      port: {port}
+      remote_as: {peer_as}
+      hold_time: 9
+      families: [ipv4-unicast, ipv6-unicast, ipv4-flowspec, ipv6-flowspec]
+      announce: [flowspec, rtbh]
+      rtbh_next_hop_v4: 192.0.2.66
+      rtbh_next_hop_v6: 2001:db8:b::66
+      rtbh_communities: ["65001:666", "65001:1:2"]
+{extra}"#
+    );
+    Policy::from_text(&text, Path::new("<bgp test>"))
+        .expect("policy")
+        .bgp
+        .expect("bgp section")
+}
+
+fn block(target: &str, announce: &[Announce], scope: Option<FlowspecScope>) -> (IpNet, DesiredBlock) {
+    let t: IpNet = target.parse().unwrap();
+    (
+        t,
+        DesiredBlock {
+            target: t,
+            kind: BlockKind::Block,
+            expires: None,
+            announce: announce.to_vec(),
+            flowspec: scope,
+        },
+    )
+}
+
+fn blocks(generation: u64, list: Vec<(IpNet, DesiredBlock)>) -> Arc<DesiredBlocks> {
+    Arc::new(DesiredBlocks {
+        generation,
+        blocks: list.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+fn standard_blocks() -> Arc<DesiredBlocks> {
+    blocks(
+        1,
+        vec![
+            block(
+                "203.0.113.7/32",
+                &[Announce::Flowspec, Announce::Rtbh],
+                Some(FlowspecScope {
+                    proto: Some(6),
+                    dports: vec![25, 587],
+                    rate_bytes_per_sec: 0,
+                }),
+            ),
+            block("203.0.113.8/32", &[Announce::Flowspec], None),
+            block(
+                "2001:db8:c:1::/64",
+                &[Announce::Flowspec, Announce::Rtbh],
+                Some(FlowspecScope {
+                    proto: Some(17),
+                    dports: vec![],
+                    rate_bytes_per_sec: 125_000,
+                }),
+            ),
+        ],
+    )
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn established(h: &SpeakerHandle) -> bool {
+    h.stats()
+        .first()
+        .is_some_and(|s| s.state == SessionState::Established)
+}
+
+// ---------------------------------------------------------------------------------------------
+// BIRD
+// ---------------------------------------------------------------------------------------------
+
+struct Bird {
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Bird {
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("bird.ctl")
+    }
+
+    fn start(&mut self, ns: &Netns) {
+        let conf = self.dir.path().join("bird.conf");
+        let sock = self.sock();
+        let _ = std::fs::remove_file(&sock);
+        let p = ns
+            .spawn(&[
+                "bird",
+                "-c",
+                conf.to_str().unwrap(),
+                "-s",
+                sock.to_str().unwrap(),
+                "-f",
+            ])
+            .expect("start bird");
+        self.proc = Some(p);
+        wait_for("bird control socket", Duration::from_secs(10), || {
+            self.try_birdc("show status")
+                .filter(|o| o.contains("Daemon is up"))
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(3));
+        }
+    }
+
+    fn try_birdc(&self, cmd: &str) -> Option<String> {
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(self.sock())
+            .args(cmd.split_whitespace())
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn birdc(&self, cmd: &str) -> String {
+        self.try_birdc(cmd)
+            .unwrap_or_else(|| panic!("birdc {cmd} failed"))
+    }
+}
+
+fn bird(ns: &Netns, peer_as: u32, extra: &str) -> Bird {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = format!(
+        r#"
+router id {PEER_V4};
+log "{log}" all;
+flow4 table flowtab4;
+flow6 table flowtab6;
+protocol device {{ }}
+protocol direct {{ ipv4; ipv6; interface "agent0"; }}
+{extra}
+protocol bgp agent {{
+  local {PEER_V4} as {peer_as};
+  neighbor {AGENT_V4} as 65001;
+  passive on;
+  hold time 9;
+  ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
+  flow4 {{ table flowtab4; import all; export {export}; }};
+  flow6 {{ table flowtab6; import all; export none; }};
+}}
+"#,
+        log = dir.path().join("bird.log").display(),
+        export = if extra.is_empty() { "none" } else { "all" },
+    );
+    std::fs::write(dir.path().join("bird.conf"), conf).expect("write bird.conf");
+    let mut b = Bird { dir, proc: None };
+    b.start(ns);
+    b
+}
+
+fn bird_flow4(b: &Bird) -> String {
+    b.birdc("show route table flowtab4 all")
+}
+
+#[test]
+fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
+    if !require_root("bgp_bird_flowspec_rtbh_withdraw_and_reannounce") {
+        return;
+    }
+    let l = link();
+    let mut b = bird(&l.upstream, 65002, "");
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    wait_for("session with BIRD", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
+
+    tx.send(standard_blocks()).unwrap();
+    let v4 = "flow4 { src 203.0.113.7/32; proto 6; dport 25,587; }";
+    let v4b = "flow4 { src 203.0.113.8/32; }";
+    let v6 = "flow6 { src 2001:db8:c:1::/64; next header 17; }";
+    let out = wait_for("flowspec routes in BIRD", Duration::from_secs(10), || {
+        let o = bird_flow4(&b);
+        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}\n{}", std::fs::read_to_string(b.dir.path().join("bird.log")).unwrap_or_default()); }
+        (o.contains(v4) && o.contains(v4b)).then_some(o)
+    });
+    // traffic-rate 0 (discard): extended community type 0x80, sub-type 0x06, our AS 65001
+    // (0xfde9) as the informational AS.
+    assert!(
+        out.contains("(generic, 0x8006fde9, 0x0)"),
+        "no traffic-rate 0 in:\n{out}"
+    );
+    let out6 = wait_for("IPv6 flowspec route in BIRD", Duration::from_secs(10), || {
+        let o = b.birdc("show route table flowtab6 all");
+        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}"); }
+        o.contains(v6).then_some(o)
+    });
+    // 125000 bytes/s as IEEE float = 0x47f42400.
+    assert!(
+        out6.contains("(generic, 0x8006fde9, 0x47f42400)"),
+        "no traffic-rate 125000 in:\n{out6}"
+    );
+    // RTBH: unicast route with BLACKHOLE, NO_EXPORT and the peer's communities.
+    let m4 = wait_for("RTBH v4 route in BIRD", Duration::from_secs(10), || {
+        let o = b.birdc("show route table master4 203.0.113.7/32 all");
+        o.contains("203.0.113.7/32").then_some(o)
+    });
+    for want in [
+        "(65535,666)",
+        "(65535,65281)",
+        "(65001,666)",
+        "(65001, 1, 2)",
+        "192.0.2.66",
+    ] {
+        assert!(m4.contains(want), "RTBH v4 route lacks {want}:\n{m4}");
+    }
+    let m6 = wait_for("RTBH v6 route in BIRD", Duration::from_secs(10), || {
+        let o = b.birdc("show route table master6 2001:db8:c:1::/64 all");
+        o.contains("2001:db8:c:1::/64").then_some(o)
+    });
+    assert!(m6.contains("(65535,666)") && m6.contains("(65535,65281)"), "{m6}");
+    // The flowspec-only block has no RTBH route.
+    assert!(
+        !b.birdc("show route table master4 all").contains("203.0.113.8"),
+        "flowspec-only block announced as RTBH"
+    );
+
+    // Unblock one: its flowspec and RTBH routes go, the other stays.
+    let mut next = (*standard_blocks()).clone();
+    next.generation = 2;
+    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    tx.send(Arc::new(next)).unwrap();
+    wait_for("withdrawal in BIRD", Duration::from_secs(10), || {
+        let o = bird_flow4(&b);
+        (!o.contains(v4) && o.contains(v4b)).then_some(())
+    });
+    wait_for("RTBH withdrawal in BIRD", Duration::from_secs(10), || {
+        (!b.birdc("show route table master4 all").contains("203.0.113.7/32")).then_some(())
+    });
+
+    // BIRD restarts: the session comes back and the whole set is announced again.
+    tx.send(standard_blocks()).unwrap();
+    wait_for("re-announced", Duration::from_secs(10), || {
+        bird_flow4(&b).contains(v4).then_some(())
+    });
+    b.stop();
+    wait_for("session down", Duration::from_secs(20), || {
+        (!established(&h)).then_some(())
+    });
+    b.start(&l.upstream);
+    wait_for("flowspec again after BIRD restart", Duration::from_secs(30), || {
+        let o = bird_flow4(&b);
+        (o.contains(v4) && o.contains(v4b)).then_some(())
+    });
+    let s = &h.stats()[0];
+    assert!(s.resets >= 1, "{s:?}");
+    assert!(s.updates_sent >= 4, "{s:?}");
+    // Two v4 and one v6 flowspec route, one v4 and one v6 RTBH route.
+    assert_eq!(s.routes_announced, 5, "{s:?}");
+    assert!(s.uptime_secs.is_some());
+
+    // Shutdown sends CEASE: BIRD says so.
+    rt.block_on(h.shutdown());
+    wait_for("BIRD sees the CEASE", Duration::from_secs(10), || {
+        let o = b.birdc("show protocols all agent");
+        (o.contains("Cease") || o.contains("Administrative shutdown")).then_some(())
+    });
+}
+
+#[test]
+fn bgp_bird_flowspec_is_learnt_from_a_trusted_peer() {
+    if !require_root("bgp_bird_flowspec_is_learnt_from_a_trusted_peer") {
+        return;
+    }
+    let l = link();
+    let statics = r#"
+protocol static flowstatic {
+  flow4 { table flowtab4; };
+  route flow4 { src 198.51.100.9/32; proto 17; dport 53; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x0));
+  };
+  route flow4 { src 198.51.100.10/32; proto 6; dport > 1024; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x0));
+  };
+}
+"#;
+    let _b = bird(&l.upstream, 65002, statics);
+    let rt = runtime_in(&l.agent);
+    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async {
+        Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
+    });
+    let learned = h.learned();
+    let rules = wait_for("learned rule", Duration::from_secs(20), || {
+        let m = learned.borrow().clone();
+        (!m.is_empty()).then_some(m)
+    });
+    let r: Vec<_> = rules.values().collect();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
+    assert_eq!(r[0].proto, Some(17));
+    assert_eq!(r[0].dports, vec![53]);
+    assert_eq!(r[0].action, LearnedAction::Discard);
+    // The `dport > 1024` rule cannot be enforced exactly: refused and counted.
+    wait_for("refusal counted", Duration::from_secs(5), || {
+        (h.stats()[0].learned_refused >= 1).then_some(())
+    });
+    rt.block_on(h.shutdown());
+}
+
+// ---------------------------------------------------------------------------------------------
+// GoBGP
+// ---------------------------------------------------------------------------------------------
+
+const GOBGP_API: &str = "50051";
+
+fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
+    let conf = dir.join("gobgpd.toml");
+    let mut afis = String::new();
+    for f in ["ipv4-unicast", "ipv6-unicast", "ipv4-flowspec", "ipv6-flowspec"] {
+        afis.push_str(&format!(
+            "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n"
+        ));
+    }
+    std::fs::write(
+        &conf,
+        format!(
+            r#"[global.config]
+  as = 65002
+  router-id = "{PEER_V4}"
+  local-address-list = ["{PEER_V4}"]
+
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{AGENT_V4}"
+    peer-as = 65001
+  [neighbors.timers.config]
+    hold-time = 9
+  [neighbors.transport.config]
+    passive-mode = true
+{afis}"#
+        ),
+    )
+    .expect("write gobgpd.toml");
+    let p = ns
+        .spawn(&[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "--api-hosts",
+            &format!("127.0.0.1:{GOBGP_API}"),
+            "--log-level",
+            if std::env::var_os("BGP_DEBUG").is_some() { "debug" } else { "warn" },
+        ])
+        .expect("start gobgpd");
+    wait_for("gobgpd API", Duration::from_secs(15), || {
+        ns.run(&["gobgp", "-p", GOBGP_API, "neighbor"]).ok()
+    });
+    p
+}
+
+fn gobgp_rib(ns: &Netns, family: &str) -> String {
+    ns.run(&["gobgp", "-p", GOBGP_API, "global", "rib", "-a", family])
+        .unwrap_or_default()
+}
+
+#[test]
+fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
+    if !require_root("bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce") {
+        return;
+    }
+    let l = link();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut g = gobgpd(&l.upstream, dir.path());
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    wait_for("session with GoBGP", Duration::from_secs(30), || {
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!("{:?}", h.stats());
+        }
+        established(&h).then_some(())
+    });
+    tx.send(standard_blocks()).unwrap();
+    let out = wait_for("flowspec in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!("{o}");
+        }
+        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(o)
+    });
+    let line = out
+        .lines()
+        .find(|l| l.contains("203.0.113.7/32"))
+        .expect("line");
+    for want in ["[source: 203.0.113.7/32]", "[protocol: ==tcp]", "[destination-port: ==25 ==587]", "discard(as: 65001)"] {
+        assert!(line.contains(want), "GoBGP route lacks {want}: {line}");
+    }
+    let out6 = wait_for("v6 flowspec in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv6-flowspec");
+        o.contains("2001:db8:c:1::/64").then_some(o)
+    });
+    assert!(
+        out6.contains("[protocol: ==udp]") && out6.contains("rate: 125000"),
+        "{out6}"
+    );
+    let u4 = wait_for("RTBH in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4");
+        o.contains("203.0.113.7/32").then_some(o)
+    });
+    for want in ["blackhole", "no-export", "65001:666", "65001:1:2", "192.0.2.66"] {
+        assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
+    }
+
+    let mut next = (*standard_blocks()).clone();
+    next.generation = 2;
+    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    tx.send(Arc::new(next)).unwrap();
+    wait_for("withdrawal in GoBGP", Duration::from_secs(10), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        (!o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+    });
+    wait_for("RTBH withdrawal in GoBGP", Duration::from_secs(10), || {
+        (!gobgp_rib(&l.upstream, "ipv4").contains("203.0.113.7/32")).then_some(())
+    });
+
+    tx.send(standard_blocks()).unwrap();
+    wait_for("re-announced", Duration::from_secs(10), || {
+        gobgp_rib(&l.upstream, "ipv4-flowspec")
+            .contains("203.0.113.7/32")
+            .then_some(())
+    });
+    g.stop(Duration::from_secs(3));
+    wait_for("session down", Duration::from_secs(30), || {
+        (!established(&h)).then_some(())
+    });
+    let _g = gobgpd(&l.upstream, dir.path());
+    wait_for("flowspec again after GoBGP restart", Duration::from_secs(40), || {
+        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+    });
+    rt.block_on(h.shutdown());
+}
+
+/// Scripted measurement (not a pass/fail test): latency from `DesiredBlocks` to the route in
+/// BIRD's table, and 10,000 rules in one session. Figures go to docs/performance.md.
+/// Run: `cargo test --release --test netns bgp_bench_bird -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bgp_bench_bird() {
+    if !require_root("bgp_bench_bird") {
+        return;
+    }
+    let l = link();
+    let b = bird(&l.upstream, 65002, "");
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    wait_for("session", Duration::from_secs(20), || established(&h).then_some(()));
+
+    // 1. One block at a time: time until BIRD shows it (birdc polling included).
+    let mut lat = Vec::new();
+    let mut list = Vec::new();
+    for i in 0..20u32 {
+        let t = format!("203.0.113.{}/32", 100 + i);
+        list.push(block(&t, &[Announce::Flowspec], None));
+        let start = Instant::now();
+        tx.send(blocks(u64::from(i) + 1, list.clone())).unwrap();
+        let want = format!("flow4 {{ src {t}; }}");
+        wait_for("route", Duration::from_secs(5), || {
+            bird_flow4(&b).contains(&want).then_some(())
+        });
+        lat.push(start.elapsed());
+    }
+    lat.sort();
+    eprintln!(
+        "BENCH latency DesiredBlocks->BIRD table: median {:?} max {:?} (n=20, includes birdc polls)",
+        lat[lat.len() / 2],
+        lat[lat.len() - 1]
+    );
+
+    // 2. 10,000 rules in one go (198.18.0.0/15, RFC 2544 benchmarking space; routes only).
+    let many: Vec<_> = (0..10_000u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0xc612_0000u32 + i);
+            block(&format!("{a}/32"), &[Announce::Flowspec], Some(FlowspecScope {
+                proto: Some(6),
+                dports: vec![25],
+                rate_bytes_per_sec: 0,
+            }))
+        })
+        .collect();
+    let start = Instant::now();
+    tx.send(blocks(100, many)).unwrap();
+    wait_for("10000 routes", Duration::from_secs(30), || {
+        b.birdc("show route table flowtab4 count")
+            .contains("10000 of 10000")
+            .then_some(())
+    });
+    let took = start.elapsed();
+    let s = &h.stats()[0];
+    eprintln!(
+        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
+        s.updates_sent
+    );
+    rt.block_on(h.shutdown());
+}
