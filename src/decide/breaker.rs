@@ -120,11 +120,7 @@ pub(super) struct Breaker {
     pub(super) suppressed: u64,
 }
 
-fn holds_in(
-    prefix: &IpNet,
-    holds: &BTreeMap<IpNet, BlockRecord>,
-    dry_run: bool,
-) -> u32 {
+fn holds_in(prefix: &IpNet, holds: &BTreeMap<IpNet, BlockRecord>, dry_run: bool) -> u32 {
     let n = holds
         .values()
         .filter(|h| h.dry_run == dry_run && prefix.contains(&h.target.addr()))

@@ -206,9 +206,7 @@ impl InfraSet {
 
     /// Whether blocking `net` would touch the infrastructure.
     pub fn overlaps(&self, net: &IpNet) -> bool {
-        self.nets
-            .iter()
-            .any(|i| i.contains(net) || net.contains(i))
+        self.nets.iter().any(|i| i.contains(net) || net.contains(i))
     }
 
     /// The addresses and prefixes.
@@ -621,9 +619,9 @@ impl Decider {
                 }
             }
             None => {
-                if let Err(s) =
-                    self.breaker
-                        .check(now, &target, &self.policy, &self.holds, dry)
+                if let Err(s) = self
+                    .breaker
+                    .check(now, &target, &self.policy, &self.holds, dry)
                 {
                     self.suppress(d, target, s, crossed, b);
                     return;
@@ -655,10 +653,10 @@ impl Decider {
             dry_run: dry,
             evidence: d.evidence.clone(),
         })));
-        self.offenses
-            .entry(target)
-            .or_default()
-            .push(Mark { time: now, dry_run: dry });
+        self.offenses.entry(target).or_default().push(Mark {
+            time: now,
+            dry_run: dry,
+        });
         let block = BlockRecord {
             target,
             kind: rung.kind,
@@ -925,7 +923,14 @@ impl Decider {
                 h.service.clone(),
                 h.since,
             ),
-            None => (BlockKind::Block, new_expiry, 0, None, Service::default(), now),
+            None => (
+                BlockKind::Block,
+                new_expiry,
+                0,
+                None,
+                Service::default(),
+                now,
+            ),
         };
         let block = BlockRecord {
             target,
@@ -1109,13 +1114,19 @@ impl Decider {
             self.holds.remove(t);
             b.changes.push(Change::RemoveBlock(*t));
         }
-        warn!(count = dry.len(), "policy now enforces: dry-run holds discarded");
+        warn!(
+            count = dry.len(),
+            "policy now enforces: dry-run holds discarded"
+        );
         b.audit(
             now,
             AGENT,
             actions::DRY_RUN_DISCARDED,
             None,
-            format!("{} dry-run holds discarded: the policy now enforces", dry.len()),
+            format!(
+                "{} dry-run holds discarded: the policy now enforces",
+                dry.len()
+            ),
             false,
             json!({ "targets": dry }),
         );
@@ -1397,7 +1408,12 @@ impl Decider {
                 .into_iter()
                 .filter(|t| t.target == target)
                 .collect(),
-            reconnects: self.used.values().filter(|r| r.target == target).cloned().collect(),
+            reconnects: self
+                .used
+                .values()
+                .filter(|r| r.target == target)
+                .cloned()
+                .collect(),
             audit: self.store.audit(Some(target), 100)?,
         })
     }

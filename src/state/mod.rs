@@ -563,9 +563,7 @@ impl Store {
                 since: i2t(since),
                 expires: expires.map(i2t),
                 offense: u32::try_from(offense).unwrap_or(0),
-                category: category
-                    .map(|c| self.enum_of(&c, "blocks"))
-                    .transpose()?,
+                category: category.map(|c| self.enum_of(&c, "blocks")).transpose()?,
                 reason,
                 actor,
                 dry_run,
@@ -749,7 +747,11 @@ impl Store {
 
     /// The audit trail, oldest first: all of it, or only the entries about `target`; at most
     /// the last `limit` entries.
-    pub fn audit(&self, target: Option<IpNet>, limit: usize) -> Result<Vec<AuditRecord>, StateError> {
+    pub fn audit(
+        &self,
+        target: Option<IpNet>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StateError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let sql = if target.is_some() {
             "SELECT id, time, actor, action, target, reason, dry_run, detail FROM audit

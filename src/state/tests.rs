@@ -135,7 +135,10 @@ fn audit_trail_is_append_only() {
     .unwrap();
     let err = s.conn.execute("DELETE FROM audit", []).unwrap_err();
     assert!(err.to_string().contains("append-only"), "{err}");
-    let err = s.conn.execute("UPDATE audit SET actor = 'b'", []).unwrap_err();
+    let err = s
+        .conn
+        .execute("UPDATE audit SET actor = 'b'", [])
+        .unwrap_err();
     assert!(err.to_string().contains("append-only"), "{err}");
 }
 

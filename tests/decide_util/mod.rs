@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use egressguard::messages::{Category, Counted, Crossed, Detection, Evidence, FlowSample, Time, proto};
+use egressguard::messages::{
+    Category, Counted, Crossed, Detection, Evidence, FlowSample, Time, proto,
+};
 use egressguard::policy::Policy;
 use ipnet::IpNet;
 
@@ -32,6 +34,8 @@ networks:
     name: cust-b
   - prefix: 2001:db8::/48
     name: cust-v6
+  - prefix: 100.64.0.0/10
+    name: burst
 allow:
   - 203.0.113.250
 escalation:
@@ -76,7 +80,13 @@ pub fn policy(extra: &str) -> Arc<Policy> {
 }
 
 /// One reconnect entry as YAML (under `reconnect:`).
-pub fn reconnect_entry(addr: &str, ticket: &str, conditions: &str, expires: &str, ovr: bool) -> String {
+pub fn reconnect_entry(
+    addr: &str,
+    ticket: &str,
+    conditions: &str,
+    expires: &str,
+    ovr: bool,
+) -> String {
     format!(
         "  - address: {addr}\n    ticket: {ticket}\n    authorised_by: desk@example\n    conditions: [{conditions}]\n    expires: {expires}\n    override_termination: {ovr}\n"
     )
@@ -112,7 +122,10 @@ pub fn detection(addr: &str, category: Category, time: Time) -> Detection {
                 key: "192.0.2.200".parse().unwrap(),
                 count: 300,
             }],
-            top_ports: vec![Counted { key: 80, count: 10 }, Counted { key: 443, count: 5 }],
+            top_ports: vec![
+                Counted { key: 80, count: 10 },
+                Counted { key: 443, count: 5 },
+            ],
             first_seen: start,
             last_seen: time,
             sample: vec![FlowSample {
