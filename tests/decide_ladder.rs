@@ -1,0 +1,695 @@
+//! The decision rules replayed through the decider with an in-memory store: the ladder,
+//! reconnect authorisations, termination, allowlist and infrastructure, the circuit breaker,
+//! dry run, operator commands and the desired set.
+
+#[path = "decide_util/mod.rs"]
+mod util;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use egressguard::decide::{
+    DecideError, Decider, InfraSet, OperatorRefusal, Protection, ReconnectResult, Refusal,
+};
+use egressguard::messages::{Announce, BlockKind, Category, Cause, Decision, proto};
+use egressguard::policy::{Mode, Policy};
+use egressguard::state::{Store, actions};
+use util::*;
+
+const A: &str = "203.0.113.7";
+
+fn decider(p: Arc<Policy>) -> Decider {
+    Decider::new(
+        p,
+        Store::open_in_memory().unwrap(),
+        InfraSet::default(),
+        at(0),
+    )
+    .unwrap()
+}
+
+fn one(ds: Vec<Decision>) -> Decision {
+    assert_eq!(ds.len(), 1, "{ds:#?}");
+    ds.into_iter().next().unwrap()
+}
+
+fn held(d: &Decider, addr: &str) -> Option<BlockKind> {
+    d.desired().blocks.get(&net(addr)).map(|b| b.kind)
+}
+
+fn with_reconnects(entries: &[String]) -> Arc<Policy> {
+    policy(&format!("reconnect:\n{}", entries.concat()))
+}
+
+/// Quarantine → (expires) → block until reconnect → (operator unblock) → terminate.
+fn climb_to_block(d: &mut Decider) {
+    let q = one(d
+        .on_detection(&detection(A, Category::PortScan, at(10)))
+        .unwrap());
+    assert_eq!(q.kind, Some(BlockKind::Quarantine));
+    assert_eq!(q.offense, 1);
+    assert_eq!(q.expires, Some(at(10 + HOUR)));
+    assert_eq!(
+        q.cause,
+        Cause::Detection {
+            category: Category::PortScan
+        }
+    );
+    let e = one(d.on_tick(at(10 + HOUR)).unwrap());
+    assert_eq!((e.kind, e.cause), (None, Cause::Expiry));
+    assert_eq!(held(d, A), None);
+    let b = one(d
+        .on_detection(&detection(A, Category::PortScan, at(2 * HOUR)))
+        .unwrap());
+    assert_eq!(
+        (b.kind, b.offense, b.expires),
+        (Some(BlockKind::Block), 2, None)
+    );
+    assert_eq!(held(d, A), Some(BlockKind::Block));
+}
+
+#[test]
+fn ladder_climbs_across_offenses() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    // Block until reconnect does not expire.
+    assert!(d.on_tick(at(10 * DAY)).unwrap().is_empty());
+    one(d
+        .on_operator_unblock(net(A), "ABUSE-9", "alice", at(10 * DAY))
+        .unwrap());
+    let t = one(d
+        .on_detection(&detection(A, Category::Spam, at(11 * DAY)))
+        .unwrap());
+    assert_eq!(
+        (t.kind, t.offense, t.expires),
+        (Some(BlockKind::Terminate), 3, None)
+    );
+    // The last rung repeats; a terminated address is held, so nothing new happens.
+    assert!(
+        d.on_detection(&detection(A, Category::Spam, at(12 * DAY)))
+            .unwrap()
+            .is_empty()
+    );
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(h.offenses.len(), 3);
+    assert_eq!(h.offenses[0].evidence.crossed[0].signal, "distinct_ports");
+    assert_eq!(h.terminations.len(), 1);
+    assert_eq!(h.counted_offenses, 3);
+}
+
+#[test]
+fn forget_after_expires_old_offenses() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(0)))
+        .unwrap());
+    one(d.on_tick(at(HOUR)).unwrap());
+    // 29 days later the first offense still counts: block.
+    let b = one(d
+        .on_detection(&detection(A, Category::PortScan, at(29 * DAY)))
+        .unwrap());
+    assert_eq!((b.kind, b.offense), (Some(BlockKind::Block), 2));
+    one(d
+        .on_operator_unblock(net(A), "T", "alice", at(29 * DAY + 10))
+        .unwrap());
+    // 31 days after the first and 29.5 after the second: only the second counts.
+    let b = one(d
+        .on_detection(&detection(A, Category::PortScan, at(58 * DAY + HOUR)))
+        .unwrap());
+    assert_eq!((b.kind, b.offense), (Some(BlockKind::Block), 2));
+    one(d
+        .on_operator_unblock(net(A), "T2", "alice", at(58 * DAY + 2 * HOUR))
+        .unwrap());
+    // Both old ones forgotten: back to the first rung.
+    let q = one(d
+        .on_detection(&detection(A, Category::PortScan, at(100 * DAY)))
+        .unwrap());
+    assert_eq!((q.kind, q.offense), (Some(BlockKind::Quarantine), 1));
+}
+
+#[test]
+fn start_at_skips_rungs() {
+    let mut d = decider(policy(""));
+    let b = one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(0)))
+        .unwrap());
+    assert_eq!((b.kind, b.offense), (Some(BlockKind::Block), 1));
+}
+
+#[test]
+fn held_addresses_make_no_new_offense_unless_attacking_from_quarantine() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(100)))
+        .unwrap());
+    // Same traffic (window began before the quarantine): nothing.
+    assert!(
+        d.on_detection(&detection(A, Category::PortScan, at(130)))
+            .unwrap()
+            .is_empty()
+    );
+    // New traffic from quarantine: escalate to the next rung.
+    let e = one(d
+        .on_detection(&detection(A, Category::PortScan, at(200)))
+        .unwrap());
+    assert_eq!(
+        (e.kind, e.offense, e.expires),
+        (Some(BlockKind::Block), 2, None)
+    );
+    // Blocked: no escalation whatever arrives.
+    assert!(
+        d.on_detection(&detection(A, Category::Flood, at(400)))
+            .unwrap()
+            .is_empty()
+    );
+    let s = d.status();
+    assert_eq!(s.counters.while_held, 2);
+    assert_eq!(s.counters.offenses, 2);
+    assert_eq!(d.history(net(A)).unwrap().offenses.len(), 2);
+}
+
+#[test]
+fn valid_reconnect_lifts_at_once_and_the_next_offense_climbs() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    let p = with_reconnects(&[reconnect_entry(A, "ABUSE-1", ALL_CONDITIONS, FAR, false)]);
+    let out = d.on_policy(p.clone(), at(3 * HOUR)).unwrap();
+    assert_eq!(out.reconnects.len(), 1);
+    assert_eq!(out.reconnects[0].result, ReconnectResult::Applied);
+    let dec = one(out.decisions);
+    assert_eq!(dec.kind, None);
+    assert_eq!(
+        dec.cause,
+        Cause::Reconnect {
+            ticket: "ABUSE-1".into(),
+            authorised_by: "desk@example".into()
+        }
+    );
+    assert_eq!(held(&d, A), None);
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(h.reconnects.len(), 1);
+    assert_eq!(h.reconnects[0].applied_at, at(3 * HOUR));
+    assert!(
+        h.audit
+            .iter()
+            .any(|a| a.entry.action == actions::RECONNECT && a.entry.actor == "desk@example")
+    );
+    assert_eq!(d.status().last_reconnect_outcomes, out.reconnects);
+    // History is not reset: the third offense terminates.
+    let t = one(d
+        .on_detection(&detection(A, Category::PortScan, at(4 * HOUR)))
+        .unwrap());
+    assert_eq!((t.kind, t.offense), (Some(BlockKind::Terminate), 3));
+}
+
+#[test]
+fn an_authorisation_is_used_once() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(0)))
+        .unwrap()); // block (start_at 2)
+    let p = with_reconnects(&[reconnect_entry(A, "ABUSE-1", ALL_CONDITIONS, FAR, false)]);
+    one(d.on_policy(p.clone(), at(HOUR)).unwrap().decisions);
+    // A new offense; the same entry is still in the file.
+    let b = one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(2 * HOUR)))
+        .unwrap());
+    assert_eq!(b.kind, Some(BlockKind::Block));
+    let out = d.on_policy(p, at(3 * HOUR)).unwrap();
+    assert!(out.decisions.is_empty());
+    assert!(matches!(
+        &out.reconnects[0].result,
+        ReconnectResult::Refused(Refusal::UsedBefore { applied_at, .. }) if *applied_at == at(HOUR)
+    ));
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
+}
+
+#[test]
+fn invalid_reconnects_are_refused_with_their_reason() {
+    let mut d = decider(policy(""));
+    for a in ["203.0.113.10", "203.0.113.11", "203.0.113.12"] {
+        one(d
+            .on_detection(&detection(a, Category::NetworkScan, at(0)))
+            .unwrap());
+    }
+    let mut p = (*with_reconnects(&[
+        reconnect_entry(
+            "203.0.113.10",
+            "EXPIRED",
+            ALL_CONDITIONS,
+            "2026-11-01T00:00:00Z",
+            false,
+        ),
+        reconnect_entry("203.0.113.11", "MISSING", ALL_CONDITIONS, FAR, false),
+        reconnect_entry("203.0.113.20", "NOTBLOCKED", ALL_CONDITIONS, FAR, false),
+    ]))
+    .clone();
+    // Validation refuses a file with missing conditions; the decider checks them anyway.
+    p.reconnect[1].conditions.remove("fee_paid");
+    let out = d.on_policy(Arc::new(p), at(HOUR)).unwrap();
+    assert!(out.decisions.is_empty());
+    let r: Vec<_> = out.reconnects.iter().map(|o| o.result.clone()).collect();
+    assert_eq!(
+        r,
+        vec![
+            ReconnectResult::Refused(Refusal::Expired {
+                expires: egressguard::messages::Time::parse_rfc3339("2026-11-01T00:00:00Z")
+                    .unwrap()
+            }),
+            ReconnectResult::Refused(Refusal::MissingConditions {
+                missing: vec!["fee_paid".into()]
+            }),
+            ReconnectResult::Refused(Refusal::NotBlocked),
+        ]
+    );
+    assert!(r[1].clone() != ReconnectResult::Applied);
+    let text = out.reconnects[1].to_string();
+    assert!(text.contains("not attested: fee_paid"), "{text}");
+    for a in ["203.0.113.10", "203.0.113.11", "203.0.113.12"] {
+        assert_eq!(held(&d, a), Some(BlockKind::Block), "{a}");
+    }
+    let refused = d
+        .store()
+        .audit(None, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.entry.action == actions::RECONNECT_REFUSED)
+        .count();
+    assert_eq!(refused, 3);
+}
+
+#[test]
+fn a_ticket_read_before_the_block_does_not_lift_it() {
+    let mut d = decider(policy(""));
+    let p = with_reconnects(&[reconnect_entry(A, "EARLY", ALL_CONDITIONS, FAR, false)]);
+    let out = d.on_policy(p.clone(), at(10)).unwrap();
+    assert_eq!(
+        out.reconnects[0].result,
+        ReconnectResult::Refused(Refusal::NotBlocked)
+    );
+    one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(100)))
+        .unwrap());
+    let out = d.on_policy(p, at(200)).unwrap();
+    assert_eq!(
+        out.reconnects[0].result,
+        ReconnectResult::Refused(Refusal::PredatesBlock {
+            seen: at(10),
+            blocked_since: at(100)
+        })
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
+}
+
+#[test]
+fn termination_holds_unless_overridden() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    one(d
+        .on_operator_unblock(net(A), "T", "alice", at(3 * HOUR))
+        .unwrap());
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(4 * HOUR)))
+        .unwrap());
+    assert_eq!(held(&d, A), Some(BlockKind::Terminate));
+    // Operator unblock and a plain reconnect are refused.
+    let err = d
+        .on_operator_unblock(net(A), "T2", "alice", at(5 * HOUR))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecideError::Refused {
+                refusal: OperatorRefusal::Terminated,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = d
+        .on_operator_block(net(A), "again", None, "alice", at(5 * HOUR))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::AlreadyTerminated,
+            ..
+        }
+    ));
+    let p = with_reconnects(&[reconnect_entry(A, "PLAIN", ALL_CONDITIONS, FAR, false)]);
+    let out = d.on_policy(p, at(6 * HOUR)).unwrap();
+    assert_eq!(
+        out.reconnects[0].result,
+        ReconnectResult::Refused(Refusal::Terminated)
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Terminate));
+    // An override lifts it, and the termination record says by which ticket.
+    let p = with_reconnects(&[
+        reconnect_entry(A, "PLAIN", ALL_CONDITIONS, FAR, false),
+        reconnect_entry(A, "OVERRIDE", ALL_CONDITIONS, FAR, true),
+    ]);
+    let out = d.on_policy(p, at(7 * HOUR)).unwrap();
+    assert_eq!(out.reconnects[1].result, ReconnectResult::Applied);
+    assert_eq!(held(&d, A), None);
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(h.terminations[0].lifted_by.as_deref(), Some("OVERRIDE"));
+    assert_eq!(h.terminations[0].lifted_at, Some(at(7 * HOUR)));
+}
+
+#[test]
+fn allowlisted_and_infrastructure_addresses_are_never_blocked() {
+    let p = policy("");
+    let infra = InfraSet::from_policy(&p).with([net("203.0.113.1")]);
+    assert!(infra.overlaps(&net("192.0.2.2"))); // BGP peer
+    assert!(infra.overlaps(&net("192.0.2.53"))); // walled garden
+    let mut d = Decider::new(p, Store::open_in_memory().unwrap(), infra, at(0)).unwrap();
+    for a in ["203.0.113.250", "203.0.113.1"] {
+        for c in Category::ALL {
+            assert!(
+                d.on_detection(&detection(a, c, at(10))).unwrap().is_empty(),
+                "{a} {c}"
+            );
+        }
+    }
+    assert!(d.desired().blocks.is_empty());
+    assert_eq!(d.status().counters.protected, 10);
+    let err = d
+        .on_operator_block(net("203.0.113.250"), "r", None, "alice", at(20))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::Protected {
+                protection: Protection::Allowlisted
+            },
+            ..
+        }
+    ));
+    // A prefix that holds an allowlisted address is not blocked either.
+    let err = d
+        .on_operator_block(net("203.0.113.0/24"), "r", None, "alice", at(20))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::Protected { .. },
+            ..
+        }
+    ));
+    let err = d
+        .on_operator_block(net("203.0.113.1"), "r", None, "alice", at(20))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::Protected {
+                protection: Protection::Infrastructure
+            },
+            ..
+        }
+    ));
+    let audit = d.store().audit(Some(net("203.0.113.250")), 100).unwrap();
+    assert_eq!(audit.len(), 5);
+    assert!(audit.iter().all(|a| a.entry.action == actions::PROTECTED));
+}
+
+#[test]
+fn infrastructure_protection_follows_the_policy_switch() {
+    let mut p = (*policy("")).clone();
+    p.protect_infrastructure = false;
+    let infra = InfraSet::new([net("203.0.113.1")]);
+    let mut d = Decider::new(Arc::new(p), Store::open_in_memory().unwrap(), infra, at(0)).unwrap();
+    one(d
+        .on_detection(&detection("203.0.113.1", Category::Flood, at(10)))
+        .unwrap());
+    // Turning protection on releases it.
+    let lifted = one(d.on_policy(policy(""), at(20)).unwrap().decisions);
+    assert_eq!(lifted.kind, None);
+    assert!(d.desired().blocks.is_empty());
+}
+
+#[test]
+fn a_newly_allowlisted_address_is_released_on_reload() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(10)))
+        .unwrap());
+    let mut p = (*policy("")).clone();
+    p.allow.push(net(A));
+    let out = d.on_policy(Arc::new(p), at(20)).unwrap();
+    assert_eq!(one(out.decisions).kind, None);
+    assert_eq!(held(&d, A), None);
+}
+
+#[test]
+fn breaker_trips_per_minute_and_detection_goes_on() {
+    let p =
+        policy("circuit_breaker:\n  max_new_blocks_per_minute: 3\n  max_blocks_per_network: 100\n");
+    let mut d = decider(p.clone());
+    let mut made = 0;
+    for i in 0..6u64 {
+        let a = format!("203.0.113.{}", 10 + i);
+        made += d
+            .on_detection(&detection(&a, Category::PortScan, at(100 + i)))
+            .unwrap()
+            .len();
+    }
+    assert_eq!(made, 3);
+    let s = d.status();
+    assert!(s.breaker.tripped);
+    assert_eq!(s.breaker.tripped_since, Some(at(103)));
+    assert_eq!(s.counters.detections, 6);
+    assert_eq!(s.counters.suppressed, 3);
+    assert_eq!(s.counters.breaker_trips, 1);
+    // Latched: a minute later it still suppresses new blocks...
+    assert!(
+        d.on_detection(&detection("198.51.100.5", Category::Spam, at(400)))
+            .unwrap()
+            .is_empty()
+    );
+    // ...but an already quarantined address attacking again still escalates.
+    let e = one(d
+        .on_detection(&detection("203.0.113.10", Category::PortScan, at(500)))
+        .unwrap());
+    assert_eq!(e.kind, Some(BlockKind::Block));
+    // Suppressed detections keep their evidence in the audit trail.
+    let sup = d.store().audit(Some(net("198.51.100.5")), 10).unwrap();
+    assert_eq!(sup[0].entry.action, actions::SUPPRESSED);
+    assert_eq!(sup[0].entry.detail["evidence"]["top_ports"][0]["key"], 80);
+    // An operator reset lets blocks through again.
+    assert!(d.reset_breaker("alice", at(600)).unwrap());
+    assert!(!d.status().breaker.tripped);
+    one(d
+        .on_detection(&detection("198.51.100.5", Category::Spam, at(610)))
+        .unwrap());
+    // A reload resets it too.
+    for i in 0..4u64 {
+        let a = format!("198.51.100.{}", 20 + i);
+        let _ = d
+            .on_detection(&detection(&a, Category::PortScan, at(620 + i)))
+            .unwrap();
+    }
+    assert!(d.breaker_tripped());
+    d.on_policy(p, at(700)).unwrap();
+    assert!(!d.breaker_tripped());
+}
+
+#[test]
+fn breaker_caps_blocks_per_network() {
+    let p =
+        policy("circuit_breaker:\n  max_new_blocks_per_minute: 100\n  max_blocks_per_network: 2\n");
+    let mut d = decider(p);
+    one(d
+        .on_detection(&detection("203.0.113.10", Category::PortScan, at(0)))
+        .unwrap());
+    one(d
+        .on_detection(&detection("203.0.113.11", Category::NetworkScan, at(1)))
+        .unwrap());
+    assert!(
+        d.on_detection(&detection("203.0.113.12", Category::PortScan, at(2)))
+            .unwrap()
+            .is_empty()
+    );
+    // Another network is not affected, and the breaker as a whole is not tripped.
+    one(d
+        .on_detection(&detection("198.51.100.12", Category::PortScan, at(3)))
+        .unwrap());
+    let s = d.status();
+    assert!(!s.breaker.tripped);
+    assert_eq!(s.breaker.networks_at_limit.len(), 1);
+    assert_eq!(
+        s.breaker.networks_at_limit[0].name.as_deref(),
+        Some("cust-a")
+    );
+    // The quarantine of .10 expires: room for one more.
+    d.on_tick(at(HOUR + 10)).unwrap();
+    one(d
+        .on_detection(&detection(
+            "203.0.113.12",
+            Category::PortScan,
+            at(HOUR + 20),
+        ))
+        .unwrap());
+}
+
+#[test]
+fn dry_run_decides_and_records_but_enforces_nothing() {
+    let mut p = (*policy("")).clone();
+    p.mode = Mode::DryRun;
+    let mut d = decider(Arc::new(p));
+    let q = one(d
+        .on_detection(&detection(A, Category::PortScan, at(10)))
+        .unwrap());
+    assert!(q.dry_run);
+    assert_eq!(q.kind, Some(BlockKind::Quarantine));
+    assert!(d.desired().blocks.is_empty());
+    assert_eq!(
+        d.would_enforce().blocks[&net(A)].kind,
+        BlockKind::Quarantine
+    );
+    let audit = d.store().audit(Some(net(A)), 10).unwrap();
+    assert!(audit[0].entry.dry_run);
+    assert_eq!(d.status().dry_run_by_kind[&BlockKind::Quarantine], 1);
+    // Switching to enforce discards the dry-run holds; the dry-run offense does not count.
+    d.on_policy(policy(""), at(20)).unwrap();
+    assert!(d.would_enforce().blocks.is_empty());
+    assert!(d.desired().blocks.is_empty());
+    let q = one(d
+        .on_detection(&detection(A, Category::PortScan, at(30)))
+        .unwrap());
+    assert_eq!(
+        (q.kind, q.offense, q.dry_run),
+        (Some(BlockKind::Quarantine), 1, false)
+    );
+}
+
+#[test]
+fn desired_blocks_carry_announcements_and_flowspec_scope() {
+    let mut d = decider(policy(""));
+    d.on_detection(&detection("203.0.113.20", Category::Spam, at(1)))
+        .unwrap();
+    d.on_detection(&detection("203.0.113.21", Category::Flood, at(2)))
+        .unwrap();
+    d.on_detection(&detection("203.0.113.22", Category::BruteForce, at(3)))
+        .unwrap();
+    let desired = d.desired();
+    let spam = &desired.blocks[&net("203.0.113.20")];
+    assert_eq!(spam.announce, vec![Announce::Flowspec]);
+    let fs = spam.flowspec.as_ref().unwrap();
+    assert_eq!(
+        (fs.proto, fs.dports.clone(), fs.rate_bytes_per_sec),
+        (Some(proto::TCP), vec![25], 0)
+    );
+    let flood = &desired.blocks[&net("203.0.113.21")];
+    assert_eq!(flood.announce, vec![Announce::Flowspec, Announce::Rtbh]);
+    let fs = flood.flowspec.as_ref().unwrap();
+    assert_eq!(
+        (fs.proto, fs.dports.is_empty(), fs.rate_bytes_per_sec),
+        (None, true, 1000)
+    );
+    let brute = &desired.blocks[&net("203.0.113.22")];
+    assert!(brute.announce.is_empty() && brute.flowspec.is_none());
+    assert_eq!(brute.expires, Some(at(3 + HOUR)));
+    // Every change bumps the generation.
+    let g = desired.generation;
+    d.on_tick(at(2 * HOUR)).unwrap();
+    assert!(d.desired().generation > g);
+    assert!(d.desired().blocks.is_empty());
+}
+
+#[test]
+fn operator_block_never_weakens_and_unblock_needs_a_hold() {
+    let mut d = decider(policy(""));
+    let b = one(d
+        .on_operator_block(
+            net(A),
+            "abuse report 7",
+            Some(Duration::from_secs(7200)),
+            "alice",
+            at(0),
+        )
+        .unwrap());
+    assert_eq!(
+        (b.kind, b.expires, b.offense),
+        (Some(BlockKind::Block), Some(at(7200)), 0)
+    );
+    assert!(matches!(b.cause, Cause::Operator { ref user, .. } if user == "alice"));
+    // A shorter block keeps the longer expiry.
+    let b = one(d
+        .on_operator_block(
+            net(A),
+            "again",
+            Some(Duration::from_secs(60)),
+            "bob",
+            at(10),
+        )
+        .unwrap());
+    assert_eq!(b.expires, Some(at(7200)));
+    // A detection of a blocked address is no new offense.
+    assert!(
+        d.on_detection(&detection(A, Category::PortScan, at(20)))
+            .unwrap()
+            .is_empty()
+    );
+    one(d
+        .on_operator_unblock(net(A), "T-1", "alice", at(30))
+        .unwrap());
+    let err = d
+        .on_operator_unblock(net(A), "T-1", "alice", at(40))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::NotBlocked,
+            ..
+        }
+    ));
+    let err = d
+        .on_operator_unblock(net(A), " ", "alice", at(40))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::NoTicket,
+            ..
+        }
+    ));
+    let err = d
+        .on_operator_block(net(A), "", None, "alice", at(40))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        DecideError::Refused {
+            refusal: OperatorRefusal::NoReason,
+            ..
+        }
+    ));
+    let actions: Vec<String> = d
+        .history(net(A))
+        .unwrap()
+        .audit
+        .into_iter()
+        .map(|a| a.entry.action)
+        .collect();
+    assert_eq!(
+        actions,
+        vec!["operator_block", "operator_block", "operator_unblock"]
+    );
+}
+
+#[test]
+fn list_shows_reason_since_and_until() {
+    let mut d = decider(policy(""));
+    d.on_detection(&detection(A, Category::PortScan, at(5)))
+        .unwrap();
+    let l = d.list();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].since, l[0].expires), (at(5), Some(at(5 + HOUR))));
+    assert!(
+        l[0].reason
+            .starts_with("port_scan offense 1: distinct_ports 150 > 100"),
+        "{}",
+        l[0].reason
+    );
+    assert_eq!(d.next_expiry(), Some(at(5 + HOUR)));
+}
