@@ -28,7 +28,7 @@ for f in egressguard.8 egressguard.bash _egressguard; do
     [ -s "$assets/$f" ] || { echo "build.sh: generator did not write $assets/$f" >&2; exit 1; }
 done
 
-# cargo-deb gzips the man page (-9n, reproducible) and the changelog itself.
+# cargo-deb gzips the man page and the changelog itself (zopfli, no timestamp: reproducible).
 # Debug symbols go to a separate egressguard-dbgsym_*.ddeb (zlib: readable by Rust backtraces).
 deb="$(cargo deb --no-build --locked --dbgsym --compress-debug-symbols=zlib "$@" | tail -n 1)"
 

@@ -132,7 +132,13 @@ check "binary is executable" test -x /usr/sbin/egressguard
 check "binary runs" /usr/sbin/egressguard --version
 check "man page is gzipped roff egressguard(8)" sh -c 'zcat /usr/share/man/man8/egressguard.8.gz | grep -q "^\.TH egressguard 8"'
 check "man page documents the check verb" sh -c 'zcat /usr/share/man/man8/egressguard.8.gz | grep -qi "egressguard check"'
-check "bash completion names the verbs" grep -q 'check' /usr/share/bash-completion/completions/egressguard
+check "bash completion loads and completes the verbs" bash -c '
+    source /usr/share/bash-completion/completions/egressguard
+    complete -p egressguard >/dev/null || exit 1
+    COMP_WORDS=(egressguard ch); COMP_CWORD=1; COMP_LINE="egressguard ch"; COMP_POINT=${#COMP_LINE}
+    "$(complete -p egressguard | sed -n "s/.*-F \([^ ]*\) .*/\1/p")" egressguard ch egressguard
+    [[ " ${COMPREPLY[*]} " == *" check "* ]]'
+check "zsh completion defines _egressguard" grep -q '^#compdef egressguard' /usr/share/zsh/vendor-completions/_egressguard
 check "installed policy is the shipped default" cmp -s policies/default.yaml "$POLICY"
 check "shipped policy is in dry-run mode" grep -qx 'mode: dry-run' "$POLICY"
 check "dpkg knows the conffile" sh -c "dpkg-query -W -f='\${Conffiles}' $PKG | grep -q '$POLICY'"
