@@ -14,6 +14,8 @@
 #
 # Needs: cargo-deb, lintian, dpkg-dev, binutils, nftables, iproute2, systemd (for
 # systemd-analyze; it need not be running).
+# Single-quoted $… below is meant for the inner shell or is literal text.
+# shellcheck disable=SC2016
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
