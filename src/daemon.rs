@@ -1,46 +1,75 @@
 //! The daemon: loads the policy, spawns the stages, owns the decisions, handles signals.
 //!
-//! Task graph (every arrow is a tokio channel; every message type lives in `messages`):
+//! Task graph (every arrow is a channel; every message type lives in `messages`):
 //!
 //! ```text
-//!  signal thread (SIGHUP, SIGTERM, SIGINT) ──Event──┐
-//!  control socket (one task per connection) ─Event──┤  request + oneshot reply
-//!                                                    ▼
-//!                                          ┌──────────────────┐
-//!                                          │  decision task   │  owns the policy (Arc, swapped on
-//!                                          │  (this module)   │  reload) and every decision
-//!                                          └──────────────────┘
+//!  conntrack listener (thread) ──Vec<Observation>──┐
+//!  counter reader (thread) ─────Vec<Observation>──┤
+//!                                                  ▼
+//!                                      detect task (Engine; evaluates every
+//!                                      detection.evaluation_interval)
+//!                                                  │ Event::Detections
+//!  signal thread (SIGHUP, SIGTERM, SIGINT) ─Event──┤
+//!  control socket (a task per connection) ─Event───┤ request + oneshot reply
+//!                                                  ▼
+//!                                      decision task (this module: Decider, the one
+//!                                      owner of every hold; expiry timer)
+//!       ┌──────────────────────┬───────────────────┼────────────────────────┐
+//!       ▼ DesiredBlocks        ▼ watch<DesiredBlocks>▼ Notification          ▼ watch<status>
+//!  enforcer task (nft,    BGP speaker (a task    notifier task (hook,    metrics server
+//!  blackhole routes,      per peer) ──learned    abuse reports)
+//!  reconcile)             flowspec──▶ decision task
 //! ```
 //!
-//! The observe, detect, enforce and BGP stages join this graph as they are built (see README,
-//! "What is not done yet"); until then the daemon watches nothing and enforces nothing, and
-//! says so at start.
+//! The decision task never waits on kernel I/O: the enforcer, the speaker and the notifier
+//! are writer tasks fed by channels. Every decision is written to the state database before
+//! it is handed to them (write-ahead, in `decide`).
 //!
-//! Shutdown order, fixed: stop taking events → let the decision task finish the event in
-//! hand → stop the runtime. Blocks already in the kernel stay in place when the agent stops
-//! (a restart must never open a gap); removal is explicit.
+//! Start order: policy → state database → decisions restored → enforcement (restored blocks
+//! back in the kernel before anything is observed) → BGP → notifier → observers → detect →
+//! control socket and metrics → READY.
+//!
+//! Shutdown order, fixed: stop taking control requests → stop the observers → stop detect →
+//! the decision task finishes the event in hand → the enforcer finishes its batch (blocks
+//! stay in the kernel: a restart must never open a gap) → BGP sessions close with CEASE →
+//! exit. Removal of the agent's table is explicit (package purge, `nft delete table`).
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use ipnet::IpNet;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::bgp::{LearnedRules, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
-use crate::control::protocol::{Body, Reply, Request, StatusView};
+use crate::control::protocol::{
+    AuditView, Body, BlockView, BreakerView, HistoryView, OffenseView, PeerView, ReconnectView, Reply, Request,
+    StatusView,
+};
 use crate::control::server::{self, ControlError, ControlRequest};
-use crate::messages::Time;
+use crate::decide::{DecideError, DecideStatus, Decider, InfraSet};
+use crate::detect::{Engine, EngineStats};
+use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, EnforcerHandle};
+use crate::messages::{BlockKind, DesiredBlock, DesiredBlocks, Detection, Observation, Time};
+use crate::notify::{Notification, Notifier};
+use crate::observe::{
+    ConntrackListener, CounterHandle, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
+    ObserveStats,
+};
 use crate::policy::{Policy, PolicyError};
+use crate::state::{StateError, Store};
 
 /// What the decision task is told.
 #[derive(Debug)]
 pub enum Event {
-    /// Re-read the policy file (SIGHUP, or `egressguard reload` with a reply channel).
-    Reload {
-        /// Where to send the outcome, when somebody waits for it.
-        reply: Option<oneshot::Sender<Result<String, String>>>,
-    },
+    /// Re-read the policy file (SIGHUP).
+    Reload,
     /// Stop (SIGTERM, SIGINT).
     Shutdown {
         /// The signal's name, for the log.
@@ -48,6 +77,8 @@ pub enum Event {
     },
     /// A request from the control socket.
     Control(ControlRequest),
+    /// Detections from the detect task.
+    Detections(Vec<Detection>),
 }
 
 /// Errors that stop the daemon at start.
@@ -56,6 +87,27 @@ pub enum DaemonError {
     /// The policy did not validate.
     #[error("cannot start")]
     Policy(#[source] PolicyError),
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state database could not be opened.
+    #[error("cannot start")]
+    State(#[source] StateError),
+    /// The decisions could not be restored.
+    #[error("cannot restore the decisions")]
+    Decide(#[source] DecideError),
+    /// Enforcement could not start.
+    #[error("cannot start enforcement")]
+    Enforce(#[source] EnforceError),
+    /// Observation could not start.
+    #[error("cannot start observing")]
+    Observe(#[source] ObserveError),
     /// The async runtime could not be built.
     #[error("cannot build the async runtime")]
     Runtime(#[source] std::io::Error),
@@ -97,63 +149,46 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
 fn start(args: &RunArgs) -> Result<(), DaemonError> {
     let policy = Arc::new(Policy::load(&args.policy).map_err(DaemonError::Policy)?);
+    if !args.state_dir.exists() {
+        std::fs::create_dir_all(&args.state_dir).map_err(|source| DaemonError::StateDir {
+            path: args.state_dir.clone(),
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o750));
+    }
+    let store = Store::open(&args.state_dir.join("state.db")).map_err(DaemonError::State)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("egressguard")
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let (tx, rx) = mpsc::channel::<Event>(64);
+    let (tx, rx) = mpsc::channel::<Event>(256);
     let signals = spawn_signal_thread(tx.clone())?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let outcome = rt.block_on(async {
-        let listener = server::bind(&args.socket).map_err(DaemonError::Control)?;
-        let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
-        let control = tokio::spawn(server::serve(listener, ctl_tx, stop_rx));
-        let forward = {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while let Some(req) = ctl_rx.recv().await {
-                    if tx.send(Event::Control(req)).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        let mut d = Decider {
-            policy_path: args.policy.clone(),
-            policy,
-            started: Time::now(),
-        };
-        d.started(args);
-        d.run(rx).await;
-        // Shutdown order: stop taking control requests, then the rest.
-        let _ = stop_tx.send(true);
-        let _ = control.await;
-        forward.abort();
-        let _ = std::fs::remove_file(&args.socket);
-        Ok(())
-    });
+    let outcome = rt.block_on(serve(args, policy, store, tx, rx));
     signals.close();
     outcome?;
     info!("stopped");
     Ok(())
 }
 
-fn spawn_signal_thread(
-    tx: mpsc::Sender<Event>,
-) -> Result<signal_hook::iterator::Handle, DaemonError> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
-        .map_err(DaemonError::Signals)?;
+fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> Result<signal_hook::iterator::Handle, DaemonError> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 let ev = match sig {
-                    SIGHUP => Event::Reload { reply: None },
+                    SIGHUP => Event::Reload,
                     SIGTERM => Event::Shutdown { why: "SIGTERM" },
                     _ => Event::Shutdown { why: "SIGINT" },
                 };
@@ -166,88 +201,405 @@ fn spawn_signal_thread(
     Ok(handle)
 }
 
+/// The addresses the agent must never block besides the allowlist: what the policy names
+/// (BGP peers, walled garden) plus the router's own addresses and its resolvers.
+fn infrastructure(policy: &Policy) -> InfraSet {
+    let mut more: Vec<IpNet> = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            if let Some(v4) = sa.as_sockaddr_in() {
+                more.push(IpNet::from(IpAddr::V4(v4.ip())));
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                let ip = v6.ip();
+                if !ip.is_loopback() && (ip.segments()[0] & 0xffc0) != 0xfe80 {
+                    more.push(IpNet::from(IpAddr::V6(ip)));
+                }
+            }
+        }
+    }
+    if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {
+        for l in resolv.lines() {
+            if let Some(ns) = l.trim().strip_prefix("nameserver")
+                && let Ok(ip) = ns.trim().parse::<IpAddr>()
+            {
+                more.push(IpNet::from(ip));
+            }
+        }
+    }
+    InfraSet::from_policy(policy).with(more)
+}
+
+/// Shared counters the decision task reads for `status` and metrics.
+struct Observed {
+    conntrack: Arc<ObserveStats>,
+    counters: Arc<ObserveStats>,
+    engine: watch::Receiver<EngineStats>,
+    /// Time of the last flow event (ns since epoch), 0 when none yet.
+    last_event: Arc<AtomicU64>,
+}
+
+async fn serve(
+    args: &RunArgs,
+    policy: Arc<Policy>,
+    store: Store,
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+) -> Result<(), DaemonError> {
+    let now = Time::now();
+    let infra = infrastructure(&policy);
+    let mut decider = Decider::new(Arc::clone(&policy), store, infra, now).map_err(DaemonError::Decide)?;
+    let startup = decider.take_startup_decisions();
+
+    // Enforcement first: the blocks that should hold are back in the kernel before anything
+    // else happens.
+    let enforcer = Enforcer::init(Arc::clone(&policy)).await.map_err(DaemonError::Enforce)?.spawn();
+    let (blocks_tx, blocks_rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let speaker = policy.bgp.clone().map(|b| Speaker::spawn(b, blocks_rx));
+    let notifier = Notifier::spawn(policy.notify.clone());
+
+    // Observation, then detection.
+    let filter = FilterHandle::new(CustomerFilter::from_policy(&policy));
+    let (obs_tx, obs_rx) = mpsc::channel::<Vec<Observation>>(1024);
+    let listener = ConntrackListener::open(Arc::clone(&filter), ListenerOptions::default(), obs_tx.clone())
+        .map_err(DaemonError::Observe)?;
+    let counters = CounterReader::new(policy.enforcement.table.clone(), Arc::clone(&filter))
+        .spawn(policy.detection.counter_interval, obs_tx)
+        .map_err(DaemonError::Observe)?;
+    let (engine_tx, engine_rx) = watch::channel(EngineStats::default());
+    let (policy_tx, policy_rx) = watch::channel(Arc::clone(&policy));
+    let last_event = Arc::new(AtomicU64::new(0));
+    let detect = tokio::spawn(detect_task(
+        Engine::new(Arc::clone(&policy)),
+        obs_rx,
+        policy_rx,
+        tx.clone(),
+        engine_tx,
+        Arc::clone(&last_event),
+    ));
+    let observed = Observed {
+        conntrack: listener.stats(),
+        counters: counters.stats(),
+        engine: engine_rx,
+        last_event,
+    };
+
+    // The operator's side.
+    let listener_sock = server::bind(&args.socket).map_err(DaemonError::Control)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
+    let control = tokio::spawn(server::serve(listener_sock, ctl_tx, stop_rx.clone()));
+    let forward = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(req) = ctl_rx.recv().await {
+                if tx.send(Event::Control(req)).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (status_tx, status_rx) = watch::channel(decider.status());
+    let metrics = policy.metrics.map(|addr| {
+        let render = metrics_render(
+            status_rx.clone(),
+            Arc::clone(&observed.conntrack),
+            Arc::clone(&observed.counters),
+            observed.engine.clone(),
+            enforcer.stats_reader(),
+            speaker.clone(),
+            Arc::clone(notifier.stats()),
+        );
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, render, stop).await {
+                error!(%addr, error = %e, "metrics server failed");
+            }
+        })
+    });
+    drop(tx);
+
+    let mut agent = Agent {
+        policy_path: args.policy.clone(),
+        policy,
+        started: now,
+        decider,
+        enforcer,
+        blocks_tx,
+        speaker,
+        notifier,
+        filter,
+        policy_tx,
+        status_tx,
+        observed,
+        learned: Arc::new(LearnedRules::new()),
+        learned_refused: BTreeSet::new(),
+        generation: 0,
+        router: nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "router".into()),
+    };
+    agent.started(args, startup);
+    agent.run(rx).await;
+
+    // Shutdown, in the documented order.
+    let _ = stop_tx.send(true);
+    let _ = control.await;
+    forward.abort();
+    let _ = std::fs::remove_file(&args.socket);
+    listener.stop();
+    stop_counters(counters);
+    let _ = detect.await;
+    agent.finish().await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
+    Ok(())
+}
+
+fn stop_counters(c: CounterHandle) {
+    c.stop();
+}
+
+/// The detect task: feeds every observation to the engine and evaluates on the interval.
+async fn detect_task(
+    mut engine: Engine,
+    mut rx: mpsc::Receiver<Vec<Observation>>,
+    mut policy_rx: watch::Receiver<Arc<Policy>>,
+    tx: mpsc::Sender<Event>,
+    stats: watch::Sender<EngineStats>,
+    last_event: Arc<AtomicU64>,
+) {
+    let new_tick = |p: &Policy| {
+        let mut t = tokio::time::interval(p.detection.evaluation_interval);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        t
+    };
+    let mut tick = new_tick(engine.policy());
+    let mut out: Vec<Detection> = Vec::new();
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                let mut last = 0;
+                for o in &batch {
+                    engine.observe(o);
+                    if let Observation::Flow(f) = o {
+                        last = last.max(f.time.as_nanos());
+                    }
+                }
+                if last > 0 {
+                    last_event.fetch_max(last, Ordering::Relaxed);
+                }
+            }
+            _ = tick.tick() => {
+                engine.evaluate(Time::now(), &mut out);
+                if !out.is_empty() && tx.send(Event::Detections(std::mem::take(&mut out))).await.is_err() {
+                    break;
+                }
+                stats.send_replace(engine.stats());
+            }
+            changed = policy_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let p = Arc::clone(&policy_rx.borrow_and_update());
+                if p.detection.evaluation_interval != engine.policy().detection.evaluation_interval {
+                    tick = new_tick(&p);
+                }
+                engine.set_policy(p);
+            }
+        }
+    }
+}
+
 /// The decision task: the one owner of the policy and of every decision.
-struct Decider {
+struct Agent {
     policy_path: PathBuf,
     policy: Arc<Policy>,
     started: Time,
+    decider: Decider,
+    enforcer: EnforcerHandle,
+    blocks_tx: watch::Sender<Arc<DesiredBlocks>>,
+    speaker: Option<SpeakerHandle>,
+    notifier: Notifier,
+    filter: Arc<FilterHandle>,
+    policy_tx: watch::Sender<Arc<Policy>>,
+    status_tx: watch::Sender<DecideStatus>,
+    observed: Observed,
+    learned: Arc<LearnedRules>,
+    learned_refused: BTreeSet<String>,
+    generation: u64,
+    router: String,
 }
 
-impl Decider {
-    fn started(&self, args: &RunArgs) {
+impl Agent {
+    fn mode(&self) -> &'static str {
+        if self.policy.enforcing() { "enforce" } else { "dry-run" }
+    }
+
+    fn started(&mut self, args: &RunArgs, startup: Vec<crate::messages::Decision>) {
         let p = &self.policy;
         info!(
             policy = %self.policy_path.display(),
             version = %p.source.digest,
-            mode = if p.enforcing() { "enforce" } else { "dry-run" },
+            mode = self.mode(),
             networks = p.networks.len(),
             state_dir = %args.state_dir.display(),
             socket = %args.socket.display(),
+            table = %p.enforcement.table,
             "started"
         );
-        warn!(
-            "this build has no observers or enforcers yet: it watches nothing and blocks nothing"
-        );
+        self.log_reconnects();
+        self.publish(startup, &[]);
         sd_notify("READY=1");
     }
 
     async fn run(&mut self, mut rx: mpsc::Receiver<Event>) {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Reload { reply } => {
-                    let outcome = self.reload();
-                    if let Some(reply) = reply {
-                        let _ = reply.send(outcome);
+        let mut learned_rx = self.speaker.as_ref().map(SpeakerHandle::learned);
+        loop {
+            let next = self
+                .decider
+                .next_expiry()
+                .map(|t| t.since(Time::now()).min(Duration::from_secs(60)))
+                .unwrap_or(Duration::from_secs(60));
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    match ev {
+                        Event::Reload => {
+                            let _ = self.reload();
+                        }
+                        Event::Shutdown { why } => {
+                            info!(signal = why, "stopping");
+                            sd_notify("STOPPING=1");
+                            break;
+                        }
+                        Event::Control(req) => {
+                            let reply = self.control(req.request, &req.peer.user);
+                            let _ = req.reply.send(reply);
+                        }
+                        Event::Detections(ds) => self.detections(ds),
                     }
                 }
-                Event::Shutdown { why } => {
-                    info!(signal = why, "stopping");
-                    sd_notify("STOPPING=1");
-                    break;
+                _ = tokio::time::sleep(next) => {
+                    match self.decider.on_tick(Time::now()) {
+                        Ok(decisions) => self.publish(decisions, &[]),
+                        Err(e) => error!(error = %error_chain(&e), "expiry check failed"),
+                    }
                 }
-                Event::Control(req) => {
-                    let reply = self.control(req.request, &req.peer.user);
-                    let _ = req.reply.send(reply);
+                changed = async {
+                    match learned_rx.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match (changed, learned_rx.as_ref()) {
+                        (Ok(()), Some(rx)) => {
+                            self.learned = Arc::clone(&rx.borrow());
+                            self.submit();
+                        }
+                        _ => learned_rx = None,
+                    }
                 }
             }
         }
     }
 
-    /// Answers one control request.
-    fn control(&mut self, req: Request, user: &str) -> Reply {
-        match req {
-            Request::Status => Reply::Ok {
-                body: Body::Status(Box::new(self.status())),
-            },
-            Request::Reload => {
-                info!(user, "reload requested on the control socket");
-                match self.reload() {
-                    Ok(message) => Reply::Ok {
-                        body: Body::Done { message },
-                    },
-                    Err(error) => Reply::Error { error },
-                }
-            }
-            Request::List
-            | Request::Show { .. }
-            | Request::Block { .. }
-            | Request::Unblock { .. } => Reply::Error {
-                error: "this build has no decision stage yet: it holds no blocks".into(),
-            },
+    fn detections(&mut self, ds: Vec<Detection>) {
+        for d in &ds {
+            let top = d
+                .evidence
+                .top_destinations
+                .first()
+                .map(|t| format!("{} ({})", t.key, t.count))
+                .unwrap_or_default();
+            let crossed: Vec<String> =
+                d.evidence.crossed.iter().map(|c| format!("{}={}>={}", c.signal, c.value, c.threshold)).collect();
+            info!(
+                addr = %d.source,
+                category = %d.category,
+                profile = %d.profile,
+                crossed = %crossed.join(","),
+                top_destination = %top,
+                "detection"
+            );
+        }
+        match self.decider.on_detections(&ds) {
+            Ok(decisions) => self.publish(decisions, &ds),
+            Err(e) => error!(error = %error_chain(&e), "detections not decided"),
         }
     }
 
-    fn status(&self) -> StatusView {
-        let p = &self.policy;
-        StatusView {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            mode: if p.enforcing() { "enforce" } else { "dry-run" }.to_owned(),
-            policy_file: self.policy_path.display().to_string(),
-            policy_version: p.source.digest.clone(),
-            started: self.started,
-            now: Time::now(),
-            warnings: vec!["this build has no observers or enforcers yet: it watches nothing and blocks nothing".into()],
-            ..StatusView::default()
+    /// After a batch of decisions: notify, then hand the new desired state to the writers.
+    fn publish(&mut self, decisions: Vec<crate::messages::Decision>, detections: &[Detection]) {
+        for d in decisions {
+            let evidence = detections
+                .iter()
+                .find(|x| self.decider.target_of(x.source) == d.target)
+                .map(|x| x.evidence.clone());
+            self.notifier.notify(Notification {
+                schema: crate::notify::SCHEMA.into(),
+                router: self.router.clone(),
+                policy_version: self.policy.source.digest.clone(),
+                decision: d,
+                evidence,
+            });
+        }
+        self.submit();
+        self.status_tx.send_replace(self.decider.status());
+    }
+
+    /// Sends the desired blocks to the enforcer and the BGP speaker.
+    ///
+    /// The enforcer gets the decided holds (in dry-run mode also the would-be holds, which it
+    /// only logs) plus the flowspec rules learnt from the fleet that translate exactly into
+    /// a source block. BGP gets only the decided, enforced holds: learnt rules are never
+    /// announced back, and dry-run announces nothing.
+    fn submit(&mut self) {
+        self.generation += 1;
+        let own = self.decider.desired();
+        let mut local = own.clone();
+        for (t, b) in self.decider.would_enforce().blocks {
+            local.blocks.entry(t).or_insert(b);
+        }
+        for rule in self.learned.values() {
+            let exact = rule.destination.is_none()
+                && rule.proto.is_none()
+                && rule.dports.is_empty()
+                && matches!(rule.action, crate::bgp::flowspec::LearnedAction::Discard);
+            let protected = self.decider.protection(&rule.source).is_some();
+            if exact && !protected {
+                local.blocks.entry(rule.source).or_insert(DesiredBlock {
+                    target: rule.source,
+                    kind: BlockKind::Block,
+                    expires: None,
+                    announce: Vec::new(),
+                    flowspec: None,
+                });
+            } else {
+                let key = format!("{}:{}", rule.peer, rule.source);
+                if self.learned_refused.insert(key) {
+                    warn!(
+                        peer = %rule.peer,
+                        source = %rule.source,
+                        protected,
+                        "learnt flowspec rule not enforced here: only a plain discard of a source prefix that is not protected translates exactly into the nft block sets"
+                    );
+                }
+            }
+        }
+        local.generation = self.generation;
+        self.enforcer.submit(local);
+        let mut bgp = if self.policy.enforcing() { own } else { DesiredBlocks::default() };
+        bgp.generation = self.generation;
+        self.blocks_tx.send_replace(Arc::new(bgp));
+    }
+
+    fn log_reconnects(&self) {
+        for r in &self.decider.status().last_reconnect_outcomes {
+            info!(ticket = %r.ticket, addr = %r.address, outcome = %r, "reconnect authorisation checked");
         }
     }
 
@@ -257,6 +609,7 @@ impl Decider {
         sd_notify("RELOADING=1");
         let outcome = match Policy::load(&self.policy_path) {
             Ok(p) => {
+                let p = Arc::new(p);
                 let msg = format!(
                     "policy reloaded: version {} (was {})",
                     p.source.digest, self.policy.source.digest
@@ -268,7 +621,31 @@ impl Decider {
                     mode = if p.enforcing() { "enforce" } else { "dry-run" },
                     "policy reloaded"
                 );
-                self.policy = Arc::new(p);
+                if p.enforcement.table != self.policy.enforcement.table {
+                    warn!("enforcement.table changed: the new table name takes effect at the next restart");
+                }
+                if p.bgp.is_some() != self.policy.bgp.is_some() {
+                    warn!("the bgp section was added or removed: BGP sessions change at the next restart");
+                }
+                self.policy = Arc::clone(&p);
+                self.filter.replace(CustomerFilter::from_policy(&p));
+                self.policy_tx.send_replace(Arc::clone(&p));
+                self.enforcer.set_policy(Arc::clone(&p));
+                if let (Some(s), Some(b)) = (&self.speaker, &p.bgp) {
+                    let (s, b) = (s.clone(), b.clone());
+                    tokio::spawn(async move { s.update_policy(b).await });
+                }
+                let now = Time::now();
+                if let Err(e) = self.decider.set_infra(infrastructure(&p), now) {
+                    error!(error = %error_chain(&e), "infrastructure update not recorded");
+                }
+                match self.decider.on_policy(p, now) {
+                    Ok(out) => {
+                        self.log_reconnects();
+                        self.publish(out.decisions, &[]);
+                    }
+                    Err(e) => error!(error = %error_chain(&e), "reconnect check after reload failed"),
+                }
                 Ok(msg)
             }
             Err(e) => {
@@ -288,10 +665,280 @@ impl Decider {
         sd_notify("READY=1");
         outcome
     }
+
+    /// Answers one control request.
+    fn control(&mut self, req: Request, user: &str) -> Reply {
+        let done = |message: String| Reply::Ok {
+            body: Body::Done { message },
+        };
+        let now = Time::now();
+        match req {
+            Request::Status => Reply::Ok {
+                body: Body::Status(Box::new(self.status())),
+            },
+            Request::List => Reply::Ok {
+                body: Body::List(self.decider.list().iter().map(block_view).collect()),
+            },
+            Request::Show { addr } => match self.decider.history(IpNet::from(addr)) {
+                Ok(h) => Reply::Ok {
+                    body: Body::Show(Box::new(HistoryView {
+                        target: h.target,
+                        current: h.hold.as_ref().map(block_view),
+                        offenses: h
+                            .offenses
+                            .iter()
+                            .map(|o| OffenseView {
+                                time: o.time,
+                                number: o.number,
+                                category: o.category,
+                                decision: format!(
+                                    "{}{}{}",
+                                    o.kind,
+                                    o.expires.map(|t| format!(" until {t}")).unwrap_or_default(),
+                                    if o.dry_run { " (dry-run)" } else { "" }
+                                ),
+                                evidence: Some(o.evidence.clone()),
+                            })
+                            .collect(),
+                        audit: h
+                            .audit
+                            .iter()
+                            .map(|a| AuditView {
+                                time: a.entry.time,
+                                actor: a.entry.actor.clone(),
+                                action: a.entry.action.clone(),
+                                detail: a.entry.reason.clone(),
+                            })
+                            .collect(),
+                    })),
+                },
+                Err(e) => Reply::Error {
+                    error: error_chain(&e),
+                },
+            },
+            Request::Block { addr, reason, for_secs } => {
+                let target = IpNet::from(addr);
+                match self.decider.on_operator_block(target, &reason, Some(Duration::from_secs(for_secs)), user, now) {
+                    Ok(decisions) => {
+                        let msg = decisions
+                            .iter()
+                            .map(|d| {
+                                format!(
+                                    "{} {}{}",
+                                    d.kind.map(|k| k.as_str()).unwrap_or("released"),
+                                    d.target,
+                                    d.expires.map(|t| format!(" until {t}")).unwrap_or_default()
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        self.publish(decisions, &[]);
+                        done(if msg.is_empty() { format!("{target} already held at least as long") } else { msg })
+                    }
+                    Err(e) => Reply::Error {
+                        error: error_chain(&e),
+                    },
+                }
+            }
+            Request::Unblock { addr, ticket } => {
+                match self.decider.on_operator_unblock(IpNet::from(addr), &ticket, user, now) {
+                    Ok(decisions) => {
+                        let n = decisions.len();
+                        self.publish(decisions, &[]);
+                        done(if n == 0 {
+                            format!("{addr} was not held")
+                        } else {
+                            format!("unblocked {addr} (ticket {ticket})")
+                        })
+                    }
+                    Err(e) => Reply::Error {
+                        error: error_chain(&e),
+                    },
+                }
+            }
+            Request::Reload => {
+                info!(user, "reload requested on the control socket");
+                match self.reload() {
+                    Ok(message) => done(message),
+                    Err(error) => Reply::Error { error },
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> StatusView {
+        let p = &self.policy;
+        let d = self.decider.status();
+        let ct = self.observed.conntrack.snapshot();
+        let engine = self.observed.engine.borrow().clone();
+        let last = self.observed.last_event.load(Ordering::Relaxed);
+        let now = Time::now();
+        let by = |k: BlockKind| d.blocks_by_kind.get(&k).copied().unwrap_or(0) as u64;
+        let mut warnings = Vec::new();
+        if ct.events_seen == 0 && now.since(self.started) > Duration::from_secs(30) {
+            warnings.push(
+                "no conntrack events seen since start: is traffic forwarded through this router, \
+                 and is the agent's nft table in place?"
+                    .to_owned(),
+            );
+        }
+        if d.breaker.tripped {
+            warnings.push(format!(
+                "circuit breaker tripped: new blocks are held back ({})",
+                d.breaker.reason.clone().unwrap_or_default()
+            ));
+        }
+        let enf = self.enforcer.stats();
+        if enf.errors > 0 {
+            warnings.push(format!("{} enforcement syncs failed since start (see the log)", enf.errors));
+        }
+        if !p.enforcing() {
+            warnings.push("dry-run mode: decisions are logged, nothing is enforced or announced".into());
+        }
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: self.mode().to_owned(),
+            policy_file: self.policy_path.display().to_string(),
+            policy_version: p.source.digest.clone(),
+            started: self.started,
+            now,
+            sources_tracked: engine.tracked_sources,
+            events_seen: ct.events_seen,
+            events_lost: ct.lost,
+            last_event: (last > 0).then_some(Time(last)),
+            quarantined: by(BlockKind::Quarantine),
+            blocked: by(BlockKind::Block),
+            terminated: by(BlockKind::Terminate),
+            breaker: BreakerView {
+                tripped: d.breaker.tripped,
+                since: d.breaker.tripped_since,
+                reason: d.breaker.reason.clone(),
+                held_back: d.breaker.suppressed,
+            },
+            bgp: self
+                .speaker
+                .as_ref()
+                .map(|s| {
+                    s.stats()
+                        .into_iter()
+                        .map(|ps| PeerView {
+                            name: ps.name,
+                            address: ps.address,
+                            state: format!("{:?}", ps.state),
+                            since: ps.uptime_secs.map(|u| now.saturating_sub(Duration::from_secs(u))),
+                            announced: ps.routes_announced as u64,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            reconnects: d
+                .last_reconnect_outcomes
+                .iter()
+                .map(|r| ReconnectView {
+                    ticket: r.ticket.clone(),
+                    address: r.address,
+                    outcome: match &r.result {
+                        crate::decide::ReconnectResult::Applied => "applied".to_owned(),
+                        crate::decide::ReconnectResult::Refused(why) => format!("refused: {why}"),
+                    },
+                })
+                .collect(),
+            warnings,
+        }
+    }
+
+    async fn finish(self) {
+        match self.enforcer.shutdown().await {
+            Ok(_) => info!("enforcement stopped; blocks stay in the kernel"),
+            Err(e) => warn!(error = %error_chain(&e), "enforcer stopped with an error; blocks stay in the kernel"),
+        }
+        if let Some(s) = &self.speaker {
+            s.shutdown().await;
+        }
+    }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+fn block_view(b: &crate::state::BlockRecord) -> BlockView {
+    BlockView {
+        target: b.target,
+        kind: b.kind,
+        category: b.category,
+        reason: b.reason.clone(),
+        since: b.since,
+        until: b.expires,
+        offense: b.offense,
+        dry_run: b.dry_run,
+    }
+}
+
+/// The metrics document: every stage's counters.
+fn metrics_render(
+    status: watch::Receiver<DecideStatus>,
+    conntrack: Arc<ObserveStats>,
+    counters: Arc<ObserveStats>,
+    engine: watch::Receiver<EngineStats>,
+    enforcer: EnforceStatsReader,
+    speaker: Option<SpeakerHandle>,
+    notify: Arc<crate::notify::NotifyStats>,
+) -> crate::metrics::Render {
+    Arc::new(move || {
+        let mut e = crate::metrics::Exposition::default();
+        let ct = conntrack.snapshot();
+        let cs = counters.snapshot();
+        e.counter("egressguard_events_seen_total", "Conntrack flow messages received.", ct.events_seen);
+        e.counter("egressguard_events_kept_total", "Flow messages from customer sources.", ct.events_kept);
+        e.counter("egressguard_events_lost_total", "Times the kernel dropped conntrack events (ENOBUFS).", ct.lost);
+        e.counter("egressguard_parse_errors_total", "Malformed conntrack messages.", ct.parse_errors);
+        e.counter("egressguard_resync_dumps_total", "Conntrack table dumps taken.", ct.dumps);
+        e.counter("egressguard_counter_reads_total", "nft counter reads that succeeded.", cs.counter_reads);
+        e.counter("egressguard_counter_errors_total", "nft counter reads that failed.", cs.counter_errors);
+        let en = engine.borrow().clone();
+        e.gauge("egressguard_sources_tracked", "Customer sources the detector tracks.", en.tracked_sources as f64);
+        e.counter("egressguard_source_evictions_total", "Sources evicted at the cap.", en.evictions);
+        let by_cat: Vec<(String, f64)> =
+            en.detections_by_category.iter().map(|(c, n)| (c.as_str().to_owned(), *n as f64)).collect();
+        let by_cat: Vec<(&str, f64)> = by_cat.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+        e.family("egressguard_detections_total", "Detections by category.", "counter", "category", &by_cat);
+        let st = status.borrow().clone();
+        let kinds: Vec<(&str, f64)> = [BlockKind::Quarantine, BlockKind::Block, BlockKind::Terminate]
+            .iter()
+            .map(|k| (k.as_str(), st.blocks_by_kind.get(k).copied().unwrap_or(0) as f64))
+            .collect();
+        e.family("egressguard_active_blocks", "Active holds by kind.", "gauge", "kind", &kinds);
+        let c = &st.counters;
+        let decisions = [
+            ("offense", c.offenses as f64),
+            ("expired", c.expired as f64),
+            ("reconnect", c.reconnects_applied as f64),
+            ("operator_block", c.operator_blocks as f64),
+            ("operator_unblock", c.operator_unblocks as f64),
+            ("suppressed", c.suppressed as f64),
+        ];
+        e.family("egressguard_decisions_total", "Decisions by kind.", "counter", "kind", &decisions);
+        e.counter("egressguard_breaker_trips_total", "Circuit breaker trips.", c.breaker_trips);
+        e.gauge("egressguard_breaker_tripped", "1 while the circuit breaker holds new blocks back.", f64::from(u8::from(st.breaker.tripped)));
+        let en: EnforceStats = enforcer.snapshot();
+        e.counter("egressguard_enforce_applies_total", "nft/route transactions applied.", en.applies);
+        e.counter("egressguard_enforce_repairs_total", "Drift repairs.", en.repairs);
+        e.counter("egressguard_enforce_errors_total", "Failed enforcement syncs.", en.errors);
+        e.gauge("egressguard_enforce_last_apply_seconds", "Duration of the last applied sync.", en.last_apply_us as f64 / 1e6);
+        if let Some(s) = &speaker {
+            let peers = s.stats();
+            let up: Vec<(&str, f64)> = peers
+                .iter()
+                .map(|p| (p.name.as_str(), f64::from(u8::from(p.state == crate::bgp::SessionState::Established))))
+                .collect();
+            e.family("egressguard_bgp_session_up", "1 when the BGP session is established.", "gauge", "peer", &up);
+            let routes: Vec<(&str, f64)> = peers.iter().map(|p| (p.name.as_str(), p.routes_announced as f64)).collect();
+            e.family("egressguard_bgp_routes_announced", "Routes announced to the peer.", "gauge", "peer", &routes);
+            let resets: Vec<(&str, f64)> = peers.iter().map(|p| (p.name.as_str(), p.resets as f64)).collect();
+            e.family("egressguard_bgp_session_resets_total", "Sessions that went down.", "counter", "peer", &resets);
+        }
+        e.counter("egressguard_notify_sent_total", "Notify hook runs that succeeded.", notify.sent.load(Ordering::Relaxed));
+        e.counter("egressguard_notify_failed_total", "Notifications whose every attempt failed.", notify.failed.load(Ordering::Relaxed));
+        e.counter("egressguard_notify_dropped_total", "Notifications dropped (queue full).", notify.dropped.load(Ordering::Relaxed));
+        e.finish()
+    })
 }
 
 /// Tells systemd about our state when it started us with `Type=notify`; does nothing otherwise.
@@ -306,8 +953,7 @@ pub fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let _ = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };

@@ -826,6 +826,17 @@ impl std::fmt::Display for DisplayChain<'_> {
     }
 }
 
+/// Reads the writer's counters.
+#[derive(Clone, Debug)]
+pub struct EnforceStatsReader(Arc<Stats>);
+
+impl EnforceStatsReader {
+    /// The counters now.
+    pub fn snapshot(&self) -> EnforceStats {
+        self.0.snapshot()
+    }
+}
+
 /// The daemon's side of the writer task.
 pub struct EnforcerHandle {
     desired: watch::Sender<Arc<DesiredBlocks>>,
@@ -859,6 +870,11 @@ impl EnforcerHandle {
     /// The writer's counters.
     pub fn stats(&self) -> EnforceStats {
         self.stats.snapshot()
+    }
+
+    /// A reader of the writer's counters that outlives the handle (for the metrics server).
+    pub fn stats_reader(&self) -> EnforceStatsReader {
+        EnforceStatsReader(Arc::clone(&self.stats))
     }
 
     /// Stops the writer task and returns the enforcer. The table and routes stay.
