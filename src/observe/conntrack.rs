@@ -367,6 +367,10 @@ impl Core {
                 Err(e) => return Err(Received::Failed(ObserveError::Receive(e.into()))),
             }
         };
+        // The filter as of now: a reload installed before these events were queued applies
+        // to them (one atomic load when nothing changed).
+        self.filter_handle
+            .refresh(&mut self.filter_gen, &mut self.filter);
         let time = Time::now();
         let mut seen = 0u64;
         let mut kept = 0u64;

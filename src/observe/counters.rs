@@ -364,7 +364,11 @@ mod tests {
         assert_eq!((s[0].packets, s[0].bytes), (50, 5_000));
         assert_eq!(s[0].interval_ns, 1_000_000_000);
         assert_eq!(s[0].time, Time(2));
-        assert_eq!((s[1].packets, s[1].bytes), (5, 500), "new element counts whole");
+        assert_eq!(
+            (s[1].packets, s[1].bytes),
+            (5, 500),
+            "new element counts whole"
+        );
     }
 
     #[test]

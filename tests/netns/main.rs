@@ -6,5 +6,5 @@
 //! on drop, also when it fails.
 
 mod common;
-mod topology;
 mod observe;
+mod topology;
