@@ -402,6 +402,14 @@ fn start_dump_reports_flows_that_were_open_before_the_listener() {
         assert_eq!(e.dport, 5353);
         assert!(e.seen_reply());
     }
+    // A quiet link: a tick within a second or so lets the detector close its windows.
+    let quiet = rig.collect_until(Duration::from_secs(3), |o| {
+        o.iter().any(|x| matches!(x, Observation::Tick { .. }))
+    });
+    assert!(
+        quiet.iter().any(|x| matches!(x, Observation::Tick { .. })),
+        "no tick on a quiet link: {quiet:?}"
+    );
     let s = rig.stats.snapshot();
     assert_eq!(s.dumps, 1);
     assert_eq!(
