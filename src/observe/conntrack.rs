@@ -561,3 +561,51 @@ pub fn enable_sysctls() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::proto;
+
+    fn update(proto_: u8, tcp_state: Option<TcpState>) -> FlowEvent {
+        FlowEvent {
+            time: Time(1),
+            kind: FlowEventKind::Update,
+            src: "203.0.113.10".parse().unwrap(),
+            dst: "198.51.100.20".parse().unwrap(),
+            proto: proto_,
+            sport: 40000,
+            dport: 22,
+            icmp: None,
+            status: 0,
+            tcp_state,
+            orig_packets: None,
+            orig_bytes: None,
+            reply_packets: None,
+            reply_bytes: None,
+            start: None,
+            stop: None,
+        }
+    }
+
+    #[test]
+    fn signal_updates_are_answers_establishment_and_resets() {
+        use TcpState::*;
+        for keep in [SynRecv, Established, Close, SynSent2, Other(42)] {
+            assert!(update_has_signal(&update(proto::TCP, Some(keep))), "{keep:?}");
+        }
+        for drop in [FinWait, CloseWait, LastAck, TimeWait, Listen, None] {
+            assert!(!update_has_signal(&update(proto::TCP, Some(drop))), "{drop:?}");
+        }
+        assert!(update_has_signal(&update(proto::UDP, Option::None)));
+        assert!(update_has_signal(&update(proto::TCP, Option::None)));
+    }
+
+    #[test]
+    fn defaults_are_router_sized() {
+        let o = ListenerOptions::default();
+        assert!(o.rcvbuf >= 4 * 1024 * 1024);
+        assert_eq!(o.updates, Updates::Signals);
+        assert!(o.enable_sysctls && o.dump_at_start);
+    }
+}
