@@ -592,10 +592,16 @@ mod tests {
     fn signal_updates_are_answers_establishment_and_resets() {
         use TcpState::*;
         for keep in [SynRecv, Established, Close, SynSent2, Other(42)] {
-            assert!(update_has_signal(&update(proto::TCP, Some(keep))), "{keep:?}");
+            assert!(
+                update_has_signal(&update(proto::TCP, Some(keep))),
+                "{keep:?}"
+            );
         }
         for drop in [FinWait, CloseWait, LastAck, TimeWait, Listen, None] {
-            assert!(!update_has_signal(&update(proto::TCP, Some(drop))), "{drop:?}");
+            assert!(
+                !update_has_signal(&update(proto::TCP, Some(drop))),
+                "{drop:?}"
+            );
         }
         assert!(update_has_signal(&update(proto::UDP, Option::None)));
         assert!(update_has_signal(&update(proto::TCP, Option::None)));

@@ -840,7 +840,7 @@ fn measure_new_flow_rate() {
     // The internet host drops the flood silently (no ICMP errors back).
     nft_apply(
         &inet.ns,
-        "table inet sink { chain input { type filter hook input priority 0; udp dport 1024-65535 drop; } }",
+        "table inet sink {\n chain input {\n type filter hook input priority 0; policy accept;\n udp dport 1024-65535 drop\n }\n}\n",
     );
     let rates: Vec<u64> = std::env::var("EGD_RATES")
         .ok()
@@ -885,24 +885,35 @@ fn measure_new_flow_rate() {
                     .unwrap()
             })
             .collect();
+        // Two sender threads (one socket each, half the flows and half the rate each), so
+        // the generator is not limited to one core.
         let started = Instant::now();
-        let mut sent = 0usize;
-        'send: for s in &socks {
-            for port in 1024..=65535u16 {
-                if sent >= flows {
-                    break 'send;
-                }
-                let _ = s.send_to(b"x", SocketAddr::new(dst, port));
-                sent += 1;
-                if sent % 64 == 0 {
-                    let due = started + Duration::from_nanos(sent as u64 * 1_000_000_000 / rate);
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                }
-            }
-        }
+        let per = flows / socks.len();
+        let half_rate = rate / socks.len() as u64;
+        let sent: usize = std::thread::scope(|sc| {
+            let hs: Vec<_> = socks
+                .iter()
+                .map(|s| {
+                    sc.spawn(move || {
+                        let mut sent = 0usize;
+                        for port in (1024..=65535u16).take(per) {
+                            let _ = s.send_to(b"x", SocketAddr::new(dst, port));
+                            sent += 1;
+                            if sent % 64 == 0 {
+                                let due = started
+                                    + Duration::from_nanos(sent as u64 * 1_000_000_000 / half_rate);
+                                let now = Instant::now();
+                                if due > now {
+                                    std::thread::sleep(due - now);
+                                }
+                            }
+                        }
+                        sent
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
         let elapsed = started.elapsed();
         // Let the listener drain what is queued, then count what the kernel holds.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -932,15 +943,15 @@ fn measure_new_flow_rate() {
         let new = consumer.join().unwrap();
         let s = stats.snapshot();
         let ok = s.lost == 0 && new >= in_table && in_table > 0;
+        let achieved = (sent as f64 / elapsed.as_secs_f64()) as u64;
         if ok {
-            best = best.max(rate);
+            best = best.max(achieved);
         }
         eprintln!(
-            "{rate:>8}  {sent:>6}  {:>10.0}  {in_table:>8}  {new:>10}  {:>4}  {}",
-            sent as f64 / elapsed.as_secs_f64(),
+            "{rate:>8}  {sent:>6}  {achieved:>10}  {in_table:>8}  {new:>10}  {:>4}  {}",
             s.lost,
             if ok { "followed" } else { "LOST" }
         );
     }
-    eprintln!("highest rate followed with zero lost events: {best} new flows/s");
+    eprintln!("highest achieved rate followed with zero lost events: {best} new flows/s");
 }
