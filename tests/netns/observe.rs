@@ -416,7 +416,15 @@ fn start_dump_reports_flows_that_were_open_before_the_listener() {
         s.dump_flows, 3,
         "two customer flows and one inbound ping: {s:?}"
     );
-    assert_eq!(s.events_kept, 2);
+    // Later events may come from the router's own address in the customer network (IGMP,
+    // MLD reports); none from the customer host, whose flows are idle.
+    assert!(s.events_kept >= 2, "{s:?}");
+    assert!(
+        !flows(&quiet)
+            .iter()
+            .any(|e| e.src == cust.v4 || e.src == cust.v6),
+        "{quiet:?}"
+    );
 }
 
 #[test]
