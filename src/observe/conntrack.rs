@@ -87,6 +87,9 @@ pub struct ListenerOptions {
     /// Observations per batch sent to the channel (a batch goes out earlier when a receive
     /// round is done).
     pub max_batch: usize,
+    /// Send [`Observation::Tick`] after this long without any observation, so the detector's
+    /// windows close on a quiet link; `None` sends none.
+    pub tick: Option<Duration>,
 }
 
 impl Default for ListenerOptions {
@@ -99,6 +102,7 @@ impl Default for ListenerOptions {
             min_resync_interval: Duration::from_secs(1),
             poll_interval: Duration::from_millis(100),
             max_batch: 4096,
+            tick: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -182,6 +186,7 @@ struct Sink {
     batch: Vec<Observation>,
     cap: usize,
     closed: bool,
+    last_sent: Instant,
 }
 
 impl Sink {
@@ -200,6 +205,7 @@ impl Sink {
         if self.tx.blocking_send(b).is_err() {
             self.closed = true;
         }
+        self.last_sent = Instant::now();
     }
 }
 
@@ -261,9 +267,9 @@ impl Core {
         if opts.enable_sysctls {
             enable_sysctls();
         }
-        let filter = filter_handle.get();
-        let mut filter_gen = 0;
-        let mut f = filter.clone();
+        // An impossible generation, so `refresh` records the current one with its filter.
+        let mut filter_gen = u64::MAX;
+        let mut f = filter_handle.get();
         filter_handle.refresh(&mut filter_gen, &mut f);
         tracing::info!(
             rcvbuf = setsockopt_get_rcvbuf(&events),
@@ -292,6 +298,7 @@ impl Core {
             batch: Vec::with_capacity(cap),
             cap,
             closed: false,
+            last_sent: Instant::now(),
         };
         let mut last_dump: Option<Instant> = None;
         let mut resync_pending = self.opts.dump_at_start;
@@ -326,6 +333,12 @@ impl Core {
                     }
                     std::thread::sleep(self.opts.poll_interval);
                 }
+            }
+            if let Some(tick) = self.opts.tick
+                && sink.batch.is_empty()
+                && sink.last_sent.elapsed() >= tick
+            {
+                sink.push(Observation::Tick { time: Time::now() });
             }
             sink.flush();
         }
@@ -367,6 +380,10 @@ impl Core {
                 Err(e) => return Err(Received::Failed(ObserveError::Receive(e.into()))),
             }
         };
+        // The filter as of now: a reload installed before these events were queued applies
+        // to them (one atomic load when nothing changed).
+        self.filter_handle
+            .refresh(&mut self.filter_gen, &mut self.filter);
         let time = Time::now();
         let mut seen = 0u64;
         let mut kept = 0u64;
@@ -542,5 +559,59 @@ pub fn enable_sysctls() {
                 "cannot read sysctl (is nf_conntrack loaded?)"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::proto;
+
+    fn update(proto_: u8, tcp_state: Option<TcpState>) -> FlowEvent {
+        FlowEvent {
+            time: Time(1),
+            kind: FlowEventKind::Update,
+            src: "203.0.113.10".parse().unwrap(),
+            dst: "198.51.100.20".parse().unwrap(),
+            proto: proto_,
+            sport: 40000,
+            dport: 22,
+            icmp: None,
+            status: 0,
+            tcp_state,
+            orig_packets: None,
+            orig_bytes: None,
+            reply_packets: None,
+            reply_bytes: None,
+            start: None,
+            stop: None,
+        }
+    }
+
+    #[test]
+    fn signal_updates_are_answers_establishment_and_resets() {
+        use TcpState::*;
+        for keep in [SynRecv, Established, Close, SynSent2, Other(42)] {
+            assert!(
+                update_has_signal(&update(proto::TCP, Some(keep))),
+                "{keep:?}"
+            );
+        }
+        for drop in [FinWait, CloseWait, LastAck, TimeWait, Listen, None] {
+            assert!(
+                !update_has_signal(&update(proto::TCP, Some(drop))),
+                "{drop:?}"
+            );
+        }
+        assert!(update_has_signal(&update(proto::UDP, Option::None)));
+        assert!(update_has_signal(&update(proto::TCP, Option::None)));
+    }
+
+    #[test]
+    fn defaults_are_router_sized() {
+        let o = ListenerOptions::default();
+        assert!(o.rcvbuf >= 4 * 1024 * 1024);
+        assert_eq!(o.updates, Updates::Signals);
+        assert!(o.enable_sysctls && o.dump_at_start);
     }
 }

@@ -12,6 +12,26 @@
 //! previous snapshot, is a new element whose whole count falls in this interval; the first
 //! snapshot after start only sets the baseline. (The set's timeout must be well above the
 //! interval, or an element could expire and outgrow its old count within one interval.)
+//!
+//! What the enforce table must contain (checked with nft 1.0.6 on Linux 6.18; `update`
+//! refreshes the timeout on every packet, so an element lives as long as its source sends):
+//!
+//! ```text
+//! set customers4    { type ipv4_addr; flags interval; elements = { <customer v4 prefixes> } }
+//! set customers6    { type ipv6_addr; flags interval; elements = { <customer v6 prefixes> } }
+//! set src_counters4 { type ipv4_addr; size 65536; flags dynamic,timeout; timeout 10m; }
+//! set src_counters6 { type ipv6_addr; size 65536; flags dynamic,timeout; timeout 10m; }
+//! chain forward {
+//!     type filter hook forward priority filter; policy accept;
+//!     ip saddr @customers4 update @src_counters4 { ip saddr counter }
+//!     ip6 saddr @customers6 update @src_counters6 { ip6 saddr counter }
+//! }
+//! ```
+//!
+//! The counting rules must come before any rule that drops blocked sources if blocked traffic
+//! should still be measured (after it, if not). The table must also hold at least one rule
+//! with a `ct` expression (e.g. `ct state invalid drop`), or conntrack does not track
+//! forwarded traffic in the namespace at all and the listener sees no events.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -364,7 +384,11 @@ mod tests {
         assert_eq!((s[0].packets, s[0].bytes), (50, 5_000));
         assert_eq!(s[0].interval_ns, 1_000_000_000);
         assert_eq!(s[0].time, Time(2));
-        assert_eq!((s[1].packets, s[1].bytes), (5, 500), "new element counts whole");
+        assert_eq!(
+            (s[1].packets, s[1].bytes),
+            (5, 500),
+            "new element counts whole"
+        );
     }
 
     #[test]

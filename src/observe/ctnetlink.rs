@@ -394,29 +394,20 @@ pub fn parse(msg: &NlMsg<'_>, time: Time, filter: &CustomerFilter) -> Result<Par
                     if !filter.contains_v4(s) {
                         return Ok(Parsed::Foreign);
                     }
-                    (
-                        IpAddr::V4(Ipv4Addr::from(s)),
-                        IpAddr::V4(Ipv4Addr::from(d)),
-                    )
+                    (IpAddr::V4(Ipv4Addr::from(s)), IpAddr::V4(Ipv4Addr::from(d)))
                 }
                 (Addr::V6(s), Addr::V6(d)) => {
                     if !filter.contains_v6(s) {
                         return Ok(Parsed::Foreign);
                     }
-                    (
-                        IpAddr::V6(Ipv6Addr::from(s)),
-                        IpAddr::V6(Ipv6Addr::from(d)),
-                    )
+                    (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)))
                 }
                 (Addr::None, _) | (_, Addr::None) => {
                     return Err(ParseError::Missing("tuple addresses"));
                 }
                 _ => return Err(ParseError::MixedFamily),
             };
-            let icmp = match t.icmp_type {
-                Some(ty) => Some((ty, t.icmp_code.unwrap_or(0))),
-                None => None,
-            };
+            let icmp = t.icmp_type.map(|ty| (ty, t.icmp_code.unwrap_or(0)));
             ev = Some(FlowEvent {
                 time,
                 kind,
@@ -468,10 +459,8 @@ fn apply(e: &mut FlowEvent, ty: u16, v: &[u8]) -> Result<(), ParseError> {
                     for a in Attrs::new(v, "CTA_PROTOINFO_TCP") {
                         let (kind, v) = a?;
                         if kind == CTA_PROTOINFO_TCP_STATE {
-                            e.tcp_state = Some(TcpState::from_kernel(be_u8(
-                                v,
-                                "CTA_PROTOINFO_TCP_STATE",
-                            )?));
+                            e.tcp_state =
+                                Some(TcpState::from_kernel(be_u8(v, "CTA_PROTOINFO_TCP_STATE")?));
                         }
                     }
                 }
@@ -505,9 +494,7 @@ fn apply(e: &mut FlowEvent, ty: u16, v: &[u8]) -> Result<(), ParseError> {
             for a in Attrs::new(v, "CTA_TIMESTAMP") {
                 let (kind, v) = a?;
                 match kind {
-                    CTA_TIMESTAMP_START => {
-                        e.start = Some(Time(be_u64(v, "CTA_TIMESTAMP_START")?))
-                    }
+                    CTA_TIMESTAMP_START => e.start = Some(Time(be_u64(v, "CTA_TIMESTAMP_START")?)),
                     CTA_TIMESTAMP_STOP => e.stop = Some(Time(be_u64(v, "CTA_TIMESTAMP_STOP")?)),
                     _ => {}
                 }

@@ -70,18 +70,14 @@ impl CustomerFilter {
 
     /// The merged ranges, for logs: (first, last) per range.
     pub fn ranges(&self) -> impl Iterator<Item = (IpAddr, IpAddr)> + '_ {
-        let v4 = self.v4.iter().map(|&(a, b)| {
-            (
-                IpAddr::V4(Ipv4Addr::from(a)),
-                IpAddr::V4(Ipv4Addr::from(b)),
-            )
-        });
-        let v6 = self.v6.iter().map(|&(a, b)| {
-            (
-                IpAddr::V6(Ipv6Addr::from(a)),
-                IpAddr::V6(Ipv6Addr::from(b)),
-            )
-        });
+        let v4 = self
+            .v4
+            .iter()
+            .map(|&(a, b)| (IpAddr::V4(Ipv4Addr::from(a)), IpAddr::V4(Ipv4Addr::from(b))));
+        let v6 = self
+            .v6
+            .iter()
+            .map(|&(a, b)| (IpAddr::V6(Ipv6Addr::from(a)), IpAddr::V6(Ipv6Addr::from(b))));
         v4.chain(v6)
     }
 }
