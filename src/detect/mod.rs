@@ -324,11 +324,7 @@ impl Engine {
             if self.touched.len() == self.touched.capacity() {
                 // Each slot is listed at most once: never grow past the cap.
                 let cap = self.table.cap();
-                let add = self
-                    .touched
-                    .len()
-                    .clamp(64, cap)
-                    .min(cap - self.touched.len());
+                let add = self.touched.len().max(64).min(cap - self.touched.len());
                 self.touched.reserve_exact(add.max(1));
             }
             self.touched.push(slot);
