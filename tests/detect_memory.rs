@@ -123,10 +123,23 @@ fn five_million_sources_stay_within_the_cap() {
     assert_eq!(stats.tracked_sources, cap as u64);
     // The multiplier is odd, so the 5M addresses are distinct: every one past the cap evicts.
     assert_eq!(stats.evictions, u64::from(n) - cap as u64);
-    assert!(stats.memory_bytes as usize <= cap * PER_SOURCE, "accounting over budget");
-    assert!(live <= cap * PER_SOURCE, "allocated {live} B for {cap} sources");
+    assert!(
+        stats.memory_bytes as usize <= cap * PER_SOURCE,
+        "accounting over budget"
+    );
+    assert!(
+        live <= cap * PER_SOURCE,
+        "allocated {live} B for {cap} sources"
+    );
     // Steady state: nothing grows once the table is full.
-    assert!(live <= after_fill + 4096, "grew from {after_fill} to {live}");
+    assert!(
+        live <= after_fill + 4096,
+        "grew from {after_fill} to {live}"
+    );
     // The accounting agrees with the allocator (it leaves out small bookkeeping only).
-    assert!(live - stats.memory_bytes as usize <= 64 * 1024, "{live} vs {}", stats.memory_bytes);
+    assert!(
+        live - stats.memory_bytes as usize <= 64 * 1024,
+        "{live} vs {}",
+        stats.memory_bytes
+    );
 }

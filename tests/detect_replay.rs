@@ -19,8 +19,8 @@ fn replay(stream: &str) -> (Engine, Vec<Detection>) {
     let text = std::fs::read_to_string(dir.join(stream)).expect("stream file");
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let obs: Observation = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("{stream}:{}: {e}", n + 1));
+        let obs: Observation =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{stream}:{}: {e}", n + 1));
         engine.observe(&obs);
         if let Observation::Tick { time } = obs {
             engine.evaluate(time, &mut out);
@@ -43,14 +43,28 @@ fn mixed_stream_gives_exactly_the_expected_detections() {
                 (d.time.as_nanos() - t0) as f64 / 1e9,
                 d.source.to_string(),
                 d.category,
-                d.evidence.crossed.iter().map(|c| c.signal.clone()).collect(),
+                d.evidence
+                    .crossed
+                    .iter()
+                    .map(|c| c.signal.clone())
+                    .collect(),
             )
         })
         .collect();
     // The resolver, the web server and the mail relay in the same stream raise nothing.
     let expected: &[Expected] = &[
-        (10.75, "203.0.113.8/32", Category::PortScan, &["distinct_ports", "unanswered_ratio"]),
-        (20.25, "203.0.113.9/32", Category::Spam, &["distinct_destinations"]),
+        (
+            10.75,
+            "203.0.113.8/32",
+            Category::PortScan,
+            &["distinct_ports", "unanswered_ratio"],
+        ),
+        (
+            20.25,
+            "203.0.113.9/32",
+            Category::Spam,
+            &["distinct_destinations"],
+        ),
         (
             23.75,
             "2001:db8:1:5::/64",
@@ -61,7 +75,14 @@ fn mixed_stream_gives_exactly_the_expected_detections() {
     ];
     let want: Vec<(f64, String, Category, Vec<String>)> = expected
         .iter()
-        .map(|(t, s, c, x)| (*t, s.to_string(), *c, x.iter().map(|s| s.to_string()).collect()))
+        .map(|(t, s, c, x)| {
+            (
+                *t,
+                s.to_string(),
+                *c,
+                x.iter().map(|s| s.to_string()).collect(),
+            )
+        })
         .collect();
     assert_eq!(summary, want);
 

@@ -112,7 +112,7 @@ impl Table {
                 } else if self.slots.len() < self.cap {
                     if self.slots.len() == self.slots.capacity() {
                         // Double, but never past the cap: the slab's size is the bound.
-                        let add = self.slots.len().clamp(64, self.cap) .min(self.cap - self.slots.len());
+                        let add = self.slots.len().max(64).min(self.cap - self.slots.len());
                         self.slots.reserve_exact(add);
                     }
                     self.slots.push(SourceState::default());

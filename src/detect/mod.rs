@@ -22,8 +22,18 @@
 //! engine.stats();                                  // for `status` and metrics
 //! ```
 //!
+//! Windowed counts: each category's state has a current and a previous epoch (epochs are the
+//! category's `window`, aligned to multiples of it since the UNIX epoch). The count "in the
+//! window" is `cur + prev × w`, where `w` is the share of the previous epoch's *active span*
+//! (first to last event, in 1/256 of the epoch) still inside `(now − window, now]`; distinct
+//! counts combine the epochs' bitmaps the same way. So a steady rate is measured exactly and
+//! an attack that began late in the previous epoch is counted in full (no lag at the epoch
+//! boundary). Distinct counts are linear-counting estimates: about ±5–7 % (one standard
+//! deviation) around the default thresholds; counts of flows and attempts are exact.
+//!
 //! A threshold can only be crossed by an observation (time passing only lowers the windowed
-//! counts), so `evaluate` looks only at the sources touched since the previous call: a
+//! counts; counter rates change with the next sample, itself an observation), so `evaluate`
+//! looks only at the sources touched since the previous call: a
 //! detection comes at the first `evaluate` after the event that crossed the threshold, i.e.
 //! within one evaluation interval. After a detection, the source is held down for that
 //! category until the category's window has fully rolled over, then re-armed.
@@ -33,7 +43,7 @@
 //! | category | fires when (in the category's window) |
 //! | --- | --- |
 //! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
-//! | brute force | new flows to `ports` of one destination ≥ `attempts` (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times) |
+//! | brute force | new flows to `ports` of one destination ≥ `attempts` (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
 //! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
 //! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
 //! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
@@ -314,7 +324,7 @@ impl Engine {
             if self.touched.len() == self.touched.capacity() {
                 // Each slot is listed at most once: never grow past the cap.
                 let cap = self.table.cap();
-                let add = self.touched.len().clamp(64, cap).min(cap - self.touched.len());
+                let add = self.touched.len().max(64).min(cap - self.touched.len());
                 self.touched.reserve_exact(add.max(1));
             }
             self.touched.push(slot);
@@ -430,9 +440,9 @@ impl Engine {
         let enabled = prep.enabled;
         let slot = self.slot_of(&key, profile, t);
         let st = &mut self.table.slots[slot as usize];
-        if st.profile != profile {
-            // Another network of the same IPv6 aggregate: keep the first profile.
-        }
+        // (Were the networks of one IPv6 aggregate under different profiles, the profile of
+        // the address that first created the source applies; windows are those of the
+        // profile of this event, which is the same in every sane policy.)
         let epoch = st.targets.epoch;
         st.on_flow(t, &f, &windows, enabled);
         if st.targets.epoch != epoch {

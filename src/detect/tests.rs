@@ -954,3 +954,95 @@ fn evaluate_does_not_allocate_without_detections() {
     assert_eq!(e.touched.capacity(), cap);
     assert!(out.is_empty());
 }
+
+#[test]
+fn arbitrary_streams_never_panic_and_respect_the_cap() {
+    // Deterministic pseudo-random garbage: times jumping back and forth (to the far past and
+    // the far future), every kind, status and state, both families, zero intervals.
+    let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
+    let mut e = Engine::new(p);
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::new();
+    for i in 0..200_000u64 {
+        let r = next();
+        let time = match r % 7 {
+            0 => Time(r),
+            1 => Time(0),
+            2 => Time(u64::MAX - (r % 1000)),
+            _ => Time(T0 + (i * 997 % 100_000) * MS),
+        };
+        let v6 = r & 8 != 0;
+        let src: IpAddr = if v6 {
+            format!("2001:db8:1:{:x}::{:x}", r % 5000, r % 77)
+                .parse()
+                .unwrap()
+        } else {
+            IpAddr::from([203, 0, 113, (r >> 8) as u8])
+        };
+        let dst: IpAddr = if (r >> 3) % 11 == 0 {
+            // mismatched family now and then
+            IpAddr::from([198, 51, 100, 1])
+        } else if v6 {
+            format!("2001:db8:ffff::{:x}", r % 9999).parse().unwrap()
+        } else {
+            IpAddr::from(((r >> 16) as u32).to_be_bytes())
+        };
+        let obs = match (r >> 40) % 10 {
+            0 => Observation::Counters(CounterSample {
+                time,
+                addr: src,
+                packets: next(),
+                bytes: next(),
+                interval_ns: next() % 3,
+            }),
+            1 => Observation::Tick { time },
+            2 => Observation::Lost { time },
+            _ => Observation::Flow(FlowEvent {
+                time,
+                kind: [
+                    FlowEventKind::New,
+                    FlowEventKind::Update,
+                    FlowEventKind::Destroy,
+                ][(r >> 20) as usize % 3],
+                src,
+                dst,
+                proto: [proto::TCP, proto::UDP, proto::ICMP, 47][(r >> 24) as usize % 4],
+                sport: (r >> 28) as u16,
+                dport: [22, 25, 53, 123, 443, (r >> 44) as u16][(r >> 32) as usize % 6],
+                icmp: None,
+                status: (r >> 48) as u32 & 0xf,
+                tcp_state: Some(TcpState::from_kernel((r >> 52) as u8 % 13)),
+                orig_packets: None,
+                orig_bytes: None,
+                reply_packets: None,
+                reply_bytes: None,
+                start: if r & 1 == 0 { Some(Time(next())) } else { None },
+                stop: None,
+            }),
+        };
+        e.observe(&obs);
+        if i % 97 == 0 {
+            e.evaluate(time, &mut out);
+        }
+        if i % 50_000 == 0 {
+            let text = if i % 100_000 == 0 {
+                format!("{POLICY}detection:\n  max_sources: 2048\n")
+            } else {
+                format!("{POLICY}detection:\n  max_sources: 1024\n")
+            };
+            e.set_policy(policy_from(&text));
+        }
+        assert!(e.stats().tracked_sources <= e.stats().max_sources);
+    }
+    for d in &out {
+        // Every detection is printable and serialisable.
+        assert!(!d.to_string().is_empty());
+        serde_json::to_string(d).unwrap();
+    }
+}
