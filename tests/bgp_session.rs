@@ -35,7 +35,12 @@ async fn establish(l: &TcpListener) -> TcpStream {
         .expect("accept");
     let open = read_msg(&mut s).await.expect("OPEN");
     assert_eq!(open[18], msg::OPEN);
-    let ours = wire::encode_open(65002, 3, "127.0.0.2".parse().unwrap(), &[Family::Ipv4Flowspec]);
+    let ours = wire::encode_open(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+    );
     s.write_all(&ours).await.unwrap();
     s.write_all(&wire::encode_keepalive()).await.unwrap();
     let k = read_msg(&mut s).await.expect("KEEPALIVE");
@@ -68,7 +73,10 @@ fn speaker(port: u16) -> (SpeakerHandle, watch::Sender<Arc<DesiredBlocks>>) {
     let text = format!(
         "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nbgp:\n  local_as: 65001\n  router_id: 127.0.0.1\n  peers:\n    - name: bad\n      address: 127.0.0.1\n      port: {port}\n      remote_as: 65002\n      hold_time: 3\n      families: [ipv4-flowspec]\n"
     );
-    let bgp = Policy::from_text(&text, Path::new("<t>")).unwrap().bgp.unwrap();
+    let bgp = Policy::from_text(&text, Path::new("<t>"))
+        .unwrap()
+        .bgp
+        .unwrap();
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
     (Speaker::spawn(bgp, rx), tx)
 }
@@ -92,7 +100,12 @@ async fn bad_peers_get_the_right_notification_and_the_speaker_reconnects() {
 
     // 3. An OPEN in Established is an FSM error -> 5/3.
     let mut s = establish(&l).await;
-    let again = wire::encode_open(65002, 3, "127.0.0.2".parse().unwrap(), &[Family::Ipv4Flowspec]);
+    let again = wire::encode_open(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+    );
     s.write_all(&again).await.unwrap();
     assert_eq!(notification(&mut s).await, (5, 3));
 

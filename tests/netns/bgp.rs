@@ -82,7 +82,11 @@ bgp:
         .expect("bgp section")
 }
 
-fn block(target: &str, announce: &[Announce], scope: Option<FlowspecScope>) -> (IpNet, DesiredBlock) {
+fn block(
+    target: &str,
+    announce: &[Announce],
+    scope: Option<FlowspecScope>,
+) -> (IpNet, DesiredBlock) {
     let t: IpNet = target.parse().unwrap();
     (
         t,
@@ -263,7 +267,12 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
     let v6 = "flow6 { src 2001:db8:c:1::/64; next header 17; }";
     let out = wait_for("flowspec routes in BIRD", Duration::from_secs(10), || {
         let o = bird_flow4(&b);
-        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}\n{}", std::fs::read_to_string(b.dir.path().join("bird.log")).unwrap_or_default()); }
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!(
+                "{o}\n{}",
+                std::fs::read_to_string(b.dir.path().join("bird.log")).unwrap_or_default()
+            );
+        }
         (o.contains(v4) && o.contains(v4b)).then_some(o)
     });
     // traffic-rate 0 (discard): extended community type 0x80, sub-type 0x06, our AS 65001
@@ -272,11 +281,17 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         out.contains("(generic, 0x8006fde9, 0x0)"),
         "no traffic-rate 0 in:\n{out}"
     );
-    let out6 = wait_for("IPv6 flowspec route in BIRD", Duration::from_secs(10), || {
-        let o = b.birdc("show route table flowtab6 all");
-        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}"); }
-        o.contains(v6).then_some(o)
-    });
+    let out6 = wait_for(
+        "IPv6 flowspec route in BIRD",
+        Duration::from_secs(10),
+        || {
+            let o = b.birdc("show route table flowtab6 all");
+            if std::env::var_os("BGP_DEBUG").is_some() {
+                eprintln!("{o}");
+            }
+            o.contains(v6).then_some(o)
+        },
+    );
     // 125000 bytes/s as IEEE float = 0x47f42400.
     assert!(
         out6.contains("(generic, 0x8006fde9, 0x47f42400)"),
@@ -300,24 +315,31 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         let o = b.birdc("show route table master6 2001:db8:c:1::/64 all");
         o.contains("2001:db8:c:1::/64").then_some(o)
     });
-    assert!(m6.contains("(65535,666)") && m6.contains("(65535,65281)"), "{m6}");
+    assert!(
+        m6.contains("(65535,666)") && m6.contains("(65535,65281)"),
+        "{m6}"
+    );
     // The flowspec-only block has no RTBH route.
     assert!(
-        !b.birdc("show route table master4 all").contains("203.0.113.8"),
+        !b.birdc("show route table master4 all")
+            .contains("203.0.113.8"),
         "flowspec-only block announced as RTBH"
     );
 
     // Unblock one: its flowspec and RTBH routes go, the other stays.
     let mut next = (*standard_blocks()).clone();
     next.generation = 2;
-    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    next.blocks
+        .remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
     tx.send(Arc::new(next)).unwrap();
     wait_for("withdrawal in BIRD", Duration::from_secs(10), || {
         let o = bird_flow4(&b);
         (!o.contains(v4) && o.contains(v4b)).then_some(())
     });
     wait_for("RTBH withdrawal in BIRD", Duration::from_secs(10), || {
-        (!b.birdc("show route table master4 all").contains("203.0.113.7/32")).then_some(())
+        (!b.birdc("show route table master4 all")
+            .contains("203.0.113.7/32"))
+        .then_some(())
     });
 
     // BIRD restarts: the session comes back and the whole set is announced again.
@@ -330,10 +352,14 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         (!established(&h)).then_some(())
     });
     b.start(&l.upstream);
-    wait_for("flowspec again after BIRD restart", Duration::from_secs(30), || {
-        let o = bird_flow4(&b);
-        (o.contains(v4) && o.contains(v4b)).then_some(())
-    });
+    wait_for(
+        "flowspec again after BIRD restart",
+        Duration::from_secs(30),
+        || {
+            let o = bird_flow4(&b);
+            (o.contains(v4) && o.contains(v4b)).then_some(())
+        },
+    );
     let s = &h.stats()[0];
     assert!(s.resets >= 1, "{s:?}");
     assert!(s.updates_sent >= 4, "{s:?}");
@@ -399,7 +425,12 @@ const GOBGP_API: &str = "50051";
 fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
     let conf = dir.join("gobgpd.toml");
     let mut afis = String::new();
-    for f in ["ipv4-unicast", "ipv6-unicast", "ipv4-flowspec", "ipv6-flowspec"] {
+    for f in [
+        "ipv4-unicast",
+        "ipv6-unicast",
+        "ipv4-flowspec",
+        "ipv6-flowspec",
+    ] {
         afis.push_str(&format!(
             "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n"
         ));
@@ -434,7 +465,11 @@ fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
             "--api-hosts",
             &format!("127.0.0.1:{GOBGP_API}"),
             "--log-level",
-            if std::env::var_os("BGP_DEBUG").is_some() { "debug" } else { "warn" },
+            if std::env::var_os("BGP_DEBUG").is_some() {
+                "debug"
+            } else {
+                "warn"
+            },
         ])
         .expect("start gobgpd");
     wait_for("gobgpd API", Duration::from_secs(15), || {
@@ -477,7 +512,12 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         .lines()
         .find(|l| l.contains("203.0.113.7/32"))
         .expect("line");
-    for want in ["[source: 203.0.113.7/32]", "[protocol: ==tcp]", "[destination-port: ==25 ==587]", "discard(as: 65001)"] {
+    for want in [
+        "[source: 203.0.113.7/32]",
+        "[protocol: ==tcp]",
+        "[destination-port: ==25 ==587]",
+        "discard(as: 65001)",
+    ] {
         assert!(line.contains(want), "GoBGP route lacks {want}: {line}");
     }
     let out6 = wait_for("v6 flowspec in GoBGP", Duration::from_secs(10), || {
@@ -492,13 +532,20 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         let o = gobgp_rib(&l.upstream, "ipv4");
         o.contains("203.0.113.7/32").then_some(o)
     });
-    for want in ["blackhole", "no-export", "65001:666", "65001:1:2", "192.0.2.66"] {
+    for want in [
+        "blackhole",
+        "no-export",
+        "65001:666",
+        "65001:1:2",
+        "192.0.2.66",
+    ] {
         assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
     }
 
     let mut next = (*standard_blocks()).clone();
     next.generation = 2;
-    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    next.blocks
+        .remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
     tx.send(Arc::new(next)).unwrap();
     wait_for("withdrawal in GoBGP", Duration::from_secs(10), || {
         let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
@@ -519,10 +566,14 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         (!established(&h)).then_some(())
     });
     let _g = gobgpd(&l.upstream, dir.path());
-    wait_for("flowspec again after GoBGP restart", Duration::from_secs(40), || {
-        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
-        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
-    });
+    wait_for(
+        "flowspec again after GoBGP restart",
+        Duration::from_secs(40),
+        || {
+            let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+            (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+        },
+    );
     rt.block_on(h.shutdown());
 }
 
@@ -540,7 +591,9 @@ fn bgp_bench_bird() {
     let rt = runtime_in(&l.agent);
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
     let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
-    wait_for("session", Duration::from_secs(20), || established(&h).then_some(()));
+    wait_for("session", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
 
     // 1. One block at a time: time until BIRD shows it (birdc polling included).
     let mut lat = Vec::new();
@@ -567,11 +620,15 @@ fn bgp_bench_bird() {
     let many: Vec<_> = (0..10_000u32)
         .map(|i| {
             let a = std::net::Ipv4Addr::from(0xc612_0000u32 + i);
-            block(&format!("{a}/32"), &[Announce::Flowspec], Some(FlowspecScope {
-                proto: Some(6),
-                dports: vec![25],
-                rate_bytes_per_sec: 0,
-            }))
+            block(
+                &format!("{a}/32"),
+                &[Announce::Flowspec],
+                Some(FlowspecScope {
+                    proto: Some(6),
+                    dports: vec![25],
+                    rate_bytes_per_sec: 0,
+                }),
+            )
         })
         .collect();
     let start = Instant::now();
