@@ -493,7 +493,9 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     let mut g = gobgpd(&l.upstream, dir.path());
     let rt = runtime_in(&l.agent);
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    let h = rt.block_on(async {
+        Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
+    });
     wait_for("session with GoBGP", Duration::from_secs(30), || {
         if std::env::var_os("BGP_DEBUG").is_some() {
             eprintln!("{:?}", h.stats());
@@ -541,6 +543,68 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     ] {
         assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
     }
+
+    // GoBGP's own flowspec rule reaches the agent, decoded and translated.
+    l.upstream
+        .run(&[
+            "gobgp",
+            "-p",
+            GOBGP_API,
+            "global",
+            "rib",
+            "-a",
+            "ipv4-flowspec",
+            "add",
+            "match",
+            "source",
+            "198.51.100.9/32",
+            "protocol",
+            "udp",
+            "destination-port",
+            "==53",
+            "then",
+            "rate-limit",
+            "1000",
+        ])
+        .expect("gobgp add flowspec");
+    let learned = h.learned();
+    let rules = wait_for("rule learnt from GoBGP", Duration::from_secs(10), || {
+        let m = learned.borrow().clone();
+        (!m.is_empty()).then_some(m)
+    });
+    let r: Vec<_> = rules.values().collect();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
+    assert_eq!(r[0].proto, Some(17));
+    assert_eq!(r[0].dports, vec![53]);
+    assert_eq!(
+        r[0].action,
+        LearnedAction::RateLimit {
+            bytes_per_sec: 1000
+        }
+    );
+    l.upstream
+        .run(&[
+            "gobgp",
+            "-p",
+            GOBGP_API,
+            "global",
+            "rib",
+            "-a",
+            "ipv4-flowspec",
+            "del",
+            "match",
+            "source",
+            "198.51.100.9/32",
+            "protocol",
+            "udp",
+            "destination-port",
+            "==53",
+        ])
+        .expect("gobgp del flowspec");
+    wait_for("learnt rule withdrawn", Duration::from_secs(10), || {
+        learned.borrow().is_empty().then_some(())
+    });
 
     let mut next = (*standard_blocks()).clone();
     next.generation = 2;
