@@ -185,7 +185,12 @@ impl PeerTask {
     }
 
     async fn send(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
-        wr.write_all(bytes).await
+        let r = write_bounded(wr, bytes, self.peer.hold_time).await;
+        if let Err(e) = &r {
+            warn!(peer = %self.peer.name, error = %e, "bgp write failed, session reset");
+            self.stat(|s| s.last_error = Some(format!("write: {e}")));
+        }
+        r
     }
 
     async fn notify(&self, wr: &mut OwnedWriteHalf, n: &Notification) {
@@ -590,7 +595,7 @@ impl PeerTask {
             }
         }
         if !out.is_empty() {
-            wr.write_all(&out).await?;
+            self.send(wr, &out).await?;
         }
         *sent = want;
         let n = sent.len();
@@ -605,6 +610,15 @@ impl PeerTask {
         }
         Ok(())
     }
+}
+
+/// Writes, but gives up after the hold time (30 s when it is 0): a peer that stops reading
+/// must not wedge the session where its hold timer cannot fire.
+async fn write_bounded(wr: &mut OwnedWriteHalf, bytes: &[u8], hold: u16) -> std::io::Result<()> {
+    let limit = Duration::from_secs(if hold == 0 { 30 } else { u64::from(hold) });
+    tokio::time::timeout(limit, wr.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
