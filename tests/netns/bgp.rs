@@ -231,7 +231,7 @@ protocol bgp agent {{
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
   flow4 {{ table flowtab4; import all; export {export}; }};
-  flow6 {{ table flowtab6; import all; export none; }};
+  flow6 {{ table flowtab6; import all; export {export}; }};
 }}
 "#,
         log = dir.path().join("bird.log").display(),
@@ -391,6 +391,12 @@ protocol static flowstatic {
     bgp_ext_community.add((generic, 0x80060000, 0x0));
   };
 }
+protocol static flowstatic6 {
+  flow6 { table flowtab6; };
+  route flow6 { src 2001:db8:9::/64; next header 6; dport 22; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x461c4000));
+  };
+}
 "#;
     let _b = bird(&l.upstream, 65002, statics);
     let rt = runtime_in(&l.agent);
@@ -403,12 +409,28 @@ protocol static flowstatic {
         let m = learned.borrow().clone();
         (!m.is_empty()).then_some(m)
     });
-    let r: Vec<_> = rules.values().collect();
-    assert_eq!(r.len(), 1, "{r:?}");
+    let rules = wait_for("both learned rules", Duration::from_secs(10), || {
+        let m = learned.borrow().clone();
+        (m.len() >= 2).then_some(m)
+    });
+    let _ = &rules;
+    let mut r: Vec<_> = rules.values().collect();
+    r.sort_by_key(|r| r.source);
+    assert_eq!(r.len(), 2, "{r:?}");
     assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
     assert_eq!(r[0].proto, Some(17));
     assert_eq!(r[0].dports, vec![53]);
     assert_eq!(r[0].action, LearnedAction::Discard);
+    // IPv6 (RFC 8956 prefix with offset 0), rate-limit 10000 bytes/s (0x461c4000).
+    assert_eq!(r[1].source, "2001:db8:9::/64".parse::<IpNet>().unwrap());
+    assert_eq!(r[1].proto, Some(6));
+    assert_eq!(r[1].dports, vec![22]);
+    assert_eq!(
+        r[1].action,
+        LearnedAction::RateLimit {
+            bytes_per_sec: 10_000
+        }
+    );
     // The `dport > 1024` rule cannot be enforced exactly: refused and counted.
     wait_for("refusal counted", Duration::from_secs(5), || {
         (h.stats()[0].learned_refused >= 1).then_some(())
