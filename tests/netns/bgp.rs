@@ -55,6 +55,10 @@ fn runtime_in(ns: &Netns) -> tokio::runtime::Runtime {
 }
 
 fn policy(peer_as: u32, port: u16, extra: &str) -> Bgp {
+    policy_at(PEER_V4, peer_as, port, extra)
+}
+
+fn policy_at(peer_addr: &str, peer_as: u32, port: u16, extra: &str) -> Bgp {
     let text = format!(
         r#"version: 1
 networks:
@@ -65,7 +69,7 @@ bgp:
   router_id: 192.0.2.1
   peers:
     - name: up
-      address: {PEER_V4}
+      address: {peer_addr}
       port: {port}
       remote_as: {peer_as}
       hold_time: 9
@@ -213,6 +217,10 @@ impl Bird {
 }
 
 fn bird(ns: &Netns, peer_as: u32, extra: &str) -> Bird {
+    bird_at(ns, peer_as, extra, PEER_V4, AGENT_V4)
+}
+
+fn bird_at(ns: &Netns, peer_as: u32, extra: &str, local: &str, neighbor: &str) -> Bird {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = format!(
         r#"
@@ -224,8 +232,8 @@ protocol device {{ }}
 protocol direct {{ ipv4; ipv6; interface "agent0"; }}
 {extra}
 protocol bgp agent {{
-  local {PEER_V4} as {peer_as};
-  neighbor {AGENT_V4} as 65001;
+  local {local} as {peer_as};
+  neighbor {neighbor} as 65001;
   passive on;
   hold time 9;
   ipv4 {{ import all; export none; }};
@@ -725,5 +733,42 @@ fn bgp_bench_bird() {
         "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
         s.updates_sent
     );
+    rt.block_on(h.shutdown());
+}
+
+#[test]
+fn bgp_bird_session_over_ipv6_carries_both_families() {
+    if !require_root("bgp_bird_session_over_ipv6_carries_both_families") {
+        return;
+    }
+    let l = link();
+    let b = bird_at(&l.upstream, 65001, "", "2001:db8:b::2", "2001:db8:b::1");
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    // iBGP this time (remote AS = local AS): LOCAL_PREF sent, empty AS_PATH.
+    let h = rt.block_on(async { Speaker::spawn(policy_at("2001:db8:b::2", 65001, 179, ""), rx) });
+    wait_for("IPv6 session with BIRD", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
+    tx.send(standard_blocks()).unwrap();
+    wait_for(
+        "v4 flowspec over the v6 session",
+        Duration::from_secs(10),
+        || {
+            bird_flow4(&b)
+                .contains("flow4 { src 203.0.113.8/32; }")
+                .then_some(())
+        },
+    );
+    let o = wait_for(
+        "v6 flowspec over the v6 session",
+        Duration::from_secs(10),
+        || {
+            let o = b.birdc("show route table flowtab6 all");
+            o.contains("flow6 { src 2001:db8:c:1::/64; next header 17; }")
+                .then_some(o)
+        },
+    );
+    assert!(o.contains("BGP.local_pref: 100"), "{o}");
     rt.block_on(h.shutdown());
 }
