@@ -273,3 +273,96 @@ fn malformed_updates_get_the_right_notification() {
     let e = decode_update(&upd(&bad[..]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 9));
 }
+
+// The bgpkit-parser 0.23 gaps the workarounds above exist for. Each test pins the gap; when
+// one fails after an upgrade, the codec got fixed and the workaround can go.
+
+#[test]
+fn bgpkit_gap_traffic_rate_written_with_type_0x40() {
+    use bgpkit_parser::models::{ExtendedCommunity, FlowSpecTrafficRate};
+    let attrs = Attributes::from_iter([AttributeValue::ExtendedCommunities(vec![
+        ExtendedCommunity::FlowSpecTrafficRate(FlowSpecTrafficRate {
+            as_number: 0,
+            rate_bytes_per_sec: 0.0,
+        }),
+    ])]);
+    let mut buf = BytesMut::new();
+    attrs.encode_to(AsnLength::Bits32, &mut buf).unwrap();
+    let value = &buf[buf.len() - 8..];
+    assert_eq!(&value[..2], &[0x40, 0x06], "{value:02x?}");
+    assert_ne!(
+        value[0], 0x80,
+        "bgpkit-parser now writes 0x8006: drop traffic_rate()"
+    );
+    // Ours is right.
+    assert_eq!(
+        &crate::bgp::flowspec::traffic_rate(0, 0.0)[..2],
+        &[0x80, 0x06]
+    );
+}
+
+#[test]
+fn bgpkit_gap_mp_reach_omits_the_zero_next_hop_length() {
+    let nlri = Nlri {
+        afi: KAfi::Ipv4,
+        safi: KSafi::FlowSpec,
+        next_hop: None,
+        prefixes: vec![],
+        labeled_prefixes: None,
+        link_state_nlris: None,
+        flowspec_nlris: Some(vec![]),
+    };
+    let attrs = Attributes::from_iter([AttributeValue::MpReachNlri(nlri)]);
+    let mut buf = BytesMut::new();
+    attrs.encode_to(AsnLength::Bits32, &mut buf).unwrap();
+    // flags, type, length, AFI(2), SAFI, then RFC 4760 wants next-hop length 0 and reserved 0:
+    // bgpkit-parser writes only the reserved byte.
+    assert_eq!(
+        &buf[3..],
+        &[0, 1, 133, 0],
+        "bgpkit-parser fixed MP_REACH without next hop"
+    );
+}
+
+#[test]
+fn bgpkit_gap_open_truncates_a_4_octet_as() {
+    let open = BgpOpenMessage {
+        version: 4,
+        asn: 4_200_000_000u32.into(),
+        hold_time: 90,
+        bgp_identifier: "192.0.2.1".parse().unwrap(),
+        extended_length: false,
+        opt_params: vec![],
+    };
+    let m = BgpMessage::Open(open).encode(AsnLength::Bits32).unwrap();
+    assert_ne!(
+        &m[20..22],
+        &AS_TRANS.to_be_bytes(),
+        "bgpkit-parser now writes AS_TRANS"
+    );
+    // The low 16 bits of the AS, truncated.
+    assert_eq!(&m[20..22], &(4_200_000_000u32 as u16).to_be_bytes());
+    // Ours does.
+    let ours = encode_open(4_200_000_000, 90, "192.0.2.1".parse().unwrap(), &[]);
+    assert_eq!(&ours[20..22], &AS_TRANS.to_be_bytes());
+}
+
+#[test]
+fn bgpkit_gap_received_flowspec_nlri_not_decoded() {
+    let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), Some(6), &[25])
+        .encode()
+        .unwrap();
+    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[nlri]).unwrap()[0];
+    let mut b = Bytes::copy_from_slice(m);
+    let parsed =
+        bgpkit_parser::parser::bgp::messages::parse_bgp_message(&mut b, false, &AsnLength::Bits32);
+    let Ok(BgpMessage::Update(u)) = parsed else {
+        panic!("bgpkit-parser parses the UPDATE frame: {parsed:?}");
+    };
+    let decoded = u.attributes.iter().any(|a| {
+        matches!(a, AttributeValue::MpReachNlri(n) if n.flowspec_nlris.as_ref().is_some_and(|v| !v.is_empty()))
+    });
+    assert!(!decoded, "bgpkit-parser now decodes SAFI 133 NLRI");
+    // Ours does.
+    assert_eq!(decode_update(m, true).unwrap().flow_reach.len(), 1);
+}
