@@ -35,7 +35,12 @@ async fn establish(l: &TcpListener) -> TcpStream {
         .expect("accept");
     let open = read_msg(&mut s).await.expect("OPEN");
     assert_eq!(open[18], msg::OPEN);
-    let ours = wire::encode_open(65002, 3, "127.0.0.2".parse().unwrap(), &[Family::Ipv4Flowspec]);
+    let ours = wire::encode_open(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+    );
     s.write_all(&ours).await.unwrap();
     s.write_all(&wire::encode_keepalive()).await.unwrap();
     let k = read_msg(&mut s).await.expect("KEEPALIVE");
@@ -64,13 +69,19 @@ async fn notification(s: &mut TcpStream) -> (u8, u8) {
     }
 }
 
-fn speaker(port: u16) -> (SpeakerHandle, watch::Sender<Arc<DesiredBlocks>>) {
+fn bgp_policy(port: u16) -> egressguard::policy::Bgp {
     let text = format!(
         "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nbgp:\n  local_as: 65001\n  router_id: 127.0.0.1\n  peers:\n    - name: bad\n      address: 127.0.0.1\n      port: {port}\n      remote_as: 65002\n      hold_time: 3\n      families: [ipv4-flowspec]\n"
     );
-    let bgp = Policy::from_text(&text, Path::new("<t>")).unwrap().bgp.unwrap();
+    Policy::from_text(&text, Path::new("<t>"))
+        .unwrap()
+        .bgp
+        .unwrap()
+}
+
+fn speaker(port: u16) -> (SpeakerHandle, watch::Sender<Arc<DesiredBlocks>>) {
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    (Speaker::spawn(bgp, rx), tx)
+    (Speaker::spawn(bgp_policy(port), rx), tx)
 }
 
 #[tokio::test]
@@ -92,7 +103,12 @@ async fn bad_peers_get_the_right_notification_and_the_speaker_reconnects() {
 
     // 3. An OPEN in Established is an FSM error -> 5/3.
     let mut s = establish(&l).await;
-    let again = wire::encode_open(65002, 3, "127.0.0.2".parse().unwrap(), &[Family::Ipv4Flowspec]);
+    let again = wire::encode_open(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+    );
     s.write_all(&again).await.unwrap();
     assert_eq!(notification(&mut s).await, (5, 3));
 
@@ -116,4 +132,33 @@ async fn bad_peers_get_the_right_notification_and_the_speaker_reconnects() {
     assert_eq!(notification(&mut s).await, (6, 2));
     stop.await.unwrap();
     assert_eq!(h.stats().len(), 0);
+}
+
+#[tokio::test]
+async fn policy_reload_restarts_changed_peers_and_ceases_removed_ones() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (h, _tx) = speaker(port);
+    let mut s = establish(&l).await;
+
+    // Same policy again: nothing happens to the session.
+    h.update_policy(bgp_policy(port)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.stats()[0].state, SessionState::Established);
+
+    // Changed peer: CEASE "other configuration change" (6/6), then a new session.
+    let mut changed = bgp_policy(port);
+    changed.peers[0].hold_time = 6;
+    h.update_policy(changed.clone()).await;
+    assert_eq!(notification(&mut s).await, (6, 6));
+    let mut s = establish(&l).await;
+
+    // Removed peer: CEASE "peer de-configured" (6/3), and no stats left for it.
+    let mut none = changed;
+    none.peers.clear();
+    h.update_policy(none).await;
+    assert_eq!(notification(&mut s).await, (6, 3));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.stats().is_empty());
+    h.shutdown().await;
 }

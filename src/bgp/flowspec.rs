@@ -816,11 +816,17 @@ mod tests {
             afi: Afi::Ipv4,
             components: vec![Component::Numeric(
                 component::DST_PORT,
-                vec![op(true, false, false, true, 25), op(false, false, false, true, 587)],
+                vec![
+                    op(true, false, false, true, 25),
+                    op(false, false, false, true, 587),
+                ],
             )],
         };
         // First AND cleared (0x01), last end set with 2-byte value (0x91).
-        assert_eq!(n.encode().unwrap(), [0x06, 0x05, 0x01, 0x19, 0x91, 0x02, 0x4b]);
+        assert_eq!(
+            n.encode().unwrap(),
+            [0x06, 0x05, 0x01, 0x19, 0x91, 0x02, 0x4b]
+        );
     }
 
     #[test]
@@ -836,7 +842,9 @@ mod tests {
         let n6 = block_nlri(&"2001:db8:c::/64".parse().unwrap(), None, &[]);
         assert_eq!(
             n6.encode().unwrap(),
-            [0x0b, 0x02, 0x40, 0x00, 0x20, 0x01, 0x0d, 0xb8, 0x00, 0x0c, 0x00, 0x00]
+            [
+                0x0b, 0x02, 0x40, 0x00, 0x20, 0x01, 0x0d, 0xb8, 0x00, 0x0c, 0x00, 0x00
+            ]
         );
     }
 
@@ -949,7 +957,10 @@ mod tests {
             afi: Afi::Ipv4,
             components: vec![
                 pfx(component::SRC_PREFIX, "203.0.113.0/24"),
-                Component::Numeric(component::DST_PORT, vec![op(false, false, true, false, 1024)]),
+                Component::Numeric(
+                    component::DST_PORT,
+                    vec![op(false, false, true, false, 1024)],
+                ),
             ],
         };
         assert_eq!(

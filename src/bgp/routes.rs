@@ -157,11 +157,22 @@ mod tests {
 
     #[test]
     fn routes_follow_peer_block_and_family() {
-        let p = peer("flowspec, rtbh", "ipv4-flowspec, ipv4-unicast, ipv6-unicast");
+        let p = peer(
+            "flowspec, rtbh",
+            "ipv4-flowspec, ipv4-unicast, ipv6-unicast",
+        );
         let fams: BTreeSet<Family> = p.families.iter().copied().collect();
         let b = blocks(&[
-            ("203.0.113.7/32", &[Announce::Flowspec, Announce::Rtbh], None),
-            ("2001:db8:c::/64", &[Announce::Flowspec, Announce::Rtbh], None),
+            (
+                "203.0.113.7/32",
+                &[Announce::Flowspec, Announce::Rtbh],
+                None,
+            ),
+            (
+                "2001:db8:c::/64",
+                &[Announce::Flowspec, Announce::Rtbh],
+                None,
+            ),
             (
                 "203.0.113.8/32",
                 &[Announce::Flowspec],
@@ -215,7 +226,10 @@ mod tests {
         assert_eq!(d.withdraw, vec![k1]);
         assert_eq!(
             d.announce,
-            vec![(k2, RouteVal::Flow { rate: 5 }), (k3, RouteVal::Flow { rate: 0 })]
+            vec![
+                (k2, RouteVal::Flow { rate: 5 }),
+                (k3, RouteVal::Flow { rate: 0 })
+            ]
         );
         assert_eq!(diff(&want, &want), Diff::default());
     }

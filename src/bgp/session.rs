@@ -151,7 +151,6 @@ impl PeerTask {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
-
 }
 
 async fn connect(peer: &Peer) -> std::io::Result<TcpStream> {
@@ -166,7 +165,9 @@ async fn connect(peer: &Peer) -> std::io::Result<TcpStream> {
         }
         let s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
         s.set_nodelay(true)?;
         Ok(s)
     }
@@ -184,7 +185,12 @@ impl PeerTask {
     }
 
     async fn send(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
-        wr.write_all(bytes).await
+        let r = write_bounded(wr, bytes, self.peer.hold_time).await;
+        if let Err(e) = &r {
+            warn!(peer = %self.peer.name, error = %e, "bgp write failed, session reset");
+            self.stat(|s| s.last_error = Some(format!("write: {e}")));
+        }
+        r
     }
 
     async fn notify(&self, wr: &mut OwnedWriteHalf, n: &Notification) {
@@ -266,12 +272,17 @@ impl PeerTask {
             };
             match ev {
                 Ev::Cmd(c) => {
-                    let sub = match c { Some(PeerCmd::Stop(s)) => s, None => err::CEASE_SHUTDOWN };
-                    self.notify(&mut wr, &Notification::new(err::CEASE, sub, [])).await;
+                    let sub = match c {
+                        Some(PeerCmd::Stop(s)) => s,
+                        None => err::CEASE_SHUTDOWN,
+                    };
+                    self.notify(&mut wr, &Notification::new(err::CEASE, sub, []))
+                        .await;
                     return End::Stop;
                 }
                 Ev::Hold => {
-                    self.notify(&mut wr, &Notification::new(err::HOLD_EXPIRED, 0, [])).await;
+                    self.notify(&mut wr, &Notification::new(err::HOLD_EXPIRED, 0, []))
+                        .await;
                     return End::Reset;
                 }
                 Ev::Tick => {
@@ -280,7 +291,11 @@ impl PeerTask {
                     }
                 }
                 Ev::Blocks => {
-                    if self.sync(&mut wr, &ctx, &families, &mut sent, &mut eor_sent).await.is_err() {
+                    if self
+                        .sync(&mut wr, &ctx, &families, &mut sent, &mut eor_sent)
+                        .await
+                        .is_err()
+                    {
                         return End::Reset;
                     }
                 }
@@ -328,7 +343,9 @@ impl PeerTask {
                                             tokio::time::Instant::now() + every,
                                             every,
                                         );
-                                        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                        i.set_missed_tick_behavior(
+                                            tokio::time::MissedTickBehavior::Delay,
+                                        );
                                         i
                                     });
                                     self.stat(|s| s.families = families.iter().copied().collect());
@@ -360,7 +377,8 @@ impl PeerTask {
                             }
                             msg::ROUTE_REFRESH => {
                                 // Re-send everything we hold for the family asked for.
-                                let fam = wire::family_of(u16::from_be_bytes([m[19], m[20]]), m[22]);
+                                let fam =
+                                    wire::family_of(u16::from_be_bytes([m[19], m[20]]), m[22]);
                                 if let Some(f) = fam {
                                     sent.retain(|k, _| k.family() != f);
                                     self.blocks.mark_changed();
@@ -394,16 +412,29 @@ impl PeerTask {
         let o = wire::decode_open(m)?;
         if o.asn != self.peer.remote_as {
             let two = u16::try_from(o.asn).unwrap_or(wire::AS_TRANS);
-            return Err(Notification::new(err::OPEN, err::OPEN_PEER_AS, two.to_be_bytes()));
+            return Err(Notification::new(
+                err::OPEN,
+                err::OPEN_PEER_AS,
+                two.to_be_bytes(),
+            ));
         }
         if o.router_id == self.router_id && self.peer.remote_as == self.local_as {
-            return Err(Notification::new(err::OPEN, err::OPEN_BGP_ID, o.router_id.octets()));
+            return Err(Notification::new(
+                err::OPEN,
+                err::OPEN_BGP_ID,
+                o.router_id.octets(),
+            ));
         }
         Ok(o)
     }
 
     /// Applies a received UPDATE to the learned rules.
-    fn on_update(&self, m: &[u8], four: bool, families: &BTreeSet<Family>) -> Result<(), Notification> {
+    fn on_update(
+        &self,
+        m: &[u8],
+        four: bool,
+        families: &BTreeSet<Family>,
+    ) -> Result<(), Notification> {
         let u = wire::decode_update(m, four)?;
         if u.flow_reach.is_empty() && u.flow_unreach.is_empty() {
             return Ok(());
@@ -417,16 +448,31 @@ impl PeerTask {
         let mut changes: Vec<(LearnedKey, Option<LearnedRule>)> = Vec::new();
         for n in &u.flow_unreach {
             if let Ok(bytes) = n.encode() {
-                changes.push((LearnedKey { peer: name.clone(), afi: n.afi, nlri: bytes }, None));
+                changes.push((
+                    LearnedKey {
+                        peer: name.clone(),
+                        afi: n.afi,
+                        nlri: bytes,
+                    },
+                    None,
+                ));
             }
         }
         for n in &u.flow_reach {
-            let fam = if n.afi == Afi::Ipv4 { Family::Ipv4Flowspec } else { Family::Ipv6Flowspec };
+            let fam = if n.afi == Afi::Ipv4 {
+                Family::Ipv4Flowspec
+            } else {
+                Family::Ipv6Flowspec
+            };
             if !families.contains(&fam) {
                 continue;
             }
             let Ok(bytes) = n.encode() else { continue };
-            let key = LearnedKey { peer: name.clone(), afi: n.afi, nlri: bytes };
+            let key = LearnedKey {
+                peer: name.clone(),
+                afi: n.afi,
+                nlri: bytes,
+            };
             match flowspec::translate(name, n, &u.ext_communities) {
                 Ok(rule) => {
                     info!(peer = %name, source = %rule.source, proto = ?rule.proto, dports = ?rule.dports, action = ?rule.action, "bgp learned flowspec rule");
@@ -503,7 +549,10 @@ impl PeerTask {
         for k in &d.withdraw {
             match k {
                 RouteKey::Flow(afi, n) => flow_w.entry(*afi).or_default().push(n.clone()),
-                RouteKey::Rtbh(p) => rtbh_w.entry(matches!(p, ipnet::IpNet::V6(_))).or_default().push(*p),
+                RouteKey::Rtbh(p) => rtbh_w
+                    .entry(matches!(p, ipnet::IpNet::V6(_)))
+                    .or_default()
+                    .push(*p),
             }
         }
         for (afi, ns) in &flow_w {
@@ -534,7 +583,10 @@ impl PeerTask {
             );
         }
         for (nh, ps) in &rtbh_a {
-            push(wire::rtbh_announce(ctx, ps, *nh, &self.peer.rtbh_communities), &mut out);
+            push(
+                wire::rtbh_announce(ctx, ps, *nh, &self.peer.rtbh_communities),
+                &mut out,
+            );
         }
         if first {
             for f in families {
@@ -543,7 +595,7 @@ impl PeerTask {
             }
         }
         if !out.is_empty() {
-            wr.write_all(&out).await?;
+            self.send(wr, &out).await?;
         }
         *sent = want;
         let n = sent.len();
@@ -558,6 +610,15 @@ impl PeerTask {
         }
         Ok(())
     }
+}
+
+/// Writes, but gives up after the hold time (30 s when it is 0): a peer that stops reading
+/// must not wedge the session where its hold timer cannot fire.
+async fn write_bounded(wr: &mut OwnedWriteHalf, bytes: &[u8], hold: u16) -> std::io::Result<()> {
+    let limit = Duration::from_secs(if hold == 0 { 30 } else { u64::from(hold) });
+    tokio::time::timeout(limit, wr.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -595,4 +656,3 @@ async fn read_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
         }
     }
 }
-

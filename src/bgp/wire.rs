@@ -21,10 +21,10 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use bgpkit_parser::models::{
-    Afi as KAfi, AsPath, AsnLength, AttrFlags, Attribute, AttributeValue, Attributes,
-    BgpError, BgpMessage, BgpNotificationMessage, BgpOpenMessage, BgpUpdateMessage,
-    Capability, CapabilityValue, Community as KCommunity, LargeCommunity, NetworkPrefix,
-    NextHopAddress, Nlri, OptParam, Origin, ParamValue, Safi as KSafi,
+    Afi as KAfi, AsPath, AsnLength, AttrFlags, Attribute, AttributeValue, Attributes, BgpError,
+    BgpMessage, BgpNotificationMessage, BgpOpenMessage, BgpUpdateMessage, Capability,
+    CapabilityValue, Community as KCommunity, LargeCommunity, NetworkPrefix, NextHopAddress, Nlri,
+    OptParam, Origin, ParamValue, Safi as KSafi,
     capabilities::{
         BgpCapabilityType, FourOctetAsCapability, MultiprotocolExtensionsCapability,
         RouteRefreshCapability,
@@ -242,10 +242,15 @@ pub struct PeerOpen {
 }
 
 /// Encodes our OPEN (bgpkit-parser), with AS_TRANS in the 2-octet field for a 4-octet AS.
-pub fn encode_open(local_as: u32, hold_time: u16, router_id: Ipv4Addr, families: &[Family]) -> Vec<u8> {
+pub fn encode_open(
+    local_as: u32,
+    hold_time: u16,
+    router_id: Ipv4Addr,
+    families: &[Family],
+) -> Vec<u8> {
     let mut caps: Vec<Capability> = families
         .iter()
-        .filter_map(|f| {
+        .map(|f| {
             let (afi, safi) = family_code(*f);
             let afi = if afi == 1 { KAfi::Ipv4 } else { KAfi::Ipv6 };
             let safi = if safi == SAFI_FLOWSPEC {
@@ -253,12 +258,12 @@ pub fn encode_open(local_as: u32, hold_time: u16, router_id: Ipv4Addr, families:
             } else {
                 KSafi::Unicast
             };
-            Some(Capability {
+            Capability {
                 ty: BgpCapabilityType::MULTIPROTOCOL_EXTENSIONS_FOR_BGP_4,
                 value: CapabilityValue::MultiprotocolExtensions(
                     MultiprotocolExtensionsCapability { afi, safi },
                 ),
-            })
+            }
         })
         .collect();
     caps.push(Capability {
@@ -307,7 +312,11 @@ pub fn decode_open(m: &[u8]) -> Result<PeerOpen, Notification> {
     // bgpkit-parser reads past a short optional-parameter block without complaint; check the
     // declared length against the message first.
     if body.len() < 10 || usize::from(body[9]) != body.len() - 10 {
-        return Err(Notification::new(err::HEADER, err::HEADER_LENGTH, (m.len() as u16).to_be_bytes()));
+        return Err(Notification::new(
+            err::HEADER,
+            err::HEADER_LENGTH,
+            (m.len() as u16).to_be_bytes(),
+        ));
     }
     let mut b = Bytes::copy_from_slice(body);
     let open = bgpkit_parser::parser::bgp::messages::parse_bgp_open_message(&mut b)
@@ -344,14 +353,28 @@ pub fn decode_open(m: &[u8]) -> Result<PeerOpen, Notification> {
                     }
                 }
             }
-            _ => return Err(Notification::new(err::OPEN, err::OPEN_PARAM, [p.param_type])),
+            _ => {
+                return Err(Notification::new(
+                    err::OPEN,
+                    err::OPEN_PARAM,
+                    [p.param_type],
+                ));
+            }
         }
     }
     if out.hold_time == 1 || out.hold_time == 2 {
-        return Err(Notification::new(err::OPEN, err::OPEN_HOLD, out.hold_time.to_be_bytes()));
+        return Err(Notification::new(
+            err::OPEN,
+            err::OPEN_HOLD,
+            out.hold_time.to_be_bytes(),
+        ));
     }
     if out.router_id.is_unspecified() {
-        return Err(Notification::new(err::OPEN, err::OPEN_BGP_ID, out.router_id.octets()));
+        return Err(Notification::new(
+            err::OPEN,
+            err::OPEN_BGP_ID,
+            out.router_id.octets(),
+        ));
     }
     Ok(out)
 }
@@ -388,7 +411,7 @@ fn check_as_path(d: &[u8], four: bool) -> bool {
     let w = if four { 4 } else { 2 };
     let mut i = 0;
     while i < d.len() {
-        let Some(&[t, n]) = d.get(i..i + 2).map(|s| <&[u8; 2]>::try_from(s).ok()).flatten() else {
+        let Some(&[t, n]) = d.get(i..i + 2).and_then(|s| <&[u8; 2]>::try_from(s).ok()) else {
             return false;
         };
         if !(1..=4).contains(&t) || n == 0 {
@@ -464,19 +487,17 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
                     return Err(bad_len());
                 }
                 if value[0] > 2 {
-                    return Err(Notification::new(err::UPDATE, err::UPDATE_ORIGIN, whole.to_vec()));
+                    return Err(Notification::new(
+                        err::UPDATE,
+                        err::UPDATE_ORIGIN,
+                        whole.to_vec(),
+                    ));
                 }
             }
-            attr::AS_PATH => {
-                if !check_as_path(value, four_octet) {
-                    return Err(Notification::new(err::UPDATE, err::UPDATE_AS_PATH, []));
-                }
+            attr::AS_PATH if !check_as_path(value, four_octet) => {
+                return Err(Notification::new(err::UPDATE, err::UPDATE_AS_PATH, []));
             }
-            attr::NEXT_HOP => {
-                if len != 4 {
-                    return Err(bad_len());
-                }
-            }
+            attr::NEXT_HOP if len != 4 => return Err(bad_len()),
             attr::EXT_COMMUNITIES => {
                 if len % 8 != 0 {
                     return Err(optional());
@@ -520,8 +541,7 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
                 }
                 match (Afi::from_u16(afi), safi) {
                     (Some(a), SAFI_FLOWSPEC) => {
-                        out.flow_unreach =
-                            FlowNlri::decode_all(a, rest).map_err(|_| optional())?;
+                        out.flow_unreach = FlowNlri::decode_all(a, rest).map_err(|_| optional())?;
                     }
                     (Some(a), SAFI_UNICAST) => {
                         let bits = if a == Afi::Ipv4 { 32 } else { 128 };
@@ -540,7 +560,11 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
             }
         }
         if announced > 0 && !seen[usize::from(attr::NEXT_HOP)] {
-            return Err(Notification::new(err::UPDATE, err::UPDATE_MISSING, [attr::NEXT_HOP]));
+            return Err(Notification::new(
+                err::UPDATE,
+                err::UPDATE_MISSING,
+                [attr::NEXT_HOP],
+            ));
         }
     }
     if count == 1 && wlen == 0 && nlri.is_empty() {
@@ -576,10 +600,16 @@ impl PathCtx {
             v.push(AttributeValue::AsPath(AsPath::new()));
             v.push(AttributeValue::LocalPreference(100));
         } else if self.four_octet || self.local_as <= 0xffff {
-            v.push(AttributeValue::AsPath(AsPath::from_sequence([self.local_as])));
+            v.push(AttributeValue::AsPath(AsPath::from_sequence([
+                self.local_as
+            ])));
         } else {
-            v.push(AttributeValue::AsPath(AsPath::from_sequence([u32::from(AS_TRANS)])));
-            v.push(AttributeValue::As4Path(AsPath::from_sequence([self.local_as])));
+            v.push(AttributeValue::AsPath(AsPath::from_sequence([u32::from(
+                AS_TRANS,
+            )])));
+            v.push(AttributeValue::As4Path(AsPath::from_sequence([
+                self.local_as
+            ])));
         }
         v
     }
@@ -638,7 +668,7 @@ fn put_attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {
 }
 
 /// Splits encoded NLRIs into groups whose total fits `room` bytes.
-fn pack<'a>(nlris: &'a [Vec<u8>], room: usize) -> Result<Vec<&'a [Vec<u8>]>, WireError> {
+fn pack(nlris: &[Vec<u8>], room: usize) -> Result<Vec<&[Vec<u8>]>, WireError> {
     let mut groups = Vec::new();
     let mut start = 0;
     let mut size = 0;

@@ -55,6 +55,10 @@ fn runtime_in(ns: &Netns) -> tokio::runtime::Runtime {
 }
 
 fn policy(peer_as: u32, port: u16, extra: &str) -> Bgp {
+    policy_at(PEER_V4, peer_as, port, extra)
+}
+
+fn policy_at(peer_addr: &str, peer_as: u32, port: u16, extra: &str) -> Bgp {
     let text = format!(
         r#"version: 1
 networks:
@@ -65,7 +69,7 @@ bgp:
   router_id: 192.0.2.1
   peers:
     - name: up
-      address: {PEER_V4}
+      address: {peer_addr}
       port: {port}
       remote_as: {peer_as}
       hold_time: 9
@@ -82,7 +86,11 @@ bgp:
         .expect("bgp section")
 }
 
-fn block(target: &str, announce: &[Announce], scope: Option<FlowspecScope>) -> (IpNet, DesiredBlock) {
+fn block(
+    target: &str,
+    announce: &[Announce],
+    scope: Option<FlowspecScope>,
+) -> (IpNet, DesiredBlock) {
     let t: IpNet = target.parse().unwrap();
     (
         t,
@@ -209,6 +217,10 @@ impl Bird {
 }
 
 fn bird(ns: &Netns, peer_as: u32, extra: &str) -> Bird {
+    bird_at(ns, peer_as, extra, PEER_V4, AGENT_V4)
+}
+
+fn bird_at(ns: &Netns, peer_as: u32, extra: &str, local: &str, neighbor: &str) -> Bird {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = format!(
         r#"
@@ -220,14 +232,14 @@ protocol device {{ }}
 protocol direct {{ ipv4; ipv6; interface "agent0"; }}
 {extra}
 protocol bgp agent {{
-  local {PEER_V4} as {peer_as};
-  neighbor {AGENT_V4} as 65001;
+  local {local} as {peer_as};
+  neighbor {neighbor} as 65001;
   passive on;
   hold time 9;
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
   flow4 {{ table flowtab4; import all; export {export}; }};
-  flow6 {{ table flowtab6; import all; export none; }};
+  flow6 {{ table flowtab6; import all; export {export}; }};
 }}
 "#,
         log = dir.path().join("bird.log").display(),
@@ -263,7 +275,12 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
     let v6 = "flow6 { src 2001:db8:c:1::/64; next header 17; }";
     let out = wait_for("flowspec routes in BIRD", Duration::from_secs(10), || {
         let o = bird_flow4(&b);
-        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}\n{}", std::fs::read_to_string(b.dir.path().join("bird.log")).unwrap_or_default()); }
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!(
+                "{o}\n{}",
+                std::fs::read_to_string(b.dir.path().join("bird.log")).unwrap_or_default()
+            );
+        }
         (o.contains(v4) && o.contains(v4b)).then_some(o)
     });
     // traffic-rate 0 (discard): extended community type 0x80, sub-type 0x06, our AS 65001
@@ -272,11 +289,17 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         out.contains("(generic, 0x8006fde9, 0x0)"),
         "no traffic-rate 0 in:\n{out}"
     );
-    let out6 = wait_for("IPv6 flowspec route in BIRD", Duration::from_secs(10), || {
-        let o = b.birdc("show route table flowtab6 all");
-        if std::env::var_os("BGP_DEBUG").is_some() { eprintln!("{o}"); }
-        o.contains(v6).then_some(o)
-    });
+    let out6 = wait_for(
+        "IPv6 flowspec route in BIRD",
+        Duration::from_secs(10),
+        || {
+            let o = b.birdc("show route table flowtab6 all");
+            if std::env::var_os("BGP_DEBUG").is_some() {
+                eprintln!("{o}");
+            }
+            o.contains(v6).then_some(o)
+        },
+    );
     // 125000 bytes/s as IEEE float = 0x47f42400.
     assert!(
         out6.contains("(generic, 0x8006fde9, 0x47f42400)"),
@@ -300,24 +323,31 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         let o = b.birdc("show route table master6 2001:db8:c:1::/64 all");
         o.contains("2001:db8:c:1::/64").then_some(o)
     });
-    assert!(m6.contains("(65535,666)") && m6.contains("(65535,65281)"), "{m6}");
+    assert!(
+        m6.contains("(65535,666)") && m6.contains("(65535,65281)"),
+        "{m6}"
+    );
     // The flowspec-only block has no RTBH route.
     assert!(
-        !b.birdc("show route table master4 all").contains("203.0.113.8"),
+        !b.birdc("show route table master4 all")
+            .contains("203.0.113.8"),
         "flowspec-only block announced as RTBH"
     );
 
     // Unblock one: its flowspec and RTBH routes go, the other stays.
     let mut next = (*standard_blocks()).clone();
     next.generation = 2;
-    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    next.blocks
+        .remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
     tx.send(Arc::new(next)).unwrap();
     wait_for("withdrawal in BIRD", Duration::from_secs(10), || {
         let o = bird_flow4(&b);
         (!o.contains(v4) && o.contains(v4b)).then_some(())
     });
     wait_for("RTBH withdrawal in BIRD", Duration::from_secs(10), || {
-        (!b.birdc("show route table master4 all").contains("203.0.113.7/32")).then_some(())
+        (!b.birdc("show route table master4 all")
+            .contains("203.0.113.7/32"))
+        .then_some(())
     });
 
     // BIRD restarts: the session comes back and the whole set is announced again.
@@ -330,10 +360,14 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
         (!established(&h)).then_some(())
     });
     b.start(&l.upstream);
-    wait_for("flowspec again after BIRD restart", Duration::from_secs(30), || {
-        let o = bird_flow4(&b);
-        (o.contains(v4) && o.contains(v4b)).then_some(())
-    });
+    wait_for(
+        "flowspec again after BIRD restart",
+        Duration::from_secs(30),
+        || {
+            let o = bird_flow4(&b);
+            (o.contains(v4) && o.contains(v4b)).then_some(())
+        },
+    );
     let s = &h.stats()[0];
     assert!(s.resets >= 1, "{s:?}");
     assert!(s.updates_sent >= 4, "{s:?}");
@@ -365,6 +399,12 @@ protocol static flowstatic {
     bgp_ext_community.add((generic, 0x80060000, 0x0));
   };
 }
+protocol static flowstatic6 {
+  flow6 { table flowtab6; };
+  route flow6 { src 2001:db8:9::/64; next header 6; dport 22; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x461c4000));
+  };
+}
 "#;
     let _b = bird(&l.upstream, 65002, statics);
     let rt = runtime_in(&l.agent);
@@ -373,16 +413,27 @@ protocol static flowstatic {
         Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
     });
     let learned = h.learned();
-    let rules = wait_for("learned rule", Duration::from_secs(20), || {
+    let rules = wait_for("both learned rules", Duration::from_secs(20), || {
         let m = learned.borrow().clone();
-        (!m.is_empty()).then_some(m)
+        (m.len() >= 2).then_some(m)
     });
-    let r: Vec<_> = rules.values().collect();
-    assert_eq!(r.len(), 1, "{r:?}");
+    let mut r: Vec<_> = rules.values().collect();
+    r.sort_by_key(|r| r.source);
+    assert_eq!(r.len(), 2, "{r:?}");
     assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
     assert_eq!(r[0].proto, Some(17));
     assert_eq!(r[0].dports, vec![53]);
     assert_eq!(r[0].action, LearnedAction::Discard);
+    // IPv6 (RFC 8956 prefix with offset 0), rate-limit 10000 bytes/s (0x461c4000).
+    assert_eq!(r[1].source, "2001:db8:9::/64".parse::<IpNet>().unwrap());
+    assert_eq!(r[1].proto, Some(6));
+    assert_eq!(r[1].dports, vec![22]);
+    assert_eq!(
+        r[1].action,
+        LearnedAction::RateLimit {
+            bytes_per_sec: 10_000
+        }
+    );
     // The `dport > 1024` rule cannot be enforced exactly: refused and counted.
     wait_for("refusal counted", Duration::from_secs(5), || {
         (h.stats()[0].learned_refused >= 1).then_some(())
@@ -399,7 +450,12 @@ const GOBGP_API: &str = "50051";
 fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
     let conf = dir.join("gobgpd.toml");
     let mut afis = String::new();
-    for f in ["ipv4-unicast", "ipv6-unicast", "ipv4-flowspec", "ipv6-flowspec"] {
+    for f in [
+        "ipv4-unicast",
+        "ipv6-unicast",
+        "ipv4-flowspec",
+        "ipv6-flowspec",
+    ] {
         afis.push_str(&format!(
             "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n"
         ));
@@ -434,7 +490,11 @@ fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
             "--api-hosts",
             &format!("127.0.0.1:{GOBGP_API}"),
             "--log-level",
-            if std::env::var_os("BGP_DEBUG").is_some() { "debug" } else { "warn" },
+            if std::env::var_os("BGP_DEBUG").is_some() {
+                "debug"
+            } else {
+                "warn"
+            },
         ])
         .expect("start gobgpd");
     wait_for("gobgpd API", Duration::from_secs(15), || {
@@ -458,7 +518,9 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     let mut g = gobgpd(&l.upstream, dir.path());
     let rt = runtime_in(&l.agent);
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    let h = rt.block_on(async {
+        Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
+    });
     wait_for("session with GoBGP", Duration::from_secs(30), || {
         if std::env::var_os("BGP_DEBUG").is_some() {
             eprintln!("{:?}", h.stats());
@@ -477,7 +539,12 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         .lines()
         .find(|l| l.contains("203.0.113.7/32"))
         .expect("line");
-    for want in ["[source: 203.0.113.7/32]", "[protocol: ==tcp]", "[destination-port: ==25 ==587]", "discard(as: 65001)"] {
+    for want in [
+        "[source: 203.0.113.7/32]",
+        "[protocol: ==tcp]",
+        "[destination-port: ==25 ==587]",
+        "discard(as: 65001)",
+    ] {
         assert!(line.contains(want), "GoBGP route lacks {want}: {line}");
     }
     let out6 = wait_for("v6 flowspec in GoBGP", Duration::from_secs(10), || {
@@ -492,13 +559,82 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         let o = gobgp_rib(&l.upstream, "ipv4");
         o.contains("203.0.113.7/32").then_some(o)
     });
-    for want in ["blackhole", "no-export", "65001:666", "65001:1:2", "192.0.2.66"] {
+    for want in [
+        "blackhole",
+        "no-export",
+        "65001:666",
+        "65001:1:2",
+        "192.0.2.66",
+    ] {
         assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
     }
 
+    // GoBGP's own flowspec rule reaches the agent, decoded and translated.
+    l.upstream
+        .run(&[
+            "gobgp",
+            "-p",
+            GOBGP_API,
+            "global",
+            "rib",
+            "-a",
+            "ipv4-flowspec",
+            "add",
+            "match",
+            "source",
+            "198.51.100.9/32",
+            "protocol",
+            "udp",
+            "destination-port",
+            "==53",
+            "then",
+            "rate-limit",
+            "1000",
+        ])
+        .expect("gobgp add flowspec");
+    let learned = h.learned();
+    let rules = wait_for("rule learnt from GoBGP", Duration::from_secs(10), || {
+        let m = learned.borrow().clone();
+        (!m.is_empty()).then_some(m)
+    });
+    let r: Vec<_> = rules.values().collect();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
+    assert_eq!(r[0].proto, Some(17));
+    assert_eq!(r[0].dports, vec![53]);
+    assert_eq!(
+        r[0].action,
+        LearnedAction::RateLimit {
+            bytes_per_sec: 1000
+        }
+    );
+    l.upstream
+        .run(&[
+            "gobgp",
+            "-p",
+            GOBGP_API,
+            "global",
+            "rib",
+            "-a",
+            "ipv4-flowspec",
+            "del",
+            "match",
+            "source",
+            "198.51.100.9/32",
+            "protocol",
+            "udp",
+            "destination-port",
+            "==53",
+        ])
+        .expect("gobgp del flowspec");
+    wait_for("learnt rule withdrawn", Duration::from_secs(10), || {
+        learned.borrow().is_empty().then_some(())
+    });
+
     let mut next = (*standard_blocks()).clone();
     next.generation = 2;
-    next.blocks.remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
+    next.blocks
+        .remove(&"203.0.113.7/32".parse::<IpNet>().unwrap());
     tx.send(Arc::new(next)).unwrap();
     wait_for("withdrawal in GoBGP", Duration::from_secs(10), || {
         let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
@@ -519,10 +655,14 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         (!established(&h)).then_some(())
     });
     let _g = gobgpd(&l.upstream, dir.path());
-    wait_for("flowspec again after GoBGP restart", Duration::from_secs(40), || {
-        let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
-        (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
-    });
+    wait_for(
+        "flowspec again after GoBGP restart",
+        Duration::from_secs(40),
+        || {
+            let o = gobgp_rib(&l.upstream, "ipv4-flowspec");
+            (o.contains("203.0.113.7/32") && o.contains("203.0.113.8/32")).then_some(())
+        },
+    );
     rt.block_on(h.shutdown());
 }
 
@@ -540,7 +680,9 @@ fn bgp_bench_bird() {
     let rt = runtime_in(&l.agent);
     let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
     let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
-    wait_for("session", Duration::from_secs(20), || established(&h).then_some(()));
+    wait_for("session", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
 
     // 1. One block at a time: time until BIRD shows it (birdc polling included).
     let mut lat = Vec::new();
@@ -567,11 +709,15 @@ fn bgp_bench_bird() {
     let many: Vec<_> = (0..10_000u32)
         .map(|i| {
             let a = std::net::Ipv4Addr::from(0xc612_0000u32 + i);
-            block(&format!("{a}/32"), &[Announce::Flowspec], Some(FlowspecScope {
-                proto: Some(6),
-                dports: vec![25],
-                rate_bytes_per_sec: 0,
-            }))
+            block(
+                &format!("{a}/32"),
+                &[Announce::Flowspec],
+                Some(FlowspecScope {
+                    proto: Some(6),
+                    dports: vec![25],
+                    rate_bytes_per_sec: 0,
+                }),
+            )
         })
         .collect();
     let start = Instant::now();
@@ -587,5 +733,42 @@ fn bgp_bench_bird() {
         "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
         s.updates_sent
     );
+    rt.block_on(h.shutdown());
+}
+
+#[test]
+fn bgp_bird_session_over_ipv6_carries_both_families() {
+    if !require_root("bgp_bird_session_over_ipv6_carries_both_families") {
+        return;
+    }
+    let l = link();
+    let b = bird_at(&l.upstream, 65001, "", "2001:db8:b::2", "2001:db8:b::1");
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    // iBGP this time (remote AS = local AS): LOCAL_PREF sent, empty AS_PATH.
+    let h = rt.block_on(async { Speaker::spawn(policy_at("2001:db8:b::2", 65001, 179, ""), rx) });
+    wait_for("IPv6 session with BIRD", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
+    tx.send(standard_blocks()).unwrap();
+    wait_for(
+        "v4 flowspec over the v6 session",
+        Duration::from_secs(10),
+        || {
+            bird_flow4(&b)
+                .contains("flow4 { src 203.0.113.8/32; }")
+                .then_some(())
+        },
+    );
+    let o = wait_for(
+        "v6 flowspec over the v6 session",
+        Duration::from_secs(10),
+        || {
+            let o = b.birdc("show route table flowtab6 all");
+            o.contains("flow6 { src 2001:db8:c:1::/64; next header 17; }")
+                .then_some(o)
+        },
+    );
+    assert!(o.contains("BGP.local_pref: 100"), "{o}");
     rt.block_on(h.shutdown());
 }

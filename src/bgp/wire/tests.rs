@@ -27,7 +27,10 @@ fn open_puts_as_trans_and_4_octet_capability() {
     let caps = &m[29..];
     // Capability 65 (4-octet AS) with the real AS.
     let asn = 4_200_000_000u32.to_be_bytes();
-    assert!(caps.windows(6).any(|w| w == [65, 4, asn[0], asn[1], asn[2], asn[3]]));
+    assert!(
+        caps.windows(6)
+            .any(|w| w == [65, 4, asn[0], asn[1], asn[2], asn[3]])
+    );
     // Multiprotocol IPv4 flowspec (1/133) and IPv6 unicast (2/1).
     assert!(caps.windows(6).any(|w| w == [1, 4, 0, 1, 0, 133]));
     assert!(caps.windows(6).any(|w| w == [1, 4, 0, 2, 0, 1]));
@@ -41,10 +44,18 @@ fn open_puts_as_trans_and_4_octet_capability() {
 
 #[test]
 fn open_errors() {
-    let good = encode_open(65001, 90, "192.0.2.1".parse().unwrap(), &[Family::Ipv4Flowspec]);
+    let good = encode_open(
+        65001,
+        90,
+        "192.0.2.1".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+    );
     let mut v = good.clone();
     v[19] = 3;
-    assert_eq!(decode_open(&v).unwrap_err(), Notification::new(2, 1, [0, 4]));
+    assert_eq!(
+        decode_open(&v).unwrap_err(),
+        Notification::new(2, 1, [0, 4])
+    );
     let mut h = good.clone();
     h[22..24].copy_from_slice(&2u16.to_be_bytes());
     assert_eq!(decode_open(&h).unwrap_err().subcode, err::OPEN_HOLD);
@@ -90,7 +101,13 @@ fn flowspec_update_bytes() {
     let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), None, &[])
         .encode()
         .unwrap();
-    let ms = flow_announce(&ctx(true), Afi::Ipv4, traffic_rate(0, 0.0), &[nlri.clone()]).unwrap();
+    let ms = flow_announce(
+        &ctx(true),
+        Afi::Ipv4,
+        traffic_rate(0, 0.0),
+        std::slice::from_ref(&nlri),
+    )
+    .unwrap();
     assert_eq!(ms.len(), 1);
     let m = &ms[0];
     let body = &m[19..];
@@ -107,17 +124,22 @@ fn flowspec_update_bytes() {
     ]
     .concat();
     assert_eq!(attrs, &expected[..]);
-    assert_eq!(usize::from(u16::from_be_bytes([body[2], body[3]])), expected.len());
+    assert_eq!(
+        usize::from(u16::from_be_bytes([body[2], body[3]])),
+        expected.len()
+    );
     // And our own decoder reads it back.
     let u = decode_update(m, true).unwrap();
     assert_eq!(u.flow_reach.len(), 1);
     assert_eq!(u.flow_reach[0].encode().unwrap(), nlri);
     assert_eq!(u.ext_communities, vec![[0x80, 0x06, 0, 0, 0, 0, 0, 0]]);
 
-    let w = flow_withdraw(Afi::Ipv4, &[nlri.clone()]).unwrap();
+    let w = flow_withdraw(Afi::Ipv4, std::slice::from_ref(&nlri)).unwrap();
     assert_eq!(
         &w[0][19..],
-        &[0, 0, 0, 14, 0x90, 15, 0, 10, 0, 1, 133, 0x06, 0x02, 0x20, 203, 0, 113, 7]
+        &[
+            0, 0, 0, 14, 0x90, 15, 0, 10, 0, 1, 133, 0x06, 0x02, 0x20, 203, 0, 113, 7
+        ]
     );
     let u = decode_update(&w[0], true).unwrap();
     assert_eq!(u.flow_unreach.len(), 1);
@@ -169,7 +191,10 @@ fn rtbh_update_bytes() {
         &ctx(false),
         &[p],
         "192.0.2.66".parse().unwrap(),
-        &[Community::Standard(65001, 666), Community::Large(65001, 1, 2)],
+        &[
+            Community::Standard(65001, 666),
+            Community::Large(65001, 1, 2),
+        ],
     )
     .unwrap()[0];
     // COMMUNITIES: BLACKHOLE, NO_EXPORT, the peer's own.
@@ -204,7 +229,10 @@ fn end_of_rib_markers() {
     let e = end_of_rib(2, 133);
     assert_eq!(&e[19..], &[0, 0, 0, 6, 0x80, 15, 3, 0, 2, 133]);
     assert_eq!(decode_update(&e, true).unwrap().end_of_rib, Some((2, 133)));
-    assert_eq!(decode_update(&end_of_rib(1, 1), true).unwrap().end_of_rib, Some((1, 1)));
+    assert_eq!(
+        decode_update(&end_of_rib(1, 1), true).unwrap().end_of_rib,
+        Some((1, 1))
+    );
 }
 
 #[test]
@@ -244,4 +272,97 @@ fn malformed_updates_get_the_right_notification() {
     ];
     let e = decode_update(&upd(&bad[..]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 9));
+}
+
+// The bgpkit-parser 0.23 gaps the workarounds above exist for. Each test pins the gap; when
+// one fails after an upgrade, the codec got fixed and the workaround can go.
+
+#[test]
+fn bgpkit_gap_traffic_rate_written_with_type_0x40() {
+    use bgpkit_parser::models::{ExtendedCommunity, FlowSpecTrafficRate};
+    let attrs = Attributes::from_iter([AttributeValue::ExtendedCommunities(vec![
+        ExtendedCommunity::FlowSpecTrafficRate(FlowSpecTrafficRate {
+            as_number: 0,
+            rate_bytes_per_sec: 0.0,
+        }),
+    ])]);
+    let mut buf = BytesMut::new();
+    attrs.encode_to(AsnLength::Bits32, &mut buf).unwrap();
+    let value = &buf[buf.len() - 8..];
+    assert_eq!(&value[..2], &[0x40, 0x06], "{value:02x?}");
+    assert_ne!(
+        value[0], 0x80,
+        "bgpkit-parser now writes 0x8006: drop traffic_rate()"
+    );
+    // Ours is right.
+    assert_eq!(
+        &crate::bgp::flowspec::traffic_rate(0, 0.0)[..2],
+        &[0x80, 0x06]
+    );
+}
+
+#[test]
+fn bgpkit_gap_mp_reach_omits_the_zero_next_hop_length() {
+    let nlri = Nlri {
+        afi: KAfi::Ipv4,
+        safi: KSafi::FlowSpec,
+        next_hop: None,
+        prefixes: vec![],
+        labeled_prefixes: None,
+        link_state_nlris: None,
+        flowspec_nlris: Some(vec![]),
+    };
+    let attrs = Attributes::from_iter([AttributeValue::MpReachNlri(nlri)]);
+    let mut buf = BytesMut::new();
+    attrs.encode_to(AsnLength::Bits32, &mut buf).unwrap();
+    // flags, type, length, AFI(2), SAFI, then RFC 4760 wants next-hop length 0 and reserved 0:
+    // bgpkit-parser writes only the reserved byte.
+    assert_eq!(
+        &buf[3..],
+        &[0, 1, 133, 0],
+        "bgpkit-parser fixed MP_REACH without next hop"
+    );
+}
+
+#[test]
+fn bgpkit_gap_open_truncates_a_4_octet_as() {
+    let open = BgpOpenMessage {
+        version: 4,
+        asn: 4_200_000_000u32.into(),
+        hold_time: 90,
+        bgp_identifier: "192.0.2.1".parse().unwrap(),
+        extended_length: false,
+        opt_params: vec![],
+    };
+    let m = BgpMessage::Open(open).encode(AsnLength::Bits32).unwrap();
+    assert_ne!(
+        &m[20..22],
+        &AS_TRANS.to_be_bytes(),
+        "bgpkit-parser now writes AS_TRANS"
+    );
+    // The low 16 bits of the AS, truncated.
+    assert_eq!(&m[20..22], &(4_200_000_000u32 as u16).to_be_bytes());
+    // Ours does.
+    let ours = encode_open(4_200_000_000, 90, "192.0.2.1".parse().unwrap(), &[]);
+    assert_eq!(&ours[20..22], &AS_TRANS.to_be_bytes());
+}
+
+#[test]
+fn bgpkit_gap_received_flowspec_nlri_not_decoded() {
+    let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), Some(6), &[25])
+        .encode()
+        .unwrap();
+    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[nlri]).unwrap()[0];
+    let mut b = Bytes::copy_from_slice(m);
+    let parsed =
+        bgpkit_parser::parser::bgp::messages::parse_bgp_message(&mut b, false, &AsnLength::Bits32);
+    let Ok(BgpMessage::Update(u)) = parsed else {
+        panic!("bgpkit-parser parses the UPDATE frame: {parsed:?}");
+    };
+    let decoded = u.attributes.iter().any(|a| {
+        matches!(a, AttributeValue::MpReachNlri(n) if n.flowspec_nlris.as_ref().is_some_and(|v| !v.is_empty()))
+    });
+    assert!(!decoded, "bgpkit-parser now decodes SAFI 133 NLRI");
+    // Ours does.
+    assert_eq!(decode_update(m, true).unwrap().flow_reach.len(), 1);
 }
