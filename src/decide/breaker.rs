@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::messages::Time;
@@ -120,11 +120,32 @@ pub(super) struct Breaker {
     pub(super) suppressed: u64,
 }
 
-fn holds_in(prefix: &IpNet, holds: &BTreeMap<IpNet, BlockRecord>, dry_run: bool) -> u32 {
-    let n = holds
-        .values()
-        .filter(|h| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
-        .count();
+/// Holds of the current mode whose address lies in `prefix`, counting at most `cap`. Holds
+/// are keyed by target, so those inside `prefix` form one range of the map: O(log n + cap).
+fn holds_in(prefix: &IpNet, holds: &BTreeMap<IpNet, BlockRecord>, dry_run: bool, cap: u32) -> u32 {
+    let range = match prefix {
+        IpNet::V4(n) => Ipv4Net::new(n.network(), 0)
+            .ok()
+            .zip(Ipv4Net::new(n.broadcast(), 32).ok())
+            .map(|(lo, hi)| (IpNet::V4(lo), IpNet::V4(hi))),
+        IpNet::V6(n) => Ipv6Net::new(n.network(), 0)
+            .ok()
+            .zip(Ipv6Net::new(n.broadcast(), 128).ok())
+            .map(|(lo, hi)| (IpNet::V6(lo), IpNet::V6(hi))),
+    };
+    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+    let n = match range {
+        Some((lo, hi)) => holds
+            .range(lo..=hi)
+            .filter(|(_, h)| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
+            .take(cap)
+            .count(),
+        None => holds
+            .values()
+            .filter(|h| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
+            .take(cap)
+            .count(),
+    };
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -159,7 +180,7 @@ impl Breaker {
         }
         if let Some(net) = policy.network_of(target.addr()) {
             let limit = policy.circuit_breaker.max_blocks_per_network;
-            let active = holds_in(&net.prefix, holds, dry_run);
+            let active = holds_in(&net.prefix, holds, dry_run, limit);
             if active >= limit {
                 return Err(Suppression::Network {
                     prefix: net.prefix,
@@ -200,7 +221,7 @@ impl Breaker {
             .networks
             .iter()
             .filter_map(|n| {
-                let active = holds_in(&n.prefix, holds, dry_run);
+                let active = holds_in(&n.prefix, holds, dry_run, u32::MAX);
                 (active >= limit).then(|| NetworkLoad {
                     prefix: n.prefix,
                     name: n.name.clone(),

@@ -804,6 +804,12 @@ impl Store {
         self.count("SELECT count(*) FROM audit")
     }
 
+    /// Runs raw SQL; lets unit tests of other modules inject failures.
+    #[cfg(test)]
+    pub(crate) fn execute_batch_for_test(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.execute_batch(sql)
+    }
+
     fn count(&self, sql: &str) -> Result<u64, StateError> {
         let n: i64 = self
             .conn
