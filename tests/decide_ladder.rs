@@ -693,3 +693,18 @@ fn list_shows_reason_since_and_until() {
     );
     assert_eq!(d.next_expiry(), Some(at(5 + HOUR)));
 }
+
+#[test]
+fn preview_changes_nothing() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(10)))
+        .unwrap());
+    let p = with_reconnects(&[reconnect_entry(A, "ABUSE-1", ALL_CONDITIONS, FAR, false)]);
+    let preview = d.preview_reconnects(&p, at(20));
+    assert_eq!(preview[0].result, ReconnectResult::Applied);
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
+    // The preview did not record the ticket as seen: applying later still works.
+    let out = d.on_policy(p, at(30)).unwrap();
+    assert_eq!(out.reconnects[0].result, ReconnectResult::Applied);
+}

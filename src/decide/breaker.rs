@@ -15,16 +15,16 @@
 //! * Escalating an address that is already held (quarantine → block) is not a new hold and is
 //!   not capped. Operator blocks are not capped either: a human asked for them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::holds::Holds;
 use crate::messages::Time;
 use crate::policy::Policy;
-use crate::state::BlockRecord;
 
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -120,35 +120,6 @@ pub(super) struct Breaker {
     pub(super) suppressed: u64,
 }
 
-/// Holds of the current mode whose address lies in `prefix`, counting at most `cap`. Holds
-/// are keyed by target, so those inside `prefix` form one range of the map: O(log n + cap).
-fn holds_in(prefix: &IpNet, holds: &BTreeMap<IpNet, BlockRecord>, dry_run: bool, cap: u32) -> u32 {
-    let range = match prefix {
-        IpNet::V4(n) => Ipv4Net::new(n.network(), 0)
-            .ok()
-            .zip(Ipv4Net::new(n.broadcast(), 32).ok())
-            .map(|(lo, hi)| (IpNet::V4(lo), IpNet::V4(hi))),
-        IpNet::V6(n) => Ipv6Net::new(n.network(), 0)
-            .ok()
-            .zip(Ipv6Net::new(n.broadcast(), 128).ok())
-            .map(|(lo, hi)| (IpNet::V6(lo), IpNet::V6(hi))),
-    };
-    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-    let n = match range {
-        Some((lo, hi)) => holds
-            .range(lo..=hi)
-            .filter(|(_, h)| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
-            .take(cap)
-            .count(),
-        None => holds
-            .values()
-            .filter(|h| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
-            .take(cap)
-            .count(),
-    };
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
 impl Breaker {
     fn prune(&mut self, now: Time) {
         let start = now.saturating_sub(WINDOW);
@@ -164,7 +135,7 @@ impl Breaker {
         now: Time,
         target: &IpNet,
         policy: &Policy,
-        holds: &BTreeMap<IpNet, BlockRecord>,
+        holds: &Holds,
         dry_run: bool,
     ) -> Result<(), Suppression> {
         self.prune(now);
@@ -180,7 +151,7 @@ impl Breaker {
         }
         if let Some(net) = policy.network_of(target.addr()) {
             let limit = policy.circuit_breaker.max_blocks_per_network;
-            let active = holds_in(&net.prefix, holds, dry_run, limit);
+            let active = holds.in_network(&net.prefix, dry_run);
             if active >= limit {
                 return Err(Suppression::Network {
                     prefix: net.prefix,
@@ -211,7 +182,7 @@ impl Breaker {
         &self,
         now: Time,
         policy: &Policy,
-        holds: &BTreeMap<IpNet, BlockRecord>,
+        holds: &Holds,
         dry_run: bool,
     ) -> BreakerStatus {
         let start = now.saturating_sub(WINDOW);
@@ -221,7 +192,7 @@ impl Breaker {
             .networks
             .iter()
             .filter_map(|n| {
-                let active = holds_in(&n.prefix, holds, dry_run, u32::MAX);
+                let active = holds.in_network(&n.prefix, dry_run);
                 (active >= limit).then(|| NetworkLoad {
                     prefix: n.prefix,
                     name: n.name.clone(),

@@ -55,6 +55,7 @@
 //! ```
 
 pub mod breaker;
+mod holds;
 pub mod reconnect;
 
 use std::collections::BTreeMap;
@@ -335,7 +336,7 @@ pub struct Decider {
     policy: Arc<Policy>,
     store: Store,
     infra: InfraSet,
-    holds: BTreeMap<IpNet, BlockRecord>,
+    holds: holds::Holds,
     offenses: BTreeMap<IpNet, Vec<Mark>>,
     used: BTreeMap<String, ReconnectRecord>,
     seen: BTreeMap<String, Time>,
@@ -373,7 +374,7 @@ impl Decider {
             policy,
             store,
             infra,
-            holds: BTreeMap::new(),
+            holds: holds::Holds::default(),
             offenses: BTreeMap::new(),
             used: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -451,12 +452,7 @@ impl Decider {
 
     /// Rebuilds the in-memory state from the database.
     fn load(&mut self, now: Time) -> Result<(), StateError> {
-        self.holds = self
-            .store
-            .blocks()?
-            .into_iter()
-            .map(|b| (b.target, b))
-            .collect();
+        self.holds = holds::Holds::from_records(&self.policy, self.store.blocks()?);
         self.used = self
             .store
             .reconnects()?
@@ -670,7 +666,7 @@ impl Decider {
             service: self.service_of(d, &target),
         };
         b.changes.push(Change::PutBlock(block.clone()));
-        self.holds.insert(target, block);
+        self.holds.insert(&self.policy, block);
         if rung.kind == BlockKind::Terminate && !dry {
             b.changes.push(Change::Terminate(TerminationRecord {
                 target,
@@ -816,7 +812,7 @@ impl Decider {
 
     /// Removes the hold on `target` because it ran out.
     fn expire(&mut self, target: IpNet, now: Time, why: &str, b: &mut Batch) {
-        let Some(h) = self.holds.remove(&target) else {
+        let Some(h) = self.holds.remove(&self.policy, &target) else {
             return;
         };
         self.counters.expired += 1;
@@ -945,7 +941,7 @@ impl Decider {
             service,
         };
         b.changes.push(Change::PutBlock(block.clone()));
-        self.holds.insert(target, block);
+        self.holds.insert(&self.policy, block);
         self.counters.operator_blocks += 1;
         b.audit(
             now,
@@ -1002,7 +998,7 @@ impl Decider {
         }
         let snapshot = self.breaker.clone();
         let mut b = Batch::default();
-        self.holds.remove(&target);
+        self.holds.remove(&self.policy, &target);
         b.changes.push(Change::RemoveBlock(target));
         self.counters.operator_unblocks += 1;
         b.audit(
@@ -1069,6 +1065,7 @@ impl Decider {
         self.tick_time(now);
         let was_dry = self.dry();
         self.policy = policy;
+        self.holds.recount(&self.policy);
         if let Err(e) = self.load_offenses(now) {
             return Err(DecideError::State(e));
         }
@@ -1111,7 +1108,7 @@ impl Decider {
             return;
         }
         for t in &dry {
-            self.holds.remove(t);
+            self.holds.remove(&self.policy, t);
             b.changes.push(Change::RemoveBlock(*t));
         }
         warn!(
@@ -1147,7 +1144,7 @@ impl Decider {
                 warn!(addr = %t, protection = %p, "terminated address is now protected; it stays terminated until a reconnect overrides it");
                 continue;
             }
-            self.holds.remove(&t);
+            self.holds.remove(&self.policy, &t);
             b.changes.push(Change::RemoveBlock(t));
             let reason = format!("the address is now {p}");
             b.audit(
@@ -1221,29 +1218,36 @@ impl Decider {
         now: Time,
         b: &mut Batch,
     ) -> Result<BlockRecord, Refusal> {
+        if !self.used.contains_key(&r.ticket) && !self.seen.contains_key(&r.ticket) {
+            self.seen.insert(r.ticket.clone(), now);
+            b.changes.push(Change::TicketSeen {
+                ticket: r.ticket.clone(),
+                target: r.address,
+                time: now,
+            });
+        }
+        self.evaluate(&self.policy, r, now).cloned()
+    }
+
+    /// The reconnect rules of one entry against the current state, without changing it.
+    fn evaluate(
+        &self,
+        policy: &Policy,
+        r: &crate::policy::Reconnect,
+        now: Time,
+    ) -> Result<&BlockRecord, Refusal> {
         if let Some(u) = self.used.get(&r.ticket) {
             return Err(Refusal::UsedBefore {
                 applied_at: u.applied_at,
                 address: u.target,
             });
         }
-        let seen = match self.seen.get(&r.ticket) {
-            Some(t) => *t,
-            None => {
-                self.seen.insert(r.ticket.clone(), now);
-                b.changes.push(Change::TicketSeen {
-                    ticket: r.ticket.clone(),
-                    target: r.address,
-                    time: now,
-                });
-                now
-            }
-        };
+        // A ticket not seen yet would be seen now.
+        let seen = self.seen.get(&r.ticket).copied().unwrap_or(now);
         if now > r.expires {
             return Err(Refusal::Expired { expires: r.expires });
         }
-        let missing: Vec<String> = self
-            .policy
+        let missing: Vec<String> = policy
             .reconnect_requires
             .difference(&r.conditions)
             .cloned()
@@ -1267,7 +1271,25 @@ impl Decider {
         if h.kind == BlockKind::Terminate && !r.override_termination {
             return Err(Refusal::Terminated);
         }
-        Ok(h.clone())
+        Ok(h)
+    }
+
+    /// What `policy`'s reconnect list would do if it were loaded at `now`, without applying
+    /// anything or recording any ticket (for `check` and a reload preview over the control
+    /// socket).
+    pub fn preview_reconnects(&self, policy: &Policy, now: Time) -> Vec<ReconnectOutcome> {
+        policy
+            .reconnect
+            .iter()
+            .map(|r| ReconnectOutcome {
+                ticket: r.ticket.clone(),
+                address: r.address,
+                result: match self.evaluate(policy, r, now) {
+                    Ok(_) => ReconnectResult::Applied,
+                    Err(refusal) => ReconnectResult::Refused(refusal),
+                },
+            })
+            .collect()
     }
 
     fn apply_reconnect(
@@ -1278,7 +1300,7 @@ impl Decider {
         b: &mut Batch,
     ) {
         let target = h.target;
-        self.holds.remove(&target);
+        self.holds.remove(&self.policy, &target);
         b.changes.push(Change::RemoveBlock(target));
         if h.kind == BlockKind::Terminate && !h.dry_run {
             b.changes.push(Change::LiftTermination {
