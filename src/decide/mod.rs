@@ -347,6 +347,7 @@ pub struct Decider {
     outcomes: Vec<ReconnectOutcome>,
     startup: Vec<Decision>,
     now: Time,
+    next_prune: Time,
 }
 
 impl fmt::Debug for Decider {
@@ -385,6 +386,7 @@ impl Decider {
             outcomes: Vec::new(),
             startup: Vec::new(),
             now,
+            next_prune: now,
         };
         d.load(now)?;
         // Holds made in the last minute count toward the breaker across a restart.
@@ -849,11 +851,16 @@ impl Decider {
             .filter(|h| h.expires.is_some_and(|e| e <= now))
             .map(|h| h.target)
             .collect();
-        let forget = self.policy.escalation.forget_after;
-        self.offenses.retain(|_, marks| {
-            marks.retain(|m| now.since(m.time) < forget);
-            !marks.is_empty()
-        });
+        // Counting ignores old offenses anyway; dropping them only frees memory, so once a
+        // minute is enough (a walk over every offender of the last `forget_after`).
+        if now >= self.next_prune {
+            self.next_prune = now.saturating_add(Duration::from_secs(60));
+            let forget = self.policy.escalation.forget_after;
+            self.offenses.retain(|_, marks| {
+                marks.retain(|m| now.since(m.time) < forget);
+                !marks.is_empty()
+            });
+        }
         if due.is_empty() {
             return Ok(Vec::new());
         }
