@@ -708,3 +708,46 @@ fn preview_changes_nothing() {
     let out = d.on_policy(p, at(30)).unwrap();
     assert_eq!(out.reconnects[0].result, ReconnectResult::Applied);
 }
+
+#[test]
+fn new_infrastructure_releases_its_holds() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection("198.51.100.53", Category::Flood, at(10)))
+        .unwrap());
+    let lifted = one(d
+        .set_infra(InfraSet::new([net("198.51.100.53")]), at(20))
+        .unwrap());
+    assert_eq!(lifted.kind, None);
+    assert!(d.desired().blocks.is_empty());
+    assert!(
+        d.on_detection(&detection("198.51.100.53", Category::Flood, at(30)))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn allowlisting_a_terminated_address_releases_it() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    one(d
+        .on_operator_unblock(net(A), "T", "alice", at(3 * HOUR))
+        .unwrap());
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(4 * HOUR)))
+        .unwrap());
+    assert_eq!(held(&d, A), Some(BlockKind::Terminate));
+    let mut p = (*policy("")).clone();
+    p.allow.push(net(A));
+    assert_eq!(
+        one(d.on_policy(Arc::new(p), at(5 * HOUR)).unwrap().decisions).kind,
+        None
+    );
+    assert_eq!(held(&d, A), None);
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(
+        h.terminations[0].lifted_by.as_deref(),
+        Some("policy: allowlisted")
+    );
+}

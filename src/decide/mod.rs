@@ -21,13 +21,16 @@
 //!   A target held by `block` or `terminate` reaches nothing; a detection then is an
 //!   artefact and never escalates.
 //! * **Termination.** A terminated target stays blocked whatever the reconnect list says;
-//!   only a reconnect with `override_termination: true` lifts it. Operator `unblock` refuses
-//!   a terminated target.
+//!   only a reconnect with `override_termination: true` lifts it (or the target becoming
+//!   protected, below). Operator `unblock` refuses a terminated target.
 //! * **Protected targets.** A target that overlaps an allowlisted prefix
 //!   (`Policy::allow_overlaps`) or, with `protect_infrastructure`, the [`InfraSet`], is never
 //!   held: its detections are audited as `protected`, an operator block is refused, and a
-//!   hold whose target becomes protected (policy reload, new infrastructure) is lifted —
-//!   except a termination, which only an override lifts.
+//!   hold whose target becomes protected (policy reload, new infrastructure) is lifted at
+//!   once. This wins over a termination too (the termination record is kept, marked lifted
+//!   by `policy: allowlisted` or `infrastructure: infrastructure`): a protected address must
+//!   never be held, and validation refuses reconnect entries for allowlisted addresses, so
+//!   no override could lift it otherwise.
 //! * **Circuit breaker.** See [`breaker`]. Suppressed detections are audited with their
 //!   evidence but are not offenses.
 //! * **Reconnects.** See [`reconnect`]. A valid authorisation lifts the hold at once, records
@@ -1147,12 +1150,15 @@ impl Decider {
             let Some(h) = self.holds.get(&t).cloned() else {
                 continue;
             };
-            if h.kind == BlockKind::Terminate {
-                warn!(addr = %t, protection = %p, "terminated address is now protected; it stays terminated until a reconnect overrides it");
-                continue;
-            }
             self.holds.remove(&self.policy, &t);
             b.changes.push(Change::RemoveBlock(t));
+            if h.kind == BlockKind::Terminate && !h.dry_run {
+                b.changes.push(Change::LiftTermination {
+                    target: t,
+                    time: now,
+                    ticket: format!("{actor}: {p}"),
+                });
+            }
             let reason = format!("the address is now {p}");
             b.audit(
                 now,
