@@ -751,3 +751,27 @@ fn allowlisting_a_terminated_address_releases_it() {
         Some("policy: allowlisted")
     );
 }
+
+/// The same inputs give the same decisions, byte for byte: a recorded stream replays.
+#[test]
+fn decisions_are_deterministic() {
+    let run = || {
+        let mut d = decider(policy("circuit_breaker:\n  max_new_blocks_per_minute: 5\n"));
+        let mut out = Vec::new();
+        for i in 0..40u64 {
+            let a = format!("203.0.113.{}", 10 + i % 9);
+            let c = Category::ALL[(i % 5) as usize];
+            out.extend(d.on_detection(&detection(&a, c, at(i * 97))).unwrap());
+            if i % 7 == 0 {
+                out.extend(d.on_tick(at(i * 97 + 30)).unwrap());
+            }
+        }
+        (
+            serde_json::to_string(&out).unwrap(),
+            serde_json::to_string(&d.desired()).unwrap(),
+        )
+    };
+    let first = run();
+    assert!(first.0.len() > 100);
+    assert_eq!(first, run());
+}
