@@ -348,7 +348,10 @@ fn an_unreadable_database_is_a_clear_error() {
     let output = if is_root() {
         // Root reads anything: ask an unprivileged user to open it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let exe = std::env::current_exe().unwrap();
+        // A copy of this test binary the unprivileged user can run wherever the checkout is.
+        let exe = dir.path().join("decide_durability");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let out = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(&exe)
@@ -356,7 +359,11 @@ fn an_unreadable_database_is_a_clear_error() {
             .env(CHILD_OPEN, &path)
             .output()
             .expect("setpriv (util-linux) runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     } else {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
         match Store::open(&path) {

@@ -693,3 +693,85 @@ fn list_shows_reason_since_and_until() {
     );
     assert_eq!(d.next_expiry(), Some(at(5 + HOUR)));
 }
+
+#[test]
+fn preview_changes_nothing() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(10)))
+        .unwrap());
+    let p = with_reconnects(&[reconnect_entry(A, "ABUSE-1", ALL_CONDITIONS, FAR, false)]);
+    let preview = d.preview_reconnects(&p, at(20));
+    assert_eq!(preview[0].result, ReconnectResult::Applied);
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
+    // The preview did not record the ticket as seen: applying later still works.
+    let out = d.on_policy(p, at(30)).unwrap();
+    assert_eq!(out.reconnects[0].result, ReconnectResult::Applied);
+}
+
+#[test]
+fn new_infrastructure_releases_its_holds() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection("198.51.100.53", Category::Flood, at(10)))
+        .unwrap());
+    let lifted = one(d
+        .set_infra(InfraSet::new([net("198.51.100.53")]), at(20))
+        .unwrap());
+    assert_eq!(lifted.kind, None);
+    assert!(d.desired().blocks.is_empty());
+    assert!(
+        d.on_detection(&detection("198.51.100.53", Category::Flood, at(30)))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn allowlisting_a_terminated_address_releases_it() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    one(d
+        .on_operator_unblock(net(A), "T", "alice", at(3 * HOUR))
+        .unwrap());
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(4 * HOUR)))
+        .unwrap());
+    assert_eq!(held(&d, A), Some(BlockKind::Terminate));
+    let mut p = (*policy("")).clone();
+    p.allow.push(net(A));
+    assert_eq!(
+        one(d.on_policy(Arc::new(p), at(5 * HOUR)).unwrap().decisions).kind,
+        None
+    );
+    assert_eq!(held(&d, A), None);
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(
+        h.terminations[0].lifted_by.as_deref(),
+        Some("policy: allowlisted")
+    );
+}
+
+/// The same inputs give the same decisions, byte for byte: a recorded stream replays.
+#[test]
+fn decisions_are_deterministic() {
+    let run = || {
+        let mut d = decider(policy("circuit_breaker:\n  max_new_blocks_per_minute: 5\n"));
+        let mut out = Vec::new();
+        for i in 0..40u64 {
+            let a = format!("203.0.113.{}", 10 + i % 9);
+            let c = Category::ALL[(i % 5) as usize];
+            out.extend(d.on_detection(&detection(&a, c, at(i * 97))).unwrap());
+            if i % 7 == 0 {
+                out.extend(d.on_tick(at(i * 97 + 30)).unwrap());
+            }
+        }
+        (
+            serde_json::to_string(&out).unwrap(),
+            serde_json::to_string(&d.desired()).unwrap(),
+        )
+    };
+    let first = run();
+    assert!(first.0.len() > 100);
+    assert_eq!(first, run());
+}

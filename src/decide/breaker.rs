@@ -15,16 +15,16 @@
 //! * Escalating an address that is already held (quarantine → block) is not a new hold and is
 //!   not capped. Operator blocks are not capped either: a human asked for them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::holds::Holds;
 use crate::messages::Time;
 use crate::policy::Policy;
-use crate::state::BlockRecord;
 
 const WINDOW: Duration = Duration::from_secs(60);
 
@@ -120,14 +120,6 @@ pub(super) struct Breaker {
     pub(super) suppressed: u64,
 }
 
-fn holds_in(prefix: &IpNet, holds: &BTreeMap<IpNet, BlockRecord>, dry_run: bool) -> u32 {
-    let n = holds
-        .values()
-        .filter(|h| h.dry_run == dry_run && prefix.contains(&h.target.addr()))
-        .count();
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
 impl Breaker {
     fn prune(&mut self, now: Time) {
         let start = now.saturating_sub(WINDOW);
@@ -143,7 +135,7 @@ impl Breaker {
         now: Time,
         target: &IpNet,
         policy: &Policy,
-        holds: &BTreeMap<IpNet, BlockRecord>,
+        holds: &Holds,
         dry_run: bool,
     ) -> Result<(), Suppression> {
         self.prune(now);
@@ -159,7 +151,7 @@ impl Breaker {
         }
         if let Some(net) = policy.network_of(target.addr()) {
             let limit = policy.circuit_breaker.max_blocks_per_network;
-            let active = holds_in(&net.prefix, holds, dry_run);
+            let active = holds.in_network(&net.prefix, dry_run);
             if active >= limit {
                 return Err(Suppression::Network {
                     prefix: net.prefix,
@@ -190,7 +182,7 @@ impl Breaker {
         &self,
         now: Time,
         policy: &Policy,
-        holds: &BTreeMap<IpNet, BlockRecord>,
+        holds: &Holds,
         dry_run: bool,
     ) -> BreakerStatus {
         let start = now.saturating_sub(WINDOW);
@@ -200,7 +192,7 @@ impl Breaker {
             .networks
             .iter()
             .filter_map(|n| {
-                let active = holds_in(&n.prefix, holds, dry_run);
+                let active = holds.in_network(&n.prefix, dry_run);
                 (active >= limit).then(|| NetworkLoad {
                     prefix: n.prefix,
                     name: n.name.clone(),

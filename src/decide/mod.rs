@@ -21,13 +21,16 @@
 //!   A target held by `block` or `terminate` reaches nothing; a detection then is an
 //!   artefact and never escalates.
 //! * **Termination.** A terminated target stays blocked whatever the reconnect list says;
-//!   only a reconnect with `override_termination: true` lifts it. Operator `unblock` refuses
-//!   a terminated target.
+//!   only a reconnect with `override_termination: true` lifts it (or the target becoming
+//!   protected, below). Operator `unblock` refuses a terminated target.
 //! * **Protected targets.** A target that overlaps an allowlisted prefix
 //!   (`Policy::allow_overlaps`) or, with `protect_infrastructure`, the [`InfraSet`], is never
 //!   held: its detections are audited as `protected`, an operator block is refused, and a
-//!   hold whose target becomes protected (policy reload, new infrastructure) is lifted —
-//!   except a termination, which only an override lifts.
+//!   hold whose target becomes protected (policy reload, new infrastructure) is lifted at
+//!   once. This wins over a termination too (the termination record is kept, marked lifted
+//!   by `policy: allowlisted` or `infrastructure: infrastructure`): a protected address must
+//!   never be held, and validation refuses reconnect entries for allowlisted addresses, so
+//!   no override could lift it otherwise.
 //! * **Circuit breaker.** See [`breaker`]. Suppressed detections are audited with their
 //!   evidence but are not offenses.
 //! * **Reconnects.** See [`reconnect`]. A valid authorisation lifts the hold at once, records
@@ -55,6 +58,7 @@
 //! ```
 
 pub mod breaker;
+mod holds;
 pub mod reconnect;
 
 use std::collections::BTreeMap;
@@ -335,7 +339,7 @@ pub struct Decider {
     policy: Arc<Policy>,
     store: Store,
     infra: InfraSet,
-    holds: BTreeMap<IpNet, BlockRecord>,
+    holds: holds::Holds,
     offenses: BTreeMap<IpNet, Vec<Mark>>,
     used: BTreeMap<String, ReconnectRecord>,
     seen: BTreeMap<String, Time>,
@@ -346,6 +350,7 @@ pub struct Decider {
     outcomes: Vec<ReconnectOutcome>,
     startup: Vec<Decision>,
     now: Time,
+    next_prune: Time,
 }
 
 impl fmt::Debug for Decider {
@@ -373,7 +378,7 @@ impl Decider {
             policy,
             store,
             infra,
-            holds: BTreeMap::new(),
+            holds: holds::Holds::default(),
             offenses: BTreeMap::new(),
             used: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -384,6 +389,7 @@ impl Decider {
             outcomes: Vec::new(),
             startup: Vec::new(),
             now,
+            next_prune: now,
         };
         d.load(now)?;
         // Holds made in the last minute count toward the breaker across a restart.
@@ -451,12 +457,7 @@ impl Decider {
 
     /// Rebuilds the in-memory state from the database.
     fn load(&mut self, now: Time) -> Result<(), StateError> {
-        self.holds = self
-            .store
-            .blocks()?
-            .into_iter()
-            .map(|b| (b.target, b))
-            .collect();
+        self.holds = holds::Holds::from_records(&self.policy, self.store.blocks()?);
         self.used = self
             .store
             .reconnects()?
@@ -670,7 +671,7 @@ impl Decider {
             service: self.service_of(d, &target),
         };
         b.changes.push(Change::PutBlock(block.clone()));
-        self.holds.insert(target, block);
+        self.holds.insert(&self.policy, block);
         if rung.kind == BlockKind::Terminate && !dry {
             b.changes.push(Change::Terminate(TerminationRecord {
                 target,
@@ -816,7 +817,7 @@ impl Decider {
 
     /// Removes the hold on `target` because it ran out.
     fn expire(&mut self, target: IpNet, now: Time, why: &str, b: &mut Batch) {
-        let Some(h) = self.holds.remove(&target) else {
+        let Some(h) = self.holds.remove(&self.policy, &target) else {
             return;
         };
         self.counters.expired += 1;
@@ -853,11 +854,16 @@ impl Decider {
             .filter(|h| h.expires.is_some_and(|e| e <= now))
             .map(|h| h.target)
             .collect();
-        let forget = self.policy.escalation.forget_after;
-        self.offenses.retain(|_, marks| {
-            marks.retain(|m| now.since(m.time) < forget);
-            !marks.is_empty()
-        });
+        // Counting ignores old offenses anyway; dropping them only frees memory, so once a
+        // minute is enough (a walk over every offender of the last `forget_after`).
+        if now >= self.next_prune {
+            self.next_prune = now.saturating_add(Duration::from_secs(60));
+            let forget = self.policy.escalation.forget_after;
+            self.offenses.retain(|_, marks| {
+                marks.retain(|m| now.since(m.time) < forget);
+                !marks.is_empty()
+            });
+        }
         if due.is_empty() {
             return Ok(Vec::new());
         }
@@ -945,7 +951,7 @@ impl Decider {
             service,
         };
         b.changes.push(Change::PutBlock(block.clone()));
-        self.holds.insert(target, block);
+        self.holds.insert(&self.policy, block);
         self.counters.operator_blocks += 1;
         b.audit(
             now,
@@ -1002,7 +1008,7 @@ impl Decider {
         }
         let snapshot = self.breaker.clone();
         let mut b = Batch::default();
-        self.holds.remove(&target);
+        self.holds.remove(&self.policy, &target);
         b.changes.push(Change::RemoveBlock(target));
         self.counters.operator_unblocks += 1;
         b.audit(
@@ -1069,6 +1075,7 @@ impl Decider {
         self.tick_time(now);
         let was_dry = self.dry();
         self.policy = policy;
+        self.holds.recount(&self.policy);
         if let Err(e) = self.load_offenses(now) {
             return Err(DecideError::State(e));
         }
@@ -1111,7 +1118,7 @@ impl Decider {
             return;
         }
         for t in &dry {
-            self.holds.remove(t);
+            self.holds.remove(&self.policy, t);
             b.changes.push(Change::RemoveBlock(*t));
         }
         warn!(
@@ -1143,12 +1150,15 @@ impl Decider {
             let Some(h) = self.holds.get(&t).cloned() else {
                 continue;
             };
-            if h.kind == BlockKind::Terminate {
-                warn!(addr = %t, protection = %p, "terminated address is now protected; it stays terminated until a reconnect overrides it");
-                continue;
-            }
-            self.holds.remove(&t);
+            self.holds.remove(&self.policy, &t);
             b.changes.push(Change::RemoveBlock(t));
+            if h.kind == BlockKind::Terminate && !h.dry_run {
+                b.changes.push(Change::LiftTermination {
+                    target: t,
+                    time: now,
+                    ticket: format!("{actor}: {p}"),
+                });
+            }
             let reason = format!("the address is now {p}");
             b.audit(
                 now,
@@ -1221,29 +1231,36 @@ impl Decider {
         now: Time,
         b: &mut Batch,
     ) -> Result<BlockRecord, Refusal> {
+        if !self.used.contains_key(&r.ticket) && !self.seen.contains_key(&r.ticket) {
+            self.seen.insert(r.ticket.clone(), now);
+            b.changes.push(Change::TicketSeen {
+                ticket: r.ticket.clone(),
+                target: r.address,
+                time: now,
+            });
+        }
+        self.evaluate(&self.policy, r, now).cloned()
+    }
+
+    /// The reconnect rules of one entry against the current state, without changing it.
+    fn evaluate(
+        &self,
+        policy: &Policy,
+        r: &crate::policy::Reconnect,
+        now: Time,
+    ) -> Result<&BlockRecord, Refusal> {
         if let Some(u) = self.used.get(&r.ticket) {
             return Err(Refusal::UsedBefore {
                 applied_at: u.applied_at,
                 address: u.target,
             });
         }
-        let seen = match self.seen.get(&r.ticket) {
-            Some(t) => *t,
-            None => {
-                self.seen.insert(r.ticket.clone(), now);
-                b.changes.push(Change::TicketSeen {
-                    ticket: r.ticket.clone(),
-                    target: r.address,
-                    time: now,
-                });
-                now
-            }
-        };
+        // A ticket not seen yet would be seen now.
+        let seen = self.seen.get(&r.ticket).copied().unwrap_or(now);
         if now > r.expires {
             return Err(Refusal::Expired { expires: r.expires });
         }
-        let missing: Vec<String> = self
-            .policy
+        let missing: Vec<String> = policy
             .reconnect_requires
             .difference(&r.conditions)
             .cloned()
@@ -1267,7 +1284,25 @@ impl Decider {
         if h.kind == BlockKind::Terminate && !r.override_termination {
             return Err(Refusal::Terminated);
         }
-        Ok(h.clone())
+        Ok(h)
+    }
+
+    /// What `policy`'s reconnect list would do if it were loaded at `now`, without applying
+    /// anything or recording any ticket (for `check` and a reload preview over the control
+    /// socket).
+    pub fn preview_reconnects(&self, policy: &Policy, now: Time) -> Vec<ReconnectOutcome> {
+        policy
+            .reconnect
+            .iter()
+            .map(|r| ReconnectOutcome {
+                ticket: r.ticket.clone(),
+                address: r.address,
+                result: match self.evaluate(policy, r, now) {
+                    Ok(_) => ReconnectResult::Applied,
+                    Err(refusal) => ReconnectResult::Refused(refusal),
+                },
+            })
+            .collect()
     }
 
     fn apply_reconnect(
@@ -1278,7 +1313,7 @@ impl Decider {
         b: &mut Batch,
     ) {
         let target = h.target;
-        self.holds.remove(&target);
+        self.holds.remove(&self.policy, &target);
         b.changes.push(Change::RemoveBlock(target));
         if h.kind == BlockKind::Terminate && !h.dry_run {
             b.changes.push(Change::LiftTermination {

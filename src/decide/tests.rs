@@ -1,1 +1,177 @@
+use std::path::Path;
 
+use super::*;
+use crate::messages::{Counted, Crossed, Evidence};
+
+const POLICY: &str = r#"version: 1
+mode: enforce
+networks:
+  - prefix: 203.0.113.0/24
+  - prefix: 2001:db8::/48
+enforcement:
+  ipv6_block_prefix: 64
+circuit_breaker:
+  max_new_blocks_per_minute: 2
+"#;
+
+fn policy() -> Arc<Policy> {
+    Arc::new(Policy::from_text(POLICY, Path::new("t.yaml")).unwrap())
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn t(secs: u64) -> Time {
+    Time::from_secs(1_795_564_800 + secs)
+}
+
+fn detection(src: &str, secs: u64) -> Detection {
+    Detection {
+        time: t(secs),
+        source: net(src),
+        category: Category::PortScan,
+        profile: "default".into(),
+        evidence: Evidence {
+            window_start: t(secs.saturating_sub(10)),
+            window_end: t(secs),
+            crossed: vec![Crossed {
+                signal: "distinct_ports".into(),
+                value: 120.0,
+                threshold: 100.0,
+            }],
+            counts: BTreeMap::new(),
+            top_destinations: vec![],
+            top_ports: vec![Counted { key: 22, count: 3 }],
+            first_seen: t(secs),
+            last_seen: t(secs),
+            sample: vec![],
+        },
+    }
+}
+
+fn decider() -> Decider {
+    Decider::new(
+        policy(),
+        Store::open_in_memory().unwrap(),
+        InfraSet::default(),
+        t(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn infra_set_overlaps_both_ways() {
+    let i = InfraSet::new([net("192.0.2.0/28"), net("198.51.100.1/32")]);
+    assert!(i.overlaps(&net("192.0.2.5/32")));
+    assert!(i.overlaps(&net("198.51.100.0/24")));
+    assert!(!i.overlaps(&net("192.0.2.16/32")));
+}
+
+#[test]
+fn ipv6_sources_are_held_per_configured_prefix() {
+    let mut d = decider();
+    let out = d
+        .on_detection(&detection("2001:db8:0:7::1234/128", 5))
+        .unwrap();
+    assert_eq!(out[0].target, net("2001:db8:0:7::/64"));
+    assert!(d.hold(&net("2001:db8:0:7::99/128")).is_some());
+}
+
+#[test]
+fn a_batch_that_cannot_be_recorded_is_not_decided() {
+    let mut d = decider();
+    d.store
+        .execute_batch_for_test(
+            "CREATE TRIGGER fail BEFORE INSERT ON blocks BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
+        )
+        .unwrap();
+    let err = d.on_detection(&detection("203.0.113.5/32", 5)).unwrap_err();
+    assert!(matches!(err, DecideError::State(_)), "{err:?}");
+    assert!(d.desired().blocks.is_empty());
+    assert!(d.list().is_empty());
+    assert_eq!(d.generation(), 1);
+    d.store
+        .execute_batch_for_test("DROP TRIGGER fail;")
+        .unwrap();
+    // The failed attempt left no offense behind: this is the first.
+    let out = d.on_detection(&detection("203.0.113.5/32", 6)).unwrap();
+    assert_eq!(out[0].offense, 1);
+    assert_eq!(d.store.offense_count().unwrap(), 1);
+    // Nor a breaker count: a second new block still fits in the minute.
+    assert_eq!(
+        d.on_detection(&detection("203.0.113.6/32", 7))
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn breaker_window_slides_with_event_time() {
+    let mut d = decider();
+    assert_eq!(
+        d.on_detection(&detection("203.0.113.1/32", 0))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        d.on_detection(&detection("203.0.113.2/32", 30))
+            .unwrap()
+            .len(),
+        1
+    );
+    // 61 s after the first, only one block is in the window: no trip.
+    assert_eq!(
+        d.on_detection(&detection("203.0.113.3/32", 61))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(!d.breaker_tripped());
+    assert!(
+        d.on_detection(&detection("203.0.113.4/32", 62))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(d.breaker_tripped());
+    let s = d.status().breaker;
+    assert_eq!(s.new_blocks_last_minute, 2);
+    assert!(s.reason.unwrap().contains("limit of 2"));
+}
+
+#[test]
+fn breaker_state_survives_a_restart_within_the_minute() {
+    let mut d = decider();
+    d.on_detection(&detection("203.0.113.1/32", 0)).unwrap();
+    d.on_detection(&detection("203.0.113.2/32", 1)).unwrap();
+    let store = d.into_store();
+    let mut d = Decider::new(policy(), store, InfraSet::default(), t(2)).unwrap();
+    assert!(
+        d.on_detection(&detection("203.0.113.3/32", 3))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn refusals_read_well() {
+    let r = Refusal::Expired { expires: t(0) };
+    assert_eq!(
+        r.to_string(),
+        "the authorisation expired at 2026-11-25T00:00:00Z"
+    );
+    let o = ReconnectOutcome {
+        ticket: "A-1".into(),
+        address: net("203.0.113.5/32"),
+        result: ReconnectResult::Refused(Refusal::NotBlocked),
+    };
+    assert_eq!(
+        o.to_string(),
+        "reconnect A-1 for 203.0.113.5/32: refused: the address is not blocked"
+    );
+    let json = serde_json::to_value(&o).unwrap();
+    assert_eq!(json["result"]["result"], "refused");
+    assert_eq!(json["result"]["reason"]["refusal"], "not_blocked");
+}

@@ -379,6 +379,9 @@ impl Store {
     /// A missing file is created empty; an existing one must be an intact egressguard
     /// database, else a [`StateError`] that names the file and what to do.
     pub fn open(path: &Path) -> Result<Store, StateError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            tracing::warn!(path = %path.display(), "state database exists but is empty: starting with no blocks and no offense history");
+        }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -802,6 +805,12 @@ impl Store {
     /// Number of audit entries.
     pub fn audit_len(&self) -> Result<u64, StateError> {
         self.count("SELECT count(*) FROM audit")
+    }
+
+    /// Runs raw SQL; lets unit tests of other modules inject failures.
+    #[cfg(test)]
+    pub(crate) fn execute_batch_for_test(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.execute_batch(sql)
     }
 
     fn count(&self, sql: &str) -> Result<u64, StateError> {

@@ -13,7 +13,7 @@ use egressguard::policy::Policy;
 use ipnet::IpNet;
 
 /// 2026-11-25T00:00:00Z: the tests' epoch.
-pub const T0: u64 = 1_795_996_800;
+pub const T0: u64 = 1_795_564_800;
 
 /// `T0 + secs`.
 pub fn at(secs: u64) -> Time {
