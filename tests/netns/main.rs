@@ -7,7 +7,6 @@
 
 mod bgp;
 mod common;
-mod bgp;
 mod control;
 mod demo;
 mod enforce;
