@@ -49,8 +49,8 @@ use tracing::{error, info, warn};
 use crate::bgp::{LearnedRules, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AuditView, Body, BlockView, BreakerView, HistoryView, OffenseView, PeerView, ReconnectView, Reply, Request,
-    StatusView,
+    AuditView, BlockView, Body, BreakerView, HistoryView, OffenseView, PeerView, ReconnectView,
+    Reply, Request, StatusView,
 };
 use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{DecideError, DecideStatus, Decider, InfraSet};
@@ -59,8 +59,8 @@ use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, E
 use crate::messages::{BlockKind, DesiredBlock, DesiredBlocks, Detection, Observation, Time};
 use crate::notify::{Notification, Notifier};
 use crate::observe::{
-    ConntrackListener, CounterHandle, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
-    ObserveStats,
+    ConntrackListener, CounterHandle, CounterReader, CustomerFilter, FilterHandle, ListenerOptions,
+    ObserveError, ObserveStats,
 };
 use crate::policy::{Policy, PolicyError};
 use crate::state::{StateError, Store};
@@ -179,9 +179,11 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> Result<signal_hook::iterator::Handle, DaemonError> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+fn spawn_signal_thread(
+    tx: mpsc::Sender<Event>,
+) -> Result<signal_hook::iterator::Handle, DaemonError> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .map_err(DaemonError::Signals)?;
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("signals".into())
@@ -248,12 +250,16 @@ async fn serve(
 ) -> Result<(), DaemonError> {
     let now = Time::now();
     let infra = infrastructure(&policy);
-    let mut decider = Decider::new(Arc::clone(&policy), store, infra, now).map_err(DaemonError::Decide)?;
+    let mut decider =
+        Decider::new(Arc::clone(&policy), store, infra, now).map_err(DaemonError::Decide)?;
     let startup = decider.take_startup_decisions();
 
     // Enforcement first: the blocks that should hold are back in the kernel before anything
     // else happens.
-    let enforcer = Enforcer::init(Arc::clone(&policy)).await.map_err(DaemonError::Enforce)?.spawn();
+    let enforcer = Enforcer::init(Arc::clone(&policy))
+        .await
+        .map_err(DaemonError::Enforce)?
+        .spawn();
     let (blocks_tx, blocks_rx) = watch::channel(Arc::new(DesiredBlocks::default()));
     let speaker = policy.bgp.clone().map(|b| Speaker::spawn(b, blocks_rx));
     let notifier = Notifier::spawn(policy.notify.clone());
@@ -261,8 +267,12 @@ async fn serve(
     // Observation, then detection.
     let filter = FilterHandle::new(CustomerFilter::from_policy(&policy));
     let (obs_tx, obs_rx) = mpsc::channel::<Vec<Observation>>(1024);
-    let listener = ConntrackListener::open(Arc::clone(&filter), ListenerOptions::default(), obs_tx.clone())
-        .map_err(DaemonError::Observe)?;
+    let listener = ConntrackListener::open(
+        Arc::clone(&filter),
+        ListenerOptions::default(),
+        obs_tx.clone(),
+    )
+    .map_err(DaemonError::Observe)?;
     let counters = CounterReader::new(policy.enforcement.table.clone(), Arc::clone(&filter))
         .spawn(policy.detection.counter_interval, obs_tx)
         .map_err(DaemonError::Observe)?;
@@ -436,7 +446,11 @@ struct Agent {
 
 impl Agent {
     fn mode(&self) -> &'static str {
-        if self.policy.enforcing() { "enforce" } else { "dry-run" }
+        if self.policy.enforcing() {
+            "enforce"
+        } else {
+            "dry-run"
+        }
     }
 
     fn started(&mut self, args: &RunArgs, startup: Vec<crate::messages::Decision>) {
@@ -515,8 +529,12 @@ impl Agent {
                 .first()
                 .map(|t| format!("{} ({})", t.key, t.count))
                 .unwrap_or_default();
-            let crossed: Vec<String> =
-                d.evidence.crossed.iter().map(|c| format!("{}={}>={}", c.signal, c.value, c.threshold)).collect();
+            let crossed: Vec<String> = d
+                .evidence
+                .crossed
+                .iter()
+                .map(|c| format!("{}={}>={}", c.signal, c.value, c.threshold))
+                .collect();
             info!(
                 addr = %d.source,
                 category = %d.category,
@@ -592,7 +610,11 @@ impl Agent {
         }
         local.generation = self.generation;
         self.enforcer.submit(local);
-        let mut bgp = if self.policy.enforcing() { own } else { DesiredBlocks::default() };
+        let mut bgp = if self.policy.enforcing() {
+            own
+        } else {
+            DesiredBlocks::default()
+        };
         bgp.generation = self.generation;
         self.blocks_tx.send_replace(Arc::new(bgp));
     }
@@ -622,10 +644,14 @@ impl Agent {
                     "policy reloaded"
                 );
                 if p.enforcement.table != self.policy.enforcement.table {
-                    warn!("enforcement.table changed: the new table name takes effect at the next restart");
+                    warn!(
+                        "enforcement.table changed: the new table name takes effect at the next restart"
+                    );
                 }
                 if p.bgp.is_some() != self.policy.bgp.is_some() {
-                    warn!("the bgp section was added or removed: BGP sessions change at the next restart");
+                    warn!(
+                        "the bgp section was added or removed: BGP sessions change at the next restart"
+                    );
                 }
                 self.policy = Arc::clone(&p);
                 self.filter.replace(CustomerFilter::from_policy(&p));
@@ -644,7 +670,9 @@ impl Agent {
                         self.log_reconnects();
                         self.publish(out.decisions, &[]);
                     }
-                    Err(e) => error!(error = %error_chain(&e), "reconnect check after reload failed"),
+                    Err(e) => {
+                        error!(error = %error_chain(&e), "reconnect check after reload failed")
+                    }
                 }
                 Ok(msg)
             }
@@ -716,9 +744,19 @@ impl Agent {
                     error: error_chain(&e),
                 },
             },
-            Request::Block { addr, reason, for_secs } => {
+            Request::Block {
+                addr,
+                reason,
+                for_secs,
+            } => {
                 let target = IpNet::from(addr);
-                match self.decider.on_operator_block(target, &reason, Some(Duration::from_secs(for_secs)), user, now) {
+                match self.decider.on_operator_block(
+                    target,
+                    &reason,
+                    Some(Duration::from_secs(for_secs)),
+                    user,
+                    now,
+                ) {
                     Ok(decisions) => {
                         let msg = decisions
                             .iter()
@@ -733,7 +771,11 @@ impl Agent {
                             .collect::<Vec<_>>()
                             .join("; ");
                         self.publish(decisions, &[]);
-                        done(if msg.is_empty() { format!("{target} already held at least as long") } else { msg })
+                        done(if msg.is_empty() {
+                            format!("{target} already held at least as long")
+                        } else {
+                            msg
+                        })
                     }
                     Err(e) => Reply::Error {
                         error: error_chain(&e),
@@ -741,7 +783,10 @@ impl Agent {
                 }
             }
             Request::Unblock { addr, ticket } => {
-                match self.decider.on_operator_unblock(IpNet::from(addr), &ticket, user, now) {
+                match self
+                    .decider
+                    .on_operator_unblock(IpNet::from(addr), &ticket, user, now)
+                {
                     Ok(decisions) => {
                         let n = decisions.len();
                         self.publish(decisions, &[]);
@@ -790,10 +835,15 @@ impl Agent {
         }
         let enf = self.enforcer.stats();
         if enf.errors > 0 {
-            warnings.push(format!("{} enforcement syncs failed since start (see the log)", enf.errors));
+            warnings.push(format!(
+                "{} enforcement syncs failed since start (see the log)",
+                enf.errors
+            ));
         }
         if !p.enforcing() {
-            warnings.push("dry-run mode: decisions are logged, nothing is enforced or announced".into());
+            warnings.push(
+                "dry-run mode: decisions are logged, nothing is enforced or announced".into(),
+            );
         }
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -825,7 +875,9 @@ impl Agent {
                             name: ps.name,
                             address: ps.address,
                             state: format!("{:?}", ps.state),
-                            since: ps.uptime_secs.map(|u| now.saturating_sub(Duration::from_secs(u))),
+                            since: ps
+                                .uptime_secs
+                                .map(|u| now.saturating_sub(Duration::from_secs(u))),
                             announced: ps.routes_announced as u64,
                         })
                         .collect()
@@ -850,7 +902,9 @@ impl Agent {
     async fn finish(self) {
         match self.enforcer.shutdown().await {
             Ok(_) => info!("enforcement stopped; blocks stay in the kernel"),
-            Err(e) => warn!(error = %error_chain(&e), "enforcer stopped with an error; blocks stay in the kernel"),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "enforcer stopped with an error; blocks stay in the kernel")
+            }
         }
         if let Some(s) = &self.speaker {
             s.shutdown().await;
@@ -885,26 +939,86 @@ fn metrics_render(
         let mut e = crate::metrics::Exposition::default();
         let ct = conntrack.snapshot();
         let cs = counters.snapshot();
-        e.counter("egressguard_events_seen_total", "Conntrack flow messages received.", ct.events_seen);
-        e.counter("egressguard_events_kept_total", "Flow messages from customer sources.", ct.events_kept);
-        e.counter("egressguard_events_lost_total", "Times the kernel dropped conntrack events (ENOBUFS).", ct.lost);
-        e.counter("egressguard_parse_errors_total", "Malformed conntrack messages.", ct.parse_errors);
-        e.counter("egressguard_resync_dumps_total", "Conntrack table dumps taken.", ct.dumps);
-        e.counter("egressguard_counter_reads_total", "nft counter reads that succeeded.", cs.counter_reads);
-        e.counter("egressguard_counter_errors_total", "nft counter reads that failed.", cs.counter_errors);
+        e.counter(
+            "egressguard_events_seen_total",
+            "Conntrack flow messages received.",
+            ct.events_seen,
+        );
+        e.counter(
+            "egressguard_events_kept_total",
+            "Flow messages from customer sources.",
+            ct.events_kept,
+        );
+        e.counter(
+            "egressguard_events_lost_total",
+            "Times the kernel dropped conntrack events (ENOBUFS).",
+            ct.lost,
+        );
+        e.counter(
+            "egressguard_parse_errors_total",
+            "Malformed conntrack messages.",
+            ct.parse_errors,
+        );
+        e.counter(
+            "egressguard_resync_dumps_total",
+            "Conntrack table dumps taken.",
+            ct.dumps,
+        );
+        e.counter(
+            "egressguard_counter_reads_total",
+            "nft counter reads that succeeded.",
+            cs.counter_reads,
+        );
+        e.counter(
+            "egressguard_counter_errors_total",
+            "nft counter reads that failed.",
+            cs.counter_errors,
+        );
         let en = engine.borrow().clone();
-        e.gauge("egressguard_sources_tracked", "Customer sources the detector tracks.", en.tracked_sources as f64);
-        e.counter("egressguard_source_evictions_total", "Sources evicted at the cap.", en.evictions);
-        let by_cat: Vec<(String, f64)> =
-            en.detections_by_category.iter().map(|(c, n)| (c.as_str().to_owned(), *n as f64)).collect();
-        let by_cat: Vec<(&str, f64)> = by_cat.iter().map(|(c, n)| (c.as_str(), *n)).collect();
-        e.family("egressguard_detections_total", "Detections by category.", "counter", "category", &by_cat);
-        let st = status.borrow().clone();
-        let kinds: Vec<(&str, f64)> = [BlockKind::Quarantine, BlockKind::Block, BlockKind::Terminate]
+        e.gauge(
+            "egressguard_sources_tracked",
+            "Customer sources the detector tracks.",
+            en.tracked_sources as f64,
+        );
+        e.counter(
+            "egressguard_source_evictions_total",
+            "Sources evicted at the cap.",
+            en.evictions,
+        );
+        let by_cat: Vec<(String, f64)> = en
+            .detections_by_category
             .iter()
-            .map(|k| (k.as_str(), st.blocks_by_kind.get(k).copied().unwrap_or(0) as f64))
+            .map(|(c, n)| (c.as_str().to_owned(), *n as f64))
             .collect();
-        e.family("egressguard_active_blocks", "Active holds by kind.", "gauge", "kind", &kinds);
+        let by_cat: Vec<(&str, f64)> = by_cat.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+        e.family(
+            "egressguard_detections_total",
+            "Detections by category.",
+            "counter",
+            "category",
+            &by_cat,
+        );
+        let st = status.borrow().clone();
+        let kinds: Vec<(&str, f64)> = [
+            BlockKind::Quarantine,
+            BlockKind::Block,
+            BlockKind::Terminate,
+        ]
+        .iter()
+        .map(|k| {
+            (
+                k.as_str(),
+                st.blocks_by_kind.get(k).copied().unwrap_or(0) as f64,
+            )
+        })
+        .collect();
+        e.family(
+            "egressguard_active_blocks",
+            "Active holds by kind.",
+            "gauge",
+            "kind",
+            &kinds,
+        );
         let c = &st.counters;
         let decisions = [
             ("offense", c.offenses as f64),
@@ -914,29 +1028,100 @@ fn metrics_render(
             ("operator_unblock", c.operator_unblocks as f64),
             ("suppressed", c.suppressed as f64),
         ];
-        e.family("egressguard_decisions_total", "Decisions by kind.", "counter", "kind", &decisions);
-        e.counter("egressguard_breaker_trips_total", "Circuit breaker trips.", c.breaker_trips);
-        e.gauge("egressguard_breaker_tripped", "1 while the circuit breaker holds new blocks back.", f64::from(u8::from(st.breaker.tripped)));
+        e.family(
+            "egressguard_decisions_total",
+            "Decisions by kind.",
+            "counter",
+            "kind",
+            &decisions,
+        );
+        e.counter(
+            "egressguard_breaker_trips_total",
+            "Circuit breaker trips.",
+            c.breaker_trips,
+        );
+        e.gauge(
+            "egressguard_breaker_tripped",
+            "1 while the circuit breaker holds new blocks back.",
+            f64::from(u8::from(st.breaker.tripped)),
+        );
         let en: EnforceStats = enforcer.snapshot();
-        e.counter("egressguard_enforce_applies_total", "nft/route transactions applied.", en.applies);
-        e.counter("egressguard_enforce_repairs_total", "Drift repairs.", en.repairs);
-        e.counter("egressguard_enforce_errors_total", "Failed enforcement syncs.", en.errors);
-        e.gauge("egressguard_enforce_last_apply_seconds", "Duration of the last applied sync.", en.last_apply_us as f64 / 1e6);
+        e.counter(
+            "egressguard_enforce_applies_total",
+            "nft/route transactions applied.",
+            en.applies,
+        );
+        e.counter(
+            "egressguard_enforce_repairs_total",
+            "Drift repairs.",
+            en.repairs,
+        );
+        e.counter(
+            "egressguard_enforce_errors_total",
+            "Failed enforcement syncs.",
+            en.errors,
+        );
+        e.gauge(
+            "egressguard_enforce_last_apply_seconds",
+            "Duration of the last applied sync.",
+            en.last_apply_us as f64 / 1e6,
+        );
         if let Some(s) = &speaker {
             let peers = s.stats();
             let up: Vec<(&str, f64)> = peers
                 .iter()
-                .map(|p| (p.name.as_str(), f64::from(u8::from(p.state == crate::bgp::SessionState::Established))))
+                .map(|p| {
+                    (
+                        p.name.as_str(),
+                        f64::from(u8::from(p.state == crate::bgp::SessionState::Established)),
+                    )
+                })
                 .collect();
-            e.family("egressguard_bgp_session_up", "1 when the BGP session is established.", "gauge", "peer", &up);
-            let routes: Vec<(&str, f64)> = peers.iter().map(|p| (p.name.as_str(), p.routes_announced as f64)).collect();
-            e.family("egressguard_bgp_routes_announced", "Routes announced to the peer.", "gauge", "peer", &routes);
-            let resets: Vec<(&str, f64)> = peers.iter().map(|p| (p.name.as_str(), p.resets as f64)).collect();
-            e.family("egressguard_bgp_session_resets_total", "Sessions that went down.", "counter", "peer", &resets);
+            e.family(
+                "egressguard_bgp_session_up",
+                "1 when the BGP session is established.",
+                "gauge",
+                "peer",
+                &up,
+            );
+            let routes: Vec<(&str, f64)> = peers
+                .iter()
+                .map(|p| (p.name.as_str(), p.routes_announced as f64))
+                .collect();
+            e.family(
+                "egressguard_bgp_routes_announced",
+                "Routes announced to the peer.",
+                "gauge",
+                "peer",
+                &routes,
+            );
+            let resets: Vec<(&str, f64)> = peers
+                .iter()
+                .map(|p| (p.name.as_str(), p.resets as f64))
+                .collect();
+            e.family(
+                "egressguard_bgp_session_resets_total",
+                "Sessions that went down.",
+                "counter",
+                "peer",
+                &resets,
+            );
         }
-        e.counter("egressguard_notify_sent_total", "Notify hook runs that succeeded.", notify.sent.load(Ordering::Relaxed));
-        e.counter("egressguard_notify_failed_total", "Notifications whose every attempt failed.", notify.failed.load(Ordering::Relaxed));
-        e.counter("egressguard_notify_dropped_total", "Notifications dropped (queue full).", notify.dropped.load(Ordering::Relaxed));
+        e.counter(
+            "egressguard_notify_sent_total",
+            "Notify hook runs that succeeded.",
+            notify.sent.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "egressguard_notify_failed_total",
+            "Notifications whose every attempt failed.",
+            notify.failed.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "egressguard_notify_dropped_total",
+            "Notifications dropped (queue full).",
+            notify.dropped.load(Ordering::Relaxed),
+        );
         e.finish()
     })
 }
@@ -953,7 +1138,8 @@ pub fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let _ = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };

@@ -40,10 +40,7 @@ pub fn run(args: &ShowArgs) -> Exit {
             o.number, o.time, o.category, o.decision
         );
         if let Some(ev) = &o.evidence {
-            match serde_json::to_string_pretty(ev) {
-                Ok(j) => println!("{}", indent(&j, "    ")),
-                Err(_) => println!("    (evidence not printable)"),
-            }
+            println!("{}", indent(&ev.to_string(), "    "));
         }
     }
     if !h.audit.is_empty() {

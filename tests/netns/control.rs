@@ -22,8 +22,10 @@ fn non_root_user_without_the_group_is_refused() {
     )
     .unwrap();
     let sock = dir.path().join("control.sock");
+    let ns = egressguard::netns::Netns::new("ctl").unwrap();
     let mut agent = egressguard::netns::Proc::new(
-        Command::new(agent_bin())
+        ns.command(&[])
+            .arg(agent_bin())
             .arg("run")
             .arg("--policy")
             .arg(&policy)

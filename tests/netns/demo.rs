@@ -54,7 +54,7 @@ fn demo_runs_end_to_end_and_cleans_up() {
     );
     assert!(stdout.contains("all namespaces removed"), "{stdout}");
     let names = namespaces_of(&stdout);
-    assert_eq!(names.len(), 4, "{stdout}");
+    assert_eq!(names.len(), 5, "{stdout}");
     assert_gone(&names);
 }
 
