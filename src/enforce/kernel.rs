@@ -98,10 +98,11 @@ pub fn parse_table(text: &str, table: &str) -> Result<KernelTable, ParseError> {
                     && b.get("table").and_then(Value::as_str) == Some(table)
             };
             match kind.as_str() {
-                "table" => {
-                    if body.get("name").and_then(Value::as_str) == Some(table) {
-                        seen_table = true;
-                    }
+                "table"
+                    if body.get("family").and_then(Value::as_str) == Some("inet")
+                        && body.get("name").and_then(Value::as_str) == Some(table) =>
+                {
+                    seen_table = true;
                 }
                 "set" if ours(body) => {
                     let name = str_field(body, "name")?;

@@ -115,6 +115,7 @@
 //! remove_all(&RemoveTarget::from_policy(&policy), &EnforceOptions::default()).await?; // purge
 //! ```
 
+pub mod genid;
 pub mod kernel;
 pub mod layout;
 pub mod nft;
@@ -144,6 +145,10 @@ use route::{RouteTag, RouteWriter};
 
 /// Per-element log lines of one sync beyond this many are summarised.
 const MAX_LINES: usize = 100;
+
+/// A reconcile tick lists the table even when the generation id did not change after this
+/// many ticks (30 s at the default interval): insurance, not a need.
+const FULL_CHECK_TICKS: u32 = 60;
 
 /// Why enforcement failed.
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +350,9 @@ pub struct Enforcer {
     baseline: Option<BTreeMap<ChainId, Vec<Value>>>,
     dry_shadow: BTreeMap<IpNet, (BlockKind, Option<Time>)>,
     stats: Arc<Stats>,
+    gen_watch: Option<genid::GenWatch>,
+    verified_gen: Option<u32>,
+    ticks_since_full: u32,
 }
 
 fn spec_of(policy: &Policy) -> TableSpec {
@@ -395,6 +403,15 @@ impl Enforcer {
             baseline: None,
             dry_shadow: BTreeMap::new(),
             stats: Arc::new(Stats::default()),
+            gen_watch: match genid::GenWatch::open() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    warn!(error = %DisplayChain(&e), "cannot read the nftables generation id; every reconcile tick lists the table");
+                    None
+                }
+            },
+            verified_gen: None,
+            ticks_since_full: 0,
         };
         e.sync(Trigger::Start).await?;
         Ok(e)
@@ -565,7 +582,27 @@ impl Enforcer {
         self.dry_shadow = next;
     }
 
+    /// The ruleset generation id, when it can be read.
+    async fn generation(&mut self) -> Option<u32> {
+        let g = self.gen_watch.as_mut()?;
+        match g.get().await {
+            Ok(id) => Some(id),
+            Err(e) => {
+                debug!(error = %DisplayChain(&e), "generation id unreadable");
+                None
+            }
+        }
+    }
+
     async fn sync(&mut self, trigger: Trigger) -> Result<SyncReport, EnforceError> {
+        let result = self.sync_inner(trigger).await;
+        if result.is_err() {
+            self.verified_gen = None;
+        }
+        result
+    }
+
+    async fn sync_inner(&mut self, trigger: Trigger) -> Result<SyncReport, EnforceError> {
         let started = Instant::now();
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         let now = Time::now();
@@ -583,7 +620,21 @@ impl Enforcer {
         }
 
         let mut report = SyncReport::default();
+        let gen_before = self.generation().await;
+        if trigger == Trigger::Tick
+            && gen_before.is_some()
+            && gen_before == self.verified_gen
+            && self.ticks_since_full < FULL_CHECK_TICKS
+        {
+            // Nobody committed anything since the last verified listing.
+            self.ticks_since_full += 1;
+            self.sync_routes(&want, trigger, &mut report).await?;
+            self.finish(want, desired.as_deref(), started, trigger, &report);
+            return Ok(report);
+        }
+        self.ticks_since_full = 0;
         let mut attempt = 0;
+        let mut verified_gen = gen_before;
         let applied_plan: Option<Plan> = loop {
             let kernel = self.nft.list_table(&self.spec.table).await?;
             if keep_blocks {
@@ -610,6 +661,7 @@ impl Enforcer {
         };
 
         if let Some(p) = &applied_plan {
+            verified_gen = self.generation().await;
             let kernel = self
                 .nft
                 .list_table(&self.spec.table)
@@ -637,8 +689,21 @@ impl Enforcer {
             self.log_plan(p, &want, trigger, &mut report);
         }
 
+        self.verified_gen = verified_gen;
         self.sync_routes(&want, trigger, &mut report).await?;
+        self.finish(want, desired.as_deref(), started, trigger, &report);
+        Ok(report)
+    }
 
+    /// Records what a sync did.
+    fn finish(
+        &mut self,
+        want: Want,
+        desired: Option<&DesiredBlocks>,
+        started: Instant,
+        trigger: Trigger,
+        report: &SyncReport,
+    ) {
         let elements: usize = want
             .sets
             .iter()
@@ -651,7 +716,7 @@ impl Enforcer {
         self.stats
             .routes
             .store(want.routes.len() as u64, Ordering::Relaxed);
-        if let Some(d) = &desired {
+        if let Some(d) = desired {
             self.stats.generation.store(d.generation, Ordering::Relaxed);
         }
         self.applied = want;
@@ -676,7 +741,6 @@ impl Enforcer {
                 "applied"
             );
         }
-        Ok(report)
     }
 
     fn log_plan(&self, p: &Plan, want: &Want, trigger: Trigger, report: &mut SyncReport) {

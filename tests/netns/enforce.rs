@@ -600,6 +600,11 @@ fn counters_and_conntrack_work_for_customer_traffic() {
     let (c, inet) = (&topo.customers[0], &topo.internet[0]);
     in_router(&topo, || async {
         let _e = Enforcer::init(policy(&table, "")).await.expect("init");
+        // The layout, for the record (`--nocapture`).
+        eprintln!(
+            "{}",
+            nft_in(&topo.router, &["list", "table", "inet", &table])
+        );
         assert!(ping(&c.ns, inet.v4).await);
         assert!(ping(&c.ns, inet.v6).await);
         let s4 = set_list(&topo.router, &table, "src_counters4");
