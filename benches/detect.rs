@@ -131,7 +131,7 @@ fn mixed_stream(n: usize) -> Vec<Observation> {
             }
             // DNS to a few resolvers: new, or answered
             60..=79 => Ev {
-                kind: if roll % 2 == 0 {
+                kind: if roll.is_multiple_of(2) {
                     FlowEventKind::New
                 } else {
                     FlowEventKind::Update
@@ -141,7 +141,7 @@ fn mixed_stream(n: usize) -> Vec<Observation> {
                 proto: proto::UDP,
                 sport,
                 dport: 53,
-                status: if roll % 2 == 0 {
+                status: if roll.is_multiple_of(2) {
                     0
                 } else {
                     ct_status::SEEN_REPLY
@@ -150,7 +150,7 @@ fn mixed_stream(n: usize) -> Vec<Observation> {
             },
             // established flows closing, destroys
             80..=89 => Ev {
-                kind: if roll % 2 == 0 {
+                kind: if roll.is_multiple_of(2) {
                     FlowEventKind::Update
                 } else {
                     FlowEventKind::Destroy

@@ -497,18 +497,18 @@ impl SourceState {
             }
             let (p, _) = self.ports.upsert(f.dport, pw);
             p.flows[0] = p.flows[0].saturating_add(1);
-        } else if f.accepted || f.long_auth {
-            if let Some(e) = self.targets.find(key) {
-                if f.accepted {
-                    e.accepted[0] = e.accepted[0].saturating_add(1);
-                }
-                if f.long_auth {
-                    // A long session is not a guess: take it back from whichever epoch has it.
-                    if e.auth[0] > 0 {
-                        e.auth[0] -= 1;
-                    } else {
-                        e.auth[1] = e.auth[1].saturating_sub(1);
-                    }
+        } else if (f.accepted || f.long_auth)
+            && let Some(e) = self.targets.find(key)
+        {
+            if f.accepted {
+                e.accepted[0] = e.accepted[0].saturating_add(1);
+            }
+            if f.long_auth {
+                // A long session is not a guess: take it back from whichever epoch has it.
+                if e.auth[0] > 0 {
+                    e.auth[0] -= 1;
+                } else {
+                    e.auth[1] = e.auth[1].saturating_sub(1);
                 }
             }
         }

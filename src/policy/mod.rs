@@ -265,7 +265,7 @@ impl Serialize for Hold {
 /// A duration in the largest unit that divides it exactly: `180d`, `90m`, `250ms`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = d.as_secs();

@@ -43,11 +43,33 @@ fn demo_runs_end_to_end_and_cleans_up() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Before the incident every customer reaches the internet, v4 and v6.
     assert_eq!(
-        stdout.matches("ping ok  tcp/8080 ok").count(),
+        stdout.matches("ping ok      tcp/8080 ok      \n").count(),
         4,
         "{stdout}"
     );
+    // The scan is detected and the scanner quarantined: only the walled garden answers it;
+    // its neighbour is untouched; the reconnect lets it back on.
+    assert!(
+        stdout.contains("address held addr=203.0.113.10/32 category=port_scan"),
+        "{stdout}"
+    );
+    for line in [
+        "ping BLOCKED tcp/8080 BLOCKED (must fail: quarantined)",
+        "ping ok      tcp/8080 ok      (walled garden: must pass)",
+        "ping ok      tcp/8080 ok      (neighbour: must pass)",
+        "ping ok      tcp/8080 ok      (reconnected: must pass)",
+        "203.0.113.10/32  quarantine  1",
+        "distinct ports contacted on one server (distinct_ports)",
+        "reconnect applied addr=203.0.113.10/32 ticket=ABUSE-DEMO-1",
+        "no active blocks",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "demo output lacks `{line}`:\n{stdout}"
+        );
+    }
     assert!(
         stdout.contains("agent | ") && stdout.contains("started"),
         "{stdout}"

@@ -907,7 +907,7 @@ fn measure_new_flow_rate() {
                         for port in (1024..=65535u16).take(per) {
                             let _ = s.send_to(b"x", SocketAddr::new(dst, port));
                             sent += 1;
-                            if sent % 64 == 0 {
+                            if sent.is_multiple_of(64) {
                                 let due = started
                                     + Duration::from_nanos(sent as u64 * 1_000_000_000 / half_rate);
                                 let now = Instant::now();
