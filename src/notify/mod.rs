@@ -33,6 +33,8 @@ use crate::policy::Notify;
 
 /// Schema name of the hook's stdin document.
 pub const SCHEMA: &str = "egressguard.notify.v1";
+/// Drops capabilities for the hook.
+const SETPRIV: &str = "/usr/bin/setpriv";
 /// Notifications that may wait for the hook before new ones are dropped.
 const QUEUE: usize = 1024;
 
@@ -152,8 +154,20 @@ async fn run(cfg: Notify, mut rx: mpsc::Receiver<Notification>, stats: Arc<Notif
 
 /// Runs the hook once: JSON on stdin, killed after `timeout`.
 async fn run_hook(cmd: &[String], body: &[u8], timeout: Duration) -> Result<(), String> {
-    let mut child = tokio::process::Command::new(&cmd[0])
-        .args(&cmd[1..])
+    // Under the packaged unit the agent holds CAP_NET_ADMIN as an ambient capability, which
+    // a child would inherit; the hook gets none (setpriv is in util-linux, always present).
+    let drop_caps = !nix::unistd::geteuid().is_root() && std::path::Path::new(SETPRIV).exists();
+    let mut command = if drop_caps {
+        let mut c = tokio::process::Command::new(SETPRIV);
+        c.args(["--inh-caps=-all", "--ambient-caps=-all", "--"])
+            .args(cmd);
+        c
+    } else {
+        let mut c = tokio::process::Command::new(&cmd[0]);
+        c.args(&cmd[1..]);
+        c
+    };
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -71,3 +71,97 @@ fn non_root_user_without_the_group_is_refused() {
     );
     agent.stop(std::time::Duration::from_secs(5));
 }
+
+/// The operator's workflow through the CLI against a running agent: a manual block lands in
+/// the kernel's set and in `list --json`, `show --json` has the audit trail, the metrics
+/// endpoint counts it, and `unblock` lifts it.
+#[test]
+fn operator_block_list_show_metrics_unblock() {
+    if !require_root("operator_block_list_show_metrics_unblock") {
+        return;
+    }
+    let ns = egressguard::netns::Netns::new("ops").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "version: 1\nmode: enforce\nnetworks:\n  - prefix: 203.0.113.0/24\nmetrics:\n  listen: 127.0.0.1:9474\n";
+    let exe = agent_bin();
+    let mut agent =
+        egressguard::netns::Agent::start(Some(&ns), &exe, dir.path(), policy, false).unwrap();
+    agent
+        .wait_for(&["started"], std::time::Duration::from_secs(10))
+        .unwrap();
+    let run = |args: &[&str]| {
+        let out = agent.cli(&exe, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let out = run(&[
+        "block",
+        "203.0.113.66",
+        "--reason",
+        "abuse ticket 7",
+        "--for",
+        "1h",
+    ]);
+    assert!(out.contains("203.0.113.66/32"), "{out}");
+    let list: serde_json::Value = serde_json::from_str(&run(&["list", "--json"])).unwrap();
+    assert_eq!(list[0]["target"], "203.0.113.66/32", "{list}");
+    assert_eq!(list[0]["kind"], "block");
+    assert!(list[0]["until"].is_u64(), "{list}");
+    let in_set = || {
+        ns.run(&["nft", "list", "set", "inet", "egressguard", "blocked4"])
+            .map(|s| s.contains("203.0.113.66"))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !in_set() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "block never reached the nft set"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let show: serde_json::Value =
+        serde_json::from_str(&run(&["show", "203.0.113.66", "--json"])).unwrap();
+    assert_eq!(show["current"]["kind"], "block", "{show}");
+    assert!(
+        show["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["actor"] == "root"),
+        "the operator is in the audit trail: {show}"
+    );
+
+    // One HTTP request to the metrics endpoint, from inside the agent's namespace.
+    let scrape = "exec 3<>/dev/tcp/127.0.0.1/9474; \
+                  printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; timeout 5 cat <&3";
+    let metrics = ns.run(&["bash", "-c", scrape]).unwrap();
+    assert!(
+        metrics.contains("egressguard_active_blocks{kind=\"block\"} 1"),
+        "{metrics}"
+    );
+
+    let out = run(&["unblock", "203.0.113.66", "--ticket", "T-7"]);
+    assert!(out.contains("unblocked"), "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while in_set() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unblock never reached the nft set"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(run(&["list", "--json"]).trim(), "[]");
+    assert_eq!(
+        agent
+            .stop(std::time::Duration::from_secs(5))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
