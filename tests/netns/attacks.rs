@@ -100,7 +100,13 @@ impl Lab {
     }
 
     fn attack_ok(&self, args: &[&str], ok: &[i32]) {
-        let out = self.topo.customers[0].ns.command(args).output().unwrap();
+        // Some tools (hydra) leave state files in their working directory.
+        let out = self.topo.customers[0]
+            .ns
+            .command(args)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
         assert!(
             out.status.code().is_some_and(|c| ok.contains(&c)),
             "{args:?} failed: {}",
