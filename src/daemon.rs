@@ -59,8 +59,8 @@ use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, E
 use crate::messages::{BlockKind, DesiredBlock, DesiredBlocks, Detection, Observation, Time};
 use crate::notify::{Notification, Notifier};
 use crate::observe::{
-    ConntrackListener, CounterHandle, CounterReader, CustomerFilter, FilterHandle, ListenerOptions,
-    ObserveError, ObserveStats,
+    ConntrackListener, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
+    ObserveStats,
 };
 use crate::policy::{Policy, PolicyError};
 use crate::state::{StateError, Store};
@@ -359,17 +359,13 @@ async fn serve(
     forward.abort();
     let _ = std::fs::remove_file(&args.socket);
     listener.stop();
-    stop_counters(counters);
+    counters.stop();
     let _ = detect.await;
     agent.finish().await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
     Ok(())
-}
-
-fn stop_counters(c: CounterHandle) {
-    c.stop();
 }
 
 /// The detect task: feeds every observation to the engine and evaluates on the interval.

@@ -339,55 +339,29 @@ impl FlowNlri {
                 component::DST_PREFIX | component::SRC_PREFIX => {
                     Component::Prefix(t, r.prefix(afi)?)
                 }
-                component::TCP_FLAGS | component::FRAGMENT => {
-                    let mut ops = Vec::new();
-                    loop {
-                        let b = r.u8()?;
-                        let len = 1usize << ((b >> 4) & 3);
-                        if ops.is_empty() && b & 0x40 != 0 {
-                            return Err(FlowspecError::FirstAnd(t));
-                        }
-                        if b & 0x0c != 0 {
-                            return Err(FlowspecError::Reserved(t));
-                        }
-                        ops.push(BitOp {
-                            and: b & 0x40 != 0,
-                            not: b & 0x02 != 0,
-                            matched: b & 0x01 != 0,
-                            value: r.value(len)?,
-                        });
-                        if b & 0x80 != 0 {
-                            break;
-                        }
-                    }
-                    Component::Bitmask(t, ops)
-                }
+                component::TCP_FLAGS | component::FRAGMENT => Component::Bitmask(
+                    t,
+                    read_ops(&mut r, t, 0x0c, |b, value| BitOp {
+                        and: b & 0x40 != 0,
+                        not: b & 0x02 != 0,
+                        matched: b & 0x01 != 0,
+                        value,
+                    })?,
+                ),
                 3..=8 | 10 | 11 | 13 => {
                     if t == component::FLOW_LABEL && afi == Afi::Ipv4 {
                         return Err(FlowspecError::UnknownComponent(t));
                     }
-                    let mut ops = Vec::new();
-                    loop {
-                        let b = r.u8()?;
-                        let len = 1usize << ((b >> 4) & 3);
-                        if ops.is_empty() && b & 0x40 != 0 {
-                            return Err(FlowspecError::FirstAnd(t));
-                        }
-                        if b & 0x08 != 0 {
-                            return Err(FlowspecError::Reserved(t));
-                        }
-                        ops.push(NumOp {
+                    Component::Numeric(
+                        t,
+                        read_ops(&mut r, t, 0x08, |b, value| NumOp {
                             and: b & 0x40 != 0,
                             lt: b & 0x04 != 0,
                             gt: b & 0x02 != 0,
                             eq: b & 0x01 != 0,
-                            value: r.value(len)?,
-                        });
-                        if b & 0x80 != 0 {
-                            break;
-                        }
-                    }
-                    Component::Numeric(t, ops)
+                            value,
+                        })?,
+                    )
                 }
                 other => return Err(FlowspecError::UnknownComponent(other)),
             };
@@ -405,6 +379,31 @@ impl FlowNlri {
             data = &data[used..];
         }
         Ok(out)
+    }
+}
+
+/// Reads one component's operator list (RFC 8955 4.2.1): the first operator must not carry
+/// the AND bit, `reserved` bits must be zero, the end-of-list bit closes it.
+fn read_ops<T>(
+    r: &mut Reader<'_>,
+    t: u8,
+    reserved: u8,
+    op: impl Fn(u8, u64) -> T,
+) -> Result<Vec<T>, FlowspecError> {
+    let mut ops = Vec::new();
+    loop {
+        let b = r.u8()?;
+        let len = 1usize << ((b >> 4) & 3);
+        if ops.is_empty() && b & 0x40 != 0 {
+            return Err(FlowspecError::FirstAnd(t));
+        }
+        if b & reserved != 0 {
+            return Err(FlowspecError::Reserved(t));
+        }
+        ops.push(op(b, r.value(len)?));
+        if b & 0x80 != 0 {
+            return Ok(ops);
+        }
     }
 }
 

@@ -391,6 +391,65 @@ fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
     }
 }
 
+/// The drop rules of one family, in chain order: a blocked address sends and receives
+/// nothing; a quarantined one reaches only the garden, which may answer it. Forward holds
+/// all five; input the two `-from` rules, output the other three.
+fn drop_rules(fam: Fam) -> [(String, Vec<Statement<'static>>); 5] {
+    let sfx = if fam == Fam::V4 { "4" } else { "6" };
+    let blocked = SetId::new(Role::Blocked, fam);
+    let quar = SetId::new(Role::Quarantine, fam);
+    let allow = SetId::new(Role::Allow, fam);
+    let garden = SetId::new(Role::Garden, fam);
+    [
+        (
+            format!("blocked-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", blocked),
+                not_in_set(fam, "saddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ),
+        (
+            format!("blocked-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", blocked),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ),
+        (
+            format!("quarantine-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", quar),
+                not_in_set(fam, "saddr", allow),
+                not_in_set(fam, "daddr", garden),
+                counter(),
+                drop_(),
+            ],
+        ),
+        (
+            format!("quarantine-garden-replies{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                in_set(fam, "saddr", garden),
+                ct_established(),
+                return_(),
+            ],
+        ),
+        (
+            format!("quarantine-to{sfx}"),
+            vec![
+                in_set(fam, "daddr", quar),
+                not_in_set(fam, "daddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ),
+    ]
+}
+
 /// Every rule of the table, in order, for both families.
 pub fn rules() -> Vec<RuleDef> {
     use ChainId::*;
@@ -408,62 +467,9 @@ pub fn rules() -> Vec<RuleDef> {
         out.push(r);
     }
     for fam in [Fam::V4, Fam::V6] {
-        let sfx = if fam == Fam::V4 { "4" } else { "6" };
-        let blocked = SetId::new(Role::Blocked, fam);
-        let quar = SetId::new(Role::Quarantine, fam);
-        let allow = SetId::new(Role::Allow, fam);
-        let garden = SetId::new(Role::Garden, fam);
-        out.push(rule(
-            Forward,
-            &format!("blocked-from{sfx}"),
-            vec![
-                in_set(fam, "saddr", blocked),
-                not_in_set(fam, "saddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Forward,
-            &format!("blocked-to{sfx}"),
-            vec![
-                in_set(fam, "daddr", blocked),
-                not_in_set(fam, "daddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Forward,
-            &format!("quarantine-from{sfx}"),
-            vec![
-                in_set(fam, "saddr", quar),
-                not_in_set(fam, "saddr", allow),
-                not_in_set(fam, "daddr", garden),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Forward,
-            &format!("quarantine-garden-replies{sfx}"),
-            vec![
-                in_set(fam, "daddr", quar),
-                in_set(fam, "saddr", garden),
-                ct_established(),
-                return_(),
-            ],
-        ));
-        out.push(rule(
-            Forward,
-            &format!("quarantine-to{sfx}"),
-            vec![
-                in_set(fam, "daddr", quar),
-                not_in_set(fam, "daddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
+        for (name, expr) in drop_rules(fam) {
+            out.push(rule(Forward, &name, expr));
+        }
     }
     // input and output: the router's own addresses. Neighbour discovery stays up so a
     // quarantined host can still resolve its gateway to reach the garden.
@@ -477,63 +483,17 @@ pub fn rules() -> Vec<RuleDef> {
         "neighbour-discovery",
         vec![neighbour_discovery(), return_()],
     ));
+    // The router itself: what a held address sends to it (input), what it sends to a held
+    // address (output). The same rules as in forward, for the direction each chain sees.
     for fam in [Fam::V4, Fam::V6] {
-        let sfx = if fam == Fam::V4 { "4" } else { "6" };
-        let blocked = SetId::new(Role::Blocked, fam);
-        let quar = SetId::new(Role::Quarantine, fam);
-        let allow = SetId::new(Role::Allow, fam);
-        let garden = SetId::new(Role::Garden, fam);
-        out.push(rule(
-            Input,
-            &format!("blocked-from{sfx}"),
-            vec![
-                in_set(fam, "saddr", blocked),
-                not_in_set(fam, "saddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Input,
-            &format!("quarantine-from{sfx}"),
-            vec![
-                in_set(fam, "saddr", quar),
-                not_in_set(fam, "saddr", allow),
-                not_in_set(fam, "daddr", garden),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Output,
-            &format!("blocked-to{sfx}"),
-            vec![
-                in_set(fam, "daddr", blocked),
-                not_in_set(fam, "daddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
-        out.push(rule(
-            Output,
-            &format!("quarantine-garden-replies{sfx}"),
-            vec![
-                in_set(fam, "daddr", quar),
-                in_set(fam, "saddr", garden),
-                ct_established(),
-                return_(),
-            ],
-        ));
-        out.push(rule(
-            Output,
-            &format!("quarantine-to{sfx}"),
-            vec![
-                in_set(fam, "daddr", quar),
-                not_in_set(fam, "daddr", allow),
-                counter(),
-                drop_(),
-            ],
-        ));
+        for (name, expr) in drop_rules(fam) {
+            let chain = if name.starts_with("blocked-from") || name.starts_with("quarantine-from") {
+                Input
+            } else {
+                Output
+            };
+            out.push(rule(chain, &name, expr));
+        }
     }
     out
 }
