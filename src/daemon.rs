@@ -703,7 +703,7 @@ impl Agent {
             Request::List => Reply::Ok {
                 body: Body::List(self.decider.list().iter().map(block_view).collect()),
             },
-            Request::Show { addr } => match self.decider.history(IpNet::from(addr)) {
+            Request::Show { addr } => match self.decider.history(addr) {
                 Ok(h) => Reply::Ok {
                     body: Body::Show(Box::new(HistoryView {
                         target: h.target,
@@ -779,10 +779,7 @@ impl Agent {
                 }
             }
             Request::Unblock { addr, ticket } => {
-                match self
-                    .decider
-                    .on_operator_unblock(IpNet::from(addr), &ticket, user, now)
-                {
+                match self.decider.on_operator_unblock(addr, &ticket, user, now) {
                     Ok(decisions) => {
                         let n = decisions.len();
                         self.publish(decisions, &[]);

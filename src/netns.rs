@@ -220,6 +220,13 @@ impl Proc {
         let _ = child.kill();
         child.wait().ok()
     }
+
+    /// SIGKILL at once, as a crash or the OOM killer would; returns the exit status.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
 }
 
 impl Drop for Proc {
@@ -524,6 +531,27 @@ impl Agent {
         }
     }
 
+    /// Like [`Agent::wait_for`], but a line already read counts too (several events whose
+    /// lines may come in any order).
+    pub fn logged(&mut self, needles: &[&str], limit: Duration) -> Result<String, String> {
+        self.drain();
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return Ok(l.clone());
+        }
+        self.wait_for(needles, limit)
+    }
+
+    /// Reads, without waiting, every line the agent has logged so far.
+    pub fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+    }
+
     /// Every log line read so far.
     pub fn log(&self) -> String {
         self.seen.join("\n")
@@ -545,6 +573,11 @@ impl Agent {
     /// The process id (for signals).
     pub fn pid(&self) -> u32 {
         self.proc.id()
+    }
+
+    /// SIGKILL: the agent dies mid-work, nothing of its own shutdown runs.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.kill()
     }
 
     /// SIGTERM, then waits; returns the exit status.

@@ -155,8 +155,9 @@ pub struct ClientArgs {
 /// `egressguard show`.
 #[derive(Debug, Clone, Args)]
 pub struct ShowArgs {
-    /// The address.
-    pub addr: std::net::IpAddr,
+    /// The address, or the prefix `list` shows for an aggregated IPv6 block (2001:db8:c:1::/64).
+    #[arg(value_parser = parse_target)]
+    pub addr: ipnet::IpNet,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -179,13 +180,21 @@ pub struct BlockArgs {
 /// `egressguard unblock`.
 #[derive(Debug, Clone, Args)]
 pub struct UnblockArgs {
-    /// The address.
-    pub addr: std::net::IpAddr,
+    /// The address, or the prefix `list` shows for an aggregated IPv6 block (2001:db8:c:1::/64).
+    #[arg(value_parser = parse_target)]
+    pub addr: ipnet::IpNet,
     /// The abuse desk's ticket that justifies lifting the block.
     #[arg(long)]
     pub ticket: String,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// An address (as a host prefix) or a prefix, as `list` prints targets.
+fn parse_target(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}` is neither an address nor a prefix"))
 }
 
 /// Sends one request and returns the reply body, or prints the error and returns the exit code.

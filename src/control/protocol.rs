@@ -18,8 +18,8 @@ pub enum Request {
     List,
     /// Offense history of one address.
     Show {
-        /// The address (or the aggregated prefix's address).
-        addr: IpAddr,
+        /// The address, or the held prefix (an IPv6 aggregate such as a /64).
+        addr: IpNet,
     },
     /// Manual block.
     Block {
@@ -32,8 +32,8 @@ pub enum Request {
     },
     /// Manual unblock.
     Unblock {
-        /// The address.
-        addr: IpAddr,
+        /// The address, or the held prefix (an IPv6 aggregate such as a /64).
+        addr: IpNet,
         /// The abuse desk's ticket that justifies it.
         ticket: String,
     },

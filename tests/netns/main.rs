@@ -7,9 +7,11 @@
 
 mod attacks;
 mod bgp;
+mod bird;
 mod common;
 mod control;
 mod demo;
 mod enforce;
 mod observe;
+mod scenarios;
 mod topology;
