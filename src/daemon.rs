@@ -867,7 +867,12 @@ impl Agent {
                         .map(|ps| PeerView {
                             name: ps.name,
                             address: ps.address,
-                            state: format!("{:?}", ps.state),
+                            // The serde name (`established`, `open_sent`, ...), as in the
+                            // rest of the JSON.
+                            state: serde_json::to_value(ps.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_else(|| format!("{:?}", ps.state)),
                             since: ps
                                 .uptime_secs
                                 .map(|u| now.saturating_sub(Duration::from_secs(u))),

@@ -12,6 +12,7 @@ mod common;
 mod control;
 mod demo;
 mod enforce;
+mod faults;
 mod observe;
 mod scenarios;
 mod topology;

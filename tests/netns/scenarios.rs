@@ -152,21 +152,21 @@ fn policy(dir: &Path, reconnects: &[(String, String)]) -> String {
 }
 
 /// One attack: who runs it, what it must be detected as, where it must land.
-struct Attack {
-    name: &'static str,
+pub(crate) struct Attack {
+    pub(crate) name: &'static str,
     /// Index into `topo.customers`.
-    customer: usize,
+    pub(crate) customer: usize,
     /// The held target as the agent reports it.
-    target: &'static str,
+    pub(crate) target: &'static str,
     /// The element as it appears in the nft set.
-    element: &'static str,
-    category: &'static str,
-    set: &'static str,
+    pub(crate) element: &'static str,
+    pub(crate) category: &'static str,
+    pub(crate) set: &'static str,
     /// The exact flowspec rule BIRD must show, v4 or v6 table.
-    flowspec: &'static str,
+    pub(crate) flowspec: &'static str,
     /// A blackhole route and an RTBH announcement (blocks, not quarantines).
-    blackhole: bool,
-    script: String,
+    pub(crate) blackhole: bool,
+    pub(crate) script: String,
 }
 
 /// What happened to one attack.
@@ -183,13 +183,13 @@ struct Outcome {
 /// Customers: attackers 10–17 (IPv4) and 40 (a /64 of its own, many addresses), benign 30
 /// and 31. Internet: 20 web server and mirrors, 21 sshd and scan target, 23 twelve SMTP
 /// servers, 80 the abuse portal (walled garden).
-struct Lab {
-    bird: Bird,
-    agent: Agent,
-    dir: tempfile::TempDir,
+pub(crate) struct Lab {
+    pub(crate) bird: Bird,
+    pub(crate) agent: Agent,
+    pub(crate) dir: tempfile::TempDir,
     _servers: Vec<Proc>,
-    _upstream: Netns,
-    topo: Topology,
+    pub(crate) upstream: Netns,
+    pub(crate) topo: Topology,
 }
 
 const ATTACKERS: [u16; 8] = [10, 11, 12, 13, 14, 15, 16, 17];
@@ -197,7 +197,7 @@ const V6_ATTACKER: usize = 8;
 const BENIGN: [usize; 2] = [9, 10];
 
 impl Lab {
-    fn new() -> Lab {
+    pub(crate) fn new() -> Lab {
         let mut topo = Topology::new().expect("topology");
         for h in ATTACKERS {
             topo.add_customer(h).expect("customer");
@@ -297,7 +297,7 @@ impl Lab {
             agent,
             dir,
             _servers: servers,
-            _upstream: upstream,
+            upstream,
             topo,
         };
         let mut lab = lab;
@@ -327,7 +327,24 @@ impl Lab {
         lab
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    /// Starts the agent again on the same state directory and policy file (after a kill).
+    pub(crate) fn restart(&mut self) {
+        let policy =
+            std::fs::read_to_string(self.dir.path().join("policy.yaml")).expect("policy file");
+        self.agent = Agent::start(
+            Some(&self.topo.router),
+            &agent_bin(),
+            self.dir.path(),
+            &policy,
+            false,
+        )
+        .expect("agent starts again");
+        self.agent
+            .wait_for(&["started"], Duration::from_secs(10))
+            .expect("agent started again");
+    }
+
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         let out = self.agent.cli(&agent_bin(), args);
         assert!(
             out.status.success(),
@@ -338,7 +355,7 @@ impl Lab {
     }
 
     /// The elements of every set of the agent's table, by set name.
-    fn sets(&self) -> BTreeMap<String, BTreeSet<String>> {
+    pub(crate) fn sets(&self) -> BTreeMap<String, BTreeSet<String>> {
         let Ok(text) = self
             .topo
             .router
@@ -362,7 +379,7 @@ impl Lab {
         out
     }
 
-    fn blackholes(&self) -> String {
+    pub(crate) fn blackholes(&self) -> String {
         let v4 = self
             .topo
             .router
@@ -376,7 +393,7 @@ impl Lab {
         v4 + &v6
     }
 
-    fn flowspec(&self) -> String {
+    pub(crate) fn flowspec(&self) -> String {
         self.bird.birdc("show route table flowtab4 all")
             + &self.bird.birdc("show route table flowtab6 all")
     }
@@ -678,7 +695,7 @@ fn tool(name: &str) -> bool {
     found
 }
 
-fn tools_present() -> bool {
+pub(crate) fn tools_present() -> bool {
     ["nmap", "hping3", "hydra", "swaks", "sshd", "bird", "birdc"]
         .iter()
         .all(|t| tool(t))
@@ -693,21 +710,38 @@ fn now_ns() -> u64 {
 
 /// Runs every attack at once with the benign workloads alongside; waits for each attacker
 /// to be held and checks everything about the incident; then reconnects all of them.
-fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
+/// The benign customers' addresses.
+pub(crate) fn benign_addrs(lab: &Lab) -> Vec<String> {
+    BENIGN
+        .iter()
+        .flat_map(|&i| {
+            let h = &lab.topo.customers[i];
+            [h.v4.to_string(), h.v6.to_string()]
+        })
+        .collect()
+}
+
+/// The wordlist hydra guesses from.
+fn wordlist(lab: &Lab) -> std::path::PathBuf {
     let words = lab.dir.path().join("passwords");
     let list: Vec<String> = (0..40).map(|i| format!("guess{i}")).collect();
     std::fs::write(&words, list.join("\n")).expect("wordlist");
-    let benign_log = lab.dir.path().join("benign.log");
-    let _benign = benign(lab, &benign_log);
-    // EGD_ONLY=<text> runs only the attacks whose name contains it (for debugging).
-    let only = std::env::var("EGD_ONLY").unwrap_or_default();
-    let attacks: Vec<Attack> = attacks(&words)
+    words
+}
+
+/// The attacks named in `names` (all when empty).
+pub(crate) fn chosen(lab: &Lab, names: &[&str]) -> Vec<Attack> {
+    attacks(&wordlist(lab))
         .into_iter()
-        .filter(|a| a.name.contains(only.as_str()))
-        .collect();
+        .filter(|a| names.is_empty() || names.contains(&a.name))
+        .collect()
+}
+
+/// Starts every attack; returns the running tools and their start times.
+pub(crate) fn launch(lab: &Lab, attacks: &[Attack]) -> (Vec<Proc>, Vec<Instant>) {
     let mut running = Vec::new();
     let mut started = Vec::new();
-    for a in &attacks {
+    for a in attacks {
         started.push(Instant::now());
         running.push(
             lab.topo.customers[a.customer]
@@ -716,17 +750,20 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
                 .expect("attack starts"),
         );
     }
+    (running, started)
+}
 
-    // Watch the kernel's sets until every attacker is held; the benign never may be.
-    let benign: Vec<String> = BENIGN
-        .iter()
-        .flat_map(|&i| {
-            let h = &lab.topo.customers[i];
-            [h.v4.to_string(), h.v6.to_string()]
-        })
-        .collect();
+/// Watches the kernel's sets until every attacker is held (the benign customers never may
+/// be); returns for each the time from its start and the wall clock (ns) it was seen held.
+pub(crate) fn wait_held(
+    lab: &mut Lab,
+    attacks: &[Attack],
+    started: &[Instant],
+    limit: Duration,
+) -> Vec<(Duration, u64)> {
+    let benign = benign_addrs(lab);
     let mut held: Vec<Option<(Duration, u64)>> = vec![None; attacks.len()];
-    let deadline = Instant::now() + Duration::from_secs(if only.is_empty() { 90 } else { 20 });
+    let deadline = Instant::now() + limit;
     while held.iter().any(Option::is_none) {
         let sets = lab.sets();
         let t = now_ns();
@@ -753,13 +790,24 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
                 .collect();
             let status = lab.agent.cli(&agent_bin(), &["status"]);
             panic!(
-                "not held within 90 s: {missing:?}\nsets: {sets:?}\nstatus:\n{}\nlog:\n{}",
+                "not held within {limit:?}: {missing:?}\nsets: {sets:?}\nstatus:\n{}\nlog:\n{}",
                 String::from_utf8_lossy(&status.stdout),
                 lab.agent.log()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    held.into_iter().flatten().collect()
+}
+
+fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
+    let benign_log = lab.dir.path().join("benign.log");
+    let _benign = benign(lab, &benign_log);
+    // EGD_ONLY=<name> runs only that attack (for debugging).
+    let only = std::env::var("EGD_ONLY").ok();
+    let attacks = chosen(lab, only.as_deref().as_slice());
+    let (running, started) = launch(lab, &attacks);
+    let held = wait_held(lab, &attacks, &started, Duration::from_secs(90));
     drop(running);
 
     // The agent's word for each: detection, category, kind.
@@ -873,7 +921,7 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
             .expect("notification");
         assert_eq!(note["schema"], "egressguard.notify.v1");
         assert_eq!(note["decision"]["cause"]["category"], a.category);
-        let (start_to_drop, in_set_at) = held[i].expect("held");
+        let (start_to_drop, in_set_at) = held[i];
         let decided = note["decision"]["time"].as_u64().unwrap_or(0);
         outcomes.push(Outcome {
             name: a.name,
@@ -957,7 +1005,7 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
     // The benign customers worked all along and were never named.
     lab.agent.drain();
     let log = lab.agent.log();
-    for b in &benign {
+    for b in &benign_addrs(lab) {
         assert!(
             !log.contains(&format!("addr={b}/")),
             "benign customer {b} named by the agent:\n{log}"
