@@ -794,6 +794,23 @@ impl Agent {
                     },
                 }
             }
+            Request::PreviewReconnects { policy, path } => {
+                match Policy::from_text(&policy, Path::new(&path)) {
+                    Ok(p) => Reply::Ok {
+                        body: Body::Reconnects {
+                            reconnects: self
+                                .decider
+                                .preview_reconnects(&p, now)
+                                .iter()
+                                .map(reconnect_view)
+                                .collect(),
+                        },
+                    },
+                    Err(e) => Reply::Error {
+                        error: error_chain(&e),
+                    },
+                }
+            }
             Request::Reload => {
                 info!(user, "reload requested on the control socket");
                 match self.reload() {
@@ -884,14 +901,7 @@ impl Agent {
             reconnects: d
                 .last_reconnect_outcomes
                 .iter()
-                .map(|r| ReconnectView {
-                    ticket: r.ticket.clone(),
-                    address: r.address,
-                    outcome: match &r.result {
-                        crate::decide::ReconnectResult::Applied => "applied".to_owned(),
-                        crate::decide::ReconnectResult::Refused(why) => format!("refused: {why}"),
-                    },
-                })
+                .map(reconnect_view)
                 .collect(),
             warnings,
         }
@@ -1141,4 +1151,16 @@ pub fn sd_notify(state: &str) {
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };
+}
+
+/// A reconnect outcome for `status` and `check`: `applied`, or `refused: <why>`.
+fn reconnect_view(r: &crate::decide::ReconnectOutcome) -> ReconnectView {
+    ReconnectView {
+        ticket: r.ticket.clone(),
+        address: r.address,
+        outcome: match &r.result {
+            crate::decide::ReconnectResult::Applied => "applied".to_owned(),
+            crate::decide::ReconnectResult::Refused(why) => format!("refused: {why}"),
+        },
+    }
 }

@@ -143,3 +143,29 @@ fn unreadable_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn reconnects_without_a_running_agent_are_reported_unchecked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nreconnect:\n  - address: 203.0.113.45\n    \
+         ticket: ABUSE-1\n    authorised_by: desk\n    conditions: [fee_paid, reinstalled, acknowledged]\n    \
+         expires: 2099-01-01T00:00:00Z\n",
+    )
+    .unwrap();
+    let sock = dir.path().join("no-agent.sock");
+    let sock = sock.to_str().unwrap();
+    let (code, out) = check(&file, &["--socket", sock]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("policy OK"), "{out}");
+    assert!(
+        out.contains("not checked against the agent's state") && out.contains("no-agent.sock"),
+        "{out}"
+    );
+    let (code, out) = check(&file, &["--socket", sock, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["reconnects_unchecked"].as_str().is_some(), "{out}");
+}

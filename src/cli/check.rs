@@ -5,6 +5,8 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::{CheckArgs, Exit};
+use crate::control::protocol::{Body, ReconnectView};
+use crate::control::{Reply, Request, client};
 use crate::policy::{Diagnostic, Policy, Severity};
 
 #[derive(Serialize)]
@@ -14,6 +16,33 @@ struct Report<'a> {
     diagnostics: &'a [Diagnostic],
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<&'a Policy>,
+    /// Each reconnect authorisation's outcome against the running agent's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnects: Option<Vec<ReconnectView>>,
+    /// Why the reconnects could not be checked against the state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnects_unchecked: Option<String>,
+}
+
+/// Asks the running agent what the policy's reconnect list would do now. `Err` says why it
+/// could not be asked (no agent, no permission) or what it answered instead.
+fn preview(args: &CheckArgs, text: &str) -> Result<Vec<ReconnectView>, String> {
+    let req = Request::PreviewReconnects {
+        policy: text.to_owned(),
+        path: args.policy.display().to_string(),
+    };
+    match client::call(&args.socket, &req, std::time::Duration::from_secs(10)) {
+        Ok(Reply::Ok {
+            body: Body::Reconnects { reconnects },
+        }) => Ok(reconnects),
+        Ok(Reply::Ok { .. }) => Err("the agent gave an unexpected answer".into()),
+        Ok(Reply::Error { error }) => Err(format!("the agent refused: {error}")),
+        Err(e) => Err(format!(
+            "no agent answers at {}: {}",
+            args.socket.display(),
+            crate::daemon::error_chain(&e)
+        )),
+    }
 }
 
 /// Runs the check and prints the result; returns the exit code.
@@ -27,6 +56,15 @@ pub fn run(args: &CheckArgs) -> Exit {
     };
     let (policy, diags) = Policy::check_text(&text, &args.policy);
     let ok = policy.is_some();
+    // Reconnects are checked against the state, which only the running agent holds (its
+    // database is locked while it runs).
+    let (reconnects, unchecked) = match &policy {
+        Some(p) if !p.reconnect.is_empty() => match preview(args, &text) {
+            Ok(r) => (Some(r), None),
+            Err(why) => (None, Some(why)),
+        },
+        _ => (None, None),
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         let report = Report {
@@ -38,6 +76,8 @@ pub fn run(args: &CheckArgs) -> Exit {
             } else {
                 None
             },
+            reconnects,
+            reconnects_unchecked: unchecked,
         };
         let _ = serde_json::to_writer_pretty(&mut out, &report);
         let _ = writeln!(out);
@@ -68,6 +108,25 @@ pub fn run(args: &CheckArgs) -> Exit {
                         String::new()
                     }
                 );
+                for r in reconnects.iter().flatten() {
+                    let _ = writeln!(
+                        out,
+                        "reconnect {} for {}: {}",
+                        r.ticket,
+                        r.address,
+                        if r.outcome == "applied" {
+                            "would be applied now"
+                        } else {
+                            r.outcome.as_str()
+                        }
+                    );
+                }
+                if let Some(why) = &unchecked {
+                    let _ = writeln!(
+                        out,
+                        "note: the reconnect authorisations were not checked against the agent's state ({why}); `egressguard reload` and `status` report each one"
+                    );
+                }
                 if args.print_effective {
                     let _ = writeln!(out, "# effective policy (defaults and inheritance applied)");
                     let _ = write!(out, "{}", serde_yaml::to_string(p).unwrap_or_default());

@@ -131,6 +131,10 @@ pub struct CheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The running agent's control socket: the reconnect authorisations are checked against
+    /// its state (blocked? terminated? ticket used?) when it answers.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 /// `egressguard demo`.

@@ -39,6 +39,14 @@ pub enum Request {
     },
     /// Re-read the policy file.
     Reload,
+    /// What the reconnect list of a policy text would do now against the agent's state,
+    /// without applying anything (for `check`).
+    PreviewReconnects {
+        /// The policy file's text.
+        policy: String,
+        /// Its path, for error positions.
+        path: String,
+    },
 }
 
 /// The agent's answer.
@@ -67,6 +75,11 @@ pub enum Body {
     List(Vec<BlockView>),
     /// `show`.
     Show(Box<HistoryView>),
+    /// `check`: each reconnect authorisation's outcome if the policy were loaded now.
+    Reconnects {
+        /// In file order.
+        reconnects: Vec<ReconnectView>,
+    },
     /// `block`, `unblock`, `reload`: what was done, in words.
     Done {
         /// E.g. `blocked 203.0.113.7/32 until 2026-11-25T05:00:00Z`.

@@ -947,11 +947,30 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
     }
 
     // The abuse desk reconnects every one of them: everything is lifted and withdrawn.
-    let tickets: Vec<(String, String)> = attacks
+    let mut tickets: Vec<(String, String)> = attacks
         .iter()
         .enumerate()
         .map(|(i, a)| (a.target.to_owned(), format!("ABUSE-LAB-{i}")))
         .collect();
+    // One the desk got wrong: that address was never blocked.
+    tickets.push(("203.0.113.99".into(), "ABUSE-LAB-WRONG".into()));
+    // `check` first: it asks the running agent what each authorisation would do now.
+    let candidate = lab.dir.path().join("candidate.yaml");
+    std::fs::write(&candidate, policy(lab.dir.path(), &tickets)).expect("candidate policy");
+    let check = lab.cli(&["check", "--policy", candidate.to_str().expect("utf-8")]);
+    for (i, a) in attacks.iter().enumerate() {
+        let want = format!(
+            "reconnect ABUSE-LAB-{i} for {}: would be applied now",
+            a.target
+        );
+        assert!(check.contains(&want), "check lacks `{want}`:\n{check}");
+    }
+    assert!(
+        check.contains(
+            "reconnect ABUSE-LAB-WRONG for 203.0.113.99/32: refused: the address is not blocked"
+        ),
+        "{check}"
+    );
     lab.reload_with(&tickets);
     for a in &attacks {
         lab.agent
@@ -961,6 +980,25 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
             )
             .unwrap_or_else(|e| panic!("{}: {e}", a.name));
     }
+    lab.agent
+        .logged(
+            &["reconnect refused", "ticket=ABUSE-LAB-WRONG"],
+            Duration::from_secs(10),
+        )
+        .expect("the wrong authorisation is refused in the log");
+    let status: Json =
+        serde_json::from_str(&lab.cli(&["status", "--json"])).expect("status --json");
+    assert!(
+        status["reconnects"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| {
+                r["ticket"] == "ABUSE-LAB-WRONG"
+                    && r["outcome"]
+                        .as_str()
+                        .is_some_and(|o| o.contains("not blocked"))
+            })),
+        "status does not report the refused reconnect: {status}"
+    );
     wait_for("sets emptied", Duration::from_secs(5), || {
         let sets = lab.sets();
         attacks
