@@ -5,7 +5,6 @@
 //! Each test builds its own namespaces (names carry the test process id) and tears them down
 //! on drop, also when it fails.
 
-mod attacks;
 mod bgp;
 mod bird;
 mod common;
