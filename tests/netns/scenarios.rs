@@ -615,7 +615,7 @@ fn attacks(words: &Path) -> Vec<Attack> {
 
 /// For each attacker, in parallel: does it reach (the abuse portal, the web server)? From
 /// its own source address, over its own address family.
-fn probe_all(lab: &Lab, attacks: &[Attack]) -> Vec<(bool, bool)> {
+pub(crate) fn probe_all(lab: &Lab, attacks: &[Attack]) -> Vec<(bool, bool)> {
     std::thread::scope(|sc| {
         let hs: Vec<_> = attacks
             .iter()
