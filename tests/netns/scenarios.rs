@@ -267,16 +267,11 @@ impl Lab {
             web_server(&topo.internet[0].ns),
             web_server(&topo.internet[3].ns),
             sshd(&topo.internet[1].ns),
-            topo.internet[1]
-                .ns
-                .spawn(&["/usr/bin/python3", "-c", UDP_ECHO])
-                .expect("udp echo"),
-            mx.spawn(&[
-                "bash",
-                "-c",
-                "exec /usr/bin/python3 -m aiosmtpd -n -l 0.0.0.0:25 >/dev/null 2>&1",
-            ])
-            .expect("smtp server"),
+            quiet(
+                &topo.internet[1].ns,
+                &format!("/usr/bin/python3 -c \"{UDP_ECHO}\""),
+            ),
+            quiet(mx, "/usr/bin/python3 -m aiosmtpd -n -l 0.0.0.0:25"),
         ];
 
         let dir = tempfile::tempdir().expect("tempdir");
@@ -438,16 +433,14 @@ fn element(e: &Json) -> String {
 
 const UDP_ECHO: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',53))\nwhile True:\n d,a=s.recvfrom(512)\n s.sendto(d,a)\n";
 
+/// Runs a server in `ns` with its output discarded (request logs would flood the test's).
+fn quiet(ns: &Netns, cmd: &str) -> Proc {
+    ns.spawn(&["bash", "-c", &format!("exec {cmd} >/dev/null 2>&1")])
+        .expect("server starts")
+}
+
 fn web_server(ns: &Netns) -> Proc {
-    ns.spawn(&[
-        "/usr/bin/python3",
-        "-m",
-        "http.server",
-        "80",
-        "--bind",
-        "::",
-    ])
-    .expect("web server")
+    quiet(ns, "/usr/bin/python3 -m http.server 80 --bind ::")
 }
 
 fn sshd(ns: &Netns) -> Proc {
@@ -464,28 +457,14 @@ fn sshd(ns: &Netns) -> Proc {
         assert!(ok.success());
     }
     std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
-    ns.spawn(&[
-        "/usr/sbin/sshd",
-        "-D",
-        "-e",
-        "-f",
-        "/dev/null",
-        "-h",
-        key.to_str().expect("utf-8"),
-        "-o",
-        "ListenAddress=0.0.0.0",
-        "-o",
-        "PidFile=none",
-        "-o",
-        "UsePAM=no",
-        "-o",
-        "MaxStartups=200",
-        "-o",
-        "MaxAuthTries=1",
-        "-o",
-        "LoginGraceTime=10",
-    ])
-    .expect("sshd")
+    quiet(
+        ns,
+        &format!(
+            "/usr/sbin/sshd -D -e -f /dev/null -h {} -o ListenAddress=0.0.0.0 -o PidFile=none \
+             -o UsePAM=no -o MaxStartups=200 -o MaxAuthTries=1 -o LoginGraceTime=10",
+            key.display()
+        ),
+    )
 }
 
 fn attacks(words: &Path) -> Vec<Attack> {
