@@ -120,6 +120,8 @@ pub mod err {
     pub const CEASE_DECONFIGURED: u8 = 3;
     /// Cease: administrative reset.
     pub const CEASE_RESET: u8 = 4;
+    /// Cease: connection collision resolution (RFC 4486).
+    pub const CEASE_COLLISION: u8 = 7;
 }
 
 /// A NOTIFICATION: what we send on a protocol error, or what the peer sent us.
