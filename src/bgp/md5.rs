@@ -36,7 +36,9 @@ pub enum Md5Error {
         path: PathBuf,
     },
     /// The password is longer than the kernel accepts.
-    #[error("TCP MD5 password in {path} is {len} bytes; at most 80 are allowed (RFC 2385 keys in Linux)")]
+    #[error(
+        "TCP MD5 password in {path} is {len} bytes; at most 80 are allowed (RFC 2385 keys in Linux)"
+    )]
     TooLong {
         /// The file.
         path: PathBuf,
@@ -199,7 +201,10 @@ mod tests {
         assert_eq!(offset_of!(TcpMd5Sig, tcpm_keylen), 130);
         assert_eq!(offset_of!(TcpMd5Sig, tcpm_ifindex), 132);
         assert_eq!(offset_of!(TcpMd5Sig, tcpm_key), 136);
-        assert_eq!(size_of::<SockaddrStorage>(), size_of::<libc::sockaddr_storage>());
+        assert_eq!(
+            size_of::<SockaddrStorage>(),
+            size_of::<libc::sockaddr_storage>()
+        );
         assert_eq!(
             std::mem::align_of::<SockaddrStorage>(),
             std::mem::align_of::<libc::sockaddr_storage>()
@@ -251,7 +256,10 @@ mod tests {
         assert!(matches!(e, Md5Error::TooLong { len: 81, .. }), "{e}");
         let e = Password::read(Path::new("/nonexistent/egressguard-md5")).unwrap_err();
         assert!(matches!(e, Md5Error::Read { .. }));
-        assert!(e.to_string().contains("/nonexistent/egressguard-md5"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/egressguard-md5"),
+            "{e}"
+        );
         assert!(!format!("{:?}", Password::new(b"hidden").unwrap()).contains("hidden"));
     }
 

@@ -358,7 +358,9 @@ impl Supervisor {
         let ip = from.ip().to_canonical();
         let refusal = match self.peers.get(&ip) {
             None => Some("not a configured peer"),
-            Some(r) if r.policy.2.md5_password_file.is_some() && !self.md5_installed.contains(&ip) => {
+            Some(r)
+                if r.policy.2.md5_password_file.is_some() && !self.md5_installed.contains(&ip) =>
+            {
                 Some("the peer's TCP MD5 key is not installed")
             }
             Some(r) => match r.cmd.try_send(PeerCmd::Inbound(s)) {
@@ -425,7 +427,9 @@ impl Supervisor {
         let mut installed = BTreeSet::new();
         let mut errors = Vec::new();
         for p in &policy.peers {
-            let Some(f) = &p.md5_password_file else { continue };
+            let Some(f) = &p.md5_password_file else {
+                continue;
+            };
             if v6_socket != p.address.is_ipv6() && !v6_socket {
                 continue; // an IPv6 peer cannot reach an IPv4 listener
             }

@@ -567,11 +567,7 @@ impl PeerTask {
         self.set_state(state);
         // Our KEEPALIVE goes out now, before anything else can be sent (an UPDATE ahead of
         // it is an FSM error to the peer).
-        if self
-            .send(&mut wr, &wire::encode_keepalive())
-            .await
-            .is_err()
-        {
+        if self.send(&mut wr, &wire::encode_keepalive()).await.is_err() {
             return End::Reset;
         }
         let mut sent = RouteSet::new();
@@ -757,6 +753,17 @@ impl PeerTask {
         families: &BTreeSet<Family>,
     ) -> Result<(), Notification> {
         let u = wire::decode_update(m, four)?;
+        if let Some(why) = &u.treat_as_withdraw {
+            warn!(peer = %self.peer.name, reason = %why, withdrawn = u.flow_unreach.len(), "bgp UPDATE with a malformed attribute: its routes are treated as withdrawn (RFC 7606)");
+            self.stat(|s| s.treat_as_withdraw += 1);
+        }
+        for d in &u.discarded {
+            info!(peer = %self.peer.name, reason = %d, "bgp path attribute discarded (RFC 7606)");
+        }
+        if !u.discarded.is_empty() {
+            let n = u.discarded.len() as u64;
+            self.stat(|s| s.attributes_discarded += n);
+        }
         if u.flow_reach.is_empty() && u.flow_unreach.is_empty() {
             return Ok(());
         }
@@ -921,7 +928,10 @@ impl PeerTask {
         let mut took = None;
         if !out.is_empty() {
             self.send(wr, &out).await?;
-            took = Some(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+            // Only route changes count (not an End-of-RIB alone).
+            if !d.withdraw.is_empty() || !d.announce.is_empty() {
+                took = Some(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
         }
         *sent = want;
         let n = sent.len();
