@@ -243,7 +243,7 @@ impl PeerTask {
         loop {
             if let Some(o) = next.take() {
                 let started = Instant::now();
-                let end = self.session(o, &mut hs).await;
+                let end = self.session(o, &mut hs, &mut outbound_in_flight).await;
                 match end {
                     End::Replace(o) => {
                         next = Some(o);
@@ -512,21 +512,41 @@ impl PeerTask {
         .await;
     }
 
-    /// Closes the losing connection of a collision with CEASE / Connection Collision
-    /// Resolution.
-    async fn close_collision(&self, s: &mut TcpStream, outbound: bool, why: &str) {
-        let n = Notification::new(err::CEASE, err::CEASE_COLLISION, []);
+    /// Books a collision whose losing connection (`outbound` or not) is being closed.
+    fn collision(&self, outbound: bool, why: &str) -> Notification {
         info!(peer = %self.peer.name, closed = if outbound { "outbound" } else { "inbound" }, why, "bgp connection collision resolved");
         self.stat(|s| {
             s.collisions += 1;
             s.notifications_sent += 1;
         });
+        Notification::new(err::CEASE, err::CEASE_COLLISION, [])
+    }
+
+    /// Closes a new connection that lost a collision with CEASE / Connection Collision
+    /// Resolution.
+    async fn close_collision(&self, s: &mut TcpStream, outbound: bool, why: &str) {
+        let n = self.collision(outbound, why);
         notify_stream(s, &n).await;
+    }
+
+    /// Closes the current connection, which lost a collision, the same way.
+    async fn close_collision_wr(&self, wr: &mut OwnedWriteHalf, outbound: bool) {
+        let n = self.collision(outbound, "BGP identifier");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = wr.write_all(&n.encode()).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
     }
 
     /// One session, from OpenConfirm to its end. Connections that complete their handshake
     /// meanwhile (`hs`) are collisions and resolved here.
-    async fn session(&mut self, opened: Opened, hs: &mut JoinSet<Attempt>) -> End {
+    async fn session(
+        &mut self,
+        opened: Opened,
+        hs: &mut JoinSet<Attempt>,
+        outbound_in_flight: &mut bool,
+    ) -> End {
         let Opened {
             stream,
             open: o,
@@ -629,38 +649,34 @@ impl PeerTask {
                 Ev::Handshake(Some(Attempt {
                     outbound: new_out,
                     result,
-                })) => match result {
-                    Err(f) => self.failed(new_out, &f),
-                    Ok(mut new) => {
-                        if state == SessionState::Established {
-                            // RFC 4271 6.8: a collision with an Established session closes
-                            // the new connection.
-                            self.close_collision(&mut new.stream, new_out, "session established")
-                                .await;
-                        } else if new_connection_wins(
-                            self.router_id,
-                            new.open.router_id,
-                            outbound,
-                            new_out,
-                        ) {
-                            let n = Notification::new(err::CEASE, err::CEASE_COLLISION, []);
-                            info!(peer = %self.peer.name, closed = if outbound { "outbound" } else { "inbound" }, "bgp connection collision resolved by BGP identifier");
-                            self.stat(|s| {
-                                s.collisions += 1;
-                                s.notifications_sent += 1;
-                            });
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                                let _ = wr.write_all(&n.encode()).await;
-                                let _ = wr.shutdown().await;
-                            })
-                            .await;
-                            return End::Replace(new);
-                        } else {
-                            self.close_collision(&mut new.stream, new_out, "BGP identifier")
-                                .await;
+                })) => {
+                    // Our own attempt that started before this session came up has ended.
+                    *outbound_in_flight &= !new_out;
+                    let mut new = match result {
+                        Err(f) => {
+                            self.failed(new_out, &f);
+                            continue;
                         }
+                        Ok(new) => new,
+                    };
+                    if state == SessionState::Established {
+                        // RFC 4271 6.8: a collision with an Established session closes the
+                        // new connection.
+                        self.close_collision(&mut new.stream, new_out, "session established")
+                            .await;
+                    } else if new_connection_wins(
+                        self.router_id,
+                        new.open.router_id,
+                        outbound,
+                        new_out,
+                    ) {
+                        self.close_collision_wr(&mut wr, outbound).await;
+                        return End::Replace(new);
+                    } else {
+                        self.close_collision(&mut new.stream, new_out, "BGP identifier")
+                            .await;
                     }
-                },
+                }
                 Ev::Hold => {
                     self.notify(&mut wr, &Notification::new(err::HOLD_EXPIRED, 0, []))
                         .await;
@@ -995,5 +1011,29 @@ async fn read_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
         if tx.send(Incoming::Msg(kind, m)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_connection_wins;
+
+    #[test]
+    fn collision_rule_of_rfc_4271_section_6_8() {
+        let low = "192.0.2.1".parse().unwrap();
+        let high = "192.0.2.2".parse().unwrap();
+        // We are lower: the peer-initiated (inbound) connection survives.
+        assert!(new_connection_wins(low, high, true, false));
+        assert!(!new_connection_wins(low, high, false, true));
+        // We are higher: our own (outbound) connection survives.
+        assert!(new_connection_wins(high, low, false, true));
+        assert!(!new_connection_wins(high, low, true, false));
+        // Identifiers compare as unsigned 32-bit numbers, not per octet sign.
+        let big = "200.0.0.1".parse().unwrap();
+        let small = "10.255.255.255".parse().unwrap();
+        assert!(new_connection_wins(big, small, false, true));
+        // Two connections in the same direction: the older stays.
+        assert!(!new_connection_wins(low, high, false, false));
+        assert!(!new_connection_wins(high, low, true, true));
     }
 }

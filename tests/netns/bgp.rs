@@ -1098,5 +1098,16 @@ fn bgp_bird_collision_with_an_established_session() {
             .contains("flow4 { src 203.0.113.8/32; }")
             .then_some(())
     });
+    // The agent's attempt that lost ended inside the session; once the session ends the
+    // agent dials again (BIRD, disabled, turns it away).
+    b.birdc("disable agent");
+    let s = wait_for("the agent dials again", Duration::from_secs(15), || {
+        let s = h.stats()[0].clone();
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("connect:") || e.contains("OPEN exchange"))
+            .then_some(s)
+    });
+    assert_eq!(s.resets, 1, "{s:?}");
     rt.block_on(h.shutdown());
 }
