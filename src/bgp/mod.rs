@@ -16,7 +16,9 @@
 //! Each peer task ([`session`]) runs the RFC 4271 state machine, computes the routes the peer
 //! should hold from the latest desired blocks ([`routes`]) and sends only the difference;
 //! after a reset it starts from nothing and re-announces the whole set, then End-of-RIB.
-//! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs) and [`flowspec`].
+//! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs, and RFC 7606 error
+//! handling on receipt) and [`flowspec`]; TCP MD5 keys through [`md5`], the crate's one
+//! unsafe island.
 //!
 //! Use from the daemon:
 //!
@@ -28,7 +30,9 @@
 //! let (tx, rx) = tokio::sync::watch::channel(Arc::new(DesiredBlocks::default()));
 //! let speaker = Speaker::spawn(policy, rx);
 //! let mut learned = speaker.learned(); // flowspec rules from `accept_flowspec` peers
-//! // tx.send(Arc::new(new_blocks)) after every decision; speaker.stats() for `status`;
+//! // tx.send(Arc::new(new_blocks)) after every decision; speaker.stats() for `status` and
+//! // metrics (per peer: collisions, treat_as_withdraw, apply_latency_us, ...);
+//! // speaker.listener_stats() for the inbound listener (`bgp.listen`);
 //! // speaker.update_policy(new_bgp) on reload; speaker.shutdown().await on exit.
 //! # let _ = (tx, &mut learned);
 //! # }

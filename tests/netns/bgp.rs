@@ -722,6 +722,13 @@ fn bgp_bench_bird() {
         lat[lat.len() / 2],
         lat[lat.len() - 1]
     );
+    let s = h.stats()[0].clone();
+    eprintln!(
+        "BENCH speaker apply latency (watch -> UPDATEs written): last {} us, mean {} us (n={})",
+        s.apply_latency_us.unwrap_or(0),
+        s.apply_latency_sum_us / s.applies.max(1),
+        s.applies
+    );
 
     // 2. 10,000 rules in one go (198.18.0.0/15, RFC 2544 benchmarking space; routes only).
     let many: Vec<_> = (0..10_000u32)
@@ -748,8 +755,9 @@ fn bgp_bench_bird() {
     let took = start.elapsed();
     let s = &h.stats()[0];
     eprintln!(
-        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
-        s.updates_sent
+        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total; speaker apply latency {} us)",
+        s.updates_sent,
+        s.apply_latency_us.unwrap_or(0)
     );
     rt.block_on(h.shutdown());
 }
