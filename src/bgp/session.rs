@@ -240,6 +240,8 @@ impl PeerTask {
         // When the next outbound attempt may start; never for a passive peer.
         let mut next_dial = (!self.peer.passive).then(tokio::time::Instant::now);
         let mut next: Option<Opened> = None;
+        // The TCP MD5 password could not be read: Idle until it can.
+        let mut unusable = false;
         loop {
             if let Some(o) = next.take() {
                 let started = Instant::now();
@@ -269,6 +271,8 @@ impl PeerTask {
             }
             self.set_state(if outbound_in_flight {
                 SessionState::Connect
+            } else if unusable {
+                SessionState::Idle
             } else {
                 SessionState::Active
             });
@@ -283,11 +287,11 @@ impl PeerTask {
                     }
                 },
                 _ = async { tokio::time::sleep_until(dial_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dial_at.is_some() => {
-                    if self.dial(&mut hs) {
+                    unusable = !self.dial(&mut hs);
+                    if !unusable {
                         outbound_in_flight = true;
                         next_dial = None;
                     } else {
-                        self.set_state(SessionState::Idle);
                         next_dial = Some(tokio::time::Instant::now() + backoff);
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }

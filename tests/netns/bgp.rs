@@ -895,13 +895,18 @@ fn bgp_bird_tcp_md5_right_and_wrong_password() {
         179,
         "      md5_password_file: /nonexistent/egressguard-md5\n",
     )));
-    wait_for("the file named in status", Duration::from_secs(10), || {
-        h.stats()[0]
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("/nonexistent/egressguard-md5"))
+    wait_for(
+        "Idle, the file named in status",
+        Duration::from_secs(10),
+        || {
+            let s = h.stats()[0].clone();
+            (s.state == SessionState::Idle
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("/nonexistent/egressguard-md5")))
             .then_some(())
-    });
+        },
+    );
     rt.block_on(h.shutdown());
 }
 
