@@ -972,11 +972,13 @@ fn bgp_bird_connects_to_a_passive_agent() {
     );
     let rt = runtime_in(&l.agent);
     let (_tx, rx) = watch::channel(flowspec_only_block());
-    // Passive, with TCP MD5 on the listening socket for BIRD's address.
-    let p = listening(
+    // Passive, with TCP MD5 on the listening socket for BIRD's address. The socket is the
+    // dual-stack `[::]:179`, so the key is installed for the IPv4-mapped address.
+    let mut p = listening(
         policy(65002, 179, &format!("      md5_password_file: {pw}\n")),
         true,
     );
+    p.listen = Some("[::]:179".parse().unwrap());
     let h = rt.block_on(async { Speaker::spawn(p, rx) });
     wait_for(
         "BIRD's session to the agent",
