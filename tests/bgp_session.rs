@@ -35,19 +35,24 @@ async fn establish(l: &TcpListener) -> TcpStream {
         .expect("accept");
     let open = read_msg(&mut s).await.expect("OPEN");
     assert_eq!(open[18], msg::OPEN);
-    let ours = wire::encode_open(
-        65002,
-        3,
-        "127.0.0.2".parse().unwrap(),
-        &[Family::Ipv4Flowspec],
-    );
-    s.write_all(&ours).await.unwrap();
+    s.write_all(&peer_open("127.0.0.2")).await.unwrap();
+    finish(&mut s).await;
+    s
+}
+
+/// The scripted peer's OPEN with BGP Identifier `id`.
+fn peer_open(id: &str) -> Vec<u8> {
+    wire::encode_open(65002, 3, id.parse().unwrap(), &[Family::Ipv4Flowspec])
+}
+
+/// OPENs exchanged: our KEEPALIVE, then (after the speaker's KEEPALIVEs) the empty initial
+/// table's End-of-RIB, which the speaker only sends once Established.
+async fn finish(s: &mut TcpStream) {
     s.write_all(&wire::encode_keepalive()).await.unwrap();
-    let k = read_msg(&mut s).await.expect("KEEPALIVE");
-    assert_eq!(k[18], msg::KEEPALIVE);
     // Initial table (empty) ends with End-of-RIB for IPv4 flowspec.
     loop {
-        let m = read_msg(&mut s).await.expect("End-of-RIB");
+        let m = read_msg(s).await.expect("End-of-RIB");
+        assert!(matches!(m[18], msg::KEEPALIVE | msg::UPDATE), "{m:?}");
         if m[18] == msg::UPDATE {
             assert_eq!(
                 wire::decode_update(&m, true).unwrap().end_of_rib,
@@ -56,7 +61,6 @@ async fn establish(l: &TcpListener) -> TcpStream {
             break;
         }
     }
-    s
 }
 
 /// Reads until a NOTIFICATION arrives (KEEPALIVEs may come first); returns (code, subcode).
@@ -90,12 +94,17 @@ async fn bad_peers_get_the_right_notification_and_the_speaker_reconnects() {
     let port = l.local_addr().unwrap().port();
     let (h, _tx) = speaker(port);
 
-    // 1. A malformed UPDATE: attribute length runs past the end -> 3/5.
+    // 1. A malformed UPDATE: the MP_REACH attribute's length runs past the end, so its
+    //    routes cannot be located -> 3/5 (RFC 7606 section 4 keeps this a session reset).
+    //    Before it, a malformed ORIGIN only makes its UPDATE treat-as-withdraw: no reset.
     let mut s = establish(&l).await;
     assert_eq!(h.stats()[0].state, SessionState::Established);
-    let bad = wire::frame(msg::UPDATE, &[0, 0, 0, 4, 0x40, 1, 9, 0]);
+    let withdraw = wire::frame(msg::UPDATE, &[0, 0, 0, 4, 0x40, 1, 1, 7]);
+    s.write_all(&withdraw).await.unwrap();
+    let bad = wire::frame(msg::UPDATE, &[0, 0, 0, 5, 0x80, 14, 9, 0, 1]);
     s.write_all(&bad).await.unwrap();
     assert_eq!(notification(&mut s).await, (3, 5));
+    assert_eq!(h.stats()[0].treat_as_withdraw, 1);
 
     // 2. It reconnects; this time the peer goes silent -> hold timer expires -> 4/0.
     let mut s = establish(&l).await;
@@ -160,5 +169,155 @@ async fn policy_reload_restarts_changed_peers_and_ceases_removed_ones() {
     assert_eq!(notification(&mut s).await, (6, 3));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(h.stats().is_empty());
+    h.shutdown().await;
+}
+
+fn listening_policy(port: u16) -> egressguard::policy::Bgp {
+    let mut p = bgp_policy(port);
+    p.listen = Some("127.0.0.1:0".parse().unwrap());
+    p
+}
+
+/// The speaker's bound listener port.
+async fn listener_port(h: &SpeakerHandle) -> u16 {
+    for _ in 0..100 {
+        if let Some(a) = h.listener_stats().address {
+            return a.port();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("speaker does not listen");
+}
+
+/// Both sides connect at once; the speaker's outbound connection (A) and the peer's inbound
+/// one (B) both finish the OPEN exchange, A first. Returns (A, B) after both OPENs are out.
+async fn collide(l: &TcpListener, h: &SpeakerHandle, peer_id: &str) -> (TcpStream, TcpStream) {
+    let port = listener_port(h).await;
+    let (mut a, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+        .await
+        .expect("speaker connects")
+        .expect("accept");
+    assert_eq!(read_msg(&mut a).await.expect("OPEN on A")[18], msg::OPEN);
+    let mut b = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert_eq!(read_msg(&mut b).await.expect("OPEN on B")[18], msg::OPEN);
+    a.write_all(&peer_open(peer_id)).await.unwrap();
+    // A is in OpenConfirm on the speaker's side once its KEEPALIVE arrives.
+    assert_eq!(
+        read_msg(&mut a).await.expect("KEEPALIVE on A")[18],
+        msg::KEEPALIVE
+    );
+    b.write_all(&peer_open(peer_id)).await.unwrap();
+    (a, b)
+}
+
+#[tokio::test]
+async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
+    // Peer 127.0.0.2 > speaker 127.0.0.1: the peer-initiated connection (B) survives, the
+    // speaker's own (A) gets CEASE / Connection Collision Resolution.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = Speaker::spawn(listening_policy(l.local_addr().unwrap().port()), rx);
+    let (mut a, mut b) = collide(&l, &h, "127.0.0.2").await;
+    assert_eq!(notification(&mut a).await, (6, 7));
+    finish(&mut b).await;
+    let st = h.stats()[0].clone();
+    assert_eq!(st.state, SessionState::Established, "{st:?}");
+    assert!(st.inbound, "the peer's connection survived: {st:?}");
+    assert_eq!((st.collisions, st.resets), (1, 0), "{st:?}");
+
+    // A third connection while Established: closed with 6/7, the session stays.
+    let port = listener_port(&h).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert_eq!(read_msg(&mut c).await.expect("OPEN on C")[18], msg::OPEN);
+    c.write_all(&peer_open("127.0.0.2")).await.unwrap();
+    assert_eq!(notification(&mut c).await, (6, 7));
+    assert_eq!(h.stats()[0].collisions, 2);
+    assert_eq!(h.stats()[0].state, SessionState::Established);
+
+    // Apply latency: a block goes out on the surviving connection and is measured.
+    tx.send(Arc::new(DesiredBlocks {
+        generation: 1,
+        blocks: [(
+            "203.0.113.9/32".parse().unwrap(),
+            egressguard::messages::DesiredBlock {
+                target: "203.0.113.9/32".parse().unwrap(),
+                kind: egressguard::messages::BlockKind::Block,
+                expires: None,
+                announce: vec![egressguard::messages::Announce::Flowspec],
+                flowspec: None,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }))
+    .unwrap();
+    loop {
+        let m = read_msg(&mut b).await.expect("UPDATE");
+        if m[18] == msg::UPDATE {
+            assert_eq!(wire::decode_update(&m, true).unwrap().flow_reach.len(), 1);
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let st = h.stats()[0].clone();
+    assert_eq!(st.applies, 1, "{st:?}");
+    assert!(
+        st.apply_latency_us
+            .is_some_and(|us| us > 0 && us < 1_000_000),
+        "{st:?}"
+    );
+    assert_eq!(st.apply_latency_sum_us, st.apply_latency_us.unwrap());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn collision_the_lower_peer_identifier_loses_its_connection() {
+    // Peer 10.0.0.1 < speaker 127.0.0.1: the speaker's connection (A) survives, the peer's
+    // (B) is closed.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = Speaker::spawn(listening_policy(l.local_addr().unwrap().port()), rx);
+    let (mut a, mut b) = collide(&l, &h, "10.0.0.1").await;
+    assert_eq!(notification(&mut b).await, (6, 7));
+    finish(&mut a).await;
+    let st = h.stats()[0].clone();
+    assert_eq!(st.state, SessionState::Established, "{st:?}");
+    assert!(!st.inbound, "{st:?}");
+    assert_eq!((st.collisions, st.resets), (1, 0), "{st:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_listener_refuses_unconfigured_sources() {
+    // Nobody listens on the peer port: only the listener can bring a session up.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = Speaker::spawn(listening_policy(port), rx);
+    let lport = listener_port(&h).await;
+    // From 127.0.0.2: not a configured peer -> closed without a word, counted.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{lport}").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_msg(&mut s).await,
+        None,
+        "refused connections get no OPEN"
+    );
+    let ls = h.listener_stats();
+    assert_eq!((ls.refused, ls.accepted), (1, 0), "{ls:?}");
+    assert_eq!(ls.last_refused, Some("127.0.0.2".parse().unwrap()));
+    // From the peer's address: accepted, and the session comes up.
+    let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    assert_eq!(read_msg(&mut s).await.expect("OPEN")[18], msg::OPEN);
+    s.write_all(&peer_open("127.0.0.2")).await.unwrap();
+    finish(&mut s).await;
+    assert_eq!(h.stats()[0].state, SessionState::Established);
+    assert!(h.stats()[0].inbound);
+    assert_eq!(h.listener_stats().accepted, 1);
     h.shutdown().await;
 }

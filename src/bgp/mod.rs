@@ -9,10 +9,16 @@
 //!  peer tasks ──watch<Arc<LearnedRules>>──▶ enforcer (flowspec learnt from the fleet)
 //! ```
 //!
+//! With `bgp.listen` set, a listener task accepts inbound connections; the supervisor hands
+//! each to the task of the peer it comes from (TCP MD5 keys of the peers are installed on the
+//! listening socket) and refuses and counts every other source ([`ListenerStats`]).
+//!
 //! Each peer task ([`session`]) runs the RFC 4271 state machine, computes the routes the peer
 //! should hold from the latest desired blocks ([`routes`]) and sends only the difference;
 //! after a reset it starts from nothing and re-announces the whole set, then End-of-RIB.
-//! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs) and [`flowspec`].
+//! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs, and RFC 7606 error
+//! handling on receipt) and [`flowspec`]; TCP MD5 keys through [`md5`], the crate's one
+//! unsafe island.
 //!
 //! Use from the daemon:
 //!
@@ -24,25 +30,29 @@
 //! let (tx, rx) = tokio::sync::watch::channel(Arc::new(DesiredBlocks::default()));
 //! let speaker = Speaker::spawn(policy, rx);
 //! let mut learned = speaker.learned(); // flowspec rules from `accept_flowspec` peers
-//! // tx.send(Arc::new(new_blocks)) after every decision; speaker.stats() for `status`;
+//! // tx.send(Arc::new(new_blocks)) after every decision; speaker.stats() for `status` and
+//! // metrics (per peer: collisions, treat_as_withdraw, apply_latency_us, ...);
+//! // speaker.listener_stats() for the inbound listener (`bgp.listen`);
 //! // speaker.update_policy(new_bgp) on reload; speaker.shutdown().await on exit.
 //! # let _ = (tx, &mut learned);
 //! # }
 //! ```
 
 pub mod flowspec;
+pub mod md5;
 pub mod routes;
 mod session;
 pub mod wire;
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use flowspec::{LearnedAction, LearnedRule};
 
@@ -106,6 +116,23 @@ pub struct PeerStats {
     pub learned_refused: u64,
     /// The last error, for `status`.
     pub last_error: Option<String>,
+    /// The current (or last) session was initiated by the peer (accepted by the listener).
+    pub inbound: bool,
+    /// Connection collisions resolved (RFC 4271 section 6.8): connections closed with CEASE
+    /// subcode 7.
+    pub collisions: u64,
+    /// Received UPDATEs whose routes were treated as withdrawn (RFC 7606 malformed
+    /// attributes) instead of resetting the session.
+    pub treat_as_withdraw: u64,
+    /// Malformed attributes discarded from received UPDATEs (RFC 7606 attribute discard).
+    pub attributes_discarded: u64,
+    /// Apply latency of the last change that sent UPDATEs: microseconds from the peer task
+    /// seeing new desired blocks to the UPDATEs written to the socket.
+    pub apply_latency_us: Option<u64>,
+    /// Sum of all apply latencies in microseconds (with `applies`, a Prometheus summary).
+    pub apply_latency_sum_us: u64,
+    /// Changes that sent UPDATEs (the count behind `apply_latency_sum_us`).
+    pub applies: u64,
 }
 
 impl PeerStats {
@@ -128,8 +155,31 @@ impl PeerStats {
             learned: 0,
             learned_refused: 0,
             last_error: None,
+            inbound: false,
+            collisions: 0,
+            treat_as_withdraw: 0,
+            attributes_discarded: 0,
+            apply_latency_us: None,
+            apply_latency_sum_us: 0,
+            applies: 0,
         }
     }
+}
+
+/// The inbound listener's address and counters, for `status` and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ListenerStats {
+    /// The address bound (`None` when `bgp.listen` is off or binding failed).
+    pub address: Option<SocketAddr>,
+    /// Connections accepted and handed to a peer's session.
+    pub accepted: u64,
+    /// Connections refused: the source is no configured peer (or its TCP MD5 key could not
+    /// be installed).
+    pub refused: u64,
+    /// Source of the last refused connection.
+    pub last_refused: Option<IpAddr>,
+    /// The last error (binding, TCP MD5 keys), for `status`.
+    pub last_error: Option<String>,
 }
 
 /// Identifies a learned rule: the peer and the rule's NLRI.
@@ -153,7 +203,7 @@ enum Cmd {
 
 struct Running {
     policy: (u32, std::net::Ipv4Addr, Peer),
-    stop: mpsc::Sender<PeerCmd>,
+    cmd: mpsc::Sender<PeerCmd>,
     task: tokio::task::JoinHandle<()>,
     stats: Arc<Mutex<PeerStats>>,
 }
@@ -166,6 +216,7 @@ pub struct Speaker;
 pub struct SpeakerHandle {
     cmd: mpsc::Sender<Cmd>,
     stats: Arc<Mutex<Vec<Arc<Mutex<PeerStats>>>>>,
+    listener: Arc<Mutex<ListenerStats>>,
     learned: watch::Receiver<Arc<LearnedRules>>,
 }
 
@@ -176,16 +227,24 @@ impl Speaker {
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let stats = Arc::new(Mutex::new(Vec::new()));
         let (learned_tx, learned_rx) = watch::channel(Arc::new(LearnedRules::new()));
+        let listener = Arc::new(Mutex::new(ListenerStats::default()));
+        let (accepted_tx, accepted_rx) = mpsc::channel(16);
         let sup = Supervisor {
             blocks,
             peers: BTreeMap::new(),
             stats: stats.clone(),
             learned: Arc::new(learned_tx),
+            listener: None,
+            listener_stats: listener.clone(),
+            accepted_tx,
+            md5_installed: BTreeSet::new(),
+            last_refusal_log: None,
         };
-        tokio::spawn(sup.run(policy, cmd_rx));
+        tokio::spawn(sup.run(policy, cmd_rx, accepted_rx));
         SpeakerHandle {
             cmd: cmd_tx,
             stats,
+            listener,
             learned: learned_rx,
         }
     }
@@ -202,6 +261,11 @@ impl SpeakerHandle {
                 s
             })
             .collect()
+    }
+
+    /// The inbound listener's address and counters (all zero when `bgp.listen` is off).
+    pub fn listener_stats(&self) -> ListenerStats {
+        self.listener.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The flowspec rules learnt from peers with `accept_flowspec`, updated as they change.
@@ -224,20 +288,56 @@ impl SpeakerHandle {
     }
 }
 
+/// The bound listening socket and its accept task.
+struct Listening {
+    /// The address from the policy (what a reload compares).
+    configured: SocketAddr,
+    socket: Arc<TcpListener>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// At most one log line per this interval about refused inbound connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
 struct Supervisor {
     blocks: watch::Receiver<Arc<DesiredBlocks>>,
     peers: BTreeMap<IpAddr, Running>,
     stats: Arc<Mutex<Vec<Arc<Mutex<PeerStats>>>>>,
     learned: Arc<watch::Sender<Arc<LearnedRules>>>,
+    listener: Option<Listening>,
+    listener_stats: Arc<Mutex<ListenerStats>>,
+    accepted_tx: mpsc::Sender<(TcpStream, SocketAddr)>,
+    /// Peers whose TCP MD5 key is on the listening socket.
+    md5_installed: BTreeSet<IpAddr>,
+    last_refusal_log: Option<Instant>,
 }
 
 impl Supervisor {
-    async fn run(mut self, policy: Bgp, mut cmd: mpsc::Receiver<Cmd>) {
+    async fn run(
+        mut self,
+        policy: Bgp,
+        mut cmd: mpsc::Receiver<Cmd>,
+        mut accepted: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    ) {
         self.apply(policy).await;
-        while let Some(c) = cmd.recv().await {
+        loop {
+            let c = tokio::select! {
+                c = cmd.recv() => c,
+                Some((s, from)) = accepted.recv() => {
+                    self.inbound(s, from);
+                    continue;
+                }
+            };
             match c {
-                Cmd::Policy(p) => self.apply(p).await,
-                Cmd::Shutdown(done) => {
+                Some(Cmd::Policy(p)) => self.apply(p).await,
+                Some(Cmd::Shutdown(done)) => {
+                    self.listener = None;
                     let all: Vec<IpAddr> = self.peers.keys().copied().collect();
                     for a in all {
                         self.stop(a, wire::err::CEASE_SHUTDOWN).await;
@@ -246,13 +346,120 @@ impl Supervisor {
                     let _ = done.send(());
                     return;
                 }
+                None => return,
             }
         }
     }
 
+    fn listener_stat(&self, f: impl FnOnce(&mut ListenerStats)) {
+        if let Ok(mut l) = self.listener_stats.lock() {
+            f(&mut l);
+        }
+    }
+
+    /// Hands an accepted connection to its peer's task, or refuses it.
+    fn inbound(&mut self, s: TcpStream, from: SocketAddr) {
+        let ip = from.ip().to_canonical();
+        let refusal = match self.peers.get(&ip) {
+            None => Some("not a configured peer"),
+            Some(r)
+                if r.policy.2.md5_password_file.is_some() && !self.md5_installed.contains(&ip) =>
+            {
+                Some("the peer's TCP MD5 key is not installed")
+            }
+            Some(r) => match r.cmd.try_send(PeerCmd::Inbound(s)) {
+                Ok(()) => {
+                    self.listener_stat(|l| l.accepted += 1);
+                    return;
+                }
+                Err(_) => Some("the peer's session task is busy"),
+            },
+        };
+        let why = refusal.unwrap_or_default();
+        self.listener_stat(|l| {
+            l.refused += 1;
+            l.last_refused = Some(ip);
+        });
+        let now = Instant::now();
+        if self
+            .last_refusal_log
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+        {
+            self.last_refusal_log = Some(now);
+            let refused = self.listener_stats.lock().map(|l| l.refused).unwrap_or(0);
+            warn!(from = %from, reason = why, refused_total = refused, "bgp inbound connection refused (logged at most once a minute)");
+        } else {
+            debug!(from = %from, reason = why, "bgp inbound connection refused");
+        }
+    }
+
+    /// Binds (or keeps, or drops) the listener and installs the peers' TCP MD5 keys on it.
+    fn apply_listener(&mut self, policy: &Bgp) {
+        if self.listener.as_ref().map(|l| l.configured) != policy.listen {
+            self.listener = None;
+            self.md5_installed.clear();
+            self.listener_stat(|l| *l = ListenerStats::default());
+            if let Some(addr) = policy.listen {
+                match bind(addr) {
+                    Ok(socket) => {
+                        let socket = Arc::new(socket);
+                        let bound = socket.local_addr().ok();
+                        info!(listen = ?bound, "bgp listening for peers");
+                        let task = tokio::spawn(
+                            accept_loop(socket.clone(), self.accepted_tx.clone()).in_current_span(),
+                        );
+                        self.listener_stat(|l| l.address = bound);
+                        self.listener = Some(Listening {
+                            configured: addr,
+                            socket,
+                            task,
+                        });
+                    }
+                    Err(e) => {
+                        error!(listen = %addr, error = %e, "bgp cannot listen; only outbound sessions run");
+                        self.listener_stat(|l| l.last_error = Some(format!("listen {addr}: {e}")));
+                    }
+                }
+            }
+        }
+        let Some(l) = &self.listener else { return };
+        let v6_socket = l.configured.is_ipv6();
+        let key_addr = |a: IpAddr| match a {
+            IpAddr::V4(v4) if v6_socket => IpAddr::V6(v4.to_ipv6_mapped()),
+            a => a,
+        };
+        let mut installed = BTreeSet::new();
+        let mut errors = Vec::new();
+        for p in &policy.peers {
+            let Some(f) = &p.md5_password_file else {
+                continue;
+            };
+            if v6_socket != p.address.is_ipv6() && !v6_socket {
+                continue; // an IPv6 peer cannot reach an IPv4 listener
+            }
+            let r = md5::Password::read(f)
+                .and_then(|pw| md5::set_key(&*l.socket, key_addr(p.address), Some(&pw)));
+            match r {
+                Ok(()) => {
+                    installed.insert(p.address);
+                }
+                Err(e) => {
+                    let msg = session::error_chain(&e);
+                    warn!(peer = %p.name, error = %msg, "bgp TCP MD5 key not installed on the listener; inbound connections from the peer are refused");
+                    errors.push(msg);
+                }
+            }
+        }
+        for gone in self.md5_installed.difference(&installed) {
+            let _ = md5::set_key(&*l.socket, key_addr(*gone), None);
+        }
+        self.md5_installed = installed;
+        self.listener_stat(|l| l.last_error = errors.pop());
+    }
+
     async fn stop(&mut self, addr: IpAddr, sub: u8) {
         if let Some(r) = self.peers.remove(&addr) {
-            let _ = r.stop.send(PeerCmd::Stop(sub)).await;
+            let _ = r.cmd.send(PeerCmd::Stop(sub)).await;
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r.task).await;
         }
     }
@@ -288,7 +495,7 @@ impl Supervisor {
             if self.peers.contains_key(&a) {
                 continue;
             }
-            let (stop_tx, stop_rx) = mpsc::channel(1);
+            let (cmd_tx, cmd_rx) = mpsc::channel(8);
             let stats = Arc::new(Mutex::new(PeerStats::new(&w.2)));
             let task = PeerTask {
                 local_as: w.0,
@@ -297,7 +504,7 @@ impl Supervisor {
                 blocks: self.blocks.clone(),
                 stats: stats.clone(),
                 learned: self.learned.clone(),
-                cmd: stop_rx,
+                cmd: cmd_rx,
             };
             let span = info_span!("bgp", peer = %w.2.name, addr = %a);
             let handle = tokio::spawn(task.run().instrument(span));
@@ -305,12 +512,42 @@ impl Supervisor {
                 a,
                 Running {
                     policy: w,
-                    stop: stop_tx,
+                    cmd: cmd_tx,
                     task: handle,
                     stats,
                 },
             );
         }
+        self.apply_listener(&policy);
         self.publish();
+    }
+}
+
+/// The listening socket: address reuse (a restarted agent binds at once), backlog 64.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(64)
+}
+
+async fn accept_loop(l: Arc<TcpListener>, tx: mpsc::Sender<(TcpStream, SocketAddr)>) {
+    loop {
+        match l.accept().await {
+            Ok((s, from)) => {
+                let _ = s.set_nodelay(true);
+                if tx.send((s, from)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                warn!(error = %e, "bgp accept failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }

@@ -1,9 +1,14 @@
-//! One peer's BGP session task: connect with backoff, the RFC 4271 state machine, hold and
-//! keepalive timers, the declarative Adj-RIB-Out (desired blocks in, UPDATE diffs out), and
-//! the flowspec rules learnt from the peer.
+//! One peer's BGP session task: outbound connects with backoff (TCP MD5 signed when the
+//! policy asks), inbound connections handed over by the speaker's listener, the RFC 4271
+//! state machine with connection collision detection (section 6.8), hold and keepalive
+//! timers, the declarative Adj-RIB-Out (desired blocks in, UPDATE diffs out), and the
+//! flowspec rules learnt from the peer.
 //!
-//! The agent only initiates connections (no listener, so no collision detection): peers are
-//! configured passive or simply accept our connection.
+//! Every connection, outbound or inbound, first runs a *handshake* in its own task (send our
+//! OPEN, wait for the peer's, check it). The first connection through it becomes the session
+//! (OpenConfirm, then Established); one that completes while a session exists is a collision:
+//! in OpenConfirm the BGP Identifiers decide which survives, an Established session always
+//! survives, and the loser gets CEASE / Connection Collision Resolution (RFC 4486 subcode 7).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -14,9 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, warn};
 
 use super::flowspec::{self, Afi, LearnedRule};
+use super::md5::{self, Password};
 use super::routes::{self, RouteKey, RouteSet, RouteVal};
 use super::wire::{self, Notification, PathCtx, err, msg};
 use super::{LearnedKey, LearnedRules, PeerStats, SessionState};
@@ -39,6 +46,8 @@ const STABLE: Duration = Duration::from_secs(60);
 pub(crate) enum PeerCmd {
     /// Send CEASE with this sub-code and stop.
     Stop(u8),
+    /// An inbound connection from the peer's address, accepted by the listener.
+    Inbound(TcpStream),
 }
 
 /// Everything a peer task owns.
@@ -58,6 +67,7 @@ enum Ev {
     Tick,
     Blocks,
     Msg(Option<Incoming>),
+    Handshake(Option<Attempt>),
 }
 
 enum End {
@@ -65,6 +75,8 @@ enum End {
     Stop,
     /// The session went down; retry.
     Reset,
+    /// A colliding connection won (RFC 4271 section 6.8); continue on it.
+    Replace(Opened),
 }
 
 /// What the reader task hands over.
@@ -72,6 +84,53 @@ enum Incoming {
     Msg(u8, Vec<u8>),
     Bad(Notification),
     Closed(Option<std::io::Error>),
+}
+
+/// A connection whose OPEN exchange is done: our OPEN sent, the peer's received and checked.
+pub(crate) struct Opened {
+    stream: TcpStream,
+    open: wire::PeerOpen,
+    /// We initiated it.
+    outbound: bool,
+}
+
+/// Why a connection did not get through its handshake.
+struct Failed {
+    /// For `status`.
+    error: String,
+    /// The TCP connect itself failed (counted as a connect failure).
+    connect: bool,
+    /// We sent this NOTIFICATION.
+    sent: Option<Notification>,
+    /// The peer sent this NOTIFICATION.
+    received: Option<Notification>,
+}
+
+impl Failed {
+    fn new(error: impl Into<String>) -> Failed {
+        Failed {
+            error: error.into(),
+            connect: false,
+            sent: None,
+            received: None,
+        }
+    }
+}
+
+/// The end of one handshake task.
+struct Attempt {
+    outbound: bool,
+    result: Result<Opened, Failed>,
+}
+
+/// What a handshake needs to know, cloned into its task.
+#[derive(Clone)]
+struct HandshakeCtx {
+    open: Vec<u8>,
+    local_as: u32,
+    router_id: std::net::Ipv4Addr,
+    remote_as: u32,
+    stats: Arc<Mutex<PeerStats>>,
 }
 
 impl PeerTask {
@@ -91,86 +150,337 @@ impl PeerTask {
         });
     }
 
+    fn handshake_ctx(&self) -> HandshakeCtx {
+        HandshakeCtx {
+            open: wire::encode_open(
+                self.local_as,
+                self.peer.hold_time,
+                self.router_id,
+                &self.peer.families,
+            ),
+            local_as: self.local_as,
+            router_id: self.router_id,
+            remote_as: self.peer.remote_as,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Starts the handshake of an inbound connection.
+    fn accept(&self, hs: &mut JoinSet<Attempt>, stream: TcpStream) {
+        let ctx = self.handshake_ctx();
+        info!(peer = %self.peer.name, remote = ?stream.peer_addr().ok(), "bgp inbound connection");
+        hs.spawn(
+            async move {
+                Attempt {
+                    outbound: false,
+                    result: handshake(stream, &ctx).await,
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Starts an outbound connection and its handshake; `false` when the MD5 password
+    /// cannot be read (the reason is in `status`).
+    fn dial(&self, hs: &mut JoinSet<Attempt>) -> bool {
+        let password = match &self.peer.md5_password_file {
+            None => None,
+            Some(f) => match Password::read(f) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(peer = %self.peer.name, error = %e, "bgp session not started: TCP MD5 password unusable");
+                    self.stat(|s| {
+                        s.connect_failures += 1;
+                        s.last_error = Some(error_chain(&e));
+                    });
+                    return false;
+                }
+            },
+        };
+        let ctx = self.handshake_ctx();
+        let peer = self.peer.clone();
+        hs.spawn(
+            async move {
+                let result = match connect(&peer, password.as_ref()).await {
+                    Ok(s) => handshake(s, &ctx).await.map(|o| Opened {
+                        outbound: true,
+                        ..o
+                    }),
+                    Err(e) => Err(Failed {
+                        connect: true,
+                        ..Failed::new(e)
+                    }),
+                };
+                Attempt {
+                    outbound: true,
+                    result,
+                }
+            }
+            .in_current_span(),
+        );
+        true
+    }
+
+    /// Books a failed handshake.
+    fn failed(&self, outbound: bool, f: &Failed) {
+        debug!(peer = %self.peer.name, outbound, error = %f.error, "bgp connection attempt failed");
+        self.stat(|s| {
+            s.connect_failures += u64::from(f.connect);
+            s.notifications_sent += u64::from(f.sent.is_some());
+            s.notifications_received += u64::from(f.received.is_some());
+            s.last_error = Some(f.error.clone());
+        });
+    }
+
     /// Runs until stopped.
     pub async fn run(mut self) {
-        if self.peer.md5_password_file.is_some() {
-            // TCP MD5 (setsockopt TCP_MD5SIG) needs unsafe code: neither nix 0.29 nor socket2
-            // 0.6 wraps it. Connecting without the password would only be refused by the peer,
-            // so the session stays idle and says why.
-            warn!(
-                peer = %self.peer.name,
-                "bgp peer needs TCP MD5, which this build does not support; session stays idle"
-            );
-            self.stat(|s| s.last_error = Some("TCP MD5 not supported".into()));
-            self.set_state(SessionState::Idle);
-            let _ = self.cmd.recv().await;
-            return;
-        }
         let mut backoff = BACKOFF_MIN;
+        let mut hs: JoinSet<Attempt> = JoinSet::new();
+        let mut outbound_in_flight = false;
+        // When the next outbound attempt may start; never for a passive peer.
+        let mut next_dial = (!self.peer.passive).then(tokio::time::Instant::now);
+        let mut next: Option<Opened> = None;
+        // The TCP MD5 password could not be read: Idle until it can.
+        let mut unusable = false;
         loop {
-            self.set_state(SessionState::Connect);
-            let stream = {
-                let peer = &self.peer;
-                let cmd = &mut self.cmd;
-                tokio::select! {
-                    r = connect(peer) => Some(r),
-                    _ = cmd.recv() => None,
-                }
-            };
-            let Some(stream) = stream else {
-                self.set_state(SessionState::Idle);
-                return;
-            };
-            match stream {
-                Ok(s) => {
-                    let started = Instant::now();
-                    let end = self.session(s).await;
-                    self.withdraw_learned();
-                    if let End::Stop = end {
+            if let Some(o) = next.take() {
+                let started = Instant::now();
+                let end = self.session(o, &mut hs, &mut outbound_in_flight).await;
+                match end {
+                    End::Replace(o) => {
+                        next = Some(o);
+                        continue;
+                    }
+                    End::Stop => {
+                        self.withdraw_learned();
                         self.set_state(SessionState::Idle);
                         return;
                     }
-                    self.stat(|s| s.resets += 1);
-                    if started.elapsed() >= STABLE {
-                        backoff = BACKOFF_MIN;
+                    End::Reset => {
+                        self.withdraw_learned();
+                        self.stat(|s| s.resets += 1);
+                        if started.elapsed() >= STABLE {
+                            backoff = BACKOFF_MIN;
+                        }
+                        if !self.peer.passive {
+                            next_dial = Some(tokio::time::Instant::now() + backoff);
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
                     }
                 }
-                Err(e) => {
-                    debug!(peer = %self.peer.name, error = %e, "bgp connect failed");
-                    self.stat(|s| {
-                        s.connect_failures += 1;
-                        s.last_error = Some(format!("connect: {e}"));
-                    });
+            }
+            self.set_state(if outbound_in_flight {
+                SessionState::Connect
+            } else if unusable {
+                SessionState::Idle
+            } else {
+                SessionState::Active
+            });
+            let dial_at = next_dial.filter(|_| !outbound_in_flight);
+            tokio::select! {
+                c = self.cmd.recv() => match c {
+                    Some(PeerCmd::Inbound(s)) => self.accept(&mut hs, s),
+                    Some(PeerCmd::Stop(_)) | None => {
+                        hs.shutdown().await;
+                        self.set_state(SessionState::Idle);
+                        return;
+                    }
+                },
+                _ = async { tokio::time::sleep_until(dial_at.unwrap_or_else(tokio::time::Instant::now)).await }, if dial_at.is_some() => {
+                    unusable = !self.dial(&mut hs);
+                    if !unusable {
+                        outbound_in_flight = true;
+                        next_dial = None;
+                    } else {
+                        next_dial = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+                a = hs.join_next(), if !hs.is_empty() => {
+                    let Some(Ok(a)) = a else { continue };
+                    if a.outbound {
+                        outbound_in_flight = false;
+                    }
+                    match a.result {
+                        Ok(o) => next = Some(o),
+                        Err(f) => {
+                            self.failed(a.outbound, &f);
+                            if a.outbound {
+                                next_dial = Some(tokio::time::Instant::now() + backoff);
+                                backoff = (backoff * 2).min(BACKOFF_MAX);
+                            }
+                        }
+                    }
                 }
             }
-            self.set_state(SessionState::Active);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                c = self.cmd.recv() => { let _ = c; self.set_state(SessionState::Idle); return; }
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
 
-async fn connect(peer: &Peer) -> std::io::Result<TcpStream> {
-    {
-        let addr = SocketAddr::new(peer.address, peer.port);
-        let sock = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        if let Some(local) = peer.local_address {
-            sock.bind(SocketAddr::new(local, 0))?;
-        }
-        let s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        s.set_nodelay(true)?;
-        Ok(s)
+/// The full cause chain of an error, for `status`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
+    s
+}
+
+/// Opens the TCP connection to `peer`, with the TCP MD5 key installed before `connect`
+/// (the SYN is signed). Errors are strings for `status`.
+async fn connect(peer: &Peer, password: Option<&Password>) -> Result<TcpStream, String> {
+    let addr = SocketAddr::new(peer.address, peer.port);
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(p) = password {
+        md5::set_key(&sock, peer.address, Some(p)).map_err(|e| error_chain(&e))?;
+    }
+    if let Some(local) = peer.local_address {
+        sock.bind(SocketAddr::new(local, 0))
+            .map_err(|e| format!("bind {local}: {e}"))?;
+    }
+    let s = match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) if password.is_some() => {
+            return Err("connect: timed out (TCP MD5 is configured: a password that differs from the peer's, or none on the peer, looks like this)".into());
+        }
+        Err(_) => return Err("connect: timed out".into()),
+    };
+    s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    Ok(s)
+}
+
+/// Reads one framed message from a connection not yet split.
+async fn read_one(s: &mut TcpStream) -> Result<(u8, Vec<u8>), Incoming> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    if let Err(e) = s.read_exact(&mut h).await {
+        return Err(Incoming::Closed(
+            (e.kind() != std::io::ErrorKind::UnexpectedEof).then_some(e),
+        ));
+    }
+    let (kind, len) = wire::check_header(&h).map_err(Incoming::Bad)?;
+    let mut m = vec![0u8; len];
+    m[..wire::HEADER_LEN].copy_from_slice(&h);
+    s.read_exact(&mut m[wire::HEADER_LEN..])
+        .await
+        .map_err(|e| Incoming::Closed(Some(e)))?;
+    Ok((kind, m))
+}
+
+/// Sends `n` and closes, bounded in time.
+async fn notify_stream(s: &mut TcpStream, n: &Notification) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = s.write_all(&n.encode()).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+}
+
+/// Our OPEN out, the peer's OPEN in and checked (RFC 4271 OpenSent).
+async fn handshake(mut s: TcpStream, ctx: &HandshakeCtx) -> Result<Opened, Failed> {
+    tokio::time::timeout(Duration::from_secs(30), s.write_all(&ctx.open))
+        .await
+        .map_err(|_| Failed::new("write OPEN: timed out"))?
+        .map_err(|e| Failed::new(format!("write OPEN: {e}")))?;
+    if let Ok(mut st) = ctx.stats.lock()
+        && matches!(
+            st.state,
+            SessionState::Idle | SessionState::Connect | SessionState::Active
+        )
+    {
+        st.state = SessionState::OpenSent;
+    }
+    let n = match tokio::time::timeout(OPEN_HOLD, read_one(&mut s)).await {
+        Err(_) => Notification::new(err::HOLD_EXPIRED, 0, []),
+        Ok(Err(Incoming::Bad(n))) => n,
+        Ok(Err(Incoming::Closed(Some(e)))) => {
+            return Err(Failed::new(format!(
+                "connection closed during OPEN exchange: {e}"
+            )));
+        }
+        Ok(Err(_)) => {
+            return Err(Failed::new(
+                "connection closed by peer during OPEN exchange",
+            ));
+        }
+        Ok(Ok((msg::OPEN, m))) => {
+            match check_open(&m, ctx.remote_as, ctx.local_as, ctx.router_id) {
+                Ok(open) => {
+                    return Ok(Opened {
+                        stream: s,
+                        open,
+                        outbound: false,
+                    });
+                }
+                Err(n) => n,
+            }
+        }
+        Ok(Ok((msg::NOTIFICATION, m))) => {
+            let n = Notification::new(m[19], m[20], &m[21..]);
+            warn!(notification = %n, "bgp received NOTIFICATION in OpenSent");
+            return Err(Failed {
+                received: Some(n.clone()),
+                ..Failed::new(format!("received NOTIFICATION {n}"))
+            });
+        }
+        // Anything but OPEN in OpenSent.
+        Ok(Ok(_)) => Notification::new(err::FSM, 1, []),
+    };
+    warn!(notification = %n, "bgp sending NOTIFICATION in OpenSent, connection closed");
+    notify_stream(&mut s, &n).await;
+    Err(Failed {
+        sent: Some(n.clone()),
+        ..Failed::new(format!("sent NOTIFICATION {n}"))
+    })
+}
+
+fn check_open(
+    m: &[u8],
+    remote_as: u32,
+    local_as: u32,
+    router_id: std::net::Ipv4Addr,
+) -> Result<wire::PeerOpen, Notification> {
+    let o = wire::decode_open(m)?;
+    if o.asn != remote_as {
+        let two = u16::try_from(o.asn).unwrap_or(wire::AS_TRANS);
+        return Err(Notification::new(
+            err::OPEN,
+            err::OPEN_PEER_AS,
+            two.to_be_bytes(),
+        ));
+    }
+    if o.router_id == router_id && remote_as == local_as {
+        return Err(Notification::new(
+            err::OPEN,
+            err::OPEN_BGP_ID,
+            o.router_id.octets(),
+        ));
+    }
+    Ok(o)
+}
+
+/// RFC 4271 section 6.8: of two connections in OpenConfirm, the one initiated by the speaker
+/// with the higher BGP Identifier survives. Returns whether the *new* connection survives.
+/// Two connections in the same direction cannot be told apart that way; the older stays.
+pub(crate) fn new_connection_wins(
+    local_id: std::net::Ipv4Addr,
+    remote_id: std::net::Ipv4Addr,
+    current_outbound: bool,
+    new_outbound: bool,
+) -> bool {
+    if current_outbound == new_outbound {
+        return false;
+    }
+    // The surviving connection is the one the higher identifier initiated.
+    let keep_outbound = u32::from(local_id) > u32::from(remote_id);
+    new_outbound == keep_outbound
 }
 
 impl PeerTask {
@@ -206,34 +516,84 @@ impl PeerTask {
         .await;
     }
 
-    /// One TCP connection, from OPEN to its end.
-    async fn session(&mut self, stream: TcpStream) -> End {
+    /// Books a collision whose losing connection (`outbound` or not) is being closed.
+    fn collision(&self, outbound: bool, why: &str) -> Notification {
+        info!(peer = %self.peer.name, closed = if outbound { "outbound" } else { "inbound" }, why, "bgp connection collision resolved");
+        self.stat(|s| {
+            s.collisions += 1;
+            s.notifications_sent += 1;
+        });
+        Notification::new(err::CEASE, err::CEASE_COLLISION, [])
+    }
+
+    /// Closes a new connection that lost a collision with CEASE / Connection Collision
+    /// Resolution.
+    async fn close_collision(&self, s: &mut TcpStream, outbound: bool, why: &str) {
+        let n = self.collision(outbound, why);
+        notify_stream(s, &n).await;
+    }
+
+    /// Closes the current connection, which lost a collision, the same way.
+    async fn close_collision_wr(&self, wr: &mut OwnedWriteHalf, outbound: bool) {
+        let n = self.collision(outbound, "BGP identifier");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = wr.write_all(&n.encode()).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+
+    /// One session, from OpenConfirm to its end. Connections that complete their handshake
+    /// meanwhile (`hs`) are collisions and resolved here.
+    async fn session(
+        &mut self,
+        opened: Opened,
+        hs: &mut JoinSet<Attempt>,
+        outbound_in_flight: &mut bool,
+    ) -> End {
+        let Opened {
+            stream,
+            open: o,
+            outbound,
+        } = opened;
         let (rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Incoming>(256);
         let reader = tokio::spawn(read_loop(rd, tx));
         let _guard = AbortOnDrop(reader);
 
-        let open = wire::encode_open(
-            self.local_as,
-            self.peer.hold_time,
-            self.router_id,
-            &self.peer.families,
-        );
-        if self.send(&mut wr, &open).await.is_err() {
-            return End::Reset;
-        }
-        self.set_state(SessionState::OpenSent);
-
-        let mut hold = OPEN_HOLD;
+        let theirs = Duration::from_secs(u64::from(o.hold_time));
+        let ours = Duration::from_secs(u64::from(self.peer.hold_time));
+        let hold = theirs.min(ours);
         let mut hold_deadline = tokio::time::Instant::now() + hold;
-        let mut keepalive: Option<tokio::time::Interval> = None;
-        let mut ctx = PathCtx {
+        let mut keepalive: Option<tokio::time::Interval> = (!hold.is_zero()).then(|| {
+            let every = hold / 3;
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let ctx = PathCtx {
             local_as: self.local_as,
             ibgp: self.local_as == self.peer.remote_as,
-            four_octet: false,
+            four_octet: o.four_octet,
         };
-        let mut families: BTreeSet<Family> = BTreeSet::new();
-        let mut state = SessionState::OpenSent;
+        let families: BTreeSet<Family> = self
+            .peer
+            .families
+            .iter()
+            .copied()
+            .filter(|f| o.families.contains(&wire::family_code(*f)))
+            .collect();
+        self.stat(|s| {
+            s.families = families.iter().copied().collect();
+            s.inbound = !outbound;
+        });
+        let mut state = SessionState::OpenConfirm;
+        self.set_state(state);
+        // Our KEEPALIVE goes out now, before anything else can be sent (an UPDATE ahead of
+        // it is an FSM error to the peer).
+        if self.send(&mut wr, &wire::encode_keepalive()).await.is_err() {
+            return End::Reset;
+        }
         let mut sent = RouteSet::new();
         let mut eor_sent = false;
 
@@ -262,23 +622,64 @@ impl PeerTask {
                         tokio::time::sleep_until(hold_deadline).await;
                     }
                 };
+                let handshakes = async {
+                    if hs.is_empty() {
+                        std::future::pending::<()>().await;
+                    }
+                    hs.join_next().await.and_then(|r| r.ok())
+                };
                 tokio::select! {
                     c = cmd.recv() => Ev::Cmd(c),
                     _ = hold_timer => Ev::Hold,
                     _ = tick => Ev::Tick,
                     _ = blocks_changed => Ev::Blocks,
                     m = rx.recv() => Ev::Msg(m),
+                    a = handshakes => Ev::Handshake(a),
                 }
             };
             match ev {
+                Ev::Cmd(Some(PeerCmd::Inbound(s))) => self.accept(hs, s),
                 Ev::Cmd(c) => {
                     let sub = match c {
                         Some(PeerCmd::Stop(s)) => s,
-                        None => err::CEASE_SHUTDOWN,
+                        _ => err::CEASE_SHUTDOWN,
                     };
                     self.notify(&mut wr, &Notification::new(err::CEASE, sub, []))
                         .await;
+                    hs.shutdown().await;
                     return End::Stop;
+                }
+                Ev::Handshake(None) => {}
+                Ev::Handshake(Some(Attempt {
+                    outbound: new_out,
+                    result,
+                })) => {
+                    // Our own attempt that started before this session came up has ended.
+                    *outbound_in_flight &= !new_out;
+                    let mut new = match result {
+                        Err(f) => {
+                            self.failed(new_out, &f);
+                            continue;
+                        }
+                        Ok(new) => new,
+                    };
+                    if state == SessionState::Established {
+                        // RFC 4271 6.8: a collision with an Established session closes the
+                        // new connection.
+                        self.close_collision(&mut new.stream, new_out, "session established")
+                            .await;
+                    } else if new_connection_wins(
+                        self.router_id,
+                        new.open.router_id,
+                        outbound,
+                        new_out,
+                    ) {
+                        self.close_collision_wr(&mut wr, outbound).await;
+                        return End::Replace(new);
+                    } else {
+                        self.close_collision(&mut new.stream, new_out, "BGP identifier")
+                            .await;
+                    }
                 }
                 Ev::Hold => {
                     self.notify(&mut wr, &Notification::new(err::HOLD_EXPIRED, 0, []))
@@ -323,57 +724,21 @@ impl PeerTask {
                         return End::Reset;
                     }
                     let step = match state {
-                        SessionState::OpenSent => match kind {
-                            msg::OPEN => match self.check_open(&m) {
-                                Ok(o) => {
-                                    let theirs = Duration::from_secs(u64::from(o.hold_time));
-                                    let ours = Duration::from_secs(u64::from(self.peer.hold_time));
-                                    hold = theirs.min(ours);
-                                    ctx.four_octet = o.four_octet;
-                                    families = self
-                                        .peer
-                                        .families
-                                        .iter()
-                                        .copied()
-                                        .filter(|f| o.families.contains(&wire::family_code(*f)))
-                                        .collect();
-                                    keepalive = (!hold.is_zero()).then(|| {
-                                        let every = hold / 3;
-                                        let mut i = tokio::time::interval_at(
-                                            tokio::time::Instant::now() + every,
-                                            every,
-                                        );
-                                        i.set_missed_tick_behavior(
-                                            tokio::time::MissedTickBehavior::Delay,
-                                        );
-                                        i
-                                    });
-                                    self.stat(|s| s.families = families.iter().copied().collect());
-                                    state = SessionState::OpenConfirm;
-                                    self.set_state(state);
-                                    // Our KEEPALIVE goes out now, before anything else can be
-                                    // sent (an UPDATE ahead of it is an FSM error to the peer).
-                                    Ok(Some(wire::encode_keepalive()))
-                                }
-                                Err(n) => Err(n),
-                            },
-                            _ => Err(Notification::new(err::FSM, 1, [])),
-                        },
                         SessionState::OpenConfirm => match kind {
                             msg::KEEPALIVE => {
                                 state = SessionState::Established;
                                 self.set_state(state);
-                                info!(peer = %self.peer.name, families = ?families, hold = hold.as_secs(), "bgp session established");
+                                info!(peer = %self.peer.name, families = ?families, hold = hold.as_secs(), inbound = !outbound, "bgp session established");
                                 self.blocks.mark_changed();
-                                Ok(None)
+                                Ok(())
                             }
                             _ => Err(Notification::new(err::FSM, 2, [])),
                         },
                         _ => match kind {
-                            msg::KEEPALIVE => Ok(None),
+                            msg::KEEPALIVE => Ok(()),
                             msg::UPDATE => {
                                 self.stat(|s| s.updates_received += 1);
-                                self.on_update(&m, ctx.four_octet, &families).map(|_| None)
+                                self.on_update(&m, ctx.four_octet, &families)
                             }
                             msg::ROUTE_REFRESH => {
                                 // Re-send everything we hold for the family asked for.
@@ -383,7 +748,7 @@ impl PeerTask {
                                     sent.retain(|k, _| k.family() != f);
                                     self.blocks.mark_changed();
                                 }
-                                Ok(None)
+                                Ok(())
                             }
                             _ => Err(Notification::new(err::FSM, 3, [])),
                         },
@@ -391,41 +756,13 @@ impl PeerTask {
                     if !hold.is_zero() {
                         hold_deadline = tokio::time::Instant::now() + hold;
                     }
-                    match step {
-                        Ok(Some(bytes)) => {
-                            if self.send(&mut wr, &bytes).await.is_err() {
-                                return End::Reset;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(n) => {
-                            self.notify(&mut wr, &n).await;
-                            return End::Reset;
-                        }
+                    if let Err(n) = step {
+                        self.notify(&mut wr, &n).await;
+                        return End::Reset;
                     }
                 }
             }
         }
-    }
-
-    fn check_open(&self, m: &[u8]) -> Result<wire::PeerOpen, Notification> {
-        let o = wire::decode_open(m)?;
-        if o.asn != self.peer.remote_as {
-            let two = u16::try_from(o.asn).unwrap_or(wire::AS_TRANS);
-            return Err(Notification::new(
-                err::OPEN,
-                err::OPEN_PEER_AS,
-                two.to_be_bytes(),
-            ));
-        }
-        if o.router_id == self.router_id && self.peer.remote_as == self.local_as {
-            return Err(Notification::new(
-                err::OPEN,
-                err::OPEN_BGP_ID,
-                o.router_id.octets(),
-            ));
-        }
-        Ok(o)
     }
 
     /// Applies a received UPDATE to the learned rules.
@@ -436,6 +773,17 @@ impl PeerTask {
         families: &BTreeSet<Family>,
     ) -> Result<(), Notification> {
         let u = wire::decode_update(m, four)?;
+        if let Some(why) = &u.treat_as_withdraw {
+            warn!(peer = %self.peer.name, reason = %why, withdrawn = u.flow_unreach.len(), "bgp UPDATE with a malformed attribute: its routes are treated as withdrawn (RFC 7606)");
+            self.stat(|s| s.treat_as_withdraw += 1);
+        }
+        for d in &u.discarded {
+            info!(peer = %self.peer.name, reason = %d, "bgp path attribute discarded (RFC 7606)");
+        }
+        if !u.discarded.is_empty() {
+            let n = u.discarded.len() as u64;
+            self.stat(|s| s.attributes_discarded += n);
+        }
         if u.flow_reach.is_empty() && u.flow_unreach.is_empty() {
             return Ok(());
         }
@@ -521,6 +869,9 @@ impl PeerTask {
         sent: &mut RouteSet,
         eor_sent: &mut bool,
     ) -> std::io::Result<()> {
+        // Apply latency: from the peer task seeing the new desired blocks to the UPDATEs
+        // being written to the socket.
+        let t0 = Instant::now();
         let blocks = self.blocks.borrow_and_update().clone();
         let first = !*eor_sent;
         let (want, errors) = routes::desired_routes(&self.peer, families, &blocks);
@@ -594,8 +945,13 @@ impl PeerTask {
                 out.extend_from_slice(&wire::end_of_rib(afi, safi));
             }
         }
+        let mut took = None;
         if !out.is_empty() {
             self.send(wr, &out).await?;
+            // Only route changes count (not an End-of-RIB alone).
+            if !d.withdraw.is_empty() || !d.announce.is_empty() {
+                took = Some(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
         }
         *sent = want;
         let n = sent.len();
@@ -603,6 +959,11 @@ impl PeerTask {
             s.updates_sent += updates;
             s.routes_announced = n;
             s.generation = blocks.generation;
+            if let Some(us) = took {
+                s.apply_latency_us = Some(us);
+                s.apply_latency_sum_us = s.apply_latency_sum_us.saturating_add(us);
+                s.applies += 1;
+            }
         });
         *eor_sent = true;
         if !d.withdraw.is_empty() || !d.announce.is_empty() {
@@ -654,5 +1015,29 @@ async fn read_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
         if tx.send(Incoming::Msg(kind, m)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_connection_wins;
+
+    #[test]
+    fn collision_rule_of_rfc_4271_section_6_8() {
+        let low = "192.0.2.1".parse().unwrap();
+        let high = "192.0.2.2".parse().unwrap();
+        // We are lower: the peer-initiated (inbound) connection survives.
+        assert!(new_connection_wins(low, high, true, false));
+        assert!(!new_connection_wins(low, high, false, true));
+        // We are higher: our own (outbound) connection survives.
+        assert!(new_connection_wins(high, low, false, true));
+        assert!(!new_connection_wins(high, low, true, false));
+        // Identifiers compare as unsigned 32-bit numbers, not per octet sign.
+        let big = "200.0.0.1".parse().unwrap();
+        let small = "10.255.255.255".parse().unwrap();
+        assert!(new_connection_wins(big, small, false, true));
+        // Two connections in the same direction: the older stays.
+        assert!(!new_connection_wins(low, high, false, false));
+        assert!(!new_connection_wins(high, low, true, true));
     }
 }

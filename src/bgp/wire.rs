@@ -61,13 +61,51 @@ pub mod msg {
 }
 
 /// Path attribute type codes used here.
-mod attr {
+pub mod attr {
+    /// ORIGIN (well-known).
     pub const ORIGIN: u8 = 1;
+    /// AS_PATH (well-known).
     pub const AS_PATH: u8 = 2;
+    /// NEXT_HOP (well-known).
     pub const NEXT_HOP: u8 = 3;
-    pub const EXT_COMMUNITIES: u8 = 16;
+    /// MULTI_EXIT_DISC (optional non-transitive).
+    pub const MED: u8 = 4;
+    /// LOCAL_PREF (well-known).
+    pub const LOCAL_PREF: u8 = 5;
+    /// ATOMIC_AGGREGATE (well-known).
+    pub const ATOMIC_AGGREGATE: u8 = 6;
+    /// AGGREGATOR (optional transitive).
+    pub const AGGREGATOR: u8 = 7;
+    /// COMMUNITIES (RFC 1997, optional transitive).
+    pub const COMMUNITIES: u8 = 8;
+    /// ORIGINATOR_ID (RFC 4456, optional non-transitive).
+    pub const ORIGINATOR_ID: u8 = 9;
+    /// CLUSTER_LIST (RFC 4456, optional non-transitive).
+    pub const CLUSTER_LIST: u8 = 10;
+    /// MP_REACH_NLRI (RFC 4760, optional non-transitive).
     pub const MP_REACH: u8 = 14;
+    /// MP_UNREACH_NLRI (RFC 4760, optional non-transitive).
     pub const MP_UNREACH: u8 = 15;
+    /// EXTENDED_COMMUNITIES (RFC 4360, optional transitive).
+    pub const EXT_COMMUNITIES: u8 = 16;
+    /// AS4_PATH (RFC 6793, optional transitive).
+    pub const AS4_PATH: u8 = 17;
+    /// AS4_AGGREGATOR (RFC 6793, optional transitive).
+    pub const AS4_AGGREGATOR: u8 = 18;
+    /// LARGE_COMMUNITY (RFC 8092, optional transitive).
+    pub const LARGE_COMMUNITIES: u8 = 32;
+
+    /// The Optional (0x80) and Transitive (0x40) bits an attribute must carry, for the
+    /// attributes checked here.
+    pub fn flags(code: u8) -> Option<u8> {
+        match code {
+            ORIGIN | AS_PATH | NEXT_HOP | LOCAL_PREF | ATOMIC_AGGREGATE => Some(0x40),
+            MED | ORIGINATOR_ID | CLUSTER_LIST | MP_REACH | MP_UNREACH => Some(0x80),
+            AGGREGATOR | COMMUNITIES | EXT_COMMUNITIES | AS4_PATH | AS4_AGGREGATOR
+            | LARGE_COMMUNITIES => Some(0xc0),
+            _ => None,
+        }
+    }
 }
 
 /// NOTIFICATION error codes and sub-codes (RFC 4271 section 4.5, RFC 4486).
@@ -98,6 +136,8 @@ pub mod err {
     pub const UPDATE_ATTR_LIST: u8 = 1;
     /// Missing well-known attribute.
     pub const UPDATE_MISSING: u8 = 3;
+    /// Attribute flags error.
+    pub const UPDATE_ATTR_FLAGS: u8 = 4;
     /// Attribute length error.
     pub const UPDATE_ATTR_LEN: u8 = 5;
     /// Invalid ORIGIN.
@@ -120,6 +160,8 @@ pub mod err {
     pub const CEASE_DECONFIGURED: u8 = 3;
     /// Cease: administrative reset.
     pub const CEASE_RESET: u8 = 4;
+    /// Cease: connection collision resolution (RFC 4486).
+    pub const CEASE_COLLISION: u8 = 7;
 }
 
 /// A NOTIFICATION: what we send on a protocol error, or what the peer sent us.
@@ -392,6 +434,28 @@ pub struct UpdateIn {
     pub unicast: usize,
     /// End-of-RIB marker for `(AFI, SAFI)`.
     pub end_of_rib: Option<(u16, u8)>,
+    /// RFC 7606 treat-as-withdraw: a malformed (or missing) attribute made every route the
+    /// UPDATE announces count as withdrawn (they were moved to `flow_unreach`). The first
+    /// reason found.
+    pub treat_as_withdraw: Option<Malformed>,
+    /// RFC 7606 attribute discard: attributes dropped (malformed ATOMIC_AGGREGATE,
+    /// AGGREGATOR, AS4_*; repeated attributes) while the UPDATE was processed.
+    pub discarded: Vec<Malformed>,
+}
+
+/// A malformed attribute handled without a session reset (RFC 7606).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Malformed {
+    /// The attribute type code (0 when even the header was cut off).
+    pub code: u8,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (attribute type {})", self.reason, self.code)
+    }
 }
 
 fn check_prefixes(mut d: &[u8], max_bits: u8) -> Result<usize, ()> {
@@ -422,8 +486,12 @@ fn check_as_path(d: &[u8], four: bool) -> bool {
     i == d.len()
 }
 
-/// Decodes a received UPDATE (whole message) strictly. `four_octet` says whether AS numbers
-/// in AS_PATH are 4 octets wide on this session.
+/// Decodes a received UPDATE (whole message) with the error handling of RFC 7606: what
+/// breaks the message framing, MP_REACH/MP_UNREACH or the NLRI themselves is an error (the
+/// NOTIFICATION to reset the session with); a malformed or missing path attribute otherwise
+/// makes the UPDATE treat-as-withdraw or has the attribute discarded, as the RFC says for
+/// each (see [`UpdateIn::treat_as_withdraw`] and [`UpdateIn::discarded`]). `four_octet` says
+/// whether AS numbers in AS_PATH are 4 octets wide on this session.
 pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notification> {
     let list = || Notification::new(err::UPDATE, err::UPDATE_ATTR_LIST, []);
     let body = m.get(HEADER_LEN..).ok_or_else(list)?;
@@ -454,60 +522,117 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
     let mut mp_reach = false;
     let mut only_empty_unreach = None;
     let mut count = 0;
+    let mut withdraw: Option<Malformed> = None;
+    let mut taw = |code: u8, reason: &'static str| {
+        withdraw.get_or_insert(Malformed { code, reason });
+    };
     while i < attrs.len() {
         let start = i;
         let flags = attrs[i];
-        let code = *attrs.get(i + 1).ok_or_else(list)?;
-        let extended = flags & 0x10 != 0;
-        let (len, head) = if extended {
-            let l = attrs.get(i + 2..i + 4).ok_or_else(list)?;
-            (usize::from(u16::from_be_bytes([l[0], l[1]])), 4)
-        } else {
-            (usize::from(*attrs.get(i + 2).ok_or_else(list)?), 3)
+        // RFC 7606 section 4: fewer octets left than an attribute header, or a length that
+        // overruns the attribute field, is treat-as-withdraw; the Total Path Attribute
+        // Length still locates the NLRI field. Only when the broken attribute is the one
+        // carrying NLRI (MP_REACH/MP_UNREACH) can the routes not be found: session reset.
+        let Some(&code) = attrs.get(i + 1) else {
+            taw(0, "truncated attribute header");
+            break;
         };
-        let Some(value) = attrs.get(i + head..i + head + len) else {
-            return Err(Notification::new(
-                err::UPDATE,
-                err::UPDATE_ATTR_LEN,
-                attrs[start..].iter().take(64).copied().collect::<Vec<u8>>(),
-            ));
+        let extended = flags & 0x10 != 0;
+        let head = if extended { 4 } else { 3 };
+        let len = match attrs.get(i + 2..i + head) {
+            Some([l]) => usize::from(*l),
+            Some([h, l]) => usize::from(u16::from_be_bytes([*h, *l])),
+            _ => usize::MAX,
+        };
+        let Some(value) = attrs.get(i + head..).and_then(|v| v.get(..len)) else {
+            if code == attr::MP_REACH || code == attr::MP_UNREACH {
+                return Err(Notification::new(
+                    err::UPDATE,
+                    err::UPDATE_ATTR_LEN,
+                    attrs[start..].iter().take(64).copied().collect::<Vec<u8>>(),
+                ));
+            }
+            taw(code, "attribute length overruns the path attributes");
+            break;
         };
         i += head + len;
         let whole = &attrs[start..i];
         if seen[usize::from(code)] {
-            return Err(list());
+            // RFC 7606 section 3 g: a repeated MP_REACH/MP_UNREACH resets the session; any
+            // other repeated attribute is discarded after its first occurrence.
+            if code == attr::MP_REACH || code == attr::MP_UNREACH {
+                return Err(list());
+            }
+            out.discarded.push(Malformed {
+                code,
+                reason: "repeated attribute",
+            });
+            continue;
         }
         seen[usize::from(code)] = true;
         count += 1;
         let optional = || Notification::new(err::UPDATE, err::UPDATE_OPTIONAL, whole.to_vec());
-        let bad_len = || Notification::new(err::UPDATE, err::UPDATE_ATTR_LEN, whole.to_vec());
-        match code {
-            attr::ORIGIN => {
-                if len != 1 {
-                    return Err(bad_len());
-                }
-                if value[0] > 2 {
+        let discard = |out: &mut UpdateIn, reason: &'static str| {
+            out.discarded.push(Malformed { code, reason });
+        };
+        // RFC 7606 section 3 c: Optional/Transitive bits in conflict with the attribute's
+        // definition make it malformed.
+        if let Some(expected) = attr::flags(code)
+            && flags & 0xc0 != expected
+        {
+            match code {
+                attr::MP_REACH | attr::MP_UNREACH => {
                     return Err(Notification::new(
                         err::UPDATE,
-                        err::UPDATE_ORIGIN,
+                        err::UPDATE_ATTR_FLAGS,
                         whole.to_vec(),
                     ));
                 }
+                attr::ATOMIC_AGGREGATE
+                | attr::AGGREGATOR
+                | attr::AS4_PATH
+                | attr::AS4_AGGREGATOR => discard(&mut out, "attribute flags"),
+                _ => taw(code, "attribute flags"),
             }
-            attr::AS_PATH if !check_as_path(value, four_octet) => {
-                return Err(Notification::new(err::UPDATE, err::UPDATE_AS_PATH, []));
+            continue;
+        }
+        match code {
+            // RFC 7606 section 7.1.
+            attr::ORIGIN if len != 1 || value[0] > 2 => taw(code, "malformed ORIGIN"),
+            // Section 7.2.
+            attr::AS_PATH if !check_as_path(value, four_octet) => taw(code, "malformed AS_PATH"),
+            // Sections 7.3, 7.4, 7.5, 7.9.
+            attr::NEXT_HOP if len != 4 => taw(code, "malformed NEXT_HOP"),
+            attr::MED if len != 4 => taw(code, "malformed MULTI_EXIT_DISC"),
+            attr::LOCAL_PREF if len != 4 => taw(code, "malformed LOCAL_PREF"),
+            attr::ORIGINATOR_ID if len != 4 => taw(code, "malformed ORIGINATOR_ID"),
+            // Sections 7.8, 7.10, 7.14; RFC 8092 section 6.
+            attr::COMMUNITIES if len == 0 || len % 4 != 0 => taw(code, "malformed COMMUNITIES"),
+            attr::CLUSTER_LIST if len == 0 || len % 4 != 0 => taw(code, "malformed CLUSTER_LIST"),
+            attr::LARGE_COMMUNITIES if len == 0 || len % 12 != 0 => {
+                taw(code, "malformed LARGE_COMMUNITY")
             }
-            attr::NEXT_HOP if len != 4 => return Err(bad_len()),
+            attr::EXT_COMMUNITIES if len == 0 || len % 8 != 0 => {
+                taw(code, "malformed EXTENDED_COMMUNITIES")
+            }
             attr::EXT_COMMUNITIES => {
-                if len % 8 != 0 {
-                    return Err(optional());
-                }
                 out.ext_communities.extend(
                     value
                         .chunks_exact(8)
                         .filter_map(|c| <[u8; 8]>::try_from(c).ok()),
                 );
             }
+            // Sections 7.6, 7.7; RFC 6793 section 6 for AS4_PATH and AS4_AGGREGATOR.
+            attr::ATOMIC_AGGREGATE if len != 0 => discard(&mut out, "malformed ATOMIC_AGGREGATE"),
+            attr::AGGREGATOR if len != if four_octet { 8 } else { 6 } => {
+                discard(&mut out, "malformed AGGREGATOR")
+            }
+            attr::AS4_PATH if !check_as_path(value, true) => {
+                discard(&mut out, "malformed AS4_PATH")
+            }
+            attr::AS4_AGGREGATOR if len != 8 => discard(&mut out, "malformed AS4_AGGREGATOR"),
+            // Sections 7.11, 7.12 and 5.3: MP_REACH/MP_UNREACH that cannot be parsed, or NLRI
+            // that cannot, reset the session.
             attr::MP_REACH => {
                 mp_reach = true;
                 if len < 5 {
@@ -553,19 +678,23 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
             _ => {}
         }
     }
+    // RFC 7606 section 3 d: a missing well-known mandatory attribute is treat-as-withdraw.
     if announced > 0 || mp_reach {
         for code in [attr::ORIGIN, attr::AS_PATH] {
             if !seen[usize::from(code)] {
-                return Err(Notification::new(err::UPDATE, err::UPDATE_MISSING, [code]));
+                taw(code, "missing well-known attribute");
             }
         }
         if announced > 0 && !seen[usize::from(attr::NEXT_HOP)] {
-            return Err(Notification::new(
-                err::UPDATE,
-                err::UPDATE_MISSING,
-                [attr::NEXT_HOP],
-            ));
+            taw(attr::NEXT_HOP, "missing well-known attribute");
         }
+    }
+    if let Some(m) = withdraw {
+        // Every route the UPDATE announces is withdrawn instead.
+        out.treat_as_withdraw = Some(m);
+        let reach = std::mem::take(&mut out.flow_reach);
+        out.flow_unreach.extend(reach);
+        out.ext_communities.clear();
     }
     if count == 1 && wlen == 0 && nlri.is_empty() {
         out.end_of_rib = only_empty_unreach;

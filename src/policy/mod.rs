@@ -356,6 +356,8 @@ pub struct Bgp {
     pub router_id: Ipv4Addr,
     /// Peers.
     pub peers: Vec<Peer>,
+    /// Where to accept inbound BGP connections from the peers (off when `None`).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Address families of a BGP session.
@@ -420,6 +422,8 @@ pub struct Peer {
     pub accept_flowspec: bool,
     /// File holding the TCP MD5 password.
     pub md5_password_file: Option<PathBuf>,
+    /// Never connect to the peer; wait for it on `bgp.listen`.
+    pub passive: bool,
 }
 
 /// Alerting.

@@ -240,6 +240,7 @@ pub struct RawBgp {
     pub router_id: Scalar,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
+    pub listen: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,6 +260,7 @@ pub struct RawPeer {
     pub rtbh_next_hop_v6: Option<Scalar>,
     pub accept_flowspec: Option<bool>,
     pub md5_password_file: Option<String>,
+    pub passive: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

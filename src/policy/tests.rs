@@ -572,6 +572,39 @@ fn bgp_rules() {
 }
 
 #[test]
+fn bgp_listen_and_passive_peers() {
+    let listen = |a: &str| BGP.replace("  peers:", &format!("  listen: {a}\n  peers:"));
+    let bgp = |t: &str| check(t).0.expect("valid").bgp.expect("bgp");
+    assert_eq!(
+        bgp(&format!("{BASE}{BGP}")).listen,
+        None,
+        "listening is off by default"
+    );
+    assert!(!bgp(&format!("{BASE}{BGP}")).peers[0].passive);
+    assert_eq!(
+        bgp(&format!("{BASE}{}", listen("192.0.2.1"))).listen,
+        Some("192.0.2.1:179".parse().unwrap()),
+        "the port defaults to 179"
+    );
+    assert_eq!(
+        bgp(&format!("{BASE}{}", listen("\"[::]:1179\""))).listen,
+        Some("[::]:1179".parse().unwrap())
+    );
+    one_error(
+        &format!("{BASE}{}", listen("everywhere")),
+        "9:11",
+        "not a listen address",
+    );
+    one_error(
+        &format!("{BASE}{BGP}      passive: true\n"),
+        "12:16",
+        "nothing listens",
+    );
+    let p = bgp(&format!("{BASE}{}      passive: true\n", listen("0.0.0.0")));
+    assert!(p.peers[0].passive);
+}
+
+#[test]
 fn notify_and_metrics_rules() {
     one_error(
         &format!("{BASE}notify:\n  command: [notify-abuse]\n"),

@@ -1331,12 +1331,40 @@ fn bgp(cx: &mut Cx, raw: &RawBgp) -> Option<Bgp> {
             rtbh_next_hop_v6: v6_nh,
             accept_flowspec: p.accept_flowspec.unwrap_or(false),
             md5_password_file,
+            passive: p.passive.unwrap_or(false),
         });
+    }
+    let listen = raw.listen.as_ref().and_then(|s| {
+        let t = s.0.trim();
+        let parsed = t
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| t.parse::<IpAddr>().ok().map(|a| SocketAddr::new(a, d::BGP_PORT)));
+        if parsed.is_none() {
+            cx.err(
+                "bgp.listen",
+                format!("`{t}` is not a listen address"),
+                Some("write the address to accept peers on, e.g. 192.0.2.1 (port 179), 192.0.2.1:179 or \"[::]:179\"".into()),
+            );
+        }
+        parsed
+    });
+    if listen.is_none() {
+        for (i, p) in peers.iter().enumerate() {
+            if p.passive {
+                cx.err(
+                    &format!("bgp.peers[{i}].passive"),
+                    format!("peer {} is passive, but nothing listens for it", p.name),
+                    Some("set `bgp.listen:` (e.g. 0.0.0.0:179), or remove `passive: true`".into()),
+                );
+            }
+        }
     }
     Some(Bgp {
         local_as: local_as?,
         router_id: router_id?,
         peers,
+        listen,
     })
 }
 

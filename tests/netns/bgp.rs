@@ -221,6 +221,18 @@ fn bird(ns: &Netns, peer_as: u32, extra: &str) -> Bird {
 }
 
 fn bird_at(ns: &Netns, peer_as: u32, extra: &str, local: &str, neighbor: &str) -> Bird {
+    bird_conf(ns, peer_as, extra, local, neighbor, "passive on;")
+}
+
+/// BIRD with `session` in its `protocol bgp agent` block (`passive on;` by default).
+fn bird_conf(
+    ns: &Netns,
+    peer_as: u32,
+    extra: &str,
+    local: &str,
+    neighbor: &str,
+    session: &str,
+) -> Bird {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = format!(
         r#"
@@ -234,7 +246,7 @@ protocol direct {{ ipv4; ipv6; interface "agent0"; }}
 protocol bgp agent {{
   local {local} as {peer_as};
   neighbor {neighbor} as 65001;
-  passive on;
+  {session}
   hold time 9;
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
@@ -448,6 +460,11 @@ protocol static flowstatic6 {
 const GOBGP_API: &str = "50051";
 
 fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
+    gobgpd_with(ns, dir, "")
+}
+
+/// GoBGP with `auth` (e.g. `auth-password = "..."`) in the neighbour's config.
+fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
     let conf = dir.join("gobgpd.toml");
     let mut afis = String::new();
     for f in [
@@ -472,6 +489,7 @@ fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
   [neighbors.config]
     neighbor-address = "{AGENT_V4}"
     peer-as = 65001
+    {auth}
   [neighbors.timers.config]
     hold-time = 9
   [neighbors.transport.config]
@@ -704,6 +722,13 @@ fn bgp_bench_bird() {
         lat[lat.len() / 2],
         lat[lat.len() - 1]
     );
+    let s = h.stats()[0].clone();
+    eprintln!(
+        "BENCH speaker apply latency (watch -> UPDATEs written): last {} us, mean {} us (n={})",
+        s.apply_latency_us.unwrap_or(0),
+        s.apply_latency_sum_us / s.applies.max(1),
+        s.applies
+    );
 
     // 2. 10,000 rules in one go (198.18.0.0/15, RFC 2544 benchmarking space; routes only).
     let many: Vec<_> = (0..10_000u32)
@@ -730,8 +755,9 @@ fn bgp_bench_bird() {
     let took = start.elapsed();
     let s = &h.stats()[0];
     eprintln!(
-        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total)",
-        s.updates_sent
+        "BENCH 10000 flowspec rules DesiredBlocks->all in BIRD: {took:?} ({} UPDATEs sent in total; speaker apply latency {} us)",
+        s.updates_sent,
+        s.apply_latency_us.unwrap_or(0)
     );
     rt.block_on(h.shutdown());
 }
@@ -770,5 +796,333 @@ fn bgp_bird_session_over_ipv6_carries_both_families() {
         },
     );
     assert!(o.contains("BGP.local_pref: 100"), "{o}");
+    rt.block_on(h.shutdown());
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP MD5, passive sessions and connection collisions
+// ---------------------------------------------------------------------------------------------
+
+const MD5_PASSWORD: &str = "egress-md5-Secret";
+
+/// A password file holding `password` and a newline, as `echo` writes it.
+fn password_file(dir: &Path, name: &str, password: &str) -> String {
+    let f = dir.join(name);
+    std::fs::write(&f, format!("{password}\n")).expect("write password file");
+    f.display().to_string()
+}
+
+fn flowspec_only_block() -> Arc<DesiredBlocks> {
+    blocks(
+        1,
+        vec![block("203.0.113.8/32", &[Announce::Flowspec], None)],
+    )
+}
+
+/// Polls for `window` and fails as soon as the speaker's session is Established.
+fn never_established(h: &SpeakerHandle, window: Duration) {
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        assert!(!established(h), "session established: {:?}", h.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bgp_bird_tcp_md5_right_and_wrong_password() {
+    if !require_root("bgp_bird_tcp_md5_right_and_wrong_password") {
+        return;
+    }
+    let l = link();
+    let b = bird_conf(
+        &l.upstream,
+        65002,
+        "",
+        PEER_V4,
+        AGENT_V4,
+        &format!("passive on; password \"{MD5_PASSWORD}\";"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let right = password_file(dir.path(), "right", MD5_PASSWORD);
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(flowspec_only_block());
+    let h = rt.block_on(async {
+        Speaker::spawn(
+            policy(65002, 179, &format!("      md5_password_file: {right}\n")),
+            rx,
+        )
+    });
+    wait_for(
+        "MD5-signed session with BIRD",
+        Duration::from_secs(20),
+        || established(&h).then_some(()),
+    );
+    wait_for(
+        "flowspec route over the signed session",
+        Duration::from_secs(10),
+        || {
+            bird_flow4(&b)
+                .contains("flow4 { src 203.0.113.8/32; }")
+                .then_some(())
+        },
+    );
+    drop(tx);
+
+    // A wrong password: the peer's kernel drops our SYNs, the session never comes up and
+    // `status` says why.
+    let wrong = password_file(dir.path(), "wrong", "not-the-password");
+    rt.block_on(h.update_policy(policy(
+        65002,
+        179,
+        &format!("      md5_password_file: {wrong}\n"),
+    )));
+    wait_for("old session down", Duration::from_secs(10), || {
+        (!established(&h)).then_some(())
+    });
+    never_established(&h, Duration::from_secs(12));
+    let s = h.stats()[0].clone();
+    let e = s.last_error.clone().unwrap_or_default();
+    assert!(e.contains("TCP MD5"), "status does not say why: {s:?}");
+    assert!(s.connect_failures >= 1, "{s:?}");
+    assert!(
+        !b.birdc("show protocols agent").contains("Established"),
+        "BIRD must not be up either"
+    );
+
+    // An unusable password file: named in `status`, no connection attempt.
+    rt.block_on(h.update_policy(policy(
+        65002,
+        179,
+        "      md5_password_file: /nonexistent/egressguard-md5\n",
+    )));
+    wait_for(
+        "Idle, the file named in status",
+        Duration::from_secs(10),
+        || {
+            let s = h.stats()[0].clone();
+            (s.state == SessionState::Idle
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("/nonexistent/egressguard-md5")))
+            .then_some(())
+        },
+    );
+    rt.block_on(h.shutdown());
+}
+
+#[test]
+fn bgp_gobgp_tcp_md5() {
+    if !require_root("bgp_gobgp_tcp_md5") {
+        return;
+    }
+    let l = link();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _g = gobgpd_with(
+        &l.upstream,
+        dir.path(),
+        &format!("auth-password = \"{MD5_PASSWORD}\""),
+    );
+    let right = password_file(dir.path(), "right", MD5_PASSWORD);
+    let rt = runtime_in(&l.agent);
+    let (_tx, rx) = watch::channel(flowspec_only_block());
+    let h = rt.block_on(async {
+        Speaker::spawn(
+            policy(65002, 179, &format!("      md5_password_file: {right}\n")),
+            rx,
+        )
+    });
+    wait_for(
+        "MD5-signed session with GoBGP",
+        Duration::from_secs(30),
+        || established(&h).then_some(()),
+    );
+    wait_for("flowspec in GoBGP", Duration::from_secs(10), || {
+        gobgp_rib(&l.upstream, "ipv4-flowspec")
+            .contains("203.0.113.8/32")
+            .then_some(())
+    });
+    rt.block_on(h.shutdown());
+}
+
+/// The agent's policy with `bgp.listen` on its veth address.
+fn listening(mut p: Bgp, passive: bool) -> Bgp {
+    p.listen = Some(format!("{AGENT_V4}:179").parse().unwrap());
+    p.peers[0].passive = passive;
+    p
+}
+
+/// BIRD that connects (not passive), quickly.
+const BIRD_ACTIVE: &str = "connect delay time 1; connect retry time 2; error wait time 1, 4;";
+
+#[test]
+fn bgp_bird_connects_to_a_passive_agent() {
+    if !require_root("bgp_bird_connects_to_a_passive_agent") {
+        return;
+    }
+    let l = link();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = password_file(dir.path(), "pw", MD5_PASSWORD);
+    let b = bird_conf(
+        &l.upstream,
+        65002,
+        "",
+        PEER_V4,
+        AGENT_V4,
+        &format!("{BIRD_ACTIVE} password \"{MD5_PASSWORD}\";"),
+    );
+    let rt = runtime_in(&l.agent);
+    let (_tx, rx) = watch::channel(flowspec_only_block());
+    // Passive, with TCP MD5 on the listening socket for BIRD's address. The socket is the
+    // dual-stack `[::]:179`, so the key is installed for the IPv4-mapped address.
+    let mut p = listening(
+        policy(65002, 179, &format!("      md5_password_file: {pw}\n")),
+        true,
+    );
+    p.listen = Some("[::]:179".parse().unwrap());
+    let h = rt.block_on(async { Speaker::spawn(p, rx) });
+    wait_for(
+        "BIRD's session to the agent",
+        Duration::from_secs(30),
+        || established(&h).then_some(()),
+    );
+    let s = h.stats()[0].clone();
+    assert!(s.inbound, "a passive agent only accepts: {s:?}");
+    assert_eq!(
+        s.connect_failures, 0,
+        "a passive agent never connects: {s:?}"
+    );
+    assert!(h.listener_stats().accepted >= 1);
+    wait_for("flowspec route in BIRD", Duration::from_secs(10), || {
+        bird_flow4(&b)
+            .contains("flow4 { src 203.0.113.8/32; }")
+            .then_some(())
+    });
+    rt.block_on(h.shutdown());
+}
+
+#[test]
+fn bgp_bird_both_active_collisions_resolve() {
+    if !require_root("bgp_bird_both_active_collisions_resolve") {
+        return;
+    }
+    let l = link();
+    let b = bird_conf(&l.upstream, 65002, "", PEER_V4, AGENT_V4, BIRD_ACTIVE);
+    let rt = runtime_in(&l.agent);
+    let (_tx, rx) = watch::channel(flowspec_only_block());
+    let h = rt.block_on(async { Speaker::spawn(listening(policy(65002, 179, ""), false), rx) });
+    // Both sides connect; restarting BIRD's protocol makes them race again. Each round the
+    // session must come up and stay up (no endless collision loop), and when a collision
+    // was resolved the survivor is BIRD's connection: its BGP Identifier (192.0.2.2) is the
+    // higher one (RFC 4271 section 6.8).
+    for round in 0..3 {
+        wait_for("session up", Duration::from_secs(40), || {
+            (established(&h) && b.birdc("show protocols agent").contains("Established"))
+                .then_some(())
+        });
+        let before = h.stats()[0].clone();
+        std::thread::sleep(Duration::from_secs(3));
+        let after = h.stats()[0].clone();
+        assert!(established(&h), "round {round}: session fell: {after:?}");
+        assert_eq!(
+            before.resets, after.resets,
+            "round {round}: flapping: {after:?}"
+        );
+        eprintln!(
+            "round {round}: {} collisions so far, survivor inbound={}",
+            after.collisions, after.inbound
+        );
+        wait_for("flowspec route in BIRD", Duration::from_secs(10), || {
+            bird_flow4(&b)
+                .contains("flow4 { src 203.0.113.8/32; }")
+                .then_some(())
+        });
+        b.birdc("restart agent");
+        wait_for(
+            "session down after restart",
+            Duration::from_secs(10),
+            || (!established(&h)).then_some(()),
+        );
+    }
+    rt.block_on(h.shutdown());
+}
+
+/// A real collision, made deterministic: the agent's own connection is held in TCP connect
+/// (BIRD's replies to it dropped) while BIRD connects to the agent and the session comes up;
+/// then the held connection gets through, completes its OPEN exchange and collides with the
+/// Established session: it is closed with CEASE 6/7 and the session stays.
+#[test]
+fn bgp_bird_collision_with_an_established_session() {
+    if !require_root("bgp_bird_collision_with_an_established_session") {
+        return;
+    }
+    let l = link();
+    // Replies from BIRD's port 179 (only the agent-initiated connection has them) dropped.
+    l.agent
+        .run(&["nft", "add table inet colltest"])
+        .expect("nft table");
+    l.agent
+        .run(&[
+            "nft",
+            "add chain inet colltest in { type filter hook input priority 0; }",
+        ])
+        .expect("nft chain");
+    l.agent
+        .run(&["nft", "add rule inet colltest in tcp sport 179 drop"])
+        .expect("nft rule");
+    let rt = runtime_in(&l.agent);
+    let (_tx, rx) = watch::channel(flowspec_only_block());
+    let h = rt.block_on(async { Speaker::spawn(listening(policy(65002, 179, ""), false), rx) });
+    wait_for(
+        "the agent's connect in flight",
+        Duration::from_secs(5),
+        || {
+            h.stats()
+                .first()
+                .is_some_and(|s| s.state == SessionState::Connect)
+                .then_some(())
+        },
+    );
+    let b = bird_conf(&l.upstream, 65002, "", PEER_V4, AGENT_V4, BIRD_ACTIVE);
+    wait_for(
+        "BIRD's session to the agent",
+        Duration::from_secs(20),
+        || established(&h).then_some(()),
+    );
+    assert!(h.stats()[0].inbound);
+    l.agent
+        .run(&["nft", "delete table inet colltest"])
+        .expect("nft delete");
+    // The agent's SYN is retransmitted within its 5 s connect timeout and now answered.
+    let s = wait_for("the collision", Duration::from_secs(15), || {
+        let s = h.stats()[0].clone();
+        let bird_closed_it = s
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("received NOTIFICATION 6/7"));
+        (s.collisions >= 1 || bird_closed_it).then_some(s)
+    });
+    eprintln!("collision resolved: {s:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let s = h.stats()[0].clone();
+    assert_eq!(s.state, SessionState::Established, "{s:?}");
+    assert!(s.inbound, "BIRD's connection stays: {s:?}");
+    assert_eq!(s.resets, 0, "the session was never reset: {s:?}");
+    assert!(b.birdc("show protocols agent").contains("Established"));
+    wait_for("flowspec route in BIRD", Duration::from_secs(10), || {
+        bird_flow4(&b)
+            .contains("flow4 { src 203.0.113.8/32; }")
+            .then_some(())
+    });
+    // The agent's attempt that lost ended inside the session; once the session ends the
+    // agent dials again (BIRD, disabled, turns it away).
+    b.birdc("disable agent");
+    let s = wait_for("the agent dials again", Duration::from_secs(15), || {
+        let s = h.stats()[0].clone();
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("connect:") || e.contains("OPEN exchange"))
+            .then_some(s)
+    });
+    assert_eq!(s.resets, 1, "{s:?}");
     rt.block_on(h.shutdown());
 }

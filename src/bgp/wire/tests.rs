@@ -238,33 +238,19 @@ fn end_of_rib_markers() {
 #[test]
 fn malformed_updates_get_the_right_notification() {
     let upd = |body: &[u8]| frame(msg::UPDATE, body);
+    // What still resets the session under RFC 7606: the message framing, MP_REACH /
+    // MP_UNREACH and NLRI that cannot be parsed.
     // Withdrawn length past the end.
     assert_eq!(
         decode_update(&upd(&[0, 9, 0, 0]), true).unwrap_err(),
         Notification::new(3, 1, [])
     );
-    // Attribute length past the end.
-    let e = decode_update(&upd(&[0, 0, 0, 4, 0x40, 1, 5, 0]), true).unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 5));
-    // Bad ORIGIN value.
-    let e = decode_update(&upd(&[0, 0, 0, 4, 0x40, 1, 1, 7]), true).unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 6));
-    // NLRI without ORIGIN.
-    let e = decode_update(
-        &upd(&[0, 0, 0, 7, 0x40, 3, 4, 192, 0, 2, 1, 24, 192, 0, 2]),
-        true,
-    )
-    .unwrap_err();
-    assert_eq!(e, Notification::new(3, 3, [1]));
+    // Total path attribute length past the end.
+    let e = decode_update(&upd(&[0, 0, 0, 9, 0x40, 1, 1, 0]), true).unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 1));
     // Prefix length 33.
     let e = decode_update(&upd(&[0, 0, 0, 0, 33, 1, 2, 3, 4, 5]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 10));
-    // Duplicate attribute.
-    let e = decode_update(&upd(&[0, 0, 0, 8, 0x40, 1, 1, 0, 0x40, 1, 1, 0]), true).unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 1));
-    // Malformed AS_PATH.
-    let e = decode_update(&upd(&[0, 0, 0, 5, 0x40, 2, 2, 2, 1]), true).unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 11));
     // Flowspec NLRI with components out of order.
     let bad = [
         0, 0, 0, 23, 0x40, 1, 1, 0, 0x40, 2, 0, 0x80, 14, 13, 0, 1, 133, 0, 0, 0x07, 0x03, 0x81,
@@ -272,6 +258,307 @@ fn malformed_updates_get_the_right_notification() {
     ];
     let e = decode_update(&upd(&bad[..]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 9));
+}
+
+// RFC 7606, byte by byte. Each UPDATE below announces one IPv4 flowspec route
+// (`src 203.0.113.8/32`) in MP_REACH after the attribute under test, so treat-as-withdraw
+// shows as that route moving to the withdrawn list.
+
+const FLOW_NLRI: [u8; 7] = [6, 0x02, 32, 203, 0, 113, 8];
+
+fn a(flags: u8, code: u8, value: &[u8]) -> Vec<u8> {
+    let mut v = vec![flags, code, value.len() as u8];
+    v.extend_from_slice(value);
+    v
+}
+
+fn mp_reach_flow() -> Vec<u8> {
+    let mut v = vec![0, 1, 133, 0, 0];
+    v.extend_from_slice(&FLOW_NLRI);
+    a(0x80, 14, &v)
+}
+
+fn origin() -> Vec<u8> {
+    a(0x40, 1, &[0])
+}
+
+fn as_path() -> Vec<u8> {
+    a(0x40, 2, &[])
+}
+
+fn rate_zero() -> Vec<u8> {
+    a(0xc0, 16, &[0x80, 0x06, 0, 0, 0, 0, 0, 0])
+}
+
+/// An UPDATE of the given attributes (in order) and unicast NLRI.
+fn update_of(attrs: &[Vec<u8>], nlri: &[u8]) -> Vec<u8> {
+    let all: Vec<u8> = attrs.concat();
+    let mut b = vec![0, 0];
+    b.extend_from_slice(&(all.len() as u16).to_be_bytes());
+    b.extend_from_slice(&all);
+    b.extend_from_slice(nlri);
+    frame(msg::UPDATE, &b)
+}
+
+/// The standard attributes with `bad` inserted first.
+fn with(bad: Vec<u8>) -> Vec<u8> {
+    update_of(
+        &[bad, origin(), as_path(), rate_zero(), mp_reach_flow()],
+        &[],
+    )
+}
+
+#[track_caller]
+fn assert_withdrawn(m: &[u8], four: bool, code: u8) {
+    let u = decode_update(m, four).expect("treat-as-withdraw is not a session reset");
+    let w = u.treat_as_withdraw.expect("treat-as-withdraw");
+    assert_eq!(w.code, code, "{w}");
+    assert!(u.flow_reach.is_empty(), "{u:?}");
+    assert_eq!(
+        u.flow_unreach.len(),
+        1,
+        "the announced route is withdrawn instead"
+    );
+    assert!(u.ext_communities.is_empty());
+}
+
+#[track_caller]
+fn assert_discarded(m: &[u8], four: bool, code: u8) {
+    let u = decode_update(m, four).expect("attribute discard is not a session reset");
+    assert_eq!(u.treat_as_withdraw, None);
+    assert_eq!(u.flow_reach.len(), 1, "the route stays announced");
+    assert_eq!(
+        u.discarded.iter().map(|d| d.code).collect::<Vec<_>>(),
+        vec![code]
+    );
+}
+
+#[test]
+fn rfc7606_the_well_formed_update_announces() {
+    let u = decode_update(
+        &update_of(&[origin(), as_path(), rate_zero(), mp_reach_flow()], &[]),
+        true,
+    )
+    .unwrap();
+    assert_eq!(u.flow_reach.len(), 1);
+    assert_eq!(u.treat_as_withdraw, None);
+    assert!(u.discarded.is_empty());
+    assert_eq!(u.ext_communities.len(), 1);
+}
+
+#[test]
+fn rfc7606_treat_as_withdraw_attributes() {
+    // Section 7.1: ORIGIN of a bad length or an undefined value (replacing the good one).
+    let m = update_of(
+        &[a(0x40, 1, &[7]), as_path(), rate_zero(), mp_reach_flow()],
+        &[],
+    );
+    assert_withdrawn(&m, true, 1);
+    let m = update_of(
+        &[a(0x40, 1, &[0, 0]), as_path(), rate_zero(), mp_reach_flow()],
+        &[],
+    );
+    assert_withdrawn(&m, true, 1);
+    // Section 7.2: AS_PATH segment running past the attribute; bad segment type; 2-octet
+    // path on a 4-octet session.
+    let m = update_of(
+        &[origin(), a(0x40, 2, &[2, 1]), rate_zero(), mp_reach_flow()],
+        &[],
+    );
+    assert_withdrawn(&m, true, 2);
+    let m = update_of(
+        &[
+            origin(),
+            a(0x40, 2, &[9, 1, 0, 0, 0, 1]),
+            rate_zero(),
+            mp_reach_flow(),
+        ],
+        &[],
+    );
+    assert_withdrawn(&m, true, 2);
+    let m = update_of(
+        &[
+            origin(),
+            a(0x40, 2, &[2, 1, 0xfd, 0xe9]),
+            rate_zero(),
+            mp_reach_flow(),
+        ],
+        &[],
+    );
+    assert_withdrawn(&m, true, 2);
+    decode_update(&m, false).expect("the same path is fine on a 2-octet session");
+    // Sections 7.3-7.5, 7.8-7.10, 7.14 and RFC 8092: length errors.
+    for bad in [
+        a(0x40, 3, &[192, 0, 2]),         // NEXT_HOP
+        a(0x80, 4, &[0, 1]),              // MULTI_EXIT_DISC
+        a(0x40, 5, &[0]),                 // LOCAL_PREF
+        a(0xc0, 8, &[0xff, 0xff, 0]),     // COMMUNITIES
+        a(0xc0, 8, &[]),                  // COMMUNITIES, empty
+        a(0x80, 9, &[1, 2, 3]),           // ORIGINATOR_ID
+        a(0x80, 10, &[]),                 // CLUSTER_LIST
+        a(0xc0, 16, &[0x80, 6, 0, 0, 0]), // EXTENDED_COMMUNITIES
+        a(0xc0, 16, &[]),                 // EXTENDED_COMMUNITIES, empty
+        a(0xc0, 32, &[0; 11]),            // LARGE_COMMUNITY
+    ] {
+        let code = bad[1];
+        assert_withdrawn(&with(bad), true, code);
+    }
+}
+
+#[test]
+fn rfc7606_ext_communities_only_from_a_well_formed_attribute() {
+    // A malformed EXTENDED_COMMUNITIES must not lend a truncated action to the rule.
+    let m = update_of(
+        &[
+            origin(),
+            as_path(),
+            a(0xc0, 16, &[0x80, 6, 0, 0, 0, 0, 0, 0, 1]),
+            mp_reach_flow(),
+        ],
+        &[],
+    );
+    assert_withdrawn(&m, true, 16);
+}
+
+#[test]
+fn rfc7606_attribute_discard() {
+    // Section 7.6: ATOMIC_AGGREGATE must be empty.
+    assert_discarded(&with(a(0x40, 6, &[1])), true, 6);
+    // Section 7.7: AGGREGATOR is 8 bytes with 4-octet AS numbers, 6 without.
+    assert_discarded(&with(a(0xc0, 7, &[0; 6])), true, 7);
+    assert_discarded(&with(a(0xc0, 7, &[0; 8])), false, 7);
+    let ok = decode_update(&with(a(0xc0, 7, &[0; 6])), false).unwrap();
+    assert!(ok.discarded.is_empty());
+    // RFC 6793 section 6: malformed AS4_PATH and AS4_AGGREGATOR.
+    assert_discarded(&with(a(0xc0, 17, &[2, 2, 0, 0, 0, 1])), true, 17);
+    assert_discarded(&with(a(0xc0, 18, &[0; 6])), true, 18);
+    // Section 3 g: a repeated attribute (other than MP_*) is discarded after the first.
+    let m = update_of(
+        &[
+            origin(),
+            as_path(),
+            a(0x40, 1, &[9]),
+            rate_zero(),
+            mp_reach_flow(),
+        ],
+        &[],
+    );
+    assert_discarded(&m, true, 1);
+}
+
+#[test]
+fn rfc7606_attribute_flags() {
+    // Section 3 c: Optional/Transitive bits in conflict with the definition.
+    let m = update_of(
+        &[a(0xc0, 1, &[0]), as_path(), rate_zero(), mp_reach_flow()],
+        &[],
+    );
+    assert_withdrawn(&m, true, 1);
+    assert_withdrawn(&with(a(0x40, 8, &[0, 0, 0, 1])), true, 8);
+    assert_withdrawn(&with(a(0x40, 16, &[0x80, 6, 0, 0, 0, 0, 0, 0])), true, 16);
+    // ... where the attribute is one discarded when malformed, it is discarded.
+    assert_discarded(&with(a(0x40, 7, &[0; 8])), true, 7);
+    assert_discarded(&with(a(0x80, 6, &[])), true, 6);
+    // MP_REACH with wrong flags: its routes cannot be trusted to be located; reset 3/4.
+    let mut mp = mp_reach_flow();
+    mp[0] = 0x40;
+    let e = decode_update(
+        &update_of(&[origin(), as_path(), rate_zero(), mp], &[]),
+        true,
+    )
+    .unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 4));
+    // The partial and extended-length bits do not matter.
+    let mut mp = mp_reach_flow();
+    mp[0] = 0xa0;
+    decode_update(
+        &update_of(&[origin(), as_path(), rate_zero(), mp], &[]),
+        true,
+    )
+    .unwrap();
+}
+
+#[test]
+fn rfc7606_missing_well_known_attributes() {
+    // Section 3 d: missing ORIGIN / AS_PATH with flowspec routes; missing NEXT_HOP with
+    // NLRI-field routes.
+    assert_withdrawn(
+        &update_of(&[as_path(), rate_zero(), mp_reach_flow()], &[]),
+        true,
+        1,
+    );
+    assert_withdrawn(
+        &update_of(&[origin(), rate_zero(), mp_reach_flow()], &[]),
+        true,
+        2,
+    );
+    let m = update_of(&[origin(), as_path()], &[24, 192, 0, 2]);
+    let u = decode_update(&m, true).unwrap();
+    assert_eq!(u.treat_as_withdraw.unwrap().code, 3);
+    assert_eq!(u.unicast, 1);
+    // A withdrawal-only UPDATE needs none of them.
+    let mut v = vec![0, 1, 133];
+    v.extend_from_slice(&FLOW_NLRI);
+    let u = decode_update(&update_of(&[a(0x80, 15, &v)], &[]), true).unwrap();
+    assert_eq!((u.treat_as_withdraw, u.flow_unreach.len()), (None, 1));
+    // ... and a malformed attribute beside MP_UNREACH leaves the withdrawals in place.
+    let u = decode_update(&update_of(&[a(0x40, 1, &[5]), a(0x80, 15, &v)], &[]), true).unwrap();
+    assert_eq!(u.treat_as_withdraw.unwrap().code, 1);
+    assert_eq!(u.flow_unreach.len(), 1);
+}
+
+#[test]
+fn rfc7606_attribute_length_overruns() {
+    // Section 4: the last attribute runs past the attribute field: treat-as-withdraw, the
+    // NLRI (in MP_REACH, parsed before it) still found.
+    let mut bad = a(0xc0, 8, &[0, 0, 0, 1]);
+    bad[2] = 9;
+    let m = update_of(&[origin(), as_path(), mp_reach_flow(), bad], &[]);
+    assert_withdrawn(&m, true, 8);
+    // Fewer octets left than an attribute header.
+    let m = update_of(&[origin(), as_path(), mp_reach_flow(), vec![0x40]], &[]);
+    assert_withdrawn(&m, true, 0);
+    let m = update_of(
+        &[origin(), as_path(), mp_reach_flow(), vec![0x50, 1, 0]],
+        &[],
+    );
+    assert_withdrawn(&m, true, 1);
+    // The overrunning attribute is MP_REACH itself: its NLRI cannot be located, reset 3/5.
+    let mut mp = mp_reach_flow();
+    mp[2] += 1;
+    let e = decode_update(&update_of(&[origin(), as_path(), mp], &[]), true).unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 5));
+    // The old bad-peer case: ORIGIN claiming 5 bytes in a 4-byte field.
+    let e = decode_update(&frame(msg::UPDATE, &[0, 0, 0, 4, 0x40, 1, 5, 0]), true).unwrap();
+    assert_eq!(e.treat_as_withdraw.unwrap().code, 1);
+}
+
+#[test]
+fn rfc7606_mp_attributes_reset_the_session() {
+    // Sections 7.11, 7.12 and 3 g.
+    let e = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1, 133, 0])], &[]),
+        true,
+    )
+    .unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 9));
+    let e = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1, 133, 9, 0])], &[]),
+        true,
+    )
+    .unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 9));
+    let e = decode_update(&update_of(&[a(0x80, 15, &[0, 1])], &[]), true).unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 9));
+    let e = decode_update(
+        &update_of(
+            &[origin(), as_path(), mp_reach_flow(), mp_reach_flow()],
+            &[],
+        ),
+        true,
+    )
+    .unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 1));
 }
 
 // The bgpkit-parser 0.23 gaps the workarounds above exist for. Each test pins the gap; when
@@ -292,7 +579,7 @@ fn bgpkit_gap_traffic_rate_written_with_type_0x40() {
     assert_eq!(&value[..2], &[0x40, 0x06], "{value:02x?}");
     assert_ne!(
         value[0], 0x80,
-        "bgpkit-parser now writes 0x8006: drop traffic_rate()"
+        "bgpkit-parser now writes 0x8006: drop rate_zero()"
     );
     // Ours is right.
     assert_eq!(
