@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,8 @@ use egressguard::policy::{Bgp, Policy};
 use ipnet::IpNet;
 use tokio::sync::watch;
 
-use crate::common::require_root;
+use crate::bird::Bird;
+use crate::common::{require_root, wait_for};
 
 const AGENT_V4: &str = "192.0.2.1";
 const PEER_V4: &str = "192.0.2.2";
@@ -138,18 +138,6 @@ fn standard_blocks() -> Arc<DesiredBlocks> {
     )
 }
 
-/// Polls `f` until it returns `Some` or the deadline passes.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn established(h: &SpeakerHandle) -> bool {
     h.stats()
         .first()
@@ -159,62 +147,6 @@ fn established(h: &SpeakerHandle) -> bool {
 // ---------------------------------------------------------------------------------------------
 // BIRD
 // ---------------------------------------------------------------------------------------------
-
-struct Bird {
-    dir: tempfile::TempDir,
-    proc: Option<Proc>,
-}
-
-impl Bird {
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("bird.ctl")
-    }
-
-    fn start(&mut self, ns: &Netns) {
-        let conf = self.dir.path().join("bird.conf");
-        let sock = self.sock();
-        let _ = std::fs::remove_file(&sock);
-        let p = ns
-            .spawn(&[
-                "bird",
-                "-c",
-                conf.to_str().unwrap(),
-                "-s",
-                sock.to_str().unwrap(),
-                "-f",
-            ])
-            .expect("start bird");
-        self.proc = Some(p);
-        wait_for("bird control socket", Duration::from_secs(10), || {
-            self.try_birdc("show status")
-                .filter(|o| o.contains("Daemon is up"))
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.stop(Duration::from_secs(3));
-        }
-    }
-
-    fn try_birdc(&self, cmd: &str) -> Option<String> {
-        let out = Command::new("birdc")
-            .arg("-s")
-            .arg(self.sock())
-            .args(cmd.split_whitespace())
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn birdc(&self, cmd: &str) -> String {
-        self.try_birdc(cmd)
-            .unwrap_or_else(|| panic!("birdc {cmd} failed"))
-    }
-}
 
 fn bird(ns: &Netns, peer_as: u32, extra: &str) -> Bird {
     bird_at(ns, peer_as, extra, PEER_V4, AGENT_V4)
@@ -233,11 +165,10 @@ fn bird_conf(
     neighbor: &str,
     session: &str,
 ) -> Bird {
-    let dir = tempfile::tempdir().expect("tempdir");
     let conf = format!(
         r#"
 router id {PEER_V4};
-log "{log}" all;
+log "{{log}}" all;
 flow4 table flowtab4;
 flow6 table flowtab6;
 protocol device {{ }}
@@ -254,13 +185,9 @@ protocol bgp agent {{
   flow6 {{ table flowtab6; import all; export {export}; }};
 }}
 "#,
-        log = dir.path().join("bird.log").display(),
         export = if extra.is_empty() { "none" } else { "all" },
     );
-    std::fs::write(dir.path().join("bird.conf"), conf).expect("write bird.conf");
-    let mut b = Bird { dir, proc: None };
-    b.start(ns);
-    b
+    Bird::start_with(ns, &conf)
 }
 
 fn bird_flow4(b: &Bird) -> String {
