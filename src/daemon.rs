@@ -46,11 +46,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::bgp::{LearnedRules, Speaker, SpeakerHandle};
+use crate::bgp::{LearnedRules, PeerStats, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AuditView, BlockView, Body, BreakerView, HistoryView, OffenseView, PeerView, ReconnectView,
-    Reply, Request, StatusView,
+    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, OffenseView, PeerView,
+    ReconnectView, Reply, Request, StatusView,
 };
 use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{DecideError, DecideStatus, Decider, InfraSet};
@@ -894,10 +894,25 @@ impl Agent {
                                 .uptime_secs
                                 .map(|u| now.saturating_sub(Duration::from_secs(u))),
                             announced: ps.routes_announced as u64,
+                            inbound: ps.inbound,
+                            last_error: ps.last_error,
                         })
                         .collect()
                 })
                 .unwrap_or_default(),
+            bgp_listener: self
+                .speaker
+                .as_ref()
+                .filter(|_| p.bgp.as_ref().is_some_and(|b| b.listen.is_some()))
+                .map(|s| {
+                    let l = s.listener_stats();
+                    BgpListenerView {
+                        address: l.address,
+                        accepted: l.accepted,
+                        refused: l.refused,
+                        last_error: l.last_error,
+                    }
+                }),
             reconnects: d
                 .last_reconnect_outcomes
                 .iter()
@@ -1076,43 +1091,81 @@ fn metrics_render(
         );
         if let Some(s) = &speaker {
             let peers = s.stats();
-            let up: Vec<(&str, f64)> = peers
+            type PeerMetric = (
+                &'static str,
+                &'static str,
+                &'static str,
+                fn(&PeerStats) -> f64,
+            );
+            let per_peer: [PeerMetric; 6] = [
+                (
+                    "egressguard_bgp_session_up",
+                    "1 when the BGP session is established.",
+                    "gauge",
+                    |p| f64::from(u8::from(p.state == crate::bgp::SessionState::Established)),
+                ),
+                (
+                    "egressguard_bgp_routes_announced",
+                    "Routes announced to the peer.",
+                    "gauge",
+                    |p| p.routes_announced as f64,
+                ),
+                (
+                    "egressguard_bgp_session_resets_total",
+                    "Sessions that went down.",
+                    "counter",
+                    |p| p.resets as f64,
+                ),
+                (
+                    "egressguard_bgp_collisions_total",
+                    "Connection collisions resolved (RFC 4271 6.8).",
+                    "counter",
+                    |p| p.collisions as f64,
+                ),
+                (
+                    "egressguard_bgp_treat_as_withdraw_total",
+                    "Received UPDATEs treated as withdraw (RFC 7606).",
+                    "counter",
+                    |p| p.treat_as_withdraw as f64,
+                ),
+                (
+                    "egressguard_bgp_attributes_discarded_total",
+                    "Malformed attributes discarded (RFC 7606).",
+                    "counter",
+                    |p| p.attributes_discarded as f64,
+                ),
+            ];
+            for (name, help, kind, value) in per_peer {
+                let series: Vec<(&str, f64)> =
+                    peers.iter().map(|p| (p.name.as_str(), value(p))).collect();
+                e.family(name, help, kind, "peer", &series);
+            }
+            let apply: Vec<(&str, f64, u64)> = peers
                 .iter()
                 .map(|p| {
                     (
                         p.name.as_str(),
-                        f64::from(u8::from(p.state == crate::bgp::SessionState::Established)),
+                        p.apply_latency_sum_us as f64 / 1e6,
+                        p.applies,
                     )
                 })
                 .collect();
-            e.family(
-                "egressguard_bgp_session_up",
-                "1 when the BGP session is established.",
-                "gauge",
+            e.summary_family(
+                "egressguard_bgp_apply_seconds",
+                "Time from new desired blocks to the peer's UPDATEs written to the socket.",
                 "peer",
-                &up,
+                &apply,
             );
-            let routes: Vec<(&str, f64)> = peers
-                .iter()
-                .map(|p| (p.name.as_str(), p.routes_announced as f64))
-                .collect();
-            e.family(
-                "egressguard_bgp_routes_announced",
-                "Routes announced to the peer.",
-                "gauge",
-                "peer",
-                &routes,
+            let l = s.listener_stats();
+            e.counter(
+                "egressguard_bgp_inbound_accepted_total",
+                "Inbound BGP connections accepted from configured peers.",
+                l.accepted,
             );
-            let resets: Vec<(&str, f64)> = peers
-                .iter()
-                .map(|p| (p.name.as_str(), p.resets as f64))
-                .collect();
-            e.family(
-                "egressguard_bgp_session_resets_total",
-                "Sessions that went down.",
-                "counter",
-                "peer",
-                &resets,
+            e.counter(
+                "egressguard_bgp_inbound_refused_total",
+                "Inbound BGP connections refused (not a configured peer).",
+                l.refused,
             );
         }
         e.counter(

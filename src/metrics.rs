@@ -73,6 +73,21 @@ impl Exposition {
         }
     }
 
+    /// A labelled summary without quantiles: `(label value, sum, count)` per series.
+    pub fn summary_family(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: &[(&str, f64, u64)],
+    ) {
+        self.header(name, help, "summary");
+        for (v, sum, count) in series {
+            self.sample(&format!("{name}_sum"), &[(label, v)], *sum);
+            self.sample(&format!("{name}_count"), &[(label, v)], *count as f64);
+        }
+    }
+
     /// A latency histogram.
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         self.header(name, help, "histogram");

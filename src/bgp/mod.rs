@@ -416,8 +416,19 @@ impl Supervisor {
                         });
                     }
                     Err(e) => {
-                        error!(listen = %addr, error = %e, "bgp cannot listen; only outbound sessions run");
-                        self.listener_stat(|l| l.last_error = Some(format!("listen {addr}: {e}")));
+                        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied
+                            && addr.port() < 1024
+                        {
+                            " (a port below 1024 needs CAP_NET_BIND_SERVICE: add it to \
+                             AmbientCapabilities= and CapabilityBoundingSet= with \
+                             `systemctl edit egressguard`)"
+                        } else {
+                            ""
+                        };
+                        error!(listen = %addr, error = %e, hint, "bgp cannot listen; only outbound sessions run");
+                        self.listener_stat(|l| {
+                            l.last_error = Some(format!("listen {addr}: {e}{hint}"))
+                        });
                     }
                 }
             }

@@ -50,8 +50,30 @@ pub fn run(args: &ClientArgs) -> Exit {
     }
     for p in &s.bgp {
         println!(
-            "bgp         {} {} {} ({} routes announced)",
-            p.name, p.address, p.state, p.announced
+            "bgp         {} {} {}{} ({} routes announced){}",
+            p.name,
+            p.address,
+            p.state,
+            if p.inbound { " (inbound)" } else { "" },
+            p.announced,
+            p.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(l) = &s.bgp_listener {
+        println!(
+            "bgp listen  {}: {} accepted, {} refused{}",
+            l.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "not bound".into()),
+            l.accepted,
+            l.refused,
+            l.last_error
+                .as_deref()
+                .map(|e| format!("; {e}"))
+                .unwrap_or_default()
         );
     }
     for r in &s.reconnects {

@@ -120,6 +120,9 @@ pub struct StatusView {
     pub breaker: BreakerView,
     /// BGP sessions.
     pub bgp: Vec<PeerView>,
+    /// The BGP listener, when `bgp.listen` is set.
+    #[serde(default)]
+    pub bgp_listener: Option<BgpListenerView>,
     /// Outcome of each reconnect authorisation at the last (re)load.
     pub reconnects: Vec<ReconnectView>,
     /// Things the operator should look at (no events seen, breaker tripped, ...).
@@ -152,6 +155,25 @@ pub struct PeerView {
     pub since: Option<Time>,
     /// Routes announced now.
     pub announced: u64,
+    /// The current session was opened by the peer (to `bgp.listen`).
+    #[serde(default)]
+    pub inbound: bool,
+    /// Why the session is not up, or the last thing that went wrong.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The BGP listener (`bgp.listen`), for `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BgpListenerView {
+    /// The address bound; none when binding failed.
+    pub address: Option<std::net::SocketAddr>,
+    /// Connections accepted from configured peers.
+    pub accepted: u64,
+    /// Connections refused (not from a configured peer).
+    pub refused: u64,
+    /// The last error (binding, TCP MD5 keys).
+    pub last_error: Option<String>,
 }
 
 /// One reconnect authorisation's outcome.

@@ -1089,6 +1089,10 @@ fn every_attack_at_once_detected_enforced_announced_reported_and_reconnected() {
     for want in [
         "egressguard_detections_total{category=\"port_scan\"}",
         "egressguard_detections_total{category=\"flood\"}",
+        "egressguard_bgp_session_up{peer=\"rr1\"} 1",
+        "egressguard_bgp_session_up{peer=\"upstream-a\"} 1",
+        "# TYPE egressguard_bgp_apply_seconds summary",
+        "egressguard_bgp_apply_seconds_count{peer=\"rr1\"}",
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
