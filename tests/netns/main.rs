@@ -11,5 +11,7 @@ mod common;
 mod control;
 mod demo;
 mod enforce;
+mod flowgen;
 mod observe;
+mod storm;
 mod topology;
