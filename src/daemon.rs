@@ -65,6 +65,9 @@ use crate::observe::{
 use crate::policy::{Policy, PolicyError};
 use crate::state::{StateError, Store};
 
+/// Batches of observations that may wait for the detector (see where the channel is made).
+const OBSERVATION_BATCHES: usize = 16;
+
 /// What the decision task is told.
 #[derive(Debug)]
 pub enum Event {
@@ -266,7 +269,11 @@ async fn serve(
 
     // Observation, then detection.
     let filter = FilterHandle::new(CustomerFilter::from_policy(&policy));
-    let (obs_tx, obs_rx) = mpsc::channel::<Vec<Observation>>(1024);
+    // The queue between the observers and the detector is bounded in observations, not only
+    // in batches: OBSERVATION_BATCHES × max_batch (4096) observations of ~160 B, about 10 MiB.
+    // A detector that falls behind makes the kernel drop events (ENOBUFS: counted, then a
+    // resync dump) instead of growing the agent's memory (1024 batches allowed ~640 MiB).
+    let (obs_tx, obs_rx) = mpsc::channel::<Vec<Observation>>(OBSERVATION_BATCHES);
     let listener = ConntrackListener::open(
         Arc::clone(&filter),
         ListenerOptions::default(),
@@ -863,6 +870,9 @@ impl Agent {
             started: self.started,
             now,
             sources_tracked: engine.tracked_sources,
+            max_sources: engine.max_sources,
+            source_evictions: engine.evictions,
+            detector_memory_bytes: engine.memory_bytes,
             events_seen: ct.events_seen,
             events_lost: ct.lost,
             last_event: (last > 0).then_some(Time(last)),
@@ -1007,6 +1017,11 @@ fn metrics_render(
             "egressguard_source_evictions_total",
             "Sources evicted at the cap.",
             en.evictions,
+        );
+        e.gauge(
+            "egressguard_detector_memory_bytes",
+            "Bytes held by the detector's tables (slab, index, sample ring).",
+            en.memory_bytes as f64,
         );
         let by_cat: Vec<(String, f64)> = en
             .detections_by_category

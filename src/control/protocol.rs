@@ -104,6 +104,15 @@ pub struct StatusView {
     pub now: Time,
     /// Sources the detector tracks now.
     pub sources_tracked: u64,
+    /// The cap on tracked sources (`detection.max_sources`).
+    #[serde(default)]
+    pub max_sources: u64,
+    /// Sources evicted (idlest first) to stay under the cap, since start.
+    #[serde(default)]
+    pub source_evictions: u64,
+    /// Bytes held by the detector's tables, by its own account (slab, index, sample ring).
+    #[serde(default)]
+    pub detector_memory_bytes: u64,
     /// Conntrack events seen since start.
     pub events_seen: u64,
     /// Conntrack events the kernel dropped (ENOBUFS) since start.

@@ -12,6 +12,8 @@ mod control;
 mod demo;
 mod enforce;
 mod faults;
+mod flowgen;
 mod observe;
 mod scenarios;
+mod storm;
 mod topology;

@@ -899,35 +899,19 @@ fn measure_new_flow_rate() {
             })
             .collect();
         // Two sender threads (one socket each, half the flows and half the rate each), so
-        // the generator is not limited to one core.
-        let started = Instant::now();
-        let per = flows / socks.len();
-        let half_rate = rate / socks.len() as u64;
-        let sent: usize = std::thread::scope(|sc| {
-            let hs: Vec<_> = socks
-                .iter()
-                .map(|s| {
-                    sc.spawn(move || {
-                        let mut sent = 0usize;
-                        for port in (1024..=65535u16).take(per) {
-                            let _ = s.send_to(b"x", SocketAddr::new(dst, port));
-                            sent += 1;
-                            if sent.is_multiple_of(64) {
-                                let due = started
-                                    + Duration::from_nanos(sent as u64 * 1_000_000_000 / half_rate);
-                                let now = Instant::now();
-                                if due > now {
-                                    std::thread::sleep(due - now);
-                                }
-                            }
-                        }
-                        sent
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        let elapsed = started.elapsed();
+        // the generator is not limited to one core; flow k of a thread goes to port 1024 + k.
+        let run = crate::flowgen::paced(
+            socks.len(),
+            flows as u64,
+            rate,
+            Duration::from_secs(5),
+            |t, k| {
+                socks[t]
+                    .send_to(b"x", SocketAddr::new(dst, 1024 + k as u16))
+                    .is_ok()
+            },
+        );
+        let (sent, elapsed) = (run.sent as usize, run.elapsed);
         // Let the listener drain what is queued, then count what the kernel holds.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = u64::MAX;

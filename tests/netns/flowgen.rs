@@ -1,0 +1,203 @@
+//! Traffic generators shared by the namespace tests: a paced, bounded driver of new UDP flows
+//! ([`paced`]), a sender of IPv4/UDP datagrams with a source address of the caller's choice
+//! ([`RawUdp`], for spoofed-source floods), the permutation that gives a spoofed flood its
+//! distinct sources ([`spread`]), and an internet host that drops what it is sent ([`sink`]).
+//!
+//! Every generator is bounded in count and in time, and sends only from and to namespaces
+//! the test built.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use egressguard::netns::{Netns, NetnsError};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// What a [`paced`] run did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Paced {
+    /// Datagrams handed to the kernel.
+    pub sent: u64,
+    /// Sends that failed (e.g. `ENOBUFS` from a full device queue).
+    pub failed: u64,
+    /// From the first send to the last.
+    pub elapsed: Duration,
+}
+
+impl Paced {
+    /// The achieved rate, datagrams per second.
+    pub fn rate(&self) -> u64 {
+        (self.sent as f64 / self.elapsed.as_secs_f64().max(1e-9)) as u64
+    }
+}
+
+/// Sends `count` datagrams in total at `rate` per second, spread over `threads` threads, and
+/// stops early when `limit` has passed. `send(t, k)` sends the `k`-th datagram of thread `t`
+/// (`k` counts from 0 per thread; `k * threads + t` numbers the datagram across threads) and
+/// says whether the kernel took it. Pacing sleeps every 64 datagrams until that datagram is
+/// due, so the rate holds on average without a syscall per datagram for the clock.
+pub fn paced<F>(threads: usize, count: u64, rate: u64, limit: Duration, send: F) -> Paced
+where
+    F: Fn(usize, u64) -> bool + Sync,
+{
+    let threads = threads.max(1);
+    let per_thread_rate = (rate / threads as u64).max(1);
+    let started = Instant::now();
+    let deadline = started + limit;
+    let send = &send;
+    let results: Vec<(u64, u64)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                // Thread t sends the datagrams t, t + threads, t + 2 threads, ... of `count`.
+                let mine = count / threads as u64 + u64::from((t as u64) < count % threads as u64);
+                sc.spawn(move || {
+                    let (mut sent, mut failed) = (0u64, 0u64);
+                    for k in 0..mine {
+                        if send(t, k) {
+                            sent += 1;
+                        } else {
+                            failed += 1;
+                        }
+                        if (k + 1).is_multiple_of(64) {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                break;
+                            }
+                            let due = started
+                                + Duration::from_nanos((k + 1) * 1_000_000_000 / per_thread_rate);
+                            if due > now {
+                                std::thread::sleep(due - now);
+                            }
+                        }
+                    }
+                    (sent, failed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sender thread"))
+            .collect()
+    });
+    Paced {
+        sent: results.iter().map(|r| r.0).sum(),
+        failed: results.iter().map(|r| r.1).sum(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The `i`-th of 2^`bits` distinct values, in an order that looks random: a bijection of
+/// `[0, 2^bits)` (odd multipliers and a right xorshift, each invertible modulo 2^bits). So
+/// `base | spread(i, 24)` for `i < 2^24` gives every address of a /8 exactly once.
+pub fn spread(i: u32, bits: u32) -> u32 {
+    let mask = if bits >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    };
+    let mut x = i.wrapping_mul(0x9E37_79B1) & mask;
+    x ^= x >> (bits / 2).max(1);
+    x.wrapping_mul(0x85EB_CA6B) & mask
+}
+
+/// A raw IPv4 socket with `IP_HDRINCL`: sends UDP datagrams whose IP header, source address
+/// included, the caller writes. Opened inside a namespace, it sends from there.
+#[derive(Debug)]
+pub struct RawUdp {
+    sock: Socket,
+}
+
+/// Bytes of one datagram built by [`RawUdp::send`]: IPv4 header, UDP header, 4 bytes payload.
+const RAW_LEN: usize = 20 + 8 + 4;
+
+impl RawUdp {
+    /// Opens the socket inside `ns`.
+    pub fn open(ns: &Netns) -> Result<RawUdp, NetnsError> {
+        let sock = ns.enter(|| {
+            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))?;
+            s.set_header_included_v4(true)?;
+            // A deep send buffer: the sender outruns the veth queue in bursts.
+            s.set_send_buffer_size(4 << 20)?;
+            io::Result::Ok(s)
+        })?;
+        let sock = sock.map_err(|source| NetnsError::Spawn {
+            cmd: "raw IPv4 socket".into(),
+            source,
+        })?;
+        Ok(RawUdp { sock })
+    }
+
+    /// Sends one UDP datagram `src:sport → dst:dport`. The kernel fills in the IP header's
+    /// total length, identification and checksum; the UDP checksum is 0 (none, legal on IPv4).
+    pub fn send(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> io::Result<usize> {
+        let mut p = [0u8; RAW_LEN];
+        p[0] = 0x45; // version 4, header 5 words
+        p[8] = 64; // TTL
+        p[9] = 17; // UDP
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[24..26].copy_from_slice(&((RAW_LEN - 20) as u16).to_be_bytes());
+        p[28..32].copy_from_slice(b"egd!");
+        let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+        self.sock.send_to(&p, &to)
+    }
+}
+
+/// Makes `host` drop, before anything else sees them, the UDP datagrams to ports 1024-65535
+/// that reach it (to its own address or routed to it), without an ICMP error back: a silent
+/// sink for flow floods.
+pub fn sink(host: &Netns) -> Result<(), NetnsError> {
+    let rules = "table inet egd_sink {\n chain pre {\n  type filter hook prerouting priority -300; policy accept;\n  udp dport 1024-65535 drop\n }\n}\n";
+    let mut c = host
+        .command(&["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| NetnsError::Spawn {
+            cmd: "nft -f -".into(),
+            source,
+        })?;
+    if let Some(mut stdin) = c.stdin.take() {
+        use std::io::Write;
+        stdin
+            .write_all(rules.as_bytes())
+            .map_err(|source| NetnsError::Spawn {
+                cmd: "nft -f -".into(),
+                source,
+            })?;
+    }
+    let out = c.wait_with_output().map_err(|source| NetnsError::Spawn {
+        cmd: "nft -f -".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(NetnsError::Failed {
+            cmd: "nft -f - (sink table)".into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_a_permutation() {
+        for bits in [4u32, 10, 16] {
+            let n = 1u32 << bits;
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let v = spread(i, bits);
+                assert!(v < n);
+                assert!(!seen[v as usize], "bits {bits}: {v} twice");
+                seen[v as usize] = true;
+            }
+        }
+    }
+}
