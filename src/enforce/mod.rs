@@ -119,6 +119,7 @@ pub mod genid;
 pub mod kernel;
 pub mod layout;
 pub mod nft;
+pub mod nlbatch;
 pub mod plan;
 pub mod route;
 
