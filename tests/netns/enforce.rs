@@ -705,6 +705,7 @@ fn missing_nft_names_the_package_to_install() {
         rt.block_on(async {
             let opts = EnforceOptions {
                 nft: "/nonexistent/nft".into(),
+                ..EnforceOptions::default()
             };
             let err = match Enforcer::init_with(policy(&table, ""), opts).await {
                 Ok(_) => panic!("init succeeded without nft"),
@@ -745,6 +746,7 @@ fn unprivileged_nft_is_told_to_run_as_root_and_nothing_is_half_installed() {
         rt.block_on(async {
             let opts = EnforceOptions {
                 nft: wrapper.clone(),
+                ..EnforceOptions::default()
             };
             let err = match Enforcer::init_with(policy(&table, ""), opts).await {
                 Ok(_) => panic!("init succeeded without privilege"),
