@@ -801,7 +801,13 @@ impl Enforcer {
         self.sync_netlink_us += started.elapsed().as_micros() as u64;
         match result {
             Ok(sent) => {
-                debug!(table, elements = ops.len(), messages = sent.messages, bytes = sent.bytes, "element batch applied");
+                debug!(
+                    table,
+                    elements = ops.len(),
+                    messages = sent.messages,
+                    bytes = sent.bytes,
+                    "element batch applied"
+                );
                 Ok(())
             }
             Err(e) if e.is_transport() => {
