@@ -7,8 +7,23 @@
 //! and the blackhole routes tagged with `policy.enforcement.blackhole.protocol` in table
 //! `policy.enforcement.blackhole.table`. Nothing else on the box is touched: no
 //! `flush ruleset`, no other table, so it coexists with the operator's firewall, firewalld
-//! and VyOS tables. Every write is one `nft -j -f -` transaction built with the `nftables`
-//! crate's schema types: all of it applies, or none of it.
+//! and VyOS tables. Every write is one transaction: all of it applies, or none of it. The
+//! structure (table, sets, chains, rules; rare) is written with `nft -j -f -` from the
+//! `nftables` crate's schema types; element adds and deletes (blocks, quarantines, unblocks,
+//! restores: the bulk of every change set) go to the kernel directly as one nfnetlink batch
+//! ([`nlbatch`]), ~10x faster than nft for 10,000 elements and without nft's very slow
+//! deletes of interval elements. A change set that needs both writes the structure first
+//! and the elements second (see `Enforcer::apply_plan` for why that is safe); when the fast
+//! path cannot be used, the whole change set goes through nft as one transaction.
+//!
+//! **Overlaps.** The blocked and quarantined sets are interval sets, and the kernel refuses
+//! an element overlapping another. The planner never adds one: desired targets covered by a
+//! wider one of the same set are left out, every listed element not wanted is deleted in the
+//! same transaction (before the adds), and an element left to expire by itself is deleted
+//! after all when a new element overlaps it ([`plan::plan`]). Before sending, the fast path
+//! checks the result once more ([`plan::Plan::overlapping_add`]) and hands a change set that
+//! would still overlap (only possible if the listing was wrong) to nft, which refuses it
+//! with its own words.
 //!
 //! # The table
 //!

@@ -22,8 +22,14 @@
 //! * no `NFTA_SET_ELEM_LIST_SET_ID` (it only names sets created in the same batch; the set is
 //!   looked up by name first), and deletes carry only key and flags (nft adds the timeout and
 //!   expiration from its cache);
-//! * no "first segment" (`0.0.0.0` flagged interval end) that nft adds when it sees the set
-//!   empty: a compatibility element for kernels before 4.x; lookups do not need it.
+//! * no "first segment" (`0.0.0.0` or `::` flagged interval end) that nft's interval code
+//!   adds when it sees the set empty: an address below the lowest start element is not in
+//!   the set either way (the namespace tests check drops and non-drops packet by packet).
+//!
+//! Every set whose elements the agent writes is such an interval set (`blocked*`,
+//! `quarantine*`, `customers*`, `allow*`, `garden*`); the per-source counter sets are filled
+//! by the packet path, so elements of plain (hash) sets, a single key without end, are not
+//! needed and not encoded.
 //!
 //! Every element message asks for an acknowledgement (`NLM_F_ACK`); the kernel processes the
 //! whole batch inside `sendmsg` and queues one reply per message, so the replies are read

@@ -1143,3 +1143,73 @@ fn the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it() {
         assert!(listed_elems(&ns, &table, "blocked6").is_empty());
     });
 }
+
+#[test]
+fn forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void() {
+    if !require_root(
+        "forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void",
+    ) {
+        return;
+    }
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
+    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::nlbatch::{Batch, NlBatch, Op, Verb};
+    let ns = Netns::new("nlbig").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let spec = TableSpec {
+            table: table.clone(),
+            counter_set_size: 65536,
+        };
+        let mut tx = Tx::new();
+        tx.structure(&spec, &Structure::fresh());
+        Nft::new("nft").apply(&tx).await.expect("structure");
+        let b6 = SetId::new(Role::Blocked, Fam::V6);
+        let ops: Vec<Op> = (0..40_000u128)
+            .map(|i| Op {
+                set: b6,
+                key: ElemKey::Net(
+                    std::net::IpAddr::V6(
+                        (0x2001_0db8_0000_0000_0000_0000_0000_0000 + i * 2).into(),
+                    )
+                    .into(),
+                ),
+                verb: Verb::Add,
+                timeout_secs: Some(600),
+            })
+            .collect();
+
+        // The kernel aborts a batch whose end is not in the same datagram: sending one batch
+        // in two pieces applies nothing.
+        let batch = Batch::encode(&table, &ops[..1000], 1, None).expect("encode");
+        let bytes = batch.bytes();
+        let sock =
+            netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).expect("socket");
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))
+            .expect("connect");
+        sock.send(&bytes[..bytes.len() - 20], 0)
+            .expect("send all but the end");
+        sock.send(&bytes[bytes.len() - 20..], 0)
+            .expect("send the end");
+        assert!(
+            listed_elems(&ns, &table, "blocked6").is_empty(),
+            "a split batch applied"
+        );
+
+        // 40,000 IPv6 elements (~3 MB) go as one datagram, far over the default send buffer.
+        let started = Instant::now();
+        let sent = NlBatch::open()
+            .expect("socket")
+            .apply(&table, &ops, None)
+            .expect("40k");
+        eprintln!(
+            "40,000 IPv6 adds: {} bytes in {} messages, {:?}",
+            sent.bytes,
+            sent.messages,
+            started.elapsed()
+        );
+        assert!(sent.bytes > 2 * 1024 * 1024, "{sent:?}");
+        assert_eq!(listed_elems(&ns, &table, "blocked6").len(), 40_000);
+    });
+    assert_not_in_host(&table);
+}
