@@ -11,7 +11,7 @@
 //! structure (table, sets, chains, rules; rare) is written with `nft -j -f -` from the
 //! `nftables` crate's schema types; element adds and deletes (blocks, quarantines, unblocks,
 //! restores: the bulk of every change set) go to the kernel directly as one nfnetlink batch
-//! ([`nlbatch`]), ~10x faster than nft for 10,000 elements and without nft's very slow
+//! ([`nlbatch`]), 3x faster than nft for 10,000 adds (docs/performance.md) and without nft's very slow
 //! deletes of interval elements. A change set that needs both writes the structure first
 //! and the elements second (see `Enforcer::apply_plan` for why that is safe); when the fast
 //! path cannot be used, the whole change set goes through nft as one transaction.
