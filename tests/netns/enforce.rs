@@ -1146,9 +1146,8 @@ fn the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it() {
 
 #[test]
 fn forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void() {
-    if !require_root(
-        "forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void",
-    ) {
+    if !require_root("forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void")
+    {
         return;
     }
     use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
@@ -1212,4 +1211,55 @@ fn forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void()
         assert_eq!(listed_elems(&ns, &table, "blocked6").len(), 40_000);
     });
     assert_not_in_host(&table);
+}
+
+#[test]
+fn without_the_fast_path_everything_goes_through_nft_and_the_stats_say_so() {
+    if !require_root("without_the_fast_path_everything_goes_through_nft_and_the_stats_say_so") {
+        return;
+    }
+    let ns = Netns::new("nofast").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let opts = EnforceOptions {
+            fast_path: false,
+            ..EnforceOptions::default()
+        };
+        let mut e = Enforcer::init_with(policy(&table, ""), opts)
+            .await
+            .expect("init");
+        let expires = Time::now().saturating_add(Duration::from_secs(600));
+        e.apply(desired(
+            1,
+            vec![
+                block("198.18.0.7/32", BlockKind::Block, Some(expires)),
+                block("2001:db8:e::/64", BlockKind::Quarantine, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        let s = e.stats();
+        assert!(s.last_nft_us > 0 && s.last_netlink_us == 0, "{s:?}");
+        let b4 = listed_elems(&ns, &table, "blocked4");
+        assert_eq!(b4.len(), 1);
+        assert_eq!(b4[0].0, "198.18.0.7");
+        assert_eq!(b4[0].1, Some(600));
+        // The same table, now with the fast path: it takes over where nft left off.
+        drop(e);
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("restart");
+        e.apply(desired(
+            2,
+            vec![block("198.18.0.8/32", BlockKind::Block, None)],
+        ))
+        .await
+        .expect("apply");
+        let s = e.stats();
+        assert!(s.last_netlink_us > 0 && s.fast_path_fallbacks == 0, "{s:?}");
+        let b4: Vec<String> = listed_elems(&ns, &table, "blocked4")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(b4, ["198.18.0.8"]);
+        assert!(listed_elems(&ns, &table, "quarantine6").is_empty());
+    });
 }
