@@ -756,7 +756,7 @@ impl NlBatch {
     /// verdict. `genid`: refuse if the ruleset generation is no longer this one.
     ///
     /// The kernel commits the batch inside the `sendmsg` call, which blocks the calling
-    /// thread for as long as the commit takes (~30 ms for 10,000 elements).
+    /// thread for as long as the commit takes (tens of milliseconds for 10,000 elements).
     pub fn apply(
         &mut self,
         table: &str,
