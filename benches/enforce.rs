@@ -3,8 +3,12 @@
 //!
 //! * `nft_add_10k`: one transaction adding 10,000 timed addresses to `blocked4` (building the
 //!   JSON with the `nftables` schema types, serialising it, running `nft -j -f -`);
+//! * `netlink_encode_10k`: encoding 10,000 timed adds as one nfnetlink batch (no I/O);
+//! * `netlink_add_10k` / `netlink_delete_10k`: the fast path, 10,000 adds or deletes of
+//!   `blocked4` as one nfnetlink batch (encode, one `sendmsg` in which the kernel commits,
+//!   read the acknowledgements);
 //! * `enforcer_apply_10k`: `Enforcer::apply` of 10,000 desired blocks end to end (read the
-//!   table back, diff, one transaction, read back to verify);
+//!   table back, diff, one element batch, read back to verify);
 //! * `reconcile_idle_10k` / `reconcile_idle_empty`: one reconcile tick when nothing drifted.
 //!
 //! Addresses are from 198.18.0.0/15 (RFC 2544, benchmarking); no packet is sent.
@@ -22,6 +26,7 @@ use criterion::Criterion;
 use egressguard::enforce::Enforcer;
 use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
 use egressguard::enforce::nft::Nft;
+use egressguard::enforce::nlbatch::{Batch, NlBatch, Op, Verb};
 use egressguard::messages::{BlockKind, DesiredBlock, DesiredBlocks, Time};
 use egressguard::netns::Netns;
 use egressguard::policy::Policy;
@@ -91,6 +96,47 @@ fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                     .collect();
                 tx.add_elements(&spec, SetId::new(Role::Blocked, Fam::V4), &elems);
                 rt.block_on(runner.apply(&tx)).expect("add 10k");
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    let b4 = SetId::new(Role::Blocked, Fam::V4);
+    let ops = |verb: Verb| -> Vec<Op> {
+        nets.iter()
+            .map(|n| Op {
+                set: b4,
+                key: ElemKey::Net(*n),
+                verb,
+                timeout_secs: (verb == Verb::Add).then_some(3600),
+            })
+            .collect()
+    };
+    let (adds, dels) = (ops(Verb::Add), ops(Verb::Delete));
+    c.bench_function("netlink_encode_10k", |b| {
+        b.iter(|| Batch::encode("egbench", &adds, 1, Some(1)).expect("encode"))
+    });
+    let mut fast = NlBatch::open().expect("nfnetlink socket");
+    nft(&["flush", "set", "inet", "egbench", "blocked4"]);
+    c.bench_function("netlink_add_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                fast.apply("egbench", &adds, None).expect("add 10k");
+                total += start.elapsed();
+                fast.apply("egbench", &dels, None).expect("clear");
+            }
+            total
+        })
+    });
+    c.bench_function("netlink_delete_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                fast.apply("egbench", &adds, None).expect("fill");
+                let start = Instant::now();
+                fast.apply("egbench", &dels, None).expect("delete 10k");
                 total += start.elapsed();
             }
             total

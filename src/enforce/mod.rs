@@ -7,8 +7,24 @@
 //! and the blackhole routes tagged with `policy.enforcement.blackhole.protocol` in table
 //! `policy.enforcement.blackhole.table`. Nothing else on the box is touched: no
 //! `flush ruleset`, no other table, so it coexists with the operator's firewall, firewalld
-//! and VyOS tables. Every write is one `nft -j -f -` transaction built with the `nftables`
-//! crate's schema types: all of it applies, or none of it.
+//! and VyOS tables. Every write is one transaction: all of it applies, or none of it. The
+//! structure (table, sets, chains, rules; rare) is written with `nft -j -f -` from the
+//! `nftables` crate's schema types; element adds and deletes (blocks, quarantines, unblocks,
+//! restores: the bulk of every change set) go to the kernel directly as one nfnetlink batch
+//! ([`nlbatch`]): 10,000 adds take ~65 ms instead of nft's ~220 ms, 10,000 deletes ~45 ms
+//! instead of tens of seconds (docs/performance.md). A change set that needs both writes
+//! the structure first and the elements second (see `Enforcer::apply_plan` for why that is
+//! safe); when the fast path cannot be used, the whole change set goes through nft as one
+//! transaction.
+//!
+//! **Overlaps.** The blocked and quarantined sets are interval sets, and the kernel refuses
+//! an element overlapping another. The planner never adds one: desired targets covered by a
+//! wider one of the same set are left out, every listed element not wanted is deleted in the
+//! same transaction (before the adds), and an element left to expire by itself is deleted
+//! after all when a new element overlaps it ([`plan::plan`]). Before sending, the fast path
+//! checks the result once more ([`plan::Plan::overlapping_add`]) and hands a change set that
+//! would still overlap (only possible if the listing was wrong) to nft, which refuses it
+//! with its own words.
 //!
 //! # The table
 //!
@@ -119,6 +135,7 @@ pub mod genid;
 pub mod kernel;
 pub mod layout;
 pub mod nft;
+pub mod nlbatch;
 pub mod plan;
 pub mod route;
 
@@ -240,6 +257,15 @@ pub enum EnforceError {
     /// The writer task ended abnormally.
     #[error("the enforcer task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The kernel refused the element batch of the fast path; nothing of it was applied.
+    #[error("the kernel refused the element changes of table inet {table}")]
+    Batch {
+        /// The table.
+        table: String,
+        /// What the kernel refused.
+        #[source]
+        source: nlbatch::BatchError,
+    },
 }
 
 /// Settings that are not in the policy.
@@ -247,12 +273,16 @@ pub enum EnforceError {
 pub struct EnforceOptions {
     /// The nft program (default `nft`, looked up in `PATH`).
     pub nft: PathBuf,
+    /// Send element changes as one nfnetlink batch ([`nlbatch`]) rather than through nft
+    /// (default true; false is for comparisons and as an escape hatch).
+    pub fast_path: bool,
 }
 
 impl Default for EnforceOptions {
     fn default() -> Self {
         EnforceOptions {
             nft: PathBuf::from(nft::DEFAULT_NFT),
+            fast_path: true,
         }
     }
 }
@@ -265,6 +295,10 @@ struct Stats {
     repairs: AtomicU64,
     errors: AtomicU64,
     last_apply_us: AtomicU64,
+    last_nft_us: AtomicU64,
+    last_netlink_us: AtomicU64,
+    last_route_apply_us: AtomicU64,
+    fallbacks: AtomicU64,
     generation: AtomicU64,
     elements: AtomicU64,
     routes: AtomicU64,
@@ -283,6 +317,17 @@ pub struct EnforceStats {
     pub errors: u64,
     /// Wall time of the last applied sync (read, apply, verify), in microseconds.
     pub last_apply_us: u64,
+    /// Of the last applied sync: wall time of its nft transactions (structure, or everything
+    /// when the fast path was not used), in microseconds; 0 when it ran none.
+    pub last_nft_us: u64,
+    /// Of the last applied sync: wall time of its element batch over nfnetlink (send and
+    /// acknowledgements, the kernel's commit included), in microseconds; 0 when it sent none.
+    pub last_netlink_us: u64,
+    /// Wall time of the last blackhole-route change (adds and deletes of one sync), in
+    /// microseconds.
+    pub last_route_apply_us: u64,
+    /// Element change sets that went through nft because the fast path could not be used.
+    pub fast_path_fallbacks: u64,
     /// Generation of the last desired blocks applied.
     pub generation: u64,
     /// Blocked and quarantined elements held.
@@ -300,6 +345,10 @@ impl Stats {
             repairs: l(&self.repairs),
             errors: l(&self.errors),
             last_apply_us: l(&self.last_apply_us),
+            last_nft_us: l(&self.last_nft_us),
+            last_netlink_us: l(&self.last_netlink_us),
+            last_route_apply_us: l(&self.last_route_apply_us),
+            fast_path_fallbacks: l(&self.fallbacks),
             generation: l(&self.generation),
             elements: l(&self.elements),
             routes: l(&self.routes),
@@ -353,6 +402,10 @@ pub struct Enforcer {
     gen_watch: Option<genid::GenWatch>,
     verified_gen: Option<u32>,
     ticks_since_full: u32,
+    fast: Option<nlbatch::NlBatch>,
+    fallback_logged: bool,
+    sync_nft_us: u64,
+    sync_netlink_us: u64,
 }
 
 fn spec_of(policy: &Policy) -> TableSpec {
@@ -391,6 +444,17 @@ impl Enforcer {
         policy: Arc<Policy>,
         opts: EnforceOptions,
     ) -> Result<Enforcer, EnforceError> {
+        let fast = if opts.fast_path {
+            match nlbatch::NlBatch::open() {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    warn!(error = %DisplayChain(&e), "element changes go through nft (slower): the nfnetlink fast path is unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut e = Enforcer {
             nft: Nft::new(opts.nft),
             spec: spec_of(&policy),
@@ -412,6 +476,10 @@ impl Enforcer {
             },
             verified_gen: None,
             ticks_since_full: 0,
+            fast,
+            fallback_logged: false,
+            sync_nft_us: 0,
+            sync_netlink_us: 0,
         };
         e.sync(Trigger::Start).await?;
         Ok(e)
@@ -633,9 +701,15 @@ impl Enforcer {
             return Ok(report);
         }
         self.ticks_since_full = 0;
+        self.sync_nft_us = 0;
+        self.sync_netlink_us = 0;
         let mut attempt = 0;
         let mut verified_gen = gen_before;
+        let mut gen_listed = gen_before;
         let applied_plan: Option<Plan> = loop {
+            if attempt > 0 {
+                gen_listed = self.generation().await;
+            }
             let kernel = self.nft.list_table(&self.spec.table).await?;
             if keep_blocks {
                 adopt_blocks(&mut want, kernel.as_ref(), now);
@@ -650,10 +724,12 @@ impl Enforcer {
             if p.is_empty() {
                 break None;
             }
-            match self.nft.apply(&p.to_tx(&self.spec)).await {
+            match self.apply_plan(&p, kernel.as_ref(), gen_listed).await {
                 Ok(()) => break Some(p),
-                Err(e @ EnforceError::NftFailed { .. }) if attempt == 0 => {
-                    warn!(table = %self.spec.table, error = %e, "transaction refused; reading the table again and retrying once");
+                Err(e @ (EnforceError::NftFailed { .. } | EnforceError::Batch { .. }))
+                    if attempt == 0 =>
+                {
+                    warn!(table = %self.spec.table, error = %DisplayChain(&e), "transaction refused; reading the table again and retrying once");
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -695,6 +771,91 @@ impl Enforcer {
         Ok(report)
     }
 
+    /// Applies a plan as one transaction, or two when the structure changes: the structure
+    /// through nft, then the element changes as one nfnetlink batch ([`nlbatch`]).
+    ///
+    /// Structure first, elements second, each atomic: in between, the table (or a set
+    /// recreated for a wrong definition) exists with fewer elements than wanted. That is safe
+    /// in the direction that matters, as every rule only drops what is *in* a set: an empty
+    /// or partly filled set blocks nothing extra (it only lets a block start a few
+    /// milliseconds later, and a table that was missing blocked nothing at all). If the
+    /// element batch fails, the structure stays, and the retry here or the next reconcile
+    /// tick adds the elements. A restart does not go through this gap: existing sets keep
+    /// their elements while the chains are rewritten.
+    ///
+    /// The batch carries the generation id read before the table was listed, so a commit by
+    /// anyone else in between makes the kernel refuse it rather than apply a stale diff.
+    /// When the fast path is unavailable (no socket, buffer or transport failure, an encoding
+    /// it cannot express, or, never expected, an overlapping add), the change set goes
+    /// through nft instead, and that is logged once.
+    async fn apply_plan(
+        &mut self,
+        p: &Plan,
+        kernel: Option<&KernelTable>,
+        genid: Option<u32>,
+    ) -> Result<(), EnforceError> {
+        let ops = p.element_ops();
+        if ops.is_empty() || self.fast.is_none() {
+            return self.apply_nft(&p.to_tx(&self.spec)).await;
+        }
+        if let Some((set, key)) = p.overlapping_add(kernel) {
+            warn!(table = %self.spec.table, set = set.name(), %key, "an added element would overlap another one; this change set goes through nft");
+            return self.apply_nft(&p.to_tx(&self.spec)).await;
+        }
+        let mut genid = genid;
+        if p.rebuild {
+            self.apply_nft(&p.structure_tx(&self.spec)).await?;
+            // Our own commit moved the generation on.
+            genid = self.generation().await;
+        }
+        let Some(fast) = self.fast.as_mut() else {
+            return self.apply_nft(&p.element_tx(&self.spec)).await;
+        };
+        let started = Instant::now();
+        let table = self.spec.table.as_str();
+        let result = blocking(|| fast.apply(table, &ops, genid));
+        self.sync_netlink_us += started.elapsed().as_micros() as u64;
+        match result {
+            Ok(sent) => {
+                debug!(
+                    table,
+                    elements = ops.len(),
+                    messages = sent.messages,
+                    bytes = sent.bytes,
+                    "element batch applied"
+                );
+                Ok(())
+            }
+            Err(e) if e.is_transport() => {
+                self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, nlbatch::BatchError::Open(_)) {
+                    self.fast = None;
+                }
+                if self.fallback_logged {
+                    debug!(table = %self.spec.table, error = %DisplayChain(&e), "element batch failed; applied through nft");
+                } else {
+                    self.fallback_logged = true;
+                    warn!(table = %self.spec.table, error = %DisplayChain(&e), "element batch failed; applied through nft (logged once)");
+                }
+                self.apply_nft(&p.element_tx(&self.spec)).await
+            }
+            Err(e) if e.is_permission() => Err(EnforceError::PermissionDenied {
+                detail: DisplayChain(&e).to_string(),
+            }),
+            Err(source) => Err(EnforceError::Batch {
+                table: self.spec.table.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn apply_nft(&mut self, tx: &layout::Tx) -> Result<(), EnforceError> {
+        let started = Instant::now();
+        let result = self.nft.apply(tx).await;
+        self.sync_nft_us += started.elapsed().as_micros() as u64;
+        result
+    }
+
     /// Records what a sync did.
     fn finish(
         &mut self,
@@ -724,6 +885,14 @@ impl Enforcer {
             let us = started.elapsed().as_micros() as u64;
             self.stats.applies.fetch_add(1, Ordering::Relaxed);
             self.stats.last_apply_us.store(us, Ordering::Relaxed);
+            if report.applied {
+                self.stats
+                    .last_nft_us
+                    .store(self.sync_nft_us, Ordering::Relaxed);
+                self.stats
+                    .last_netlink_us
+                    .store(self.sync_netlink_us, Ordering::Relaxed);
+            }
             self.stats
                 .repairs
                 .fetch_add(report.repairs as u64, Ordering::Relaxed);
@@ -824,8 +993,14 @@ impl Enforcer {
         } else {
             have.difference(&want.routes).copied().collect()
         };
-        self.routes.add(&add, tag).await?;
-        self.routes.delete(&del, tag).await?;
+        if !add.is_empty() || !del.is_empty() {
+            let started = Instant::now();
+            self.routes.add(&add, tag).await?;
+            self.routes.delete(&del, tag).await?;
+            self.stats
+                .last_route_apply_us
+                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
         self.routes_checked = true;
         for t in &add {
             report.routes_added += 1;
@@ -846,6 +1021,15 @@ impl Enforcer {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs `f`, which blocks in a system call (the kernel's commit of a batch), without
+/// stalling other tasks on a multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

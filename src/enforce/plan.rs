@@ -14,6 +14,7 @@ use super::kernel::{KernelElem, KernelTable};
 use super::layout::{
     ChainId, ElemKey, Fam, MAX_TIMEOUT_SECS, Role, SetId, Structure, TableSpec, Tx,
 };
+use super::nlbatch::{Op, Verb};
 use crate::messages::{BlockKind, DesiredBlocks, Time};
 use crate::policy::Policy;
 
@@ -201,10 +202,20 @@ impl Plan {
 
     /// The one transaction that makes it so.
     pub fn to_tx(&self, spec: &TableSpec) -> Tx {
+        let mut tx = self.structure_tx(spec);
+        self.push_elements(spec, &mut tx);
+        tx
+    }
+
+    /// The element changes alone as an nft transaction (the fast path's fallback once the
+    /// structure is written).
+    pub fn element_tx(&self, spec: &TableSpec) -> Tx {
         let mut tx = Tx::new();
-        if self.rebuild {
-            tx.structure(spec, &self.structure);
-        }
+        self.push_elements(spec, &mut tx);
+        tx
+    }
+
+    fn push_elements(&self, spec: &TableSpec, tx: &mut Tx) {
         let mut dels: BTreeMap<SetId, Vec<ElemKey>> = BTreeMap::new();
         let mut adds: BTreeMap<SetId, Vec<(ElemKey, Option<u64>)>> = BTreeMap::new();
         for c in &self.changes {
@@ -221,7 +232,104 @@ impl Plan {
         for (set, elems) in &adds {
             tx.add_elements(spec, *set, elems);
         }
+    }
+}
+
+impl Plan {
+    /// The structure part alone (empty when the structure is fine).
+    pub fn structure_tx(&self, spec: &TableSpec) -> Tx {
+        let mut tx = Tx::new();
+        if self.rebuild {
+            tx.structure(spec, &self.structure);
+        }
         tx
+    }
+
+    /// The element changes as fast-path operations (a replace is a delete and an add).
+    pub fn element_ops(&self) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(self.changes.len());
+        for c in &self.changes {
+            if matches!(c.op, ElemOp::Remove | ElemOp::Replace) {
+                ops.push(Op {
+                    set: c.set,
+                    key: c.key,
+                    verb: Verb::Delete,
+                    timeout_secs: None,
+                });
+            }
+            if matches!(c.op, ElemOp::Add | ElemOp::Replace) {
+                ops.push(Op {
+                    set: c.set,
+                    key: c.key,
+                    verb: Verb::Add,
+                    timeout_secs: c.timeout,
+                });
+            }
+        }
+        ops
+    }
+
+    /// The first added element that would overlap another element of its set once the plan
+    /// is applied (deletes first, then adds) to `kernel`, or `None` when every interval set
+    /// stays free of overlaps. The planner never produces one; this is the guard the fast
+    /// path checks before it sends (the kernel would refuse the whole batch).
+    pub fn overlapping_add(&self, kernel: Option<&KernelTable>) -> Option<(SetId, ElemKey)> {
+        let sets: BTreeSet<SetId> = self
+            .changes
+            .iter()
+            .filter(|c| matches!(c.op, ElemOp::Add | ElemOp::Replace))
+            .map(|c| c.set)
+            .collect();
+        for id in sets {
+            let deleted: BTreeSet<ElemKey> = self
+                .changes
+                .iter()
+                .filter(|c| c.set == id && matches!(c.op, ElemOp::Remove | ElemOp::Replace))
+                .map(|c| c.key)
+                .collect();
+            let fresh = self.structure.add_sets.contains(&id);
+            let remaining = kernel
+                .filter(|_| !fresh)
+                .and_then(|k| k.sets.get(id.name()))
+                .map(|s| s.elems.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| !deleted.contains(&e.key))
+                .map(|e| (e.key, false));
+            let adds = self
+                .changes
+                .iter()
+                .filter(|c| c.set == id && matches!(c.op, ElemOp::Add | ElemOp::Replace))
+                .map(|c| (c.key, true));
+            let mut all: Vec<((u128, u128), ElemKey, bool)> = Vec::new();
+            for (key, added) in remaining.chain(adds) {
+                match span(&key) {
+                    Some(s) => all.push((s, key, added)),
+                    None if added => return Some((id, key)),
+                    None => {}
+                }
+            }
+            all.sort_unstable_by_key(|(s, _, _)| *s);
+            // The element reaching furthest so far: any later one starting at or before its
+            // end overlaps it.
+            let mut reach: Option<(u128, ElemKey, bool)> = None;
+            for (s, key, added) in all {
+                if let Some((end, other, other_added)) = reach
+                    && s.0 <= end
+                {
+                    if added {
+                        return Some((id, key));
+                    }
+                    if other_added {
+                        return Some((id, other));
+                    }
+                }
+                if reach.is_none_or(|(end, _, _)| s.1 > end) {
+                    reach = Some((s.1, key, added));
+                }
+            }
+        }
+        None
     }
 }
 
@@ -345,6 +453,7 @@ pub fn plan(
             _ => &[],
         };
         let mut seen: BTreeSet<IpNet> = BTreeSet::new();
+        let mut lingering: Vec<ElemKey> = Vec::new();
         for e in have {
             let wanted_exp = match e.key {
                 ElemKey::Net(n) => wanted.get(&n).map(|x| (n, *x)),
@@ -364,6 +473,7 @@ pub fn plan(
                 }
                 None => {
                     if e.expires.is_some_and(|left| left <= EXPIRY_GRACE_SECS) {
+                        lingering.push(e.key);
                         continue;
                     }
                     p.changes.push(ElemChange {
@@ -393,8 +503,57 @@ pub fn plan(
                 timeout,
             });
         }
+        // An element left to expire by itself must not overlap an added one (the kernel
+        // refuses overlapping intervals, and so does nft): such an element is deleted after
+        // all, in the same transaction before the add. Should the kernel expire it first, the
+        // delete fails the transaction and the enforcer's retry reads the table again.
+        if !lingering.is_empty() {
+            let adds = add_spans(p.changes.iter().filter(|c| c.set == id));
+            for key in lingering {
+                if span(&key).is_some_and(|s| overlaps_any(&adds, s)) {
+                    p.changes.push(ElemChange {
+                        set: id,
+                        key,
+                        op: ElemOp::Remove,
+                        timeout: None,
+                    });
+                }
+            }
+        }
     }
     p
+}
+
+/// The addresses an element covers, first and last (inclusive), as integers.
+pub fn span(key: &ElemKey) -> Option<(u128, u128)> {
+    use std::net::IpAddr;
+    let (a, b) = match key {
+        ElemKey::Net(n) => (n.network(), n.broadcast()),
+        ElemKey::Range(a, b) => (*a, *b),
+    };
+    let s = match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b))),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b)),
+        _ => return None,
+    };
+    (s.0 <= s.1).then_some(s)
+}
+
+/// The spans of the adds among `changes`, sorted by start.
+fn add_spans<'a>(changes: impl Iterator<Item = &'a ElemChange>) -> Vec<(u128, u128)> {
+    let mut v: Vec<(u128, u128)> = changes
+        .filter(|c| matches!(c.op, ElemOp::Add | ElemOp::Replace))
+        .filter_map(|c| span(&c.key))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Whether `s` overlaps one of `sorted` (sorted by start, pairwise disjoint).
+fn overlaps_any(sorted: &[(u128, u128)], s: (u128, u128)) -> bool {
+    // The last span starting at or before `s`'s end is the only candidate.
+    let i = sorted.partition_point(|x| x.0 <= s.1);
+    i > 0 && sorted[i - 1].1 >= s.0
 }
 
 #[cfg(test)]
@@ -698,5 +857,86 @@ mod tests {
         let pl = plan(&spec(), &w, Some(&k0), None, NOW);
         assert!(pl.rebuild && pl.changes.is_empty());
         assert!(pl.structure.drop_sets.is_empty() && pl.structure.drop_chains.is_empty());
+    }
+
+    #[test]
+    fn an_expiring_element_under_a_new_wider_block_is_deleted_first() {
+        let p = policy("");
+        let d = desired(vec![block("2001:db8:c:1::/64", BlockKind::Block, None)]);
+        let w = Want::build(&p, &d, NOW);
+        let mut k = kernel_from(&w);
+        let b6 = k.sets.get_mut("blocked6").unwrap();
+        b6.elems.clear();
+        // A /128 inside the /64, about to expire; another one elsewhere, also expiring.
+        for (a, left) in [("2001:db8:c:1::5/128", 1), ("2001:db8:c:2::5/128", 1)] {
+            b6.elems.push(KernelElem {
+                key: ElemKey::Net(a.parse().unwrap()),
+                timeout: Some(60),
+                expires: Some(left),
+            });
+        }
+        let pl = plan(&spec(), &w, Some(&k), Some(&baseline(&k)), NOW);
+        let ops: Vec<(String, ElemOp)> = pl
+            .changes
+            .iter()
+            .map(|c| (c.key.to_string(), c.op))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                ("2001:db8:c:1::/64".to_string(), ElemOp::Add),
+                ("2001:db8:c:1::5".to_string(), ElemOp::Remove),
+            ],
+            "the unrelated expiring element is left to the kernel"
+        );
+        assert_eq!(pl.overlapping_add(Some(&k)), None);
+        let ops = pl.element_ops();
+        assert_eq!(ops.len(), 2);
+        assert!(ops.iter().any(|o| o.verb == Verb::Delete));
+    }
+
+    #[test]
+    fn overlaps_are_found_against_the_kernel_and_among_adds() {
+        let p = policy("");
+        let d = desired(vec![block("203.0.113.0/28", BlockKind::Block, None)]);
+        let w = Want::build(&p, &d, NOW);
+        let mut k = kernel_from(&w);
+        k.sets.get_mut("blocked4").unwrap().elems.clear();
+        let pl = plan(&spec(), &w, Some(&k), Some(&baseline(&k)), NOW);
+        assert_eq!(pl.overlapping_add(Some(&k)), None);
+        // Someone else's element (a range) appears in the listing the plan did not see.
+        k.sets.get_mut("blocked4").unwrap().elems.push(KernelElem {
+            key: ElemKey::Range(
+                "203.0.113.15".parse().unwrap(),
+                "203.0.113.20".parse().unwrap(),
+            ),
+            timeout: None,
+            expires: None,
+        });
+        assert_eq!(
+            pl.overlapping_add(Some(&k)),
+            Some((
+                SetId::new(Role::Blocked, Fam::V4),
+                ElemKey::Net("203.0.113.0/28".parse().unwrap())
+            ))
+        );
+        // Two adds overlapping each other.
+        let mut pl2 = pl.clone();
+        pl2.changes.push(ElemChange {
+            set: SetId::new(Role::Blocked, Fam::V4),
+            key: ElemKey::Net("203.0.113.4/32".parse().unwrap()),
+            op: ElemOp::Add,
+            timeout: None,
+        });
+        assert!(pl2.overlapping_add(None).is_some());
+        // A replaced element does not overlap its own old copy; adjacent ones do not overlap.
+        let mut pl3 = pl.clone();
+        pl3.changes.push(ElemChange {
+            set: SetId::new(Role::Blocked, Fam::V4),
+            key: ElemKey::Net("203.0.113.16/32".parse().unwrap()),
+            op: ElemOp::Add,
+            timeout: None,
+        });
+        assert_eq!(pl3.overlapping_add(None), None);
     }
 }

@@ -705,6 +705,7 @@ fn missing_nft_names_the_package_to_install() {
         rt.block_on(async {
             let opts = EnforceOptions {
                 nft: "/nonexistent/nft".into(),
+                ..EnforceOptions::default()
             };
             let err = match Enforcer::init_with(policy(&table, ""), opts).await {
                 Ok(_) => panic!("init succeeded without nft"),
@@ -745,6 +746,7 @@ fn unprivileged_nft_is_told_to_run_as_root_and_nothing_is_half_installed() {
         rt.block_on(async {
             let opts = EnforceOptions {
                 nft: wrapper.clone(),
+                ..EnforceOptions::default()
             };
             let err = match Enforcer::init_with(policy(&table, ""), opts).await {
                 Ok(_) => panic!("init succeeded without privilege"),
@@ -807,4 +809,457 @@ fn a_refused_transaction_leaves_nothing_behind() {
         ns.run(&["nft", "list", "table", "inet", &table]).is_err(),
         "half a table was installed"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element fast path (one nfnetlink batch per change set)
+// ---------------------------------------------------------------------------------------------
+
+/// The elements of a set as `nft -j list set` shows them: (element, timeout, expires).
+fn listed_elems(ns: &Netns, table: &str, set: &str) -> Vec<(String, Option<u64>, Option<u64>)> {
+    let out = nft_in(ns, &["-j", "list", "set", "inet", table, set]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nft -j prints JSON");
+    let key = |k: &serde_json::Value| match k {
+        serde_json::Value::String(s) => s.clone(),
+        other => match other.get("prefix") {
+            Some(p) => format!("{}/{}", p["addr"].as_str().unwrap_or("?"), p["len"]),
+            None => other.to_string(),
+        },
+    };
+    v["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("set"))
+        .flat_map(|s| {
+            s.get("elem")
+                .and_then(|e| e.as_array())
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| match e.get("elem") {
+            Some(inner) => (
+                key(&inner["val"]),
+                inner["timeout"].as_u64(),
+                inner["expires"].as_u64(),
+            ),
+            None => (key(&e), None, None),
+        })
+        .collect()
+}
+
+fn in_netns<F, Fut>(ns: &Netns, f: F)
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = ()>,
+{
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(f());
+    })
+    .expect("enter namespace");
+}
+
+#[test]
+fn ten_thousand_blocks_go_in_and_out_as_one_batch_with_their_timeouts() {
+    if !require_root("ten_thousand_blocks_go_in_and_out_as_one_batch_with_their_timeouts") {
+        return;
+    }
+    let ns = Netns::new("fast10k").expect("netns");
+    let table = table_name();
+    // 10,000 IPv4 addresses from 198.18.0.0/15 (RFC 2544), some IPv6 /128s and /64s.
+    let v4: Vec<String> = (0..10_000u32)
+        .map(|i| {
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i * 3)
+                .to_string()
+        })
+        .collect();
+    let v6_128: Vec<String> = (1..=50u32).map(|i| format!("2001:db8:c::{i:x}")).collect();
+    let v6_64: Vec<String> = (1..=20u32)
+        .map(|i| format!("2001:db8:d:{i:x}::/64"))
+        .collect();
+    in_netns(&ns, || async {
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("init");
+        let expires = Time::now().saturating_add(Duration::from_secs(3600));
+        let mut blocks: Vec<DesiredBlock> = v4
+            .iter()
+            .map(|a| block(&format!("{a}/32"), BlockKind::Block, Some(expires)))
+            .collect();
+        blocks.extend(
+            v6_128
+                .iter()
+                .map(|a| block(&format!("{a}/128"), BlockKind::Block, Some(expires))),
+        );
+        blocks.extend(v6_64.iter().map(|n| block(n, BlockKind::Quarantine, None)));
+        let report = e.apply(desired(1, blocks)).await.expect("apply 10k");
+        assert_eq!(report.added, 10_000 + 50 + 20, "{report:?}");
+        let stats = e.stats();
+        assert_eq!(stats.fast_path_fallbacks, 0, "{stats:?}");
+        assert!(
+            stats.last_netlink_us > 0,
+            "the batch went over nfnetlink: {stats:?}"
+        );
+        eprintln!("add 10,070: {stats:?}");
+
+        let b4 = listed_elems(&ns, &table, "blocked4");
+        assert_eq!(b4.len(), 10_000);
+        let got: std::collections::BTreeSet<&str> = b4.iter().map(|(k, _, _)| k.as_str()).collect();
+        let want: std::collections::BTreeSet<&str> = v4.iter().map(String::as_str).collect();
+        assert_eq!(got, want, "exactly the blocked addresses");
+        for (k, timeout, exp) in &b4 {
+            assert_eq!(*timeout, Some(3600), "{k}");
+            assert!(
+                exp.is_some_and(|x| (3590..=3600).contains(&x)),
+                "{k} expires {exp:?}"
+            );
+        }
+        let b6 = listed_elems(&ns, &table, "blocked6");
+        let got: std::collections::BTreeSet<&str> = b6.iter().map(|(k, _, _)| k.as_str()).collect();
+        let want: std::collections::BTreeSet<&str> = v6_128.iter().map(String::as_str).collect();
+        assert_eq!(got, want);
+        assert!(b6.iter().all(|(_, t, _)| *t == Some(3600)));
+        let q6 = listed_elems(&ns, &table, "quarantine6");
+        let got: std::collections::BTreeSet<&str> = q6.iter().map(|(k, _, _)| k.as_str()).collect();
+        let want: std::collections::BTreeSet<&str> = v6_64.iter().map(String::as_str).collect();
+        assert_eq!(got, want);
+        assert!(
+            q6.iter().all(|(_, t, _)| t.is_none()),
+            "no expiry, no timeout"
+        );
+
+        // Everything lifted at once: 10,070 interval deletes in one batch.
+        let started = Instant::now();
+        let report = e.apply(desired(2, vec![])).await.expect("unblock all");
+        let took = started.elapsed();
+        assert_eq!(report.removed, 10_070, "{report:?}");
+        for set in ["blocked4", "blocked6", "quarantine6"] {
+            assert!(listed_elems(&ns, &table, set).is_empty(), "{set} not empty");
+        }
+        let stats = e.stats();
+        assert_eq!(stats.fast_path_fallbacks, 0, "{stats:?}");
+        eprintln!("delete 10,070 in {took:?}: {stats:?}");
+        // Nothing left to do: a reconcile finds the kernel in step.
+        let r = e.reconcile().await.expect("reconcile");
+        assert!(!r.applied, "{r:?}");
+        remove_all(
+            &RemoveTarget::from_policy(&policy(&table, "")),
+            &EnforceOptions::default(),
+        )
+        .await
+        .expect("remove");
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn an_element_the_kernel_refuses_aborts_the_whole_batch() {
+    if !require_root("an_element_the_kernel_refuses_aborts_the_whole_batch") {
+        return;
+    }
+    use egressguard::enforce::genid::GenWatch;
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
+    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::nlbatch::{BatchError, NlBatch, Op, Verb};
+    let ns = Netns::new("nlrefuse").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let spec = TableSpec {
+            table: table.clone(),
+            counter_set_size: 65536,
+        };
+        let mut tx = Tx::new();
+        tx.structure(&spec, &Structure::fresh());
+        Nft::new("nft").apply(&tx).await.expect("structure");
+        let b4 = SetId::new(Role::Blocked, Fam::V4);
+        let add = |a: String| Op {
+            set: b4,
+            key: ElemKey::Net(format!("{a}/32").parse().unwrap()),
+            verb: Verb::Add,
+            timeout_secs: Some(600),
+        };
+        let mut fast = NlBatch::open().expect("nfnetlink socket");
+        let good: Vec<Op> = (1..=200u32)
+            .map(|i| add(format!("198.18.{}.{}", i / 250, i % 250)))
+            .collect();
+
+        // A delete of an element that is not there.
+        let mut ops = good.clone();
+        ops.push(Op {
+            set: b4,
+            key: ElemKey::Net("192.0.2.77/32".parse().unwrap()),
+            verb: Verb::Delete,
+            timeout_secs: None,
+        });
+        let err = fast.apply(&table, &ops, None).expect_err("refused");
+        match &err {
+            BatchError::Refused {
+                verb,
+                set,
+                elem,
+                errno,
+                ..
+            } => {
+                assert_eq!(
+                    (*verb, *set, elem.as_str(), *errno),
+                    ("delete", "blocked4", "192.0.2.77", 2),
+                    "{err}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            listed_elems(&ns, &table, "blocked4").is_empty(),
+            "half a batch applied"
+        );
+
+        // Overlapping intervals in one batch (a /24 over one of the addresses).
+        let mut ops = good.clone();
+        ops.push(Op {
+            set: b4,
+            key: ElemKey::Net("198.18.0.0/24".parse().unwrap()),
+            verb: Verb::Add,
+            timeout_secs: None,
+        });
+        let err = fast.apply(&table, &ops, None).expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                BatchError::Refused {
+                    verb: "add",
+                    set: "blocked4",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        eprintln!(
+            "overlap refused: {}",
+            egressguard::enforce::DisplayChain(&err)
+        );
+        assert!(
+            listed_elems(&ns, &table, "blocked4").is_empty(),
+            "half a batch applied"
+        );
+
+        // A batch planned against an old generation is refused as a whole.
+        let mut gen_watch = GenWatch::open().expect("genid socket");
+        let old = gen_watch.get().await.expect("genid");
+        nft_in(&ns, &["add", "table", "ip", "someone-else"]);
+        let err = fast
+            .apply(&table, &good, Some(old))
+            .expect_err("stale generation");
+        assert!(
+            matches!(err, BatchError::GenerationChanged { .. }),
+            "{err:?}"
+        );
+        assert!(
+            listed_elems(&ns, &table, "blocked4").is_empty(),
+            "a stale batch applied"
+        );
+
+        // The same socket then applies a good batch with the current generation.
+        let now = gen_watch.get().await.expect("genid");
+        let sent = fast.apply(&table, &good, Some(now)).expect("good batch");
+        assert_eq!(sent.messages, 1);
+        assert_eq!(listed_elems(&ns, &table, "blocked4").len(), 200);
+    });
+}
+
+#[test]
+fn the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it() {
+    if !require_root("the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it") {
+        return;
+    }
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
+    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::nlbatch::{NlBatch, Op, Verb};
+    let ns = Netns::new("nltop").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let spec = TableSpec {
+            table: table.clone(),
+            counter_set_size: 65536,
+        };
+        let mut tx = Tx::new();
+        tx.structure(&spec, &Structure::fresh());
+        Nft::new("nft").apply(&tx).await.expect("structure");
+        let op = |set: SetId, k: &str, verb: Verb, t: Option<u64>| Op {
+            set,
+            key: ElemKey::Net(k.parse().unwrap()),
+            verb,
+            timeout_secs: t,
+        };
+        let (b4, b6) = (
+            SetId::new(Role::Blocked, Fam::V4),
+            SetId::new(Role::Blocked, Fam::V6),
+        );
+        let elems = [
+            op(b4, "255.255.255.255/32", Verb::Add, Some(600)),
+            op(b4, "255.255.255.0/31", Verb::Add, None),
+            op(b4, "0.0.0.0/32", Verb::Add, None),
+            op(b6, "ffff:ffff:ffff:ffff::/64", Verb::Add, Some(600)),
+            op(b6, "::/128", Verb::Add, None),
+        ];
+        let mut fast = NlBatch::open().expect("socket");
+        fast.apply(&table, &elems, None).expect("add");
+        let mut got4: Vec<String> = listed_elems(&ns, &table, "blocked4")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        got4.sort();
+        assert_eq!(got4, ["0.0.0.0", "255.255.255.0/31", "255.255.255.255"]);
+        let mut got6: Vec<String> = listed_elems(&ns, &table, "blocked6")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        got6.sort();
+        assert_eq!(got6, ["::", "ffff:ffff:ffff:ffff::/64"]);
+        // nft itself can delete what the fast path put in, and the other way round.
+        nft_in(
+            &ns,
+            &[
+                "delete",
+                "element",
+                "inet",
+                &table,
+                "blocked4",
+                "{ 255.255.255.255 }",
+            ],
+        );
+        let dels: Vec<Op> = elems
+            .iter()
+            .filter(|o| o.key.to_string() != "255.255.255.255")
+            .map(|o| Op {
+                verb: Verb::Delete,
+                timeout_secs: None,
+                ..*o
+            })
+            .collect();
+        fast.apply(&table, &dels, None).expect("delete");
+        assert!(listed_elems(&ns, &table, "blocked4").is_empty());
+        assert!(listed_elems(&ns, &table, "blocked6").is_empty());
+    });
+}
+
+#[test]
+fn forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void() {
+    if !require_root("forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void")
+    {
+        return;
+    }
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
+    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::nlbatch::{Batch, NlBatch, Op, Verb};
+    let ns = Netns::new("nlbig").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let spec = TableSpec {
+            table: table.clone(),
+            counter_set_size: 65536,
+        };
+        let mut tx = Tx::new();
+        tx.structure(&spec, &Structure::fresh());
+        Nft::new("nft").apply(&tx).await.expect("structure");
+        let b6 = SetId::new(Role::Blocked, Fam::V6);
+        let ops: Vec<Op> = (0..40_000u128)
+            .map(|i| Op {
+                set: b6,
+                key: ElemKey::Net(
+                    std::net::IpAddr::V6(
+                        (0x2001_0db8_0000_0000_0000_0000_0000_0000 + i * 2).into(),
+                    )
+                    .into(),
+                ),
+                verb: Verb::Add,
+                timeout_secs: Some(600),
+            })
+            .collect();
+
+        // The kernel aborts a batch whose end is not in the same datagram: sending one batch
+        // in two pieces applies nothing.
+        let batch = Batch::encode(&table, &ops[..1000], 1, None).expect("encode");
+        let bytes = batch.bytes();
+        let sock =
+            netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).expect("socket");
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))
+            .expect("connect");
+        sock.send(&bytes[..bytes.len() - 20], 0)
+            .expect("send all but the end");
+        sock.send(&bytes[bytes.len() - 20..], 0)
+            .expect("send the end");
+        assert!(
+            listed_elems(&ns, &table, "blocked6").is_empty(),
+            "a split batch applied"
+        );
+
+        // 40,000 IPv6 elements (~3 MB) go as one datagram, far over the default send buffer.
+        let started = Instant::now();
+        let sent = NlBatch::open()
+            .expect("socket")
+            .apply(&table, &ops, None)
+            .expect("40k");
+        eprintln!(
+            "40,000 IPv6 adds: {} bytes in {} messages, {:?}",
+            sent.bytes,
+            sent.messages,
+            started.elapsed()
+        );
+        assert!(sent.bytes > 2 * 1024 * 1024, "{sent:?}");
+        assert_eq!(listed_elems(&ns, &table, "blocked6").len(), 40_000);
+    });
+    assert_not_in_host(&table);
+}
+
+#[test]
+fn without_the_fast_path_everything_goes_through_nft_and_the_stats_say_so() {
+    if !require_root("without_the_fast_path_everything_goes_through_nft_and_the_stats_say_so") {
+        return;
+    }
+    let ns = Netns::new("nofast").expect("netns");
+    let table = table_name();
+    in_netns(&ns, || async {
+        let opts = EnforceOptions {
+            fast_path: false,
+            ..EnforceOptions::default()
+        };
+        let mut e = Enforcer::init_with(policy(&table, ""), opts)
+            .await
+            .expect("init");
+        let expires = Time::now().saturating_add(Duration::from_secs(600));
+        e.apply(desired(
+            1,
+            vec![
+                block("198.18.0.7/32", BlockKind::Block, Some(expires)),
+                block("2001:db8:e::/64", BlockKind::Quarantine, None),
+            ],
+        ))
+        .await
+        .expect("apply");
+        let s = e.stats();
+        assert!(s.last_nft_us > 0 && s.last_netlink_us == 0, "{s:?}");
+        let b4 = listed_elems(&ns, &table, "blocked4");
+        assert_eq!(b4.len(), 1);
+        assert_eq!(b4[0].0, "198.18.0.7");
+        assert_eq!(b4[0].1, Some(600));
+        // The same table, now with the fast path: it takes over where nft left off.
+        drop(e);
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("restart");
+        e.apply(desired(
+            2,
+            vec![block("198.18.0.8/32", BlockKind::Block, None)],
+        ))
+        .await
+        .expect("apply");
+        let s = e.stats();
+        assert!(s.last_netlink_us > 0 && s.fast_path_fallbacks == 0, "{s:?}");
+        let b4: Vec<String> = listed_elems(&ns, &table, "blocked4")
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(b4, ["198.18.0.8"]);
+        assert!(listed_elems(&ns, &table, "quarantine6").is_empty());
+    });
 }
