@@ -11,8 +11,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::layout::ElemKey;
+use super::layout::{ElemKey, Role, SetId};
 
 /// Why a listing could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -79,37 +80,89 @@ fn shape(msg: impl Into<String>) -> ParseError {
     ParseError::Shape(msg.into())
 }
 
+/// The listing's top level, each object's body left unparsed until it is known to be needed.
+#[derive(serde::Deserialize)]
+struct Listing<'a> {
+    #[serde(borrow)]
+    nftables: Vec<BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>>,
+}
+
+/// Which table a set belongs to, read without its elements.
+#[derive(serde::Deserialize)]
+struct SetHead {
+    family: Option<String>,
+    table: Option<String>,
+    name: Option<String>,
+}
+
+/// A set's definition without its elements: the per-source counter sets can hold hundreds
+/// of thousands, which the agent never compares (the packet path fills them). Building them
+/// as a JSON tree would cost about 2 KB of heap each, per listing.
+#[derive(serde::Deserialize)]
+struct SetNoElems {
+    #[serde(rename = "type")]
+    set_type: Option<Value>,
+    flags: Option<Value>,
+    size: Option<Value>,
+    timeout: Option<Value>,
+}
+
 /// Parses `nft -j list table inet <table>` output.
 pub fn parse_table(text: &str, table: &str) -> Result<KernelTable, ParseError> {
-    let root: Value = serde_json::from_str(text).map_err(ParseError::Json)?;
-    let objects = root
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or_else(|| shape("no `nftables` array"))?;
+    let root: Listing<'_> = serde_json::from_str(text).map_err(ParseError::Json)?;
+    let counters: Vec<&str> = SetId::all()
+        .filter(|s| s.role == Role::Counters)
+        .map(SetId::name)
+        .collect();
     let mut out = KernelTable::default();
     let mut seen_table = false;
-    for obj in objects {
-        let Some(obj) = obj.as_object() else {
-            return Err(shape("an entry is not an object"));
-        };
-        for (kind, body) in obj {
+    for obj in &root.nftables {
+        for (kind, raw) in obj {
+            let kind = kind.as_ref();
+            if !matches!(kind, "table" | "set" | "chain" | "rule") {
+                continue;
+            }
+            if kind == "set" {
+                let head: SetHead = serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
+                if head.family.as_deref() != Some("inet") || head.table.as_deref() != Some(table) {
+                    continue;
+                }
+                let name = head.name.ok_or_else(|| shape("missing `name`"))?;
+                let body: Value = if counters.contains(&name.as_str()) {
+                    let d: SetNoElems =
+                        serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [
+                        ("type", d.set_type),
+                        ("flags", d.flags),
+                        ("size", d.size),
+                        ("timeout", d.timeout),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.to_owned(), v);
+                        }
+                    }
+                    Value::Object(m)
+                } else {
+                    serde_json::from_str(raw.get()).map_err(ParseError::Json)?
+                };
+                out.sets.insert(name, parse_set(&body)?);
+                continue;
+            }
+            let body: Value = serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
             let ours = |b: &Value| {
                 b.get("family").and_then(Value::as_str) == Some("inet")
                     && b.get("table").and_then(Value::as_str) == Some(table)
             };
-            match kind.as_str() {
+            match kind {
                 "table"
                     if body.get("family").and_then(Value::as_str) == Some("inet")
                         && body.get("name").and_then(Value::as_str) == Some(table) =>
                 {
                     seen_table = true;
                 }
-                "set" if ours(body) => {
-                    let name = str_field(body, "name")?;
-                    out.sets.insert(name.to_owned(), parse_set(body)?);
-                }
-                "chain" if ours(body) => {
-                    let name = str_field(body, "name")?;
+                "chain" if ours(&body) => {
+                    let name = str_field(&body, "name")?;
                     let c = out.chains.entry(name.to_owned()).or_default();
                     c.chain_type = body.get("type").and_then(Value::as_str).map(str::to_owned);
                     c.hook = body.get("hook").and_then(Value::as_str).map(str::to_owned);
@@ -119,9 +172,9 @@ pub fn parse_table(text: &str, table: &str) -> Result<KernelTable, ParseError> {
                         .and_then(Value::as_str)
                         .map(str::to_owned);
                 }
-                "rule" if ours(body) => {
-                    let chain = str_field(body, "chain")?;
-                    let rule = normalise_rule(body);
+                "rule" if ours(&body) => {
+                    let chain = str_field(&body, "chain")?;
+                    let rule = normalise_rule(&body);
                     out.chains
                         .entry(chain.to_owned())
                         .or_default()
