@@ -1104,6 +1104,30 @@ fn metrics_render(
             "Duration of the last applied sync.",
             en.last_apply_us as f64 / 1e6,
         );
+        for (name, help, us) in [
+            (
+                "egressguard_enforce_last_nft_seconds",
+                "The last `nft -j -f` transaction (table structure, or elements on fallback).",
+                en.last_nft_us,
+            ),
+            (
+                "egressguard_enforce_last_netlink_seconds",
+                "The last nfnetlink element batch (send, kernel commit, acks).",
+                en.last_netlink_us,
+            ),
+            (
+                "egressguard_enforce_last_route_seconds",
+                "The last blackhole route change (rtnetlink).",
+                en.last_route_apply_us,
+            ),
+        ] {
+            e.gauge(name, help, us as f64 / 1e6);
+        }
+        e.counter(
+            "egressguard_enforce_fast_path_fallbacks_total",
+            "Element changes sent through nft because the netlink batch could not be used.",
+            en.fast_path_fallbacks,
+        );
         if let Some(s) = &speaker {
             let peers = s.stats();
             type PeerMetric = (

@@ -1093,6 +1093,9 @@ fn every_attack_at_once_detected_enforced_announced_reported_and_reconnected() {
         "egressguard_bgp_session_up{peer=\"upstream-a\"} 1",
         "# TYPE egressguard_bgp_apply_seconds summary",
         "egressguard_bgp_apply_seconds_count{peer=\"rr1\"}",
+        "egressguard_enforce_last_netlink_seconds",
+        "egressguard_enforce_last_route_seconds",
+        "egressguard_enforce_fast_path_fallbacks_total 0",
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
