@@ -35,6 +35,12 @@ pub fn run(args: &ClientArgs) -> Exit {
         s.sources_tracked, s.events_seen, s.events_lost
     );
     println!(
+        "detector    cap {} sources, {} evicted, {:.1} MiB",
+        s.max_sources,
+        s.source_evictions,
+        s.detector_memory_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
         "holding     {} quarantined, {} blocked, {} terminated",
         s.quarantined, s.blocked, s.terminated
     );
