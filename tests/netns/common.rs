@@ -47,15 +47,3 @@ pub fn wait_for<T>(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
-
-/// Held by the tests that load the machine most (the scenario lab with its real attackers,
-/// the fault scenarios, the spoofed storm), so that they run one after the other: on a
-/// 2-core CI machine two of them side by side starve the agent under test, and what they
-/// assert (a scan detected during a storm, a repair within a second) would measure the
-/// neighbour instead. Light tests still run alongside.
-pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    HEAVY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::common::{heavy, require_root, wait_for};
+use crate::common::{require_root, wait_for};
 use crate::scenarios::{Attack, Lab, chosen, launch, probe_all, wait_held};
 
 const SCAN: &str = "nmap TCP SYN scan";
@@ -46,7 +46,6 @@ fn fault_agent_killed_mid_incident_restarts_with_every_block_once() {
     if !require_root("fault_agent_killed_mid_incident_restarts_with_every_block_once") {
         return;
     }
-    let _heavy = heavy();
     let Some((mut lab, attacks)) = lab_with(&[SCAN, FLOOD]) else {
         return;
     };
@@ -103,7 +102,6 @@ fn fault_table_deleted_by_hand_is_back_within_a_second() {
     if !require_root("fault_table_deleted_by_hand_is_back_within_a_second") {
         return;
     }
-    let _heavy = heavy();
     let Some((mut lab, attacks)) = lab_with(&[SCAN]) else {
         return;
     };
@@ -134,7 +132,6 @@ fn fault_bird_restarted_gets_every_route_again() {
     if !require_root("fault_bird_restarted_gets_every_route_again") {
         return;
     }
-    let _heavy = heavy();
     let Some((mut lab, attacks)) = lab_with(&[SCAN, FLOOD]) else {
         return;
     };
@@ -179,7 +176,6 @@ fn fault_broken_policy_reload_is_refused_and_the_old_one_keeps_working() {
     if !require_root("fault_broken_policy_reload_is_refused_and_the_old_one_keeps_working") {
         return;
     }
-    let _heavy = heavy();
     let Some((mut lab, attacks)) = lab_with(&[SCAN, "nmap TCP connect scan"]) else {
         return;
     };

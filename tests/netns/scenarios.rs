@@ -21,7 +21,7 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 use crate::bird::Bird;
-use crate::common::{agent_bin, heavy, repo, require_root, wait_for};
+use crate::common::{agent_bin, repo, require_root, wait_for};
 
 /// The lab's changes to the example policy: its own addresses, the BIRD peers, the notify
 /// hook and reports, blackhole routes on. Thresholds stay the example's, except two that a
@@ -1067,8 +1067,6 @@ fn every_attack_at_once_detected_enforced_announced_reported_and_reconnected() {
     {
         return;
     }
-    let _heavy = heavy();
-    let _heavy = heavy();
     let mut lab = Lab::new();
     let outcomes = attack_round(&mut lab);
     print_outcomes(&outcomes);
@@ -1112,7 +1110,6 @@ fn measure_detection_latency() {
     if !require_root("measure_detection_latency") || !tools_present() {
         return;
     }
-    let _heavy = heavy();
     let rounds: usize = std::env::var("EGD_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use egressguard::netns::{Agent, Netns, Topology};
 
-use crate::common::{agent_bin, heavy, require_root};
+use crate::common::{agent_bin, require_root};
 use crate::flowgen::{RawUdp, paced, sink, spread};
 
 /// The detector's source cap in the storm scenario.
@@ -199,7 +199,6 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
     if !require_root("conntrack_storm_from_spoofed_sources_while_a_real_scan_runs") {
         return;
     }
-    let _heavy = heavy();
     let nmap = Path::new("/usr/bin/nmap").exists();
     assert!(
         nmap || std::env::var_os("CI").is_none(),
@@ -506,7 +505,6 @@ fn measure_agent_cpu_at_flow_rates() {
     if !require_root("measure_agent_cpu_at_flow_rates") {
         return;
     }
-    let _heavy = heavy();
     let rates: Vec<u64> = std::env::var("EGD_RATES")
         .ok()
         .map(|s| s.split(',').filter_map(|r| r.parse().ok()).collect())
