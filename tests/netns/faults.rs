@@ -2,7 +2,7 @@
 //! a real BIRD, real attackers): the agent killed with SIGKILL mid-incident and restarted,
 //! the agent's nft table deleted by hand, BIRD restarted, and a broken policy reloaded. In
 //! each, nothing decided is lost and enforcement carries on. (The spoofed-source event storm
-//! during a scan is `storm.rs`.)
+//! during a scan is `tests/storm/`.)
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

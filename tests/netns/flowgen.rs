@@ -6,6 +6,8 @@
 //! Every generator is bounded in count and in time, and sends only from and to namespaces
 //! the test built.
 
+#![allow(dead_code)] // shared by the `netns` and `storm` test binaries, each using part of it
+
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};

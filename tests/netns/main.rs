@@ -15,5 +15,4 @@ mod faults;
 mod flowgen;
 mod observe;
 mod scenarios;
-mod storm;
 mod topology;

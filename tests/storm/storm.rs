@@ -497,7 +497,7 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
 /// the agent's CPU (utime + stime from /proc/PID/stat, and its `nft` children), resident
 /// memory, events seen and lost, sources tracked.
 ///
-/// `sudo -E cargo test --release --test netns measure_agent_cpu_at_flow_rates -- --ignored --nocapture`
+/// `sudo -E cargo test --release --test storm measure_agent_cpu_at_flow_rates -- --ignored --nocapture`
 /// (rates: `EGD_RATES=10000,50000,...`; seconds per rate: `EGD_SECS=10`).
 #[test]
 #[ignore = "measurement; run by hand with --release --nocapture"]
