@@ -51,7 +51,9 @@
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
 //! for other protocols. A `New` event that already carries `SEEN_REPLY` comes from a dump of
-//! existing flows (at start or after [`Observation::Lost`]) and is not counted as new.
+//! existing flows (at start or after [`Observation::Lost`]) and is not counted as new, unless
+//! its kernel start stamp falls in a blind period (from 2 s before the last loss on): then
+//! the dump is all the engine will see of it, and it counts as new with its reply.
 
 mod evidence;
 pub mod index;
@@ -156,6 +158,9 @@ pub struct EngineStats {
     pub ignored: u64,
     /// `New` events of existing flows (from a dump), not counted as new flows.
     pub dumped_flows: u64,
+    /// Flows from a dump that started in a blind period (after a loss) and were counted as
+    /// new: what the resynchronising dump recovered of the lost events.
+    pub recovered_flows: u64,
     /// `Lost` observations (the kernel dropped events).
     pub lost: u64,
     /// Detections raised, per category.
@@ -184,10 +189,17 @@ pub struct Engine {
     counter_samples: u64,
     ignored: u64,
     dumped: u64,
+    recovered: u64,
     lost: u64,
+    /// Event time of the last loss (0: none yet).
+    lost_at: u64,
     held_down: u64,
     detections: [u64; 5],
 }
+
+/// How far before a loss a dumped flow may have started and still count as new: the events
+/// of the moments before the kernel reported the overflow went with it.
+const LOSS_LOOKBACK: u64 = 2_000_000_000;
 
 fn mask4(len: u8) -> u32 {
     if len == 0 {
@@ -224,7 +236,9 @@ impl Engine {
             counter_samples: 0,
             ignored: 0,
             dumped: 0,
+            recovered: 0,
             lost: 0,
+            lost_at: 0,
             held_down: 0,
             detections: [0; 5],
             policy,
@@ -366,7 +380,10 @@ impl Engine {
                 );
             }
             Observation::Tick { .. } => {}
-            Observation::Lost { .. } => self.lost += 1,
+            Observation::Lost { time } => {
+                self.lost += 1;
+                self.lost_at = time.as_nanos();
+            }
         }
     }
 
@@ -402,12 +419,29 @@ impl Engine {
             ..FlowFacts::default()
         };
         match e.kind {
+            FlowEventKind::New if !seen_reply => f.new = true,
             FlowEventKind::New => {
-                if seen_reply {
-                    // An existing flow from a dump: its start is unknown, do not count it.
-                    self.dumped += 1;
-                } else {
+                // An existing flow from a dump. Counted as new only when the kernel's start
+                // stamp puts it in a blind period (after a loss, minus the events that may
+                // have gone with it): its own events were lost, the dump is all there is of
+                // it. Its reply is in the dump as well. Anything older was seen live, or
+                // predates the agent, and is not counted.
+                let blind = e.start.is_some_and(|s| {
+                    self.lost_at > 0 && s.as_nanos().saturating_add(LOSS_LOOKBACK) >= self.lost_at
+                });
+                if blind {
+                    self.recovered += 1;
                     f.new = true;
+                    match (tcp, e.tcp_state) {
+                        (true, Some(TcpState::SynSent | TcpState::SynSent2)) => {}
+                        (true, Some(TcpState::Close)) => f.answer = true,
+                        _ => {
+                            f.answer = true;
+                            f.accepted = true;
+                        }
+                    }
+                } else {
+                    self.dumped += 1;
                 }
             }
             FlowEventKind::Update => {
@@ -658,6 +692,7 @@ impl Engine {
             counter_samples: self.counter_samples,
             ignored: self.ignored,
             dumped_flows: self.dumped,
+            recovered_flows: self.recovered,
             lost: self.lost,
             detections_by_category: Category::ALL
                 .iter()

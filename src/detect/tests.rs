@@ -808,6 +808,52 @@ fn dumped_flows_are_not_new() {
     assert_eq!(e.stats().lost, 1);
 }
 
+/// A resynchronising dump after a loss: `n` reset flows from `BOT` to distinct ports of
+/// one server, started `age_ms` before the loss (the kernel's start stamps).
+fn dump_after_loss(n: u16, age_ms: u64) -> Vec<Observation> {
+    let loss = T0 + 5_000 * MS;
+    let mut obs = vec![Observation::Lost { time: Time(loss) }];
+    for p in 1..=n {
+        let mut o = flow(
+            5_100,
+            FlowEventKind::New,
+            BOT,
+            internet(1),
+            proto::TCP,
+            40_000 + p,
+            p,
+            ct_status::SEEN_REPLY,
+            Some(TcpState::Close),
+        );
+        if let Observation::Flow(e) = &mut o {
+            e.start = Some(Time(loss - age_ms * MS));
+        }
+        obs.push(o);
+    }
+    obs
+}
+
+#[test]
+fn a_scan_lost_in_an_overflow_is_recovered_from_the_dump() {
+    // The scan's own events went with the overflow; the dump that follows holds its reset
+    // flows, stamped by the kernel as started around the loss: they count as new.
+    let mut e = Engine::new(policy());
+    let found = drive(&mut e, &dump_after_loss(150, 500), 1_000);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].category, Category::PortScan);
+    assert_eq!(e.stats().recovered_flows, 150);
+    assert_eq!(e.stats().dumped_flows, 0);
+}
+
+#[test]
+fn flows_dumped_after_a_loss_that_started_long_before_are_not_new() {
+    // Started ten seconds before the loss: seen live back then (or before the agent ran).
+    let mut e = Engine::new(policy());
+    assert!(drive(&mut e, &dump_after_loss(150, 10_000), 1_000).is_empty());
+    assert_eq!(e.stats().recovered_flows, 0);
+    assert_eq!(e.stats().dumped_flows, 150);
+}
+
 #[test]
 fn sources_are_capped_and_the_idlest_evicted() {
     let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
