@@ -872,6 +872,7 @@ impl Agent {
             sources_tracked: engine.tracked_sources,
             max_sources: engine.max_sources,
             source_evictions: engine.evictions,
+            flows_recovered: engine.recovered_flows,
             detector_memory_bytes: engine.memory_bytes,
             events_seen: ct.events_seen,
             events_lost: ct.lost,

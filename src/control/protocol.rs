@@ -110,6 +110,10 @@ pub struct StatusView {
     /// Sources evicted (idlest first) to stay under the cap, since start.
     #[serde(default)]
     pub source_evictions: u64,
+    /// Flows a resynchronising dump showed as started in the blind period after a loss,
+    /// counted as new.
+    #[serde(default)]
+    pub flows_recovered: u64,
     /// Bytes held by the detector's tables, by its own account (slab, index, sample ring).
     #[serde(default)]
     pub detector_memory_bytes: u64,

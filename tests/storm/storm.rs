@@ -45,6 +45,14 @@ const STORM_SOURCES: u64 = 2_600_000;
 /// machine: a known limit (README, "What is not done yet"). 25,000/s is what the agent
 /// follows here with occasional losses, and still pushes millions of sources through.
 const STORM_RATE: u64 = 25_000;
+
+/// The storm's rate: [`STORM_RATE`], or `EGD_STORM_RATE` to explore the overflow.
+fn storm_rate() -> u64 {
+    std::env::var("EGD_STORM_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(STORM_RATE)
+}
 /// Longest the storm may run.
 const STORM_LIMIT: Duration = Duration::from_secs(150);
 /// Fewest distinct sources the scenario must push through to count as a storm: two million
@@ -269,7 +277,7 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
         // The sampler ends also when something below panics (the scope waits for it).
         let _stop = StopOnDrop(&stop);
         let storm = sc.spawn(|| {
-            paced(2, STORM_SOURCES, STORM_RATE, STORM_LIMIT, |t, k| {
+            paced(2, STORM_SOURCES, storm_rate(), STORM_LIMIT, |t, k| {
                 let i = k * 2 + t as u64;
                 let src = Ipv4Addr::from(SPOOF_NET | spread(i as u32, 24));
                 let sport = 1024 + (i % 60_000) as u16;
@@ -320,6 +328,18 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
         if let Ok(line) = &held {
             scan_latency = Some(scan_start.elapsed());
             held_line = line.clone();
+        }
+        if held.is_err() {
+            let out = std::process::Command::new(&exe)
+                .args(["status", "--json", "--socket"])
+                .arg(&socket)
+                .output();
+            if let Ok(o) = out {
+                eprintln!(
+                    "status when the scan was missed: {}",
+                    String::from_utf8_lossy(&o.stdout)
+                );
+            }
         }
         let scan_done_during_storm = !storm.is_finished();
         let _ = scan.child().wait();
