@@ -52,8 +52,9 @@
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
 //! for other protocols. A `New` event that already carries `SEEN_REPLY` comes from a dump of
 //! existing flows (at start or after [`Observation::Lost`]) and is not counted as new, unless
-//! its kernel start stamp falls in a blind period (from 2 s before the last loss on): then
-//! the dump is all the engine will see of it, and it counts as new with its reply.
+//! it is a reset TCP flow whose kernel start stamp falls in a blind period (from 2 s before
+//! the last loss on): then the dump is all the engine will see of it (a scan during an event
+//! overflow), and it counts as new and reset.
 
 mod evidence;
 pub mod index;
@@ -158,8 +159,8 @@ pub struct EngineStats {
     pub ignored: u64,
     /// `New` events of existing flows (from a dump), not counted as new flows.
     pub dumped_flows: u64,
-    /// Flows from a dump that started in a blind period (after a loss) and were counted as
-    /// new: what the resynchronising dump recovered of the lost events.
+    /// Reset TCP flows from a dump that started in a blind period (after a loss) and were
+    /// counted as new: what the resynchronising dump recovered of the lost events.
     pub recovered_flows: u64,
     /// `Lost` observations (the kernel dropped events).
     pub lost: u64,
@@ -421,25 +422,23 @@ impl Engine {
         match e.kind {
             FlowEventKind::New if !seen_reply => f.new = true,
             FlowEventKind::New => {
-                // An existing flow from a dump. Counted as new only when the kernel's start
-                // stamp puts it in a blind period (after a loss, minus the events that may
-                // have gone with it): its own events were lost, the dump is all there is of
-                // it. Its reply is in the dump as well. Anything older was seen live, or
-                // predates the agent, and is not counted.
-                let blind = e.start.is_some_and(|s| {
-                    self.lost_at > 0 && s.as_nanos().saturating_add(LOSS_LOOKBACK) >= self.lost_at
-                });
+                // An existing flow from a dump. A TCP flow that was reset (a scan's closed
+                // port) and that the kernel stamps as started in a blind period (after a
+                // loss, minus the events that may have gone with it) counts as new: its own
+                // events were lost and the dump is all there is of it. Nothing else from a
+                // dump counts: an answered flow may have been seen live already, and counting
+                // it twice would inflate a busy customer's rates (a false flood). Unanswered
+                // flows (`SEEN_REPLY` clear) are counted above, as ever.
+                let blind = tcp
+                    && e.tcp_state == Some(TcpState::Close)
+                    && e.start.is_some_and(|s| {
+                        self.lost_at > 0
+                            && s.as_nanos().saturating_add(LOSS_LOOKBACK) >= self.lost_at
+                    });
                 if blind {
                     self.recovered += 1;
                     f.new = true;
-                    match (tcp, e.tcp_state) {
-                        (true, Some(TcpState::SynSent | TcpState::SynSent2)) => {}
-                        (true, Some(TcpState::Close)) => f.answer = true,
-                        _ => {
-                            f.answer = true;
-                            f.accepted = true;
-                        }
-                    }
+                    f.answer = true;
                 } else {
                     self.dumped += 1;
                 }

@@ -846,6 +846,23 @@ fn a_scan_lost_in_an_overflow_is_recovered_from_the_dump() {
 }
 
 #[test]
+fn answered_flows_dumped_after_a_loss_are_not_counted_again() {
+    // A busy customer's established flows may have been seen live before the overflow:
+    // counting them from the dump too would double its rates.
+    let mut obs = dump_after_loss(150, 500);
+    for o in &mut obs {
+        if let Observation::Flow(e) = o {
+            e.status |= ct_status::ASSURED;
+            e.tcp_state = Some(TcpState::Established);
+        }
+    }
+    let mut e = Engine::new(policy());
+    assert!(drive(&mut e, &obs, 1_000).is_empty());
+    assert_eq!(e.stats().recovered_flows, 0);
+    assert_eq!(e.stats().dumped_flows, 150);
+}
+
+#[test]
 fn flows_dumped_after_a_loss_that_started_long_before_are_not_new() {
     // Started ten seconds before the loss: seen live back then (or before the agent ran).
     let mut e = Engine::new(policy());
