@@ -848,6 +848,21 @@ fn listed_elems(ns: &Netns, table: &str, set: &str) -> Vec<(String, Option<u64>,
         .collect()
 }
 
+/// Writes the agent's table, empty, with nft (what the batch tests start from).
+async fn fresh_table(table: &str) {
+    use egressguard::enforce::layout::{Structure, TableSpec, Tx};
+    let spec = TableSpec {
+        table: table.to_owned(),
+        counter_set_size: 65536,
+    };
+    let mut tx = Tx::new();
+    tx.structure(&spec, &Structure::fresh());
+    egressguard::enforce::nft::Nft::new("nft")
+        .apply(&tx)
+        .await
+        .expect("structure");
+}
+
 fn in_netns<F, Fut>(ns: &Netns, f: F)
 where
     F: FnOnce() -> Fut + Send,
@@ -960,19 +975,12 @@ fn an_element_the_kernel_refuses_aborts_the_whole_batch() {
         return;
     }
     use egressguard::enforce::genid::GenWatch;
-    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
-    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId};
     use egressguard::enforce::nlbatch::{BatchError, NlBatch, Op, Verb};
     let ns = Netns::new("nlrefuse").expect("netns");
     let table = table_name();
     in_netns(&ns, || async {
-        let spec = TableSpec {
-            table: table.clone(),
-            counter_set_size: 65536,
-        };
-        let mut tx = Tx::new();
-        tx.structure(&spec, &Structure::fresh());
-        Nft::new("nft").apply(&tx).await.expect("structure");
+        fresh_table(&table).await;
         let b4 = SetId::new(Role::Blocked, Fam::V4);
         let add = |a: String| Op {
             set: b4,
@@ -1073,19 +1081,12 @@ fn the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it() {
     if !require_root("the_top_of_the_address_space_goes_in_and_out_like_nft_writes_it") {
         return;
     }
-    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
-    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId};
     use egressguard::enforce::nlbatch::{NlBatch, Op, Verb};
     let ns = Netns::new("nltop").expect("netns");
     let table = table_name();
     in_netns(&ns, || async {
-        let spec = TableSpec {
-            table: table.clone(),
-            counter_set_size: 65536,
-        };
-        let mut tx = Tx::new();
-        tx.structure(&spec, &Structure::fresh());
-        Nft::new("nft").apply(&tx).await.expect("structure");
+        fresh_table(&table).await;
         let op = |set: SetId, k: &str, verb: Verb, t: Option<u64>| Op {
             set,
             key: ElemKey::Net(k.parse().unwrap()),
@@ -1150,19 +1151,12 @@ fn forty_thousand_elements_are_one_batch_in_one_send_and_a_split_batch_is_void()
     {
         return;
     }
-    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId, Structure, TableSpec, Tx};
-    use egressguard::enforce::nft::Nft;
+    use egressguard::enforce::layout::{ElemKey, Fam, Role, SetId};
     use egressguard::enforce::nlbatch::{Batch, NlBatch, Op, Verb};
     let ns = Netns::new("nlbig").expect("netns");
     let table = table_name();
     in_netns(&ns, || async {
-        let spec = TableSpec {
-            table: table.clone(),
-            counter_set_size: 65536,
-        };
-        let mut tx = Tx::new();
-        tx.structure(&spec, &Structure::fresh());
-        Nft::new("nft").apply(&tx).await.expect("structure");
+        fresh_table(&table).await;
         let b6 = SetId::new(Role::Blocked, Fam::V6);
         let ops: Vec<Op> = (0..40_000u128)
             .map(|i| Op {
