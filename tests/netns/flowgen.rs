@@ -1,7 +1,9 @@
 //! Traffic generators shared by the namespace tests: a paced, bounded driver of new UDP flows
 //! ([`paced`]), a sender of IPv4/UDP datagrams with a source address of the caller's choice
 //! ([`RawUdp`], for spoofed-source floods), the permutation that gives a spoofed flood its
-//! distinct sources ([`spread`]), and an internet host that drops what it is sent ([`sink`]).
+//! distinct sources ([`spread`]), an internet host that drops what it is sent ([`sink`]), and
+//! a prefix the router itself sends nowhere after forwarding it ([`egress_sink`]), and flows
+//! created in the router's conntrack table directly ([`CtInject`]).
 //!
 //! Every generator is bounded in count and in time, and sends only from and to namespaces
 //! the test built.
@@ -12,7 +14,10 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use egressguard::messages::proto;
 use egressguard::netns::{Netns, NetnsError};
+use egressguard::observe::ctnetlink::{self, NLMSG_ERROR};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// What a [`paced`] run did.
@@ -183,6 +188,112 @@ pub fn sink(host: &Netns) -> Result<(), NetnsError> {
         });
     }
     Ok(())
+}
+
+/// Routes `prefix` in `router` to an `ifb` device with no queue, which drops whatever is
+/// routed to it: the router forwards the traffic as it would upstream (conntrack confirms the
+/// flow at postrouting, so the agent sees it), and no second namespace spends the shared
+/// cores on receiving it. For flow-rate measurements, where the generator must not be the
+/// limit.
+pub fn egress_sink(router: &Netns, prefix: &str) -> Result<(), NetnsError> {
+    router.run(&["ip", "link", "add", "egd-egress", "type", "ifb"])?;
+    router.run(&["ip", "link", "set", "egd-egress", "up"])?;
+    router.run(&[
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        "egd-egress",
+        "root",
+        "noqueue",
+    ])?;
+    router.run(&["ip", "route", "add", prefix, "dev", "egd-egress"])?;
+    Ok(())
+}
+
+/// Creates UDP flows in a namespace's conntrack table through ctnetlink, as `conntrack -I`
+/// does, many to a `sendmsg`. Listeners get the same `NEW` event as for a forwarded packet's
+/// flow (and the `DESTROY` when it times out), without the cost of the packet path: for
+/// event rates the namespace's packet path cannot reach on a small machine.
+#[derive(Debug)]
+pub struct CtInject {
+    sock: netlink_sys::Socket,
+    buf: Vec<u8>,
+    reply: Vec<u8>,
+    id: u32,
+    /// The errno of the last refusal, if any.
+    pub refusal: Option<io::Error>,
+}
+
+impl CtInject {
+    /// Opens the socket inside `ns`.
+    pub fn open(ns: &Netns) -> Result<CtInject, NetnsError> {
+        let sock = ns.enter(|| {
+            let mut s = netlink_sys::Socket::new(NETLINK_NETFILTER)?;
+            s.bind_auto()?;
+            s.set_non_blocking(true)?;
+            io::Result::Ok(s)
+        })?;
+        let sock = sock.map_err(|source| NetnsError::Spawn {
+            cmd: "NETLINK_NETFILTER socket".into(),
+            source,
+        })?;
+        Ok(CtInject {
+            sock,
+            buf: Vec::with_capacity(64 * 1024),
+            reply: vec![0; 64 * 1024],
+            id: 0,
+            refusal: None,
+        })
+    }
+
+    /// Creates the UDP flows `(src, sport, dst, dport)` with `timeout` seconds to live, in one
+    /// `sendmsg`, and returns how many the kernel refused (it answers only refusals).
+    pub fn create(
+        &mut self,
+        flows: impl IntoIterator<Item = (Ipv4Addr, u16, Ipv4Addr, u16)>,
+        timeout: u32,
+    ) -> io::Result<u64> {
+        self.buf.clear();
+        for (src, sport, dst, dport) in flows {
+            self.id = self.id.wrapping_add(1);
+            let m = crate::ctmsg::create_request(
+                src.into(),
+                dst.into(),
+                proto::UDP,
+                sport,
+                dport,
+                timeout,
+                self.id,
+            );
+            self.buf.extend_from_slice(&m);
+        }
+        self.sock
+            .send_to(&self.buf, &netlink_sys::SocketAddr::new(0, 0), 0)?;
+        let mut refused = 0;
+        loop {
+            let mut slice: &mut [u8] = &mut self.reply[..];
+            match self.sock.recv(&mut slice, 0) {
+                Ok(n) => {
+                    for m in ctnetlink::messages(&self.reply[..n.min(self.reply.len())]).flatten() {
+                        let code = m
+                            .payload
+                            .get(..4)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        if m.kind == NLMSG_ERROR
+                            && let Some(c) = code.filter(|&c| c != 0)
+                        {
+                            refused += 1;
+                            self.refusal = Some(io::Error::from_raw_os_error(-c));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ mod bgp;
 mod bird;
 mod common;
 mod control;
+#[path = "../../benches/support/ctmsg.rs"]
+mod ctmsg;
 mod demo;
 mod enforce;
 mod faults;

@@ -6,6 +6,8 @@
 
 #[path = "../netns/common.rs"]
 mod common;
+#[path = "../../benches/support/ctmsg.rs"]
+mod ctmsg;
 #[path = "../netns/flowgen.rs"]
 mod flowgen;
 mod storm;

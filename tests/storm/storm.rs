@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use egressguard::netns::{Agent, Netns, Topology};
 
 use crate::common::{agent_bin, require_root};
-use crate::flowgen::{RawUdp, paced, sink, spread};
+use crate::flowgen::{CtInject, Paced, RawUdp, egress_sink, paced, sink, spread};
 
 /// The detector's source cap in the storm scenario.
 const CAP: u64 = 65_536;
@@ -514,8 +514,8 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
 }
 
 /// New UDP flows per second from 1,024 customer addresses (AnyIP: 100.64.0.0/22 is local on
-/// the customer's loopback) to 1,024 internet addresses (198.18.0.0/22, routed to an internet
-/// host that drops them), random destination ports in 20000-59999: at each rate no source
+/// the customer's loopback) to 1,024 internet addresses (198.18.0.0/22, forwarded by the router
+/// to an egress that drops them, [`egress_sink`]), random destination ports in 20000-59999: at each rate no source
 /// comes near a default threshold (≤ 200 new flows/s per source, a few ports per destination),
 /// so the agent follows the traffic and blocks nobody, which is what a busy edge looks like.
 /// The agent runs with the shipped defaults in enforce mode. For each rate, 10 s of traffic:
@@ -534,6 +534,17 @@ fn measure_agent_cpu_at_flow_rates() {
         .ok()
         .map(|s| s.split(',').filter_map(|r| r.parse().ok()).collect())
         .unwrap_or_else(|| vec![10_000, 50_000, 100_000, 150_000, 200_000]);
+    let generators: Vec<String> = std::env::var("EGD_GEN")
+        .unwrap_or_else(|_| "packets,ctnetlink".into())
+        .split(',')
+        .map(|g| {
+            assert!(
+                g == "packets" || g == "ctnetlink",
+                "EGD_GEN: packets or ctnetlink, not {g:?}"
+            );
+            g.to_owned()
+        })
+        .collect();
     let secs: u64 = std::env::var("EGD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -541,6 +552,7 @@ fn measure_agent_cpu_at_flow_rates() {
         .clamp(1, 30);
     const SOURCES: u32 = 1024;
     const TARGETS: u32 = 1024;
+    const INJECT_BATCH: u64 = 64;
 
     let mut topo = Topology::new().unwrap();
     topo.add_customer(10).unwrap();
@@ -553,22 +565,12 @@ fn measure_agent_cpu_at_flow_rates() {
     topo.router
         .run(&["ip", "route", "add", "100.64.0.0/22", "via", "203.0.113.10"])
         .unwrap();
-    topo.router
-        .run(&[
-            "ip",
-            "route",
-            "add",
-            "198.18.0.0/22",
-            "via",
-            "198.51.100.20",
-        ])
-        .unwrap();
+    egress_sink(&topo.router, "198.18.0.0/22").unwrap();
     // Unanswered UDP flows leave conntrack after 1 s, so 200,000 new flows/s fit the
     // kernel's table (nf_conntrack_max); each flow is a NEW and a DESTROY event.
     topo.router
         .sysctl("net.netfilter.nf_conntrack_udp_timeout", "1")
         .unwrap();
-    sink(&topo.internet[0].ns).unwrap();
     cust.ns
         .run(&["ping", "-c", "1", "-W", "2", "198.51.100.20"])
         .unwrap();
@@ -595,7 +597,17 @@ fn measure_agent_cpu_at_flow_rates() {
                 .collect()
         })
         .unwrap();
+    let injectors: Vec<Mutex<CtInject>> = (0..2)
+        .map(|_| Mutex::new(CtInject::open(&topo.router).unwrap()))
+        .collect();
     // Flow i: source i mod 1024, destination (i / 1024) mod 1024, a port that looks random.
+    let flow_of = |i: u64| {
+        (
+            Ipv4Addr::from(0x6440_0000 | (i % u64::from(SOURCES)) as u32),
+            Ipv4Addr::from(0xC612_0000 | ((i / u64::from(SOURCES)) as u32 % TARGETS)),
+            20_000 + (spread(i as u32, 32) % 40_000) as u16,
+        )
+    };
     let mut flow = 0u64;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -603,47 +615,81 @@ fn measure_agent_cpu_at_flow_rates() {
         !cfg!(debug_assertions)
     );
     println!("load before: {}", load.trim());
-    println!(
-        "| target flows/s | achieved flows/s | agent CPU (% of one core) | nft children (% of one core) | events/s seen | lost | sources tracked | RSS MiB |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for rate in rates {
-        let before = sample(&exe, &socket, pid).unwrap_or_default();
-        let (cpu0, child0) = cpu_ticks(pid).unwrap_or_default();
-        let w0 = Instant::now();
-        let base = flow;
-        let run = paced(
-            2,
-            rate * secs,
-            rate,
-            Duration::from_secs(secs + 5),
-            |t, k| {
-                let i = base + k * 2 + t as u64;
-                let src = (i % u64::from(SOURCES)) as usize;
-                let dst = Ipv4Addr::from(0xC612_0000 | ((i / u64::from(SOURCES)) as u32 % TARGETS));
-                let port = 20_000 + (spread(i as u32, 32) % 40_000) as u16;
-                socks[src]
-                    .send_to(b"x", SocketAddr::new(IpAddr::V4(dst), port))
-                    .is_ok()
-            },
-        );
-        flow += rate * secs;
-        let wall = w0.elapsed();
-        let (cpu1, child1) = cpu_ticks(pid).unwrap_or_default();
-        let after = sample(&exe, &socket, pid).unwrap_or_default();
-        let pct = |ticks: u64| ticks as f64 * 100.0 / tck as f64 / wall.as_secs_f64();
+    for generator in &generators {
+        println!("\ngenerator: {generator}");
         println!(
-            "| {rate} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} |",
-            run.rate(),
-            pct(cpu1 - cpu0),
-            pct(child1 - child0),
-            ((after.seen - before.seen) as f64 / wall.as_secs_f64()) as u64,
-            after.lost - before.lost,
-            after.tracked,
-            mib(after.rss),
+            "| target flows/s | achieved flows/s | agent CPU (% of one core) | nft children (% of one core) | events/s seen | lost | sources tracked | RSS MiB |"
         );
-        // The conntrack table empties (1 s timeout) before the next rate.
-        std::thread::sleep(Duration::from_secs(2));
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for &rate in &rates {
+            let before = sample(&exe, &socket, pid).unwrap_or_default();
+            let (cpu0, child0) = cpu_ticks(pid).unwrap_or_default();
+            let w0 = Instant::now();
+            let base = flow;
+            let limit = Duration::from_secs(secs + 5);
+            let run = match generator.as_str() {
+                // One datagram per flow from the customer namespace, through the router.
+                "packets" => paced(2, rate * secs, rate, limit, |t, k| {
+                    let i = base + k * 2 + t as u64;
+                    // The socket of source i mod 1024 (bound to it, an ephemeral port).
+                    let (_, dst, port) = flow_of(i);
+                    socks[(i % u64::from(SOURCES)) as usize]
+                        .send_to(b"x", SocketAddr::new(IpAddr::V4(dst), port))
+                        .is_ok()
+                }),
+                // Batches of flows created in the router's table: 1 s to live, like the
+                // packets' flows (`nf_conntrack_udp_timeout` = 1 below).
+                _ => {
+                    let b = paced(
+                        2,
+                        rate * secs / INJECT_BATCH,
+                        rate / INJECT_BATCH,
+                        limit,
+                        |t, k| {
+                            let first = base + (k * 2 + t as u64) * INJECT_BATCH;
+                            let flows = (first..first + INJECT_BATCH).map(|i| {
+                                let (src, dst, port) = flow_of(i);
+                                (src, 10_000 + (i >> 20) as u16 % 50_000, dst, port)
+                            });
+                            let mut inj = injectors[t].lock().unwrap();
+                            inj.create(flows, 1).is_ok_and(|refused| refused == 0)
+                        },
+                    );
+                    Paced {
+                        sent: b.sent * INJECT_BATCH,
+                        failed: b.failed * INJECT_BATCH,
+                        elapsed: b.elapsed,
+                    }
+                }
+            };
+            flow += rate * secs;
+            let wall = w0.elapsed();
+            let (cpu1, child1) = cpu_ticks(pid).unwrap_or_default();
+            let after = sample(&exe, &socket, pid).unwrap_or_default();
+            let pct = |ticks: u64| ticks as f64 * 100.0 / tck as f64 / wall.as_secs_f64();
+            println!(
+                "| {rate} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} |",
+                run.rate(),
+                pct(cpu1 - cpu0),
+                pct(child1 - child0),
+                ((after.seen - before.seen) as f64 / wall.as_secs_f64()) as u64,
+                after.lost - before.lost,
+                after.tracked,
+                mib(after.rss),
+            );
+            if run.failed > 0 {
+                let why: Vec<String> = injectors
+                    .iter()
+                    .filter_map(|i| i.lock().unwrap().refusal.as_ref().map(|e| e.to_string()))
+                    .collect();
+                println!(
+                    "({} flows failed to send or were refused: {why:?})",
+                    run.failed
+                );
+            }
+            // The conntrack table empties (1 s timeout) before the next rate.
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
     let held = agent.cli(&exe, &["list", "--json"]);
     println!(
