@@ -33,9 +33,9 @@ fn shifted(stream: &[Observation], shift: u64) -> Vec<Observation> {
             match &mut o {
                 Observation::Flow(e) => e.time = Time(e.time.as_nanos() + shift),
                 Observation::Counters(c) => c.time = Time(c.time.as_nanos() + shift),
-                Observation::Tick { time } | Observation::Lost { time } => {
-                    *time = Time(time.as_nanos() + shift)
-                }
+                Observation::Tick { time }
+                | Observation::Lost { time }
+                | Observation::Resynced { time, .. } => *time = Time(time.as_nanos() + shift),
             }
             o
         })

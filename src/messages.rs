@@ -40,8 +40,11 @@ pub mod proto {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowEventKind {
-    /// A new flow (ctnetlink `IPCTNL_MSG_CT_NEW` with `NLM_F_CREATE`), or one found by a dump.
+    /// A new flow (ctnetlink `IPCTNL_MSG_CT_NEW` with `NLM_F_CREATE`).
     New,
+    /// A flow found by a dump of the table (`NLM_F_MULTI`), at start or to resynchronise after
+    /// lost events: it may have been seen live already.
+    Existing,
     /// A change to a known flow (reply seen, TCP state change, assured).
     Update,
     /// The flow ended or timed out (`IPCTNL_MSG_CT_DELETE`).
@@ -210,6 +213,13 @@ pub enum Observation {
         /// When the loss was noticed.
         time: Time,
     },
+    /// A dump of the conntrack table ended; its flows came before this.
+    Resynced {
+        /// When it ended.
+        time: Time,
+        /// When it was requested: flows alive then are in it.
+        started: Time,
+    },
 }
 
 impl Observation {
@@ -218,7 +228,9 @@ impl Observation {
         match self {
             Observation::Flow(e) => e.time,
             Observation::Counters(c) => c.time,
-            Observation::Tick { time } | Observation::Lost { time } => *time,
+            Observation::Tick { time }
+            | Observation::Lost { time }
+            | Observation::Resynced { time, .. } => *time,
         }
     }
 }

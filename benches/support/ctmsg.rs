@@ -66,6 +66,7 @@ fn kernel_state(s: TcpState) -> u8 {
 pub fn encode(e: &FlowEvent, id: u32, timeout: u32) -> Vec<u8> {
     let (ty, flags): (u16, u16) = match e.kind {
         FlowEventKind::New => (0x0100, 0x0600), // IPCTNL_MSG_CT_NEW, NLM_F_CREATE|NLM_F_EXCL
+        FlowEventKind::Existing => (0x0100, 0x0002), // from a dump: NLM_F_MULTI
         FlowEventKind::Update => (0x0100, 0),
         FlowEventKind::Destroy => (0x0102, 0), // IPCTNL_MSG_CT_DELETE
     };

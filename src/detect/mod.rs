@@ -50,11 +50,18 @@
 //!
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
-//! for other protocols. A `New` event that already carries `SEEN_REPLY` comes from a dump of
-//! existing flows (at start or after [`Observation::Lost`]) and is not counted as new, unless
-//! it is a reset TCP flow whose kernel start stamp falls in a blind period (from 2 s before
-//! the last loss on): then the dump is all the engine will see of it (a scan during an event
-//! overflow), and it counts as new and reset.
+//! for other protocols. A flow from a dump of the table ([`FlowEventKind::Existing`], at start
+//! or after [`Observation::Lost`]) counts as new only when the engine may not have seen it:
+//! at start when unanswered; after a loss when its kernel start stamp falls in the blind
+//! period (from 2 s before the first loss since the previous dump began, see
+//! [`Observation::Resynced`]) and it is unanswered or a reset TCP flow (a
+//! scan's closed port, counted as new and reset). Answered flows from a dump never count: a
+//! busy customer's rates would double. While the source table is full, a dump's flows only
+//! reach sources already tracked, except the recovered reset flows (a scan's source may have
+//! been evicted while its events were lost); an event that records nothing (a destroy, a
+//! state change) never starts tracking a source.
+//!
+//! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
 
 mod evidence;
 pub mod index;
@@ -157,11 +164,16 @@ pub struct EngineStats {
     pub counter_samples: u64,
     /// Observations about addresses that are not customers (ignored).
     pub ignored: u64,
-    /// `New` events of existing flows (from a dump), not counted as new flows.
+    /// Flows from a dump not counted as new (answered, or started before the blind period).
     pub dumped_flows: u64,
-    /// Reset TCP flows from a dump that started in a blind period (after a loss) and were
-    /// counted as new: what the resynchronising dump recovered of the lost events.
+    /// Unanswered or reset TCP flows from a dump that started in a blind period (after a
+    /// loss) and were counted as new: what the resynchronising dump recovered of the lost
+    /// events.
     pub recovered_flows: u64,
+    /// Events of sources not tracked that did not start tracking them, so no tracked source
+    /// was evicted for them: events that recorded nothing (destroys, state changes, flows
+    /// already counted), and flows from a dump while the table was full.
+    pub untracked_skipped: u64,
     /// `Lost` observations (the kernel dropped events).
     pub lost: u64,
     /// Detections raised, per category.
@@ -191,9 +203,13 @@ pub struct Engine {
     ignored: u64,
     dumped: u64,
     recovered: u64,
+    untracked_skipped: u64,
     lost: u64,
     /// Event time of the last loss (0: none yet).
     lost_at: u64,
+    /// Flows a dump shows as started from this event time on may have lost their events
+    /// (0: nothing lost since the last dump).
+    blind_from: u64,
     held_down: u64,
     detections: [u64; 5],
 }
@@ -238,8 +254,10 @@ impl Engine {
             ignored: 0,
             dumped: 0,
             recovered: 0,
+            untracked_skipped: 0,
             lost: 0,
             lost_at: 0,
+            blind_from: 0,
             held_down: 0,
             detections: [0; 5],
             policy,
@@ -384,6 +402,19 @@ impl Engine {
             Observation::Lost { time } => {
                 self.lost += 1;
                 self.lost_at = time.as_nanos();
+                if self.blind_from == 0 {
+                    self.blind_from = self.lost_at.saturating_sub(LOSS_LOOKBACK).max(1);
+                }
+            }
+            Observation::Resynced { started, .. } => {
+                // The dump held every flow alive when it started. Losses during it leave a
+                // blind period from then on; otherwise the next dump's flows were seen live.
+                let started = started.as_nanos();
+                self.blind_from = if self.lost_at >= started {
+                    started.saturating_sub(LOSS_LOOKBACK).max(1)
+                } else {
+                    0
+                };
             }
         }
     }
@@ -419,26 +450,30 @@ impl Engine {
             dport: e.dport,
             ..FlowFacts::default()
         };
+        let mut recovered = false;
         match e.kind {
-            FlowEventKind::New if !seen_reply => f.new = true,
-            FlowEventKind::New => {
-                // An existing flow from a dump. A TCP flow that was reset (a scan's closed
-                // port) and that the kernel stamps as started in a blind period (after a
-                // loss, minus the events that may have gone with it) counts as new: its own
-                // events were lost and the dump is all there is of it. Nothing else from a
-                // dump counts: an answered flow may have been seen live already, and counting
-                // it twice would inflate a busy customer's rates (a false flood). Unanswered
-                // flows (`SEEN_REPLY` clear) are counted above, as ever.
-                let blind = tcp
-                    && e.tcp_state == Some(TcpState::Close)
-                    && e.start.is_some_and(|s| {
-                        self.lost_at > 0
-                            && s.as_nanos().saturating_add(LOSS_LOOKBACK) >= self.lost_at
-                    });
-                if blind {
-                    self.recovered += 1;
+            FlowEventKind::New => f.new = true,
+            FlowEventKind::Existing => {
+                // A flow from a dump. At start, with no loss yet, an unanswered one counts as
+                // new (an attack in progress when the agent starts). After a loss, a flow the
+                // kernel stamps as started in the blind period (from `LOSS_LOOKBACK` before
+                // the first loss since the previous dump began) counts as new when it is
+                // unanswered, or a reset TCP flow (a scan's closed port): its own events may
+                // have gone with the overflow, and the dump is all there is of it; without a
+                // start stamp only an unanswered one does. Nothing else from a dump counts: an
+                // answered flow may have been seen live already, and counting it twice would
+                // inflate a busy customer's rates (a false flood).
+                let reset = tcp && seen_reply && e.tcp_state == Some(TcpState::Close);
+                let blind = match e.start {
+                    _ if self.lost == 0 => !seen_reply,
+                    _ if self.blind_from == 0 => false,
+                    Some(s) => s.as_nanos() >= self.blind_from,
+                    None => !seen_reply,
+                };
+                if blind && (!seen_reply || reset) {
+                    recovered = self.lost > 0;
                     f.new = true;
-                    f.answer = true;
+                    f.answer = reset;
                 } else {
                     self.dumped += 1;
                 }
@@ -468,6 +503,24 @@ impl Engine {
                 }
             }
             FlowEventKind::Destroy => {}
+        }
+        let records = f.new || f.answer || f.accepted || f.long_auth;
+        let full = self.table.len() >= self.table.cap();
+        let reset_recovered = recovered && f.answer;
+        if (!records || (e.kind == FlowEventKind::Existing && full && !reset_recovered))
+            && self.table.get(&key).is_none()
+        {
+            // A destroy, a state change or a flow already counted tells nothing about a source
+            // that is not tracked, and a dump's flows are no reason to evict a live source
+            // (a dump during a spoofed storm is a table full of one-off sources, and every
+            // source's DESTROY comes back a second after its NEW). The exception: reset TCP
+            // flows of the blind period, a scan's closed ports, whose source may have been
+            // evicted by that storm while its events were lost; they are what a dump is for.
+            self.untracked_skipped += 1;
+            return;
+        }
+        if recovered {
+            self.recovered += 1;
         }
         let windows = prep.windows;
         let enabled = prep.enabled;
@@ -692,6 +745,7 @@ impl Engine {
             ignored: self.ignored,
             dumped_flows: self.dumped,
             recovered_flows: self.recovered,
+            untracked_skipped: self.untracked_skipped,
             lost: self.lost,
             detections_by_category: Category::ALL
                 .iter()

@@ -792,7 +792,7 @@ fn dumped_flows_are_not_new() {
     for i in 0..10_000u64 {
         obs.push(flow(
             1,
-            FlowEventKind::New,
+            FlowEventKind::Existing,
             BOT,
             internet(i as u32),
             proto::TCP,
@@ -816,7 +816,7 @@ fn dump_after_loss(n: u16, age_ms: u64) -> Vec<Observation> {
     for p in 1..=n {
         let mut o = flow(
             5_100,
-            FlowEventKind::New,
+            FlowEventKind::Existing,
             BOT,
             internet(1),
             proto::TCP,
@@ -863,12 +863,118 @@ fn answered_flows_dumped_after_a_loss_are_not_counted_again() {
 }
 
 #[test]
+fn a_scan_in_a_sustained_overflow_is_recovered_once() {
+    // Losses every second from 1 s to 6 s; the scan (150 reset flows, started at 2 s) lost
+    // with them. The dump requested at 6 s holds it: counted, although the last loss is four
+    // seconds after the scan began. A second dump at 8 s holds it again: not counted twice.
+    let scan = |dump_ms: u64| {
+        (1..=150u16).map(move |p| {
+            let mut o = flow(
+                dump_ms,
+                FlowEventKind::Existing,
+                BOT,
+                internet(1),
+                proto::TCP,
+                40_000 + p,
+                p,
+                ct_status::SEEN_REPLY,
+                Some(TcpState::Close),
+            );
+            if let Observation::Flow(e) = &mut o {
+                e.start = Some(Time(T0 + 2_000 * MS));
+            }
+            o
+        })
+    };
+    let mut obs: Vec<Observation> = (1..=6u64)
+        .map(|s| Observation::Lost {
+            time: Time(T0 + s * 1_000 * MS),
+        })
+        .collect();
+    obs.extend(scan(6_500));
+    obs.push(Observation::Resynced {
+        time: Time(T0 + 6_600 * MS),
+        started: Time(T0 + 6_000 * MS),
+    });
+    obs.extend(scan(8_500));
+    obs.push(Observation::Resynced {
+        time: Time(T0 + 8_600 * MS),
+        started: Time(T0 + 8_000 * MS),
+    });
+    let mut e = Engine::new(policy());
+    let found = drive(&mut e, &obs, 1_000);
+    assert_eq!(of(&found, Category::PortScan).len(), 1, "{found:#?}");
+    assert_eq!(e.stats().recovered_flows, 150);
+    assert_eq!(e.stats().dumped_flows, 150);
+}
+
+#[test]
 fn flows_dumped_after_a_loss_that_started_long_before_are_not_new() {
     // Started ten seconds before the loss: seen live back then (or before the agent ran).
     let mut e = Engine::new(policy());
     assert!(drive(&mut e, &dump_after_loss(150, 10_000), 1_000).is_empty());
     assert_eq!(e.stats().recovered_flows, 0);
     assert_eq!(e.stats().dumped_flows, 150);
+}
+
+/// A dump after a loss at `T0 + 5 s`: `n` unanswered UDP flows, flow `i` from `src(i)`,
+/// started `age_ms` before the loss.
+fn unanswered_dump(n: u32, age_ms: u64, src: impl Fn(u32) -> String) -> Vec<Observation> {
+    let loss = T0 + 5_000 * MS;
+    let mut obs = vec![Observation::Lost { time: Time(loss) }];
+    for i in 0..n {
+        let s = src(i);
+        let dst = if s.contains(':') {
+            ip("2001:db8:ffff::1")
+        } else {
+            internet(i)
+        };
+        let mut o = udp(5_100, &s, dst, 40_000, 9);
+        if let Observation::Flow(e) = &mut o {
+            e.kind = FlowEventKind::Existing;
+            e.start = Some(Time(loss - age_ms * MS));
+        }
+        obs.push(o);
+    }
+    obs
+}
+
+#[test]
+fn unanswered_flows_dumped_after_a_loss_count_only_from_the_blind_period() {
+    let mut e = Engine::new(policy());
+    drive(&mut e, &unanswered_dump(300, 500, |_| BOT.into()), 1_000);
+    assert_eq!(e.stats().recovered_flows, 300);
+    let mut e = Engine::new(policy());
+    drive(&mut e, &unanswered_dump(300, 10_000, |_| BOT.into()), 1_000);
+    assert_eq!(e.stats().recovered_flows, 0);
+    assert_eq!(e.stats().dumped_flows, 300);
+}
+
+#[test]
+fn a_dump_at_the_cap_evicts_no_tracked_source() {
+    let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
+    let mut e = Engine::new(p);
+    let spoofed = |i: u32| format!("2001:db8:1:{i:x}::1");
+    for i in 0..1024u32 {
+        e.observe(&udp(
+            u64::from(i),
+            &spoofed(i),
+            ip("2001:db8:ffff::1"),
+            1,
+            9,
+        ));
+    }
+    // The dump holds 5,000 untracked sources' flows from the blind period, and 24 of tracked
+    // ones: those are counted, the others skipped.
+    let obs = unanswered_dump(5_024, 500, |i| {
+        spoofed(if i < 5_000 { 10_000 + i } else { i - 5_000 })
+    });
+    drive(&mut e, &obs, 1_000);
+    let s = e.stats();
+    assert_eq!(s.evictions, 0);
+    assert_eq!(s.untracked_skipped, 5_000);
+    assert_eq!(s.recovered_flows, 24);
+    assert_eq!(s.tracked_sources, 1024);
 }
 
 #[test]
@@ -903,6 +1009,53 @@ fn sources_are_capped_and_the_idlest_evicted() {
     // The most recent are kept, the oldest gone.
     assert!(e.is_tracked("2001:db8:1:270f::1".parse().unwrap()));
     assert!(!e.is_tracked(ip("203.0.113.0")));
+}
+
+#[test]
+fn destroys_of_untracked_sources_do_not_evict_a_scanner() {
+    // A spoofed storm at the cap: each source's NEW evicts the idlest, and its DESTROY a
+    // second later must not come back for another slot (the scanner's, whose own events thin
+    // out in an overflow).
+    let p = policy_from(&format!("{POLICY}detection:\n  max_sources: 1024\n"));
+    let mut e = Engine::new(p);
+    let target = ip("198.51.100.33");
+    let spoofed = |i: u32| format!("2001:db8:1:{i:x}::1");
+    let mut out = Vec::new();
+    for i in 0..1024u32 {
+        e.observe(&udp(
+            u64::from(i),
+            &spoofed(i),
+            ip("2001:db8:ffff::1"),
+            1,
+            9,
+        ));
+    }
+    // The scanner's first half, then the DESTROYs of 10,000 spoofed flows nobody tracks
+    // any more (their NEWs went long ago), then the second half.
+    for p in 1..=60u16 {
+        e.observe(&syn(2_000 + u64::from(p), BOT, target, 61_000, p));
+    }
+    for i in 0..10_000u32 {
+        let Observation::Flow(mut d) = udp(2_100, BOT, ip("2001:db8:ffff::1"), 1, 9) else {
+            unreachable!()
+        };
+        d.kind = FlowEventKind::Destroy;
+        d.src = spoofed(20_000 + i).parse().unwrap();
+        e.observe(&Observation::Flow(d));
+    }
+    for p in 61..=120u16 {
+        e.observe(&syn(2_200 + u64::from(p), BOT, target, 61_000, p));
+        e.observe(&rst(2_201 + u64::from(p), BOT, target, 61_000, p));
+    }
+    e.evaluate(Time(T0 + 3_000 * MS), &mut out);
+    assert_eq!(of(&out, Category::PortScan).len(), 1, "{out:#?}");
+    let s = e.stats();
+    assert_eq!(s.tracked_sources, 1024);
+    assert_eq!(s.untracked_skipped, 10_000);
+    assert_eq!(
+        s.evictions, 1,
+        "only the scanner's own arrival evicted a source"
+    );
 }
 
 #[test]

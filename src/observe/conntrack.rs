@@ -14,7 +14,7 @@
 //! - the *dump* thread sends `IPCTNL_MSG_CT_GET | NLM_F_DUMP` and reads the table, at start
 //!   (after the event socket subscribed, so nothing falls between them) and when the event
 //!   thread asks after the kernel reported lost events (`ENOBUFS`). Flows found by a dump are
-//!   [`FlowEventKind::New`]. Dumping on its own thread keeps the event socket read while a
+//!   [`FlowEventKind::Existing`]. Dumping on its own thread keeps the event socket read while a
 //!   large table is dumped: on one thread, a dump taking longer than the socket buffer lasts
 //!   overflowed it again, and a sustained storm became one dump after another with the live
 //!   events (a concurrent scan's among them) dropped in between. Under sustained loss the
@@ -30,7 +30,7 @@
 //! classic BPF socket filter would need `unsafe` (`SO_ATTACH_FILTER`) to match a list of
 //! prefixes; filtering costs a few nanoseconds here, so it stays in user space.
 //!
-//! [`FlowEventKind::New`]: crate::messages::FlowEventKind::New
+//! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
 
 use std::fs;
 use std::io::{self, IoSliceMut};
@@ -577,7 +577,14 @@ impl Dumper {
             loop {
                 self.filter_handle
                     .refresh(&mut self.filter_gen, &mut self.filter);
+                let started = Time::now();
                 let result = self.dump_table(&mut sink, stop);
+                if result.is_ok() {
+                    sink.push(Observation::Resynced {
+                        time: Time::now(),
+                        started,
+                    });
+                }
                 sink.flush();
                 let Err(e) = result else { break };
                 tracing::warn!(error = %error_chain(&e), "conntrack dump failed; retrying later");

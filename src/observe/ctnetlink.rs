@@ -350,7 +350,7 @@ pub enum Parsed {
 /// Parses one message. `time` is stamped into the event ([`FlowEvent::time`]).
 ///
 /// The kind of event: a `NEW` message with `NLM_F_CREATE` is a new flow, one with
-/// `NLM_F_MULTI` a flow found by a dump (also [`FlowEventKind::New`]), any other `NEW` an
+/// `NLM_F_MULTI` a flow found by a dump ([`FlowEventKind::Existing`]), any other `NEW` an
 /// update; `DELETE` is a destroy.
 pub fn parse(msg: &NlMsg<'_>, time: Time, filter: &CustomerFilter) -> Result<Parsed, ParseError> {
     match msg.kind {
@@ -372,7 +372,8 @@ pub fn parse(msg: &NlMsg<'_>, time: Time, filter: &CustomerFilter) -> Result<Par
         return Ok(Parsed::Ignored);
     }
     let kind = match ty {
-        IPCTNL_MSG_CT_NEW if msg.flags & (NLM_F_CREATE | NLM_F_MULTI) != 0 => FlowEventKind::New,
+        IPCTNL_MSG_CT_NEW if msg.flags & NLM_F_CREATE != 0 => FlowEventKind::New,
+        IPCTNL_MSG_CT_NEW if msg.flags & NLM_F_MULTI != 0 => FlowEventKind::Existing,
         IPCTNL_MSG_CT_NEW => FlowEventKind::Update,
         IPCTNL_MSG_CT_DELETE => FlowEventKind::Destroy,
         _ => return Ok(Parsed::Ignored),

@@ -296,6 +296,50 @@ impl CtInject {
     }
 }
 
+/// Flows per [`CtInject::create`] call in [`paced_injected`].
+pub const INJECT_BATCH: u64 = 64;
+
+/// Like [`paced`], for flows created by `injectors` (one sender thread each) in batches of
+/// [`INJECT_BATCH`]: `count` flows at `rate` per second, flow `i` being `flow(i)`
+/// (`(src, sport, dst, dport)`), each living `timeout` seconds. A refused flow counts as failed.
+pub fn paced_injected<F>(
+    injectors: &[std::sync::Mutex<CtInject>],
+    count: u64,
+    rate: u64,
+    limit: Duration,
+    timeout: u32,
+    flow: F,
+) -> Paced
+where
+    F: Fn(u64) -> (Ipv4Addr, u16, Ipv4Addr, u16) + Sync,
+{
+    let threads = injectors.len().max(1) as u64;
+    let refused = std::sync::atomic::AtomicU64::new(0);
+    let b = paced(
+        threads as usize,
+        count / INJECT_BATCH,
+        (rate / INJECT_BATCH).max(1),
+        limit,
+        |t, k| {
+            let first = (k * threads + t as u64) * INJECT_BATCH;
+            let mut inj = injectors[t].lock().expect("injector");
+            match inj.create((first..first + INJECT_BATCH).map(&flow), timeout) {
+                Ok(r) => {
+                    refused.fetch_add(r, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+                Err(_) => false,
+            }
+        },
+    );
+    let refused = refused.into_inner();
+    Paced {
+        sent: (b.sent * INJECT_BATCH).saturating_sub(refused),
+        failed: b.failed * INJECT_BATCH + refused,
+        elapsed: b.elapsed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

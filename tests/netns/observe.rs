@@ -402,7 +402,7 @@ fn start_dump_reports_flows_that_were_open_before_the_listener() {
             .iter()
             .find(|e| e.sport == sport)
             .unwrap_or_else(|| panic!("dump misses {sport}: {evs:#?}"));
-        assert_eq!(e.kind, FlowEventKind::New);
+        assert_eq!(e.kind, FlowEventKind::Existing);
         assert_eq!(e.src, src);
         assert_eq!(e.dport, 5353);
         assert!(e.seen_reply());

@@ -181,7 +181,7 @@ fn dump_entries_are_new_flows_and_end_with_done() {
         .iter()
         .zip([("203.0.113.10", 40054, 33), ("2001:db8:c::a", 40055, 53)])
     {
-        assert_eq!(e.kind, FlowEventKind::New);
+        assert_eq!(e.kind, FlowEventKind::Existing);
         assert_eq!((e.src, e.sport, e.dport), (ip(src), sport, 5353));
         assert!(e.seen_reply());
         assert_eq!(e.orig_bytes, Some(bytes));
