@@ -297,7 +297,7 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
                 let (src, sport, dst, dport) = flow(k * 2 + t as u64);
                 raw.send(src, sport, dst, dport).is_ok()
             }),
-            Some(inj) => paced_injected(inj, STORM_SOURCES, storm_rate(), STORM_LIMIT, 1, &flow),
+            Some(inj) => paced_injected(inj, STORM_SOURCES, storm_rate(), STORM_LIMIT, 1, flow),
         });
         // The scan starts once the detector is at its cap and evicting.
         let deadline = Instant::now() + Duration::from_secs(30);
