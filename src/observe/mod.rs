@@ -17,7 +17,10 @@
 //!
 //! Nothing here blocks the kernel: when the daemon is slow the listener's socket buffer fills,
 //! the kernel reports `ENOBUFS`, the listener counts the loss, sends [`Observation::Lost`] and
-//! resynchronises with a dump of the table.
+//! resynchronises with a dump of the table on a thread of its own (ending with
+//! [`Observation::Resynced`]), reading events all the while.
+//!
+//! [`Observation::Resynced`]: crate::messages::Observation::Resynced
 //!
 //! [`Observation::Lost`]: crate::messages::Observation::Lost
 
