@@ -54,11 +54,13 @@
 //! or after [`Observation::Lost`]) counts as new only when the engine may not have seen it:
 //! at start when unanswered; after a loss when its kernel start stamp falls in the blind
 //! period (from 2 s before the first loss since the previous dump began, see
-//! [`Observation::Resynced`]) and it is unanswered or a reset TCP flow (a
-//! scan's closed port, counted as new and reset). Answered flows from a dump never count: a
-//! busy customer's rates would double. While the source table is full, a dump's flows only
-//! reach sources already tracked, except the recovered reset flows (a scan's source may have
-//! been evicted while its events were lost); an event that records nothing (a destroy, a
+//! [`Observation::Resynced`]) and it is unanswered (a scan's filtered port: `SYN_SENT` lives
+//! 120 s) or a TCP flow reset after an answer (a SYN scan's open port: the scanner resets the
+//! SYN-ACK; counted as new and accepted). A scan's closed ports cannot be recovered: when the
+//! only reply is a reset the kernel deletes the flow at once. Other answered flows from a
+//! dump never count: a busy customer's rates would double. While the source table is full, a
+//! dump's flows only reach sources already tracked, except recovered TCP flows (a scanner may
+//! have been evicted while its events were lost); an event that records nothing (a destroy, a
 //! state change) never starts tracking a source.
 //!
 //! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
@@ -166,9 +168,9 @@ pub struct EngineStats {
     pub ignored: u64,
     /// Flows from a dump not counted as new (answered, or started before the blind period).
     pub dumped_flows: u64,
-    /// Unanswered or reset TCP flows from a dump that started in a blind period (after a
-    /// loss) and were counted as new: what the resynchronising dump recovered of the lost
-    /// events.
+    /// Unanswered flows, and TCP flows reset after an answer, from a dump that started in a
+    /// blind period (after a loss) and were counted as new: what the resynchronising dump
+    /// recovered of the lost events.
     pub recovered_flows: u64,
     /// Events of sources not tracked that did not start tracking them, so no tracked source
     /// was evicted for them: events that recorded nothing (destroys, state changes, flows
@@ -458,11 +460,13 @@ impl Engine {
                 // new (an attack in progress when the agent starts). After a loss, a flow the
                 // kernel stamps as started in the blind period (from `LOSS_LOOKBACK` before
                 // the first loss since the previous dump began) counts as new when it is
-                // unanswered, or a reset TCP flow (a scan's closed port): its own events may
-                // have gone with the overflow, and the dump is all there is of it; without a
-                // start stamp only an unanswered one does. Nothing else from a dump counts: an
-                // answered flow may have been seen live already, and counting it twice would
-                // inflate a busy customer's rates (a false flood).
+                // unanswered (a filtered port), or a TCP flow reset after an answer (an open
+                // port of a SYN scan; a reset as the only reply deletes the flow, so closed
+                // ports are never in a dump): its own events may have gone with the overflow,
+                // and the dump is all there is of it; without a start stamp only an unanswered
+                // one does. Nothing else from a dump counts: an answered flow may have been
+                // seen live already, and counting it twice would inflate a busy customer's
+                // rates (a false flood).
                 let reset = tcp && seen_reply && e.tcp_state == Some(TcpState::Close);
                 let blind = match e.start {
                     _ if self.lost == 0 => !seen_reply,
@@ -474,6 +478,7 @@ impl Engine {
                     recovered = self.lost > 0;
                     f.new = true;
                     f.answer = reset;
+                    f.accepted = reset;
                 } else {
                     self.dumped += 1;
                 }
@@ -506,16 +511,15 @@ impl Engine {
         }
         let records = f.new || f.answer || f.accepted || f.long_auth;
         let full = self.table.len() >= self.table.cap();
-        let reset_recovered = recovered && f.answer;
-        if (!records || (e.kind == FlowEventKind::Existing && full && !reset_recovered))
+        if (!records || (e.kind == FlowEventKind::Existing && full && !(recovered && tcp)))
             && self.table.get(&key).is_none()
         {
             // A destroy, a state change or a flow already counted tells nothing about a source
             // that is not tracked, and a dump's flows are no reason to evict a live source
             // (a dump during a spoofed storm is a table full of one-off sources, and every
-            // source's DESTROY comes back a second after its NEW). The exception: reset TCP
-            // flows of the blind period, a scan's closed ports, whose source may have been
-            // evicted by that storm while its events were lost; they are what a dump is for.
+            // source's DESTROY comes back a second after its NEW). The exception: TCP flows of
+            // the blind period, a scan's probes, whose source may have been evicted by that
+            // storm while its events were lost; they are what a dump is for.
             self.untracked_skipped += 1;
             return;
         }

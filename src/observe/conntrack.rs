@@ -4,8 +4,9 @@
 //!
 //! Two threads, each owning one socket opened in the caller's network namespace:
 //!
-//! - the *event* thread reads a socket that joins `NFNLGRP_CONNTRACK_NEW`, `_DESTROY` and
-//!   (unless [`Updates::None`]) `_UPDATE`, has a large receive buffer (`SO_RCVBUFFORCE`,
+//! - the *event* thread reads a socket that joins `NFNLGRP_CONNTRACK_NEW`, (unless
+//!   [`Updates::None`]) `_UPDATE` and, when asked ([`ListenerOptions::destroys`]; the agent
+//!   does not), `_DESTROY`, has a large receive buffer (`SO_RCVBUFFORCE`,
 //!   several MB) and is read with `recvmmsg` into a fixed array of slots: one syscall per
 //!   batch of up to [`SLOTS`] kernel messages, no allocation per event. After a round that
 //!   found events but did not fill the slots it waits [`ListenerOptions::coalesce`] (2 ms)
@@ -85,6 +86,11 @@ pub struct ListenerOptions {
     pub rcvbuf: usize,
     /// Which updates to keep.
     pub updates: Updates,
+    /// Subscribe to `DESTROY` events. The detector counts nothing at a flow's end (a scan's
+    /// closed port is unaccepted already at its `NEW`, and the kernel reports the reset only
+    /// by deleting the flow), so the agent leaves them off: in a storm of short flows they
+    /// are half the events, and the kernel builds none for a group nobody listens to.
+    pub destroys: bool,
     /// Turn on `net.netfilter.nf_conntrack_acct` and `nf_conntrack_timestamp` (and
     /// `nf_conntrack_events` when it is off) in the listener's namespace, logging each change.
     pub enable_sysctls: bool,
@@ -112,6 +118,7 @@ impl Default for ListenerOptions {
         ListenerOptions {
             rcvbuf: 8 * 1024 * 1024,
             updates: Updates::Signals,
+            destroys: false,
             enable_sysctls: true,
             dump_at_start: true,
             min_resync_interval: Duration::from_secs(1),
@@ -353,7 +360,10 @@ impl Core {
         );
         setsockopt(&events, sockopt::ReceiveTimeout, &timeout)
             .map_err(sockopt_err("SO_RCVTIMEO"))?;
-        let mut groups = vec![NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY];
+        let mut groups = vec![NFNLGRP_CONNTRACK_NEW];
+        if opts.destroys {
+            groups.push(NFNLGRP_CONNTRACK_DESTROY);
+        }
         if opts.updates != Updates::None {
             groups.push(NFNLGRP_CONNTRACK_UPDATE);
         }
@@ -439,6 +449,8 @@ impl Core {
         tracing::info!("conntrack listener stopped");
     }
 
+    /// One `recvmmsg` round: waits up to `poll_interval` for the first message, then takes
+    /// whatever else is queued, up to [`SLOTS`] messages. Returns how many it read.
     fn receive(
         &mut self,
         headers: &mut MultiHeaders<NetlinkAddr>,
@@ -808,5 +820,6 @@ mod tests {
         assert!(o.rcvbuf >= 4 * 1024 * 1024);
         assert_eq!(o.updates, Updates::Signals);
         assert!(o.enable_sysctls && o.dump_at_start);
+        assert!(!o.destroys, "the detector uses no flow ends");
     }
 }

@@ -107,6 +107,18 @@ pub fn spread(i: u32, bits: u32) -> u32 {
     x.wrapping_mul(0x85EB_CA6B) & mask
 }
 
+/// Runs `open` inside `ns`, so the socket it opens lives there; `what` names it in errors.
+fn open_in<T: Send>(
+    ns: &Netns,
+    what: &str,
+    open: impl FnOnce() -> io::Result<T> + Send,
+) -> Result<T, NetnsError> {
+    ns.enter(open)?.map_err(|source| NetnsError::Spawn {
+        cmd: what.into(),
+        source,
+    })
+}
+
 /// A raw IPv4 socket with `IP_HDRINCL`: sends UDP datagrams whose IP header, source address
 /// included, the caller writes. Opened inside a namespace, it sends from there.
 #[derive(Debug)]
@@ -120,16 +132,12 @@ const RAW_LEN: usize = 20 + 8 + 4;
 impl RawUdp {
     /// Opens the socket inside `ns`.
     pub fn open(ns: &Netns) -> Result<RawUdp, NetnsError> {
-        let sock = ns.enter(|| {
+        let sock = open_in(ns, "raw IPv4 socket", || {
             let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))?;
             s.set_header_included_v4(true)?;
             // A deep send buffer: the sender outruns the veth queue in bursts.
             s.set_send_buffer_size(4 << 20)?;
-            io::Result::Ok(s)
-        })?;
-        let sock = sock.map_err(|source| NetnsError::Spawn {
-            cmd: "raw IPv4 socket".into(),
-            source,
+            Ok(s)
         })?;
         Ok(RawUdp { sock })
     }
@@ -228,15 +236,11 @@ pub struct CtInject {
 impl CtInject {
     /// Opens the socket inside `ns`.
     pub fn open(ns: &Netns) -> Result<CtInject, NetnsError> {
-        let sock = ns.enter(|| {
+        let sock = open_in(ns, "NETLINK_NETFILTER socket", || {
             let mut s = netlink_sys::Socket::new(NETLINK_NETFILTER)?;
             s.bind_auto()?;
             s.set_non_blocking(true)?;
-            io::Result::Ok(s)
-        })?;
-        let sock = sock.map_err(|source| NetnsError::Spawn {
-            cmd: "NETLINK_NETFILTER socket".into(),
-            source,
+            Ok(s)
         })?;
         Ok(CtInject {
             sock,

@@ -248,6 +248,7 @@ fn flows_of_one_family(v6: bool) {
         &topo,
         ListenerOptions {
             updates: Updates::Signals,
+            destroys: true,
             ..ListenerOptions::default()
         },
     );
