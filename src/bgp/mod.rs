@@ -13,7 +13,7 @@
 //! each to the task of the peer it comes from (TCP MD5 keys of the peers are installed on the
 //! listening socket) and refuses and counts every other source ([`ListenerStats`]).
 //!
-//! Each peer task ([`session`]) runs the RFC 4271 state machine, computes the routes the peer
+//! Each peer task (`session`) runs the RFC 4271 state machine, computes the routes the peer
 //! should hold from the latest desired blocks ([`routes`]) and sends only the difference;
 //! after a reset it starts from nothing and re-announces the whole set, then End-of-RIB.
 //! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs, and RFC 7606 error

@@ -8,7 +8,7 @@
 //!    stop here with the line and column serde_yaml reports.
 //! 2. [`locate`]: an independent pass over the YAML events maps every path
 //!    (`networks[2].prefix`) to its line and column.
-//! 3. [`validate`]: every value is parsed and every rule checked; *all* errors are collected,
+//! 3. `validate`: every value is parsed and every rule checked; *all* errors are collected,
 //!    each placed at its path's position, and the typed [`Policy`] is built.
 //!
 //! The typed policy is immutable and cheap to share (`Arc<Policy>`); a reload builds a new one

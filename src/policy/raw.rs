@@ -2,7 +2,7 @@
 //!
 //! Every struct denies unknown fields, so a typo is an error with its line and column rather
 //! than a silently ignored setting. Values that need parsing (prefixes, durations, addresses,
-//! timestamps, rates) are kept as [`Scalar`] text here and parsed by [`super::validate`], so
+//! timestamps, rates) are kept as [`Scalar`] text here and parsed by `super::validate`, so
 //! that `egressguard check` reports every bad value at once, each at its own position.
 
 use std::collections::BTreeMap;

@@ -1,9 +1,9 @@
 //! Traffic generators shared by the namespace tests: a paced, bounded driver of new UDP flows
 //! ([`paced`]), a sender of IPv4/UDP datagrams with a source address of the caller's choice
 //! ([`RawUdp`], for spoofed-source floods), the permutation that gives a spoofed flood its
-//! distinct sources ([`spread`]), an internet host that drops what it is sent ([`sink`]), and
-//! a prefix the router itself sends nowhere after forwarding it ([`egress_sink`]), and flows
-//! created in the router's conntrack table directly ([`CtInject`]).
+//! distinct sources ([`spread`]), an internet host that drops what it is sent ([`sink`]), a
+//! prefix the router forwards into nothing ([`egress_sink`]), and flows created in the
+//! router's conntrack table directly ([`CtInject`], [`paced_injected`]).
 //!
 //! Every generator is bounded in count and in time, and sends only from and to namespaces
 //! the test built.
@@ -317,7 +317,8 @@ pub fn paced_injected<F>(
 where
     F: Fn(u64) -> (Ipv4Addr, u16, Ipv4Addr, u16) + Sync,
 {
-    let threads = injectors.len().max(1) as u64;
+    assert!(!injectors.is_empty(), "paced_injected needs an injector");
+    let threads = injectors.len() as u64;
     let refused = std::sync::atomic::AtomicU64::new(0);
     let b = paced(
         threads as usize,

@@ -534,16 +534,20 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
 }
 
 /// New UDP flows per second from 1,024 customer addresses (AnyIP: 100.64.0.0/22 is local on
-/// the customer's loopback) to 1,024 internet addresses (198.18.0.0/22, forwarded by the router
-/// to an egress that drops them, [`egress_sink`]), random destination ports in 20000-59999: at each rate no source
-/// comes near a default threshold (≤ 200 new flows/s per source, a few ports per destination),
-/// so the agent follows the traffic and blocks nobody, which is what a busy edge looks like.
+/// the customer's loopback) to 1,024 internet addresses (198.18.0.0/22, forwarded by the
+/// router to an egress that drops them, [`egress_sink`]), random destination ports in
+/// 20000-59999; or the same flows created in the router's table through ctnetlink
+/// ([`paced_injected`]), for rates the packet path of a small machine cannot reach. At each
+/// rate no source comes near a default threshold (≤ 200 new flows/s per source, a few ports
+/// per destination), so the agent follows the traffic and blocks nobody, which is what a busy
+/// edge looks like.
 /// The agent runs with the shipped defaults in enforce mode. For each rate, 10 s of traffic:
 /// the agent's CPU (utime + stime from /proc/PID/stat, and its `nft` children), resident
 /// memory, events seen and lost, sources tracked.
 ///
 /// `sudo -E cargo test --release --test storm measure_agent_cpu_at_flow_rates -- --ignored --nocapture`
-/// (rates: `EGD_RATES=10000,50000,...`; seconds per rate: `EGD_SECS=10`).
+/// (rates: `EGD_RATES=10000,50000,...`; seconds per rate: `EGD_SECS=10`; generators, each
+/// over all rates: `EGD_GEN=packets,ctnetlink`).
 #[test]
 #[ignore = "measurement; run by hand with --release --nocapture"]
 fn measure_agent_cpu_at_flow_rates() {
@@ -586,7 +590,8 @@ fn measure_agent_cpu_at_flow_rates() {
         .unwrap();
     egress_sink(&topo.router, "198.18.0.0/22").unwrap();
     // Unanswered UDP flows leave conntrack after 1 s, so 200,000 new flows/s fit the
-    // kernel's table (nf_conntrack_max); each flow is a NEW and a DESTROY event.
+    // kernel's table (nf_conntrack_max); each flow is one NEW event for the agent (it does not
+    // subscribe to DESTROY).
     topo.router
         .sysctl("net.netfilter.nf_conntrack_udp_timeout", "1")
         .unwrap();
