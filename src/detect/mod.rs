@@ -61,7 +61,7 @@
 //! dump never count: a busy customer's rates would double. While the source table is full, a
 //! dump's flows only reach sources already tracked, except recovered TCP flows (a scanner may
 //! have been evicted while its events were lost); an event that records nothing (a destroy, a
-//! state change) never starts tracking a source.
+//! state change) touches no source.
 //!
 //! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
 
@@ -172,9 +172,8 @@ pub struct EngineStats {
     /// blind period (after a loss) and were counted as new: what the resynchronising dump
     /// recovered of the lost events.
     pub recovered_flows: u64,
-    /// Events of sources not tracked that did not start tracking them, so no tracked source
-    /// was evicted for them: events that recorded nothing (destroys, state changes, flows
-    /// already counted), and flows from a dump while the table was full.
+    /// Flows from a dump of sources not tracked while the table was full, left untracked so
+    /// that no tracked source was evicted for them.
     pub untracked_skipped: u64,
     /// `Lost` observations (the kernel dropped events).
     pub lost: u64,
@@ -509,17 +508,22 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        let records = f.new || f.answer || f.accepted || f.long_auth;
-        let full = self.table.len() >= self.table.cap();
-        if (!records || (e.kind == FlowEventKind::Existing && full && !(recovered && tcp)))
+        if !(f.new || f.answer || f.accepted || f.long_auth) {
+            // A destroy, a state change or a flow already counted records nothing: it neither
+            // touches a tracked source nor starts tracking one (which would evict a source
+            // that matters: in a spoofed storm every source's DESTROY comes back a second
+            // after its NEW).
+            return;
+        }
+        if e.kind == FlowEventKind::Existing
+            && !(recovered && tcp)
+            && self.table.len() >= self.table.cap()
             && self.table.get(&key).is_none()
         {
-            // A destroy, a state change or a flow already counted tells nothing about a source
-            // that is not tracked, and a dump's flows are no reason to evict a live source
-            // (a dump during a spoofed storm is a table full of one-off sources, and every
-            // source's DESTROY comes back a second after its NEW). The exception: TCP flows of
-            // the blind period, a scan's probes, whose source may have been evicted by that
-            // storm while its events were lost; they are what a dump is for.
+            // A dump's flows are no reason to evict a live source: a dump during a spoofed
+            // storm is a table full of one-off sources. The exception: TCP flows of the blind
+            // period, a scan's probes, whose source may have been evicted by that storm while
+            // its events were lost; they are what a dump is for.
             self.untracked_skipped += 1;
             return;
         }
