@@ -34,6 +34,7 @@
 //! stay in the kernel: a restart must never open a gap) → BGP sessions close with CEASE →
 //! exit. Removal of the agent's table is explicit (package purge, `nft delete table`).
 
+use crate::logging::error_chain;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -138,18 +139,6 @@ pub fn run(args: &RunArgs) -> Exit {
             Exit::Failure
         }
     }
-}
-
-/// Renders an error with all its causes: `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn first_line(s: &str) -> &str {

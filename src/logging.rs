@@ -30,3 +30,29 @@ pub fn init(format: LogFormat) {
         (LogFormat::Plain, false) => builder.with_ansi(false).try_init(),
     };
 }
+
+/// Renders an error with all its causes on one line, `a: b: c`, for logs, `status` and the
+/// CLI.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_renders_every_cause() {
+        let inner = std::io::Error::other("connection refused");
+        let outer = std::io::Error::other(crate::observe::ObserveError::Socket(inner));
+        assert_eq!(
+            super::error_chain(&crate::observe::ObserveError::Receive(outer)),
+            "cannot read from the ctnetlink socket: cannot open the ctnetlink socket: connection refused"
+        );
+    }
+}

@@ -455,7 +455,7 @@ impl Supervisor {
                     installed.insert(p.address);
                 }
                 Err(e) => {
-                    let msg = session::error_chain(&e);
+                    let msg = crate::logging::error_chain(&e);
                     warn!(peer = %p.name, error = %msg, "bgp TCP MD5 key not installed on the listener; inbound connections from the peer are refused");
                     errors.push(msg);
                 }

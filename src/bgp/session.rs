@@ -10,6 +10,7 @@
 //! in OpenConfirm the BGP Identifiers decide which survives, an Established session always
 //! survives, and the loser gets CEASE / Connection Collision Resolution (RFC 4486 subcode 7).
 
+use crate::logging::error_chain;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -315,18 +316,6 @@ impl PeerTask {
             }
         }
     }
-}
-
-/// The full cause chain of an error, for `status`.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Opens the TCP connection to `peer`, with the TCP MD5 key installed before `connect`

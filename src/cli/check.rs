@@ -40,7 +40,7 @@ fn preview(args: &CheckArgs, text: &str) -> Result<Vec<ReconnectView>, String> {
         Err(e) => Err(format!(
             "no agent answers at {}: {}",
             args.socket.display(),
-            crate::daemon::error_chain(&e)
+            crate::logging::error_chain(&e)
         )),
     }
 }

@@ -221,7 +221,7 @@ pub(crate) fn ask(
             Err(Exit::Refused)
         }
         Err(e) => {
-            eprintln!("egressguard: {}", crate::daemon::error_chain(&e));
+            eprintln!("egressguard: {}", crate::logging::error_chain(&e));
             Err(Exit::Failure)
         }
     }

@@ -61,6 +61,7 @@ pub mod breaker;
 mod holds;
 pub mod reconnect;
 
+use crate::logging::error_chain;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -1499,18 +1500,6 @@ impl Decider {
     pub fn into_store(self) -> Store {
         self.store
     }
-}
-
-/// `error: cause: cause` on one line, for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -649,6 +649,14 @@ mod tests {
         k
     }
 
+    /// The plan's element changes, as (element, operation).
+    fn ops(pl: &Plan) -> Vec<(String, ElemOp)> {
+        pl.changes
+            .iter()
+            .map(|c| (c.key.to_string(), c.op))
+            .collect()
+    }
+
     fn baseline(k: &KernelTable) -> BTreeMap<ChainId, Vec<Value>> {
         ChainId::ALL
             .into_iter()
@@ -797,13 +805,8 @@ mod tests {
         });
         let pl = plan(&spec(), &w, Some(&k), Some(&baseline(&k)), NOW);
         assert!(!pl.rebuild);
-        let ops: Vec<(String, ElemOp)> = pl
-            .changes
-            .iter()
-            .map(|c| (c.key.to_string(), c.op))
-            .collect();
         assert_eq!(
-            ops,
+            ops(&pl),
             [
                 ("203.0.113.7".to_string(), ElemOp::Replace),
                 ("203.0.113.99".to_string(), ElemOp::Remove),
@@ -876,13 +879,8 @@ mod tests {
             });
         }
         let pl = plan(&spec(), &w, Some(&k), Some(&baseline(&k)), NOW);
-        let ops: Vec<(String, ElemOp)> = pl
-            .changes
-            .iter()
-            .map(|c| (c.key.to_string(), c.op))
-            .collect();
         assert_eq!(
-            ops,
+            ops(&pl),
             [
                 ("2001:db8:c:1::/64".to_string(), ElemOp::Add),
                 ("2001:db8:c:1::5".to_string(), ElemOp::Remove),

@@ -33,6 +33,7 @@
 //!
 //! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
 
+use crate::logging::error_chain;
 use std::fs;
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -689,17 +690,6 @@ enum Received {
 
 fn setsockopt_get_rcvbuf(s: &Socket) -> usize {
     nix::sys::socket::getsockopt(s, sockopt::RcvBuf).unwrap_or(0)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Turns on the conntrack sysctls the signals need, in the calling thread's namespace, and
