@@ -54,6 +54,23 @@ fn runtime_in(ns: &Netns) -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A speaker running policy `p` in the agent's namespace, fed `blocks` first; the runtime
+/// must outlive the handle, and the sender changes what it announces.
+fn speaker(
+    l: &Link,
+    p: Bgp,
+    blocks: Arc<DesiredBlocks>,
+) -> (
+    tokio::runtime::Runtime,
+    watch::Sender<Arc<DesiredBlocks>>,
+    SpeakerHandle,
+) {
+    let rt = runtime_in(&l.agent);
+    let (tx, rx) = watch::channel(blocks);
+    let h = rt.block_on(async { Speaker::spawn(p, rx) });
+    (rt, tx, h)
+}
+
 fn policy(peer_as: u32, port: u16, extra: &str) -> Bgp {
     policy_at(PEER_V4, peer_as, port, extra)
 }
@@ -201,9 +218,11 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
     }
     let l = link();
     let mut b = bird(&l.upstream, 65002, "");
-    let rt = runtime_in(&l.agent);
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    let (rt, tx, h) = speaker(
+        &l,
+        policy(65002, 179, ""),
+        Arc::new(DesiredBlocks::default()),
+    );
     wait_for("session with BIRD", Duration::from_secs(20), || {
         established(&h).then_some(())
     });
@@ -346,11 +365,11 @@ protocol static flowstatic6 {
 }
 "#;
     let _b = bird(&l.upstream, 65002, statics);
-    let rt = runtime_in(&l.agent);
-    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async {
-        Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
-    });
+    let (rt, _tx, h) = speaker(
+        &l,
+        policy(65002, 179, "      accept_flowspec: true\n"),
+        Arc::new(DesiredBlocks::default()),
+    );
     let learned = h.learned();
     let rules = wait_for("both learned rules", Duration::from_secs(20), || {
         let m = learned.borrow().clone();
@@ -461,11 +480,11 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     let l = link();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut g = gobgpd(&l.upstream, dir.path());
-    let rt = runtime_in(&l.agent);
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async {
-        Speaker::spawn(policy(65002, 179, "      accept_flowspec: true\n"), rx)
-    });
+    let (rt, tx, h) = speaker(
+        &l,
+        policy(65002, 179, "      accept_flowspec: true\n"),
+        Arc::new(DesiredBlocks::default()),
+    );
     wait_for("session with GoBGP", Duration::from_secs(30), || {
         if std::env::var_os("BGP_DEBUG").is_some() {
             eprintln!("{:?}", h.stats());
@@ -622,9 +641,11 @@ fn bgp_bench_bird() {
     }
     let l = link();
     let b = bird(&l.upstream, 65002, "");
-    let rt = runtime_in(&l.agent);
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
-    let h = rt.block_on(async { Speaker::spawn(policy(65002, 179, ""), rx) });
+    let (rt, tx, h) = speaker(
+        &l,
+        policy(65002, 179, ""),
+        Arc::new(DesiredBlocks::default()),
+    );
     wait_for("session", Duration::from_secs(20), || {
         established(&h).then_some(())
     });
@@ -696,10 +717,12 @@ fn bgp_bird_session_over_ipv6_carries_both_families() {
     }
     let l = link();
     let b = bird_at(&l.upstream, 65001, "", "2001:db8:b::2", "2001:db8:b::1");
-    let rt = runtime_in(&l.agent);
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
     // iBGP this time (remote AS = local AS): LOCAL_PREF sent, empty AS_PATH.
-    let h = rt.block_on(async { Speaker::spawn(policy_at("2001:db8:b::2", 65001, 179, ""), rx) });
+    let (rt, tx, h) = speaker(
+        &l,
+        policy_at("2001:db8:b::2", 65001, 179, ""),
+        Arc::new(DesiredBlocks::default()),
+    );
     wait_for("IPv6 session with BIRD", Duration::from_secs(20), || {
         established(&h).then_some(())
     });
@@ -771,14 +794,11 @@ fn bgp_bird_tcp_md5_right_and_wrong_password() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let right = password_file(dir.path(), "right", MD5_PASSWORD);
-    let rt = runtime_in(&l.agent);
-    let (tx, rx) = watch::channel(flowspec_only_block());
-    let h = rt.block_on(async {
-        Speaker::spawn(
-            policy(65002, 179, &format!("      md5_password_file: {right}\n")),
-            rx,
-        )
-    });
+    let (rt, tx, h) = speaker(
+        &l,
+        policy(65002, 179, &format!("      md5_password_file: {right}\n")),
+        flowspec_only_block(),
+    );
     wait_for(
         "MD5-signed session with BIRD",
         Duration::from_secs(20),
@@ -850,14 +870,11 @@ fn bgp_gobgp_tcp_md5() {
         &format!("auth-password = \"{MD5_PASSWORD}\""),
     );
     let right = password_file(dir.path(), "right", MD5_PASSWORD);
-    let rt = runtime_in(&l.agent);
-    let (_tx, rx) = watch::channel(flowspec_only_block());
-    let h = rt.block_on(async {
-        Speaker::spawn(
-            policy(65002, 179, &format!("      md5_password_file: {right}\n")),
-            rx,
-        )
-    });
+    let (rt, _tx, h) = speaker(
+        &l,
+        policy(65002, 179, &format!("      md5_password_file: {right}\n")),
+        flowspec_only_block(),
+    );
     wait_for(
         "MD5-signed session with GoBGP",
         Duration::from_secs(30),
@@ -897,8 +914,6 @@ fn bgp_bird_connects_to_a_passive_agent() {
         AGENT_V4,
         &format!("{BIRD_ACTIVE} password \"{MD5_PASSWORD}\";"),
     );
-    let rt = runtime_in(&l.agent);
-    let (_tx, rx) = watch::channel(flowspec_only_block());
     // Passive, with TCP MD5 on the listening socket for BIRD's address. The socket is the
     // dual-stack `[::]:179`, so the key is installed for the IPv4-mapped address.
     let mut p = listening(
@@ -906,7 +921,7 @@ fn bgp_bird_connects_to_a_passive_agent() {
         true,
     );
     p.listen = Some("[::]:179".parse().unwrap());
-    let h = rt.block_on(async { Speaker::spawn(p, rx) });
+    let (rt, _tx, h) = speaker(&l, p, flowspec_only_block());
     wait_for(
         "BIRD's session to the agent",
         Duration::from_secs(30),
@@ -934,9 +949,11 @@ fn bgp_bird_both_active_collisions_resolve() {
     }
     let l = link();
     let b = bird_conf(&l.upstream, 65002, "", PEER_V4, AGENT_V4, BIRD_ACTIVE);
-    let rt = runtime_in(&l.agent);
-    let (_tx, rx) = watch::channel(flowspec_only_block());
-    let h = rt.block_on(async { Speaker::spawn(listening(policy(65002, 179, ""), false), rx) });
+    let (rt, _tx, h) = speaker(
+        &l,
+        listening(policy(65002, 179, ""), false),
+        flowspec_only_block(),
+    );
     // Both sides connect; restarting BIRD's protocol makes them race again. Each round the
     // session must come up and stay up (no endless collision loop), and when a collision
     // was resolved the survivor is BIRD's connection: its BGP Identifier (192.0.2.2) is the
@@ -996,9 +1013,11 @@ fn bgp_bird_collision_with_an_established_session() {
     l.agent
         .run(&["nft", "add rule inet colltest in tcp sport 179 drop"])
         .expect("nft rule");
-    let rt = runtime_in(&l.agent);
-    let (_tx, rx) = watch::channel(flowspec_only_block());
-    let h = rt.block_on(async { Speaker::spawn(listening(policy(65002, 179, ""), false), rx) });
+    let (rt, _tx, h) = speaker(
+        &l,
+        listening(policy(65002, 179, ""), false),
+        flowspec_only_block(),
+    );
     wait_for(
         "the agent's connect in flight",
         Duration::from_secs(5),
