@@ -32,6 +32,7 @@ fn blocks(n: u32) -> DesiredBlocks {
                     dports: vec![25, 587],
                     rate_bytes_per_sec: 0,
                 }),
+                except: vec![],
             },
         );
     }

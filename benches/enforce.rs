@@ -65,6 +65,7 @@ fn desired(generation: u64, nets: &[IpNet]) -> Arc<DesiredBlocks> {
                     expires,
                     announce: vec![],
                     flowspec: None,
+                    except: vec![],
                 },
             )
         })

@@ -64,7 +64,7 @@ use crate::observe::{
     ObserveStats,
 };
 use crate::policy::{Policy, PolicyError};
-use crate::state::{StateError, Store};
+use crate::state::{AuditEntry, Change, StateError, Store, actions};
 
 /// Batches of observations that may wait for the detector (see where the channel is made).
 const OBSERVATION_BATCHES: usize = 16;
@@ -112,6 +112,21 @@ pub enum DaemonError {
     /// Observation could not start.
     #[error("cannot start observing")]
     Observe(#[source] ObserveError),
+    /// The database is empty or missing while the kernel still holds addresses.
+    #[error(
+        "the state database {path} is empty or was missing, but the nft table `{table}` still \
+         holds {held} blocked or quarantined address(es): starting now would lift every one of \
+         them. Restore the database from a backup (the agent keeps it in --state-dir), or, to \
+         drop those holds on purpose, start once with `egressguard run --fresh-state` (audited)"
+    )]
+    StateLost {
+        /// The database.
+        path: PathBuf,
+        /// The agent's table.
+        table: String,
+        /// Blocked and quarantined elements in the kernel.
+        held: usize,
+    },
     /// The async runtime could not be built.
     #[error("cannot build the async runtime")]
     Runtime(#[source] std::io::Error),
@@ -155,13 +170,15 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o750));
     }
-    let store = Store::open(&args.state_dir.join("state.db")).map_err(DaemonError::State)?;
+    let db = args.state_dir.join("state.db");
+    let mut store = Store::open(&db).map_err(DaemonError::State)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("egressguard")
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
+    rt.block_on(guard_lost_state(args, &policy, &db, &mut store))?;
     let (tx, rx) = mpsc::channel::<Event>(256);
     let signals = spawn_signal_thread(tx.clone())?;
     let outcome = rt.block_on(serve(args, policy, store, tx, rx));
@@ -169,6 +186,59 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
     outcome?;
     info!("stopped");
     Ok(())
+}
+
+/// Refuses to start on an empty database while the kernel still holds addresses (the
+/// database was deleted, or the state directory is wrong): the enforcer would make the kernel
+/// match the empty decisions and lift every block and termination. With `--fresh-state` the
+/// operator's choice is recorded in the audit trail, which also makes the database non-empty
+/// for the next start.
+async fn guard_lost_state(
+    args: &RunArgs,
+    policy: &Policy,
+    db: &Path,
+    store: &mut Store,
+) -> Result<(), DaemonError> {
+    let empty = store.blocks().map_err(DaemonError::State)?.is_empty()
+        && store.audit_len().map_err(DaemonError::State)? == 0
+        && store.offense_count().map_err(DaemonError::State)? == 0;
+    if !empty {
+        return Ok(());
+    }
+    let held = match crate::enforce::held_in_kernel(policy).await {
+        Ok(n) => n,
+        // Enforcement's own start reports what is wrong with nft.
+        Err(_) => return Ok(()),
+    };
+    if held == 0 {
+        return Ok(());
+    }
+    let table = policy.enforcement.table.clone();
+    if !args.fresh_state {
+        return Err(DaemonError::StateLost {
+            path: db.to_owned(),
+            table,
+            held,
+        });
+    }
+    warn!(%table, held, "starting with a fresh state database (--fresh-state): the addresses held in the kernel are released");
+    store
+        .commit(&[Change::Audit(AuditEntry {
+            time: Time::now(),
+            actor: nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map_or_else(|| "root".into(), |u| u.name),
+            action: actions::FRESH_STATE.into(),
+            target: None,
+            reason: format!(
+                "started with --fresh-state on an empty database; {held} address(es) held in \
+                 the nft table `{table}` were released"
+            ),
+            dry_run: !policy.enforcing(),
+            detail: serde_json::json!({ "held_in_kernel": held, "table": table }),
+        })])
+        .map_err(DaemonError::State)
 }
 
 fn spawn_signal_thread(
@@ -198,16 +268,22 @@ fn spawn_signal_thread(
 /// The addresses the agent must never block besides the allowlist: what the policy names
 /// (BGP peers, walled garden) plus the router's own addresses and its resolvers.
 fn infrastructure(policy: &Policy) -> InfraSet {
-    let mut more: Vec<IpNet> = Vec::new();
+    InfraSet::from_policy(policy).with(host_addresses().into_iter().map(IpNet::from))
+}
+
+/// This host's own addresses: every interface address but loopback and IPv6 link-local, and
+/// the resolvers of /etc/resolv.conf. (`check` warns about held widths that include them.)
+pub(crate) fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
             let Some(sa) = a.address else { continue };
             if let Some(v4) = sa.as_sockaddr_in() {
-                more.push(IpNet::from(IpAddr::V4(v4.ip())));
+                out.push(IpAddr::V4(v4.ip()));
             } else if let Some(v6) = sa.as_sockaddr_in6() {
                 let ip = v6.ip();
                 if !ip.is_loopback() && (ip.segments()[0] & 0xffc0) != 0xfe80 {
-                    more.push(IpNet::from(IpAddr::V6(ip)));
+                    out.push(IpAddr::V6(ip));
                 }
             }
         }
@@ -217,11 +293,13 @@ fn infrastructure(policy: &Policy) -> InfraSet {
             if let Some(ns) = l.trim().strip_prefix("nameserver")
                 && let Ok(ip) = ns.trim().parse::<IpAddr>()
             {
-                more.push(IpNet::from(ip));
+                out.push(ip);
             }
         }
     }
-    InfraSet::from_policy(policy).with(more)
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Shared counters the decision task reads for `status` and metrics.
@@ -579,7 +657,9 @@ impl Agent {
                 && rule.proto.is_none()
                 && rule.dports.is_empty()
                 && matches!(rule.action, crate::bgp::flowspec::LearnedAction::Discard);
-            let protected = self.decider.protection(&rule.source).is_some();
+            // A learnt rule must not touch protected space at all (it carries no exceptions).
+            let protected = self.decider.protection(&rule.source).is_some()
+                || !self.decider.exceptions(&rule.source).is_empty();
             if exact && !protected {
                 local.blocks.entry(rule.source).or_insert(DesiredBlock {
                     target: rule.source,
@@ -587,6 +667,7 @@ impl Agent {
                     expires: None,
                     announce: Vec::new(),
                     flowspec: None,
+                    except: Vec::new(),
                 });
             } else {
                 let key = format!("{}:{}", rule.peer, rule.source);
@@ -697,13 +778,19 @@ impl Agent {
                 body: Body::Status(Box::new(self.status())),
             },
             Request::List => Reply::Ok {
-                body: Body::List(self.decider.list().iter().map(block_view).collect()),
+                body: Body::List(
+                    self.decider
+                        .list()
+                        .iter()
+                        .map(|b| block_view(b, &self.decider))
+                        .collect(),
+                ),
             },
             Request::Show { addr } => match self.decider.history(addr) {
                 Ok(h) => Reply::Ok {
                     body: Body::Show(Box::new(HistoryView {
                         target: h.target,
-                        current: h.hold.as_ref().map(block_view),
+                        current: h.hold.as_ref().map(|b| block_view(b, &self.decider)),
                         offenses: h
                             .offenses
                             .iter()
@@ -846,6 +933,22 @@ impl Agent {
                 enf.errors
             ));
         }
+        if d.suspended > 0 {
+            warnings.push(format!(
+                "{} holds suspended because their addresses became protected (allowlist or \
+                 infrastructure): not enforced, not lifted; `egressguard list` shows them, lift \
+                 each with `unblock` or a reconnect, or remove the protection",
+                d.suspended
+            ));
+        }
+        if d.excepted > 0 {
+            warnings.push(format!(
+                "{} holds contain protected addresses (the router's own, allowlisted ones), \
+                 which stay reachable: they are enforced on this router only, neither announced \
+                 by BGP nor blackholed",
+                d.excepted
+            ));
+        }
         if !p.enforcing() {
             warnings.push(
                 "dry-run mode: decisions are logged, nothing is enforced or announced".into(),
@@ -869,6 +972,7 @@ impl Agent {
             quarantined: by(BlockKind::Quarantine),
             blocked: by(BlockKind::Block),
             terminated: by(BlockKind::Terminate),
+            suspended: d.suspended as u64,
             breaker: BreakerView {
                 tripped: d.breaker.tripped,
                 since: d.breaker.tripped_since,
@@ -935,7 +1039,7 @@ impl Agent {
     }
 }
 
-fn block_view(b: &crate::state::BlockRecord) -> BlockView {
+fn block_view(b: &crate::state::BlockRecord, decider: &Decider) -> BlockView {
     BlockView {
         target: b.target,
         kind: b.kind,
@@ -945,6 +1049,7 @@ fn block_view(b: &crate::state::BlockRecord) -> BlockView {
         until: b.expires,
         offense: b.offense,
         dry_run: b.dry_run,
+        suspended: decider.suspension(&b.target).map(|p| p.to_string()),
     }
 }
 

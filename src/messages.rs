@@ -425,6 +425,11 @@ pub struct DesiredBlock {
     pub announce: Vec<Announce>,
     /// Flowspec match detail, when `announce` holds `Flowspec`.
     pub flowspec: Option<FlowspecScope>,
+    /// Protected addresses inside `target` (the router's own, allowlisted ones): they stay
+    /// reachable (the enforcer puts them into the allow guard that precedes every drop), and
+    /// a block with exceptions is neither announced nor blackholed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<IpNet>,
 }
 
 /// The complete set of blocks the kernel and the BGP peers should hold, keyed by target.

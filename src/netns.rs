@@ -446,6 +446,18 @@ impl Agent {
         policy: &str,
         echo: bool,
     ) -> Result<Agent, NetnsError> {
+        Agent::start_with_args(ns, exe, dir, policy, echo, &[])
+    }
+
+    /// [`Agent::start`] with more arguments to `run` (e.g. `--fresh-state`).
+    pub fn start_with_args(
+        ns: Option<&Netns>,
+        exe: &std::path::Path,
+        dir: &std::path::Path,
+        policy: &str,
+        echo: bool,
+        extra: &[&str],
+    ) -> Result<Agent, NetnsError> {
         let io = |source| NetnsError::Spawn {
             cmd: format!("write {}", dir.display()),
             source,
@@ -467,6 +479,7 @@ impl Agent {
             .arg(dir)
             .arg("--socket")
             .arg(dir.join("control.sock"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

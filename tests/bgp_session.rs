@@ -245,6 +245,7 @@ async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
                 expires: None,
                 announce: vec![egressguard::messages::Announce::Flowspec],
                 flowspec: None,
+                except: vec![],
             },
         )]
         .into_iter()

@@ -385,17 +385,16 @@ fn allowlisted_and_infrastructure_addresses_are_never_blocked() {
             ..
         }
     ));
-    // A prefix that holds an allowlisted address is not blocked either.
-    let err = d
+    // A prefix that holds allowlisted and infrastructure addresses is held with them
+    // excepted (the allow guard precedes every drop), and not announced upstream.
+    one(d
         .on_operator_block(net("203.0.113.0/24"), "r", None, "alice", at(20))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        DecideError::Refused {
-            refusal: OperatorRefusal::Protected { .. },
-            ..
-        }
-    ));
+        .unwrap());
+    let b = d.desired().blocks[&net("203.0.113.0/24")].clone();
+    assert_eq!(b.except, vec![net("203.0.113.1"), net("203.0.113.250")]);
+    assert!(b.announce.is_empty());
+    d.on_operator_unblock(net("203.0.113.0/24"), "r", "alice", at(21))
+        .unwrap();
     let err = d
         .on_operator_block(net("203.0.113.1"), "r", None, "alice", at(20))
         .unwrap_err();
@@ -413,32 +412,83 @@ fn allowlisted_and_infrastructure_addresses_are_never_blocked() {
     assert!(audit.iter().all(|a| a.entry.action == actions::PROTECTED));
 }
 
+/// The audit actions recorded for `addr`, oldest first.
+fn audit_actions(d: &Decider, addr: &str) -> Vec<String> {
+    let a: Vec<_> = d
+        .store()
+        .audit(Some(net(addr)), 100)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.entry.action)
+        .collect();
+    a
+}
+
 #[test]
 fn infrastructure_protection_follows_the_policy_switch() {
     let mut p = (*policy("")).clone();
     p.protect_infrastructure = false;
+    let off = Arc::new(p);
     let infra = InfraSet::new([net("203.0.113.1")]);
-    let mut d = Decider::new(Arc::new(p), Store::open_in_memory().unwrap(), infra, at(0)).unwrap();
+    let mut d = Decider::new(off.clone(), Store::open_in_memory().unwrap(), infra, at(0)).unwrap();
     one(d
         .on_detection(&detection("203.0.113.1", Category::Flood, at(10)))
         .unwrap());
-    // Turning protection on releases it.
-    let lifted = one(d.on_policy(policy(""), at(20)).unwrap().decisions);
-    assert_eq!(lifted.kind, None);
+    // Turning protection on suspends the hold: not enforced, not lifted, audited.
+    assert!(
+        d.on_policy(policy(""), at(20))
+            .unwrap()
+            .decisions
+            .is_empty()
+    );
     assert!(d.desired().blocks.is_empty());
+    assert!(d.hold(&net("203.0.113.1")).is_some());
+    assert_eq!(
+        d.suspension(&net("203.0.113.1")),
+        Some(Protection::Infrastructure)
+    );
+    assert_eq!(d.status().suspended, 1);
+    // Turning it off again enforces the same hold again.
+    assert!(d.on_policy(off, at(30)).unwrap().decisions.is_empty());
+    assert_eq!(held(&d, "203.0.113.1"), Some(BlockKind::Quarantine));
+    let a = audit_actions(&d, "203.0.113.1");
+    assert!(
+        a.ends_with(&[
+            actions::PROTECTED_SUSPEND.into(),
+            actions::PROTECTED_RESUME.into()
+        ]),
+        "{a:?}"
+    );
 }
 
 #[test]
-fn a_newly_allowlisted_address_is_released_on_reload() {
+fn a_newly_allowlisted_address_is_suspended_not_released() {
     let mut d = decider(policy(""));
     one(d
         .on_detection(&detection(A, Category::PortScan, at(10)))
         .unwrap());
     let mut p = (*policy("")).clone();
     p.allow.push(net(A));
-    let out = d.on_policy(Arc::new(p), at(20)).unwrap();
-    assert_eq!(one(out.decisions).kind, None);
+    let allowed = Arc::new(p);
+    let out = d.on_policy(allowed.clone(), at(20)).unwrap();
+    assert!(out.decisions.is_empty());
     assert_eq!(held(&d, A), None);
+    assert_eq!(d.suspension(&net(A)), Some(Protection::Allowlisted));
+    // The suspension survives a restart, and nothing is lifted by it.
+    let store = d.into_store();
+    let mut d = Decider::new(allowed, store, InfraSet::default(), at(30)).unwrap();
+    assert_eq!(d.suspension(&net(A)), Some(Protection::Allowlisted));
+    assert_eq!(held(&d, A), None);
+    // Removing the allow entry enforces the hold again, with its original expiry.
+    assert!(
+        d.on_policy(policy(""), at(40))
+            .unwrap()
+            .decisions
+            .is_empty()
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Quarantine));
+    assert_eq!(d.desired().blocks[&net(A)].expires, Some(at(10 + HOUR)));
+    assert!(!audit_actions(&d, A).contains(&actions::PROTECTED_LIFT.to_string()));
 }
 
 #[test]
@@ -710,16 +760,21 @@ fn preview_changes_nothing() {
 }
 
 #[test]
-fn new_infrastructure_releases_its_holds() {
+fn new_infrastructure_suspends_its_holds() {
     let mut d = decider(policy(""));
     one(d
         .on_detection(&detection("198.51.100.53", Category::Flood, at(10)))
         .unwrap());
-    let lifted = one(d
-        .set_infra(InfraSet::new([net("198.51.100.53")]), at(20))
-        .unwrap());
-    assert_eq!(lifted.kind, None);
+    assert!(
+        d.set_infra(InfraSet::new([net("198.51.100.53")]), at(20))
+            .unwrap()
+            .is_empty()
+    );
     assert!(d.desired().blocks.is_empty());
+    assert_eq!(
+        d.suspension(&net("198.51.100.53")),
+        Some(Protection::Infrastructure)
+    );
     assert!(
         d.on_detection(&detection("198.51.100.53", Category::Flood, at(30)))
             .unwrap()
@@ -728,7 +783,7 @@ fn new_infrastructure_releases_its_holds() {
 }
 
 #[test]
-fn allowlisting_a_terminated_address_releases_it() {
+fn allowlisting_a_terminated_address_never_lifts_the_termination() {
     let mut d = decider(policy(""));
     climb_to_block(&mut d);
     one(d
@@ -740,16 +795,25 @@ fn allowlisting_a_terminated_address_releases_it() {
     assert_eq!(held(&d, A), Some(BlockKind::Terminate));
     let mut p = (*policy("")).clone();
     p.allow.push(net(A));
-    assert_eq!(
-        one(d.on_policy(Arc::new(p), at(5 * HOUR)).unwrap().decisions).kind,
-        None
+    assert!(
+        d.on_policy(Arc::new(p), at(5 * HOUR))
+            .unwrap()
+            .decisions
+            .is_empty()
     );
     assert_eq!(held(&d, A), None);
     let h = d.history(net(A)).unwrap();
-    assert_eq!(
-        h.terminations[0].lifted_by.as_deref(),
-        Some("policy: allowlisted")
-    );
+    assert_eq!(h.terminations[0].lifted_by, None);
+    assert_eq!(h.hold.map(|h| h.kind), Some(BlockKind::Terminate));
+    // Only the abuse desk lifts it, by an override reconnect of its own.
+    let mut p =
+        (*with_reconnects(&[reconnect_entry(A, "OVERRIDE", ALL_CONDITIONS, FAR, true)])).clone();
+    p.allow.push(net(A));
+    let out = d.on_policy(Arc::new(p), at(6 * HOUR)).unwrap();
+    assert_eq!(out.reconnects[0].result, ReconnectResult::Applied);
+    let h = d.history(net(A)).unwrap();
+    assert_eq!(h.terminations[0].lifted_by.as_deref(), Some("OVERRIDE"));
+    assert_eq!(d.suspension(&net(A)), None);
 }
 
 /// The same inputs give the same decisions, byte for byte: a recorded stream replays.

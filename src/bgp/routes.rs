@@ -149,6 +149,7 @@ mod tests {
                     expires: None,
                     announce: a.to_vec(),
                     flowspec: f.clone(),
+                    except: vec![],
                 },
             );
         }

@@ -54,7 +54,10 @@ pub fn run(args: &CheckArgs) -> Exit {
             return Exit::InvalidPolicy;
         }
     };
-    let (policy, diags) = Policy::check_text(&text, &args.policy);
+    // Checked on the router it is for: held widths that would include this host's own
+    // addresses are warned about.
+    let (policy, diags) =
+        Policy::check_text_on(&text, &args.policy, &crate::daemon::host_addresses());
     let ok = policy.is_some();
     // Reconnects are checked against the state, which only the running agent holds (its
     // database is locked while it runs).

@@ -27,7 +27,15 @@ pub fn run(args: &ClientArgs) -> Exit {
         .map(|b| {
             vec![
                 b.target.to_string(),
-                format!("{}{}", b.kind, if b.dry_run { " (dry-run)" } else { "" }),
+                format!(
+                    "{}{}{}",
+                    b.kind,
+                    if b.dry_run { " (dry-run)" } else { "" },
+                    b.suspended
+                        .as_deref()
+                        .map(|p| format!(" (suspended: {p})"))
+                        .unwrap_or_default()
+                ),
                 b.offense.to_string(),
                 b.since.to_string(),
                 b.until

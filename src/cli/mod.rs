@@ -117,6 +117,12 @@ pub struct RunArgs {
     /// Path of the control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Start although the state database is empty or missing while the agent's nft table
+    /// still holds blocked or quarantined addresses: those holds are dropped (audited as
+    /// `fresh_state`). Without it the agent refuses to start, so that losing the database
+    /// never lifts every block by accident.
+    #[arg(long)]
+    pub fresh_state: bool,
 }
 
 /// `egressguard check`.

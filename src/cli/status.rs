@@ -41,8 +41,15 @@ pub fn run(args: &ClientArgs) -> Exit {
         s.detector_memory_bytes as f64 / (1024.0 * 1024.0)
     );
     println!(
-        "holding     {} quarantined, {} blocked, {} terminated",
-        s.quarantined, s.blocked, s.terminated
+        "holding     {} quarantined, {} blocked, {} terminated{}",
+        s.quarantined,
+        s.blocked,
+        s.terminated,
+        if s.suspended > 0 {
+            format!(", {} suspended by protection", s.suspended)
+        } else {
+            String::new()
+        }
     );
     if s.breaker.tripped {
         println!(

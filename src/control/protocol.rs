@@ -129,6 +129,9 @@ pub struct StatusView {
     pub blocked: u64,
     /// Terminated addresses.
     pub terminated: u64,
+    /// Holds suspended because their target became protected (not enforced, not lifted).
+    #[serde(default)]
+    pub suspended: u64,
     /// Circuit breaker.
     pub breaker: BreakerView,
     /// BGP sessions.
@@ -219,6 +222,10 @@ pub struct BlockView {
     pub offense: u32,
     /// True when only logged (dry-run).
     pub dry_run: bool,
+    /// Set when the hold is suspended (recorded, not enforced) because its target became
+    /// protected: `allowlisted` or `infrastructure`. Only an operator lifts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
 }
 
 /// One past offense (`egressguard show`).

@@ -214,6 +214,19 @@ impl InfraSet {
         self.nets.iter().any(|i| i.contains(net) || net.contains(i))
     }
 
+    /// Whether `net` lies wholly inside the infrastructure (so it is never held).
+    pub fn covers(&self, net: &IpNet) -> bool {
+        self.nets.iter().any(|i| i.contains(net))
+    }
+
+    /// The infrastructure strictly inside `net`: a hold of `net` keeps it reachable.
+    pub fn inside<'a>(&'a self, net: &'a IpNet) -> impl Iterator<Item = IpNet> + 'a {
+        self.nets
+            .iter()
+            .filter(move |i| net.contains(*i) && !i.contains(net))
+            .copied()
+    }
+
     /// The addresses and prefixes.
     pub fn nets(&self) -> &[IpNet] {
         &self.nets
@@ -268,6 +281,10 @@ pub struct DecideStatus {
     pub generation: u64,
     /// The next time a hold expires, when one does.
     pub next_expiry: Option<Time>,
+    /// Holds suspended because their target became protected.
+    pub suspended: usize,
+    /// Enforced holds with protected addresses excepted inside (local enforcement only).
+    pub excepted: usize,
 }
 
 /// What `show ADDR` shows.
@@ -341,6 +358,7 @@ pub struct Decider {
     store: Store,
     infra: InfraSet,
     holds: holds::Holds,
+    suspended: BTreeMap<IpNet, Protection>,
     offenses: BTreeMap<IpNet, Vec<Mark>>,
     used: BTreeMap<String, ReconnectRecord>,
     seen: BTreeMap<String, Time>,
@@ -380,6 +398,7 @@ impl Decider {
             store,
             infra,
             holds: holds::Holds::default(),
+            suspended: BTreeMap::new(),
             offenses: BTreeMap::new(),
             used: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -442,7 +461,7 @@ impl Decider {
         if d.policy.enforcing() {
             d.discard_dry_run(now, &mut b);
         }
-        d.release_protected(now, "policy", &mut b);
+        d.review_protection(now, "policy", &mut b);
         let outcomes = d.check_reconnects(now, &mut b);
         d.outcomes = outcomes;
         b.dirty = true;
@@ -507,6 +526,12 @@ impl Decider {
         }
     }
 
+    /// Removes the hold on `target` (and its suspension).
+    fn drop_hold(&mut self, target: &IpNet) -> Option<BlockRecord> {
+        self.suspended.remove(target);
+        self.holds.remove(&self.policy, target)
+    }
+
     fn dry(&self) -> bool {
         !self.policy.enforcing()
     }
@@ -527,15 +552,34 @@ impl Decider {
         }
     }
 
-    /// Whether `target` is protected, and how.
+    /// Whether `target` is protected (it lies wholly inside allowlisted space or the
+    /// infrastructure), and how. A target that merely *contains* protected addresses is not
+    /// protected: it is held with them excepted ([`Decider::exceptions`]).
     pub fn protection(&self, target: &IpNet) -> Option<Protection> {
-        if self.policy.allow_overlaps(target) {
+        if self.policy.allow_covers(target) {
             Some(Protection::Allowlisted)
-        } else if self.policy.protect_infrastructure && self.infra.overlaps(target) {
+        } else if self.policy.protect_infrastructure && self.infra.covers(target) {
             Some(Protection::Infrastructure)
         } else {
             None
         }
+    }
+
+    /// The protected addresses and prefixes strictly inside `target` (allowlisted, and with
+    /// `protect_infrastructure` the infrastructure): a hold of `target` excepts them.
+    pub fn exceptions(&self, target: &IpNet) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self.policy.allow_inside(target).collect();
+        if self.policy.protect_infrastructure {
+            out.extend(self.infra.inside(target));
+        }
+        IpNet::aggregate(&out)
+    }
+
+    /// Whether the hold on `target` is suspended because its target became protected, and
+    /// by what. A suspended hold stays recorded but is not enforced; only an operator
+    /// (`unblock`, a reconnect) lifts it, and it is enforced again once the protection goes.
+    pub fn suspension(&self, target: &IpNet) -> Option<Protection> {
+        self.suspended.get(target).copied()
     }
 
     fn counted_offenses(&self, target: &IpNet, now: Time) -> u32 {
@@ -818,7 +862,7 @@ impl Decider {
 
     /// Removes the hold on `target` because it ran out.
     fn expire(&mut self, target: IpNet, now: Time, why: &str, b: &mut Batch) {
-        let Some(h) = self.holds.remove(&self.policy, &target) else {
+        let Some(h) = self.drop_hold(&target) else {
             return;
         };
         self.counters.expired += 1;
@@ -1009,7 +1053,7 @@ impl Decider {
         }
         let snapshot = self.breaker.clone();
         let mut b = Batch::default();
-        self.holds.remove(&self.policy, &target);
+        self.drop_hold(&target);
         b.changes.push(Change::RemoveBlock(target));
         self.counters.operator_unblocks += 1;
         b.audit(
@@ -1086,7 +1130,7 @@ impl Decider {
             self.discard_dry_run(now, &mut b);
         }
         self.reset_breaker_in("policy reload", now, &mut b);
-        self.release_protected(now, "policy", &mut b);
+        self.review_protection(now, "policy", &mut b);
         let reconnects = self.check_reconnects(now, &mut b);
         b.dirty = true;
         let decisions = self.finish(b, snapshot, now)?;
@@ -1104,7 +1148,7 @@ impl Decider {
         self.infra = infra;
         let snapshot = self.breaker.clone();
         let mut b = Batch::default();
-        self.release_protected(now, "infrastructure", &mut b);
+        self.review_protection(now, "infrastructure", &mut b);
         self.finish(b, snapshot, now)
     }
 
@@ -1119,7 +1163,7 @@ impl Decider {
             return;
         }
         for t in &dry {
-            self.holds.remove(&self.policy, t);
+            self.drop_hold(t);
             b.changes.push(Change::RemoveBlock(*t));
         }
         warn!(
@@ -1141,50 +1185,60 @@ impl Decider {
         b.dirty = true;
     }
 
-    fn release_protected(&mut self, now: Time, actor: &str, b: &mut Batch) {
-        let protected: Vec<(IpNet, Protection)> = self
-            .holds
-            .values()
-            .filter_map(|h| self.protection(&h.target).map(|p| (h.target, p)))
-            .collect();
-        for (t, p) in protected {
-            let Some(h) = self.holds.get(&t).cloned() else {
-                continue;
-            };
-            self.holds.remove(&self.policy, &t);
-            b.changes.push(Change::RemoveBlock(t));
-            if h.kind == BlockKind::Terminate && !h.dry_run {
-                b.changes.push(Change::LiftTermination {
-                    target: t,
-                    time: now,
-                    ticket: format!("{actor}: {p}"),
-                });
+    /// Suspends the holds whose target became protected and resumes the ones that are not
+    /// protected any more, auditing each change. Nothing is lifted here: a protection change
+    /// is the policy's or the router's, never an operator's decision about the customer, so
+    /// a hold (a termination included) stays recorded until an operator lifts it.
+    fn review_protection(&mut self, now: Time, actor: &str, b: &mut Batch) {
+        let mut now_suspended = BTreeMap::new();
+        for h in self.holds.values() {
+            if let Some(p) = self.protection(&h.target) {
+                now_suspended.insert(h.target, p);
             }
-            let reason = format!("the address is now {p}");
+        }
+        for (t, p) in &now_suspended {
+            if self.suspended.get(t) == Some(p) {
+                continue;
+            }
+            let Some(h) = self.holds.get(t) else { continue };
+            let reason = format!(
+                "the address is now {p}: the {} is suspended (not enforced) until an operator \
+                 lifts it with `unblock` or a reconnect, or the protection is removed",
+                h.kind
+            );
+            warn!(addr = %t, protection = %p, kind = %h.kind, "hold suspended: address is protected; lift it by unblock or reconnect");
             b.audit(
                 now,
                 actor,
-                actions::PROTECTED_LIFT,
-                Some(t),
-                reason.clone(),
+                actions::PROTECTED_SUSPEND,
+                Some(*t),
+                reason,
                 h.dry_run,
-                json!({ "kind": h.kind, "protection": p }),
+                json!({ "kind": h.kind, "protection": p, "offense": h.offense }),
             );
-            warn!(addr = %t, protection = %p, "hold lifted: address is protected");
-            b.decisions.push(Decision {
-                time: now,
-                target: t,
-                kind: None,
-                expires: None,
-                offense: h.offense,
-                cause: Cause::Operator {
-                    user: actor.to_owned(),
-                    reason,
-                },
-                dry_run: h.dry_run,
-            });
             b.dirty = true;
         }
+        for (t, p) in &self.suspended {
+            if now_suspended.contains_key(t) {
+                continue;
+            }
+            let Some(h) = self.holds.get(t) else { continue };
+            warn!(addr = %t, was = %p, kind = %h.kind, "suspended hold enforced again: the address is not protected any more");
+            b.audit(
+                now,
+                actor,
+                actions::PROTECTED_RESUME,
+                Some(*t),
+                format!(
+                    "the address is not {p} any more: the {} is enforced again",
+                    h.kind
+                ),
+                h.dry_run,
+                json!({ "kind": h.kind, "was": p, "offense": h.offense }),
+            );
+            b.dirty = true;
+        }
+        self.suspended = now_suspended;
     }
 
     fn check_reconnects(&mut self, now: Time, b: &mut Batch) -> Vec<ReconnectOutcome> {
@@ -1314,7 +1368,7 @@ impl Decider {
         b: &mut Batch,
     ) {
         let target = h.target;
-        self.holds.remove(&self.policy, &target);
+        self.drop_hold(&target);
         b.changes.push(Change::RemoveBlock(target));
         if h.kind == BlockKind::Terminate && !h.dry_run {
             b.changes.push(Change::LiftTermination {
@@ -1383,12 +1437,21 @@ impl Decider {
             }
             None => (Vec::new(), None),
         };
+        let except = self.exceptions(&h.target);
+        // A hold with protected addresses inside is enforced here only: a BGP announcement
+        // or a blackhole route of the whole target would cut them off elsewhere.
+        let (announce, flowspec) = if except.is_empty() {
+            (announce, flowspec)
+        } else {
+            (Vec::new(), None)
+        };
         DesiredBlock {
             target: h.target,
             kind: h.kind,
             expires: h.expires,
             announce,
             flowspec,
+            except,
         }
     }
 
@@ -1398,7 +1461,7 @@ impl Decider {
             blocks: self
                 .holds
                 .values()
-                .filter(|h| h.dry_run == dry_run)
+                .filter(|h| h.dry_run == dry_run && !self.suspended.contains_key(&h.target))
                 .map(|h| (h.target, self.desired_block(h)))
                 .collect(),
         }
@@ -1478,6 +1541,12 @@ impl Decider {
             counters: self.counters.clone(),
             generation: self.generation,
             next_expiry: self.next_expiry(),
+            suspended: self.suspended.len(),
+            excepted: self
+                .holds
+                .values()
+                .filter(|h| !h.dry_run && !self.exceptions(&h.target).is_empty())
+                .count(),
         }
     }
 

@@ -429,6 +429,21 @@ fn chain_rules(k: &KernelTable) -> BTreeMap<ChainId, Vec<Value>> {
         .collect()
 }
 
+/// How many addresses the agent's table (as `policy` names it) holds blocked or quarantined
+/// in the kernel now; 0 when there is no such table. Read before [`Enforcer::init`], which
+/// would make the kernel match the decisions.
+pub async fn held_in_kernel(policy: &Policy) -> Result<usize, EnforceError> {
+    let nft = Nft::new(nft::DEFAULT_NFT);
+    let Some(table) = nft.list_table(&policy.enforcement.table).await? else {
+        return Ok(0);
+    };
+    Ok(SetId::all()
+        .filter(|s| matches!(s.role, Role::Blocked | Role::Quarantine))
+        .filter_map(|s| table.sets.get(s.name()))
+        .map(|s| s.elems.len())
+        .sum())
+}
+
 impl Enforcer {
     /// Starts enforcement under `policy`: checks that nft runs with enough privilege, writes
     /// the table (one transaction, so never half of it) and checks the agent's routes.
@@ -712,7 +727,7 @@ impl Enforcer {
             }
             let kernel = self.nft.list_table(&self.spec.table).await?;
             if keep_blocks {
-                adopt_blocks(&mut want, kernel.as_ref(), now);
+                adopt_blocks(&mut want, kernel.as_ref(), now, &self.policy);
             }
             let p = plan::plan(
                 &self.spec,
@@ -981,18 +996,16 @@ impl Enforcer {
         trigger: Trigger,
         report: &mut SyncReport,
     ) -> Result<(), EnforceError> {
-        let keep = self.desired.is_none() && self.policy.enforcing();
         if !self.policy.enforcement.blackhole.enabled && self.routes_checked {
             return Ok(());
         }
+        // Before the first desired blocks `want.routes` are the blocked elements the kernel
+        // still holds ([`adopt_blocks`]): a route without one (its hold expired while the
+        // agent was down) or any route with blackholing off goes.
         let tag = self.route_tag;
         let have = self.routes.list(tag).await?;
         let add: Vec<IpNet> = want.routes.difference(&have).copied().collect();
-        let del: Vec<IpNet> = if keep && self.policy.enforcement.blackhole.enabled {
-            Vec::new()
-        } else {
-            have.difference(&want.routes).copied().collect()
-        };
+        let del: Vec<IpNet> = have.difference(&want.routes).copied().collect();
         if !add.is_empty() || !del.is_empty() {
             let started = Instant::now();
             self.routes.add(&add, tag).await?;
@@ -1034,8 +1047,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Before the first desired blocks: want exactly the blocks the kernel holds (with the
-/// expiry they have), so nothing is added or removed.
-fn adopt_blocks(want: &mut Want, kernel: Option<&KernelTable>, now: Time) {
+/// expiry they have), so nothing is added or removed; and blackhole routes for the blocked
+/// ones only when the policy has them on (so a route of a hold that expired while the agent
+/// was down, or any route at all when blackholing is off, is removed at start).
+fn adopt_blocks(want: &mut Want, kernel: Option<&KernelTable>, now: Time, policy: &Policy) {
+    let routes = policy.enforcement.blackhole.enabled;
     let Some(k) = kernel else { return };
     for role in [Role::Blocked, Role::Quarantine] {
         for fam in [layout::Fam::V4, layout::Fam::V6] {
@@ -1050,7 +1066,7 @@ fn adopt_blocks(want: &mut Want, kernel: Option<&KernelTable>, now: Time) {
                         .expires
                         .map(|left| now.saturating_add(std::time::Duration::from_secs(left)));
                     m.insert(n, exp);
-                    if role == Role::Blocked {
+                    if routes && role == Role::Blocked && !policy.allow_overlaps(&n) {
                         want.routes.insert(n);
                     }
                 }

@@ -79,14 +79,27 @@ fn drop_covered(m: &mut BTreeMap<IpNet, Option<Time>>) -> Vec<IpNet> {
 impl Want {
     /// What to hold for `desired` under `policy` at `now`. In dry-run mode the block and
     /// quarantine sets and the routes stay empty.
+    ///
+    /// The allow guard holds the policy's allowlist plus every block's exceptions (protected
+    /// addresses inside a held prefix, such as the router's own address in a customer /64):
+    /// it precedes every drop, so they stay reachable while the rest of the prefix is held.
     pub fn build(policy: &Policy, desired: &DesiredBlocks, now: Time) -> Want {
         let mut sets: BTreeMap<SetId, BTreeMap<IpNet, Option<Time>>> = BTreeMap::new();
+        let excepted: Vec<IpNet> = if policy.enforcing() {
+            desired
+                .blocks
+                .values()
+                .flat_map(|b| b.except.iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for fam in [Fam::V4, Fam::V6] {
             let pick = |nets: &mut dyn Iterator<Item = IpNet>| -> Vec<IpNet> {
                 nets.filter(|n| fam_of(n) == fam).collect()
             };
             let customers = pick(&mut policy.networks.iter().map(|n| n.prefix));
-            let allow = pick(&mut policy.allow.iter().copied());
+            let allow = pick(&mut policy.allow.iter().chain(&excepted).copied());
             let garden = pick(&mut policy.enforcement.walled_garden.iter().copied());
             sets.insert(SetId::new(Role::Customers, fam), aggregate(&customers));
             sets.insert(SetId::new(Role::Allow, fam), aggregate(&allow));
@@ -133,8 +146,15 @@ impl Want {
         if policy.enforcement.blackhole.enabled {
             for fam in [Fam::V4, Fam::V6] {
                 for net in want.sets[&SetId::new(Role::Blocked, fam)].keys() {
-                    // Defence in depth: never blackhole an allowlisted address.
-                    if !policy.allow_overlaps(net) {
+                    // A route takes the whole prefix: never blackhole one with allowlisted
+                    // addresses or exceptions inside (the nft sets except them, a route
+                    // cannot).
+                    let excepts = desired
+                        .blocks
+                        .get(net)
+                        .is_some_and(|b| !b.except.is_empty())
+                        || excepted.iter().any(|e| net.contains(e));
+                    if !policy.allow_overlaps(net) && !excepts {
                         want.routes.insert(*net);
                     }
                 }
@@ -590,6 +610,7 @@ mod tests {
             expires,
             announce: vec![],
             flowspec: None,
+            except: vec![],
         }
     }
 

@@ -60,7 +60,9 @@ pub const BLACKHOLE_TABLE: u32 = 254;
 /// Route protocol number tagging the agent's blackhole routes (unassigned in
 /// `/etc/iproute2/rt_protos`).
 pub const BLACKHOLE_PROTOCOL: u8 = 201;
-pub const IPV6_BLOCK_PREFIX: u8 = 128;
+/// Offenders' IPv6 addresses are held per /64: a customer server owns its /64 and can hop
+/// between its addresses at will.
+pub const IPV6_BLOCK_PREFIX: u8 = 64;
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 
 // circuit breaker

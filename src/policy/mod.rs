@@ -467,7 +467,7 @@ impl Policy {
 
     /// Validates policy text; `path` is used in diagnostics only.
     pub fn from_text(text: &str, path: &Path) -> Result<Policy, PolicyError> {
-        let (policy, diags) = validate::validate(text, path);
+        let (policy, diags) = validate::validate(text, path, &[]);
         let errors: Vec<Diagnostic> = diags
             .iter()
             .filter(|d| d.severity == Severity::Error)
@@ -482,7 +482,17 @@ impl Policy {
     /// Validates policy text and returns every diagnostic (errors and warnings) with the
     /// policy when it is valid. This is what `egressguard check` prints.
     pub fn check_text(text: &str, path: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
-        let (policy, diags) = validate::validate(text, path);
+        Policy::check_text_on(text, path, &[])
+    }
+
+    /// [`Policy::check_text`] on the router itself: `host` are its own addresses (interfaces,
+    /// resolvers), and a held width that would include one of them is a warning.
+    pub fn check_text_on(
+        text: &str,
+        path: &Path,
+        host: &[IpAddr],
+    ) -> (Option<Policy>, Vec<Diagnostic>) {
+        let (policy, diags) = validate::validate(text, path, host);
         let ok = !diags.iter().any(|d| d.severity == Severity::Error);
         (if ok { policy } else { None }, diags)
     }
@@ -504,11 +514,26 @@ impl Policy {
         self.allow.iter().any(|a| a.contains(&addr))
     }
 
-    /// Whether any allowlisted address lies inside `net` (blocking `net` would hit it).
+    /// Whether any allowlisted address lies inside `net` or `net` inside one (blocking `net`
+    /// would touch allowlisted space).
     pub fn allow_overlaps(&self, net: &IpNet) -> bool {
         self.allow
             .iter()
             .any(|a| net.contains(a) || a.contains(net))
+    }
+
+    /// Whether `net` lies wholly inside allowlisted space (so it is never held).
+    pub fn allow_covers(&self, net: &IpNet) -> bool {
+        self.allow.iter().any(|a| a.contains(net))
+    }
+
+    /// The allowlisted prefixes strictly inside `net`: a hold of `net` keeps them reachable.
+    pub fn allow_inside(&self, net: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
+        let net = *net;
+        self.allow
+            .iter()
+            .filter(move |a| net.contains(*a) && !a.contains(&net))
+            .copied()
     }
 
     /// What to block for an offending `addr`: the address itself, or its IPv6 aggregate.

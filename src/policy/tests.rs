@@ -314,28 +314,102 @@ fn bad_allow_entry() {
 }
 
 #[test]
-fn allowlisted_whole_network_is_a_warning() {
-    let w = warnings(&format!("{BASE}allow:\n  - 203.0.0.0/16\n"));
-    assert!(
-        w.iter()
-            .any(|w| w.starts_with("4:13") && w.contains("nothing in it will ever be blocked")),
-        "{w:?}"
+fn an_allow_entry_covering_a_customer_network_is_an_error() {
+    one_error(
+        &format!("{BASE}allow:\n  - 203.0.0.0/16\n"),
+        "7:5: allow[0]",
+        "covers the whole customer network 203.0.113.0/24",
     );
+    // Part of it, wider than one held address: customers exempted by the block.
+    one_error(
+        &format!("{BASE}allow:\n  - 203.0.113.0/30\n"),
+        "7:5: allow[0]",
+        "covers part of the customer network 203.0.113.0/24",
+    );
+    // IPv6: wider than one held target.
+    one_error(
+        &format!("{BASE}allow:\n  - 2001:db8:c::/120\nenforcement:\n  ipv6_block_prefix: 128\n"),
+        "7:5: allow[0]",
+        "wider than one held target (/128)",
+    );
+    // The router's own address, one by one, is what an allow entry in customer space is for.
+    assert!(errors(&format!("{BASE}allow:\n  - 203.0.113.1\n")).is_empty());
+    assert!(errors(&format!("{BASE}allow:\n  - 198.51.100.0/24\n")).is_empty());
 }
 
 #[test]
-fn v6_aggregation_hiding_an_allowlisted_address_is_a_warning() {
+fn a_walled_garden_inside_customer_space_is_an_error() {
+    let t = |g: &str| format!("{BASE}enforcement:\n  walled_garden:\n    - {g}\n");
+    one_error(
+        &t("0.0.0.0/0"),
+        "8:7: enforcement.walled_garden[0]",
+        "overlaps the customer network 203.0.113.0/24",
+    );
+    one_error(
+        &t("203.0.113.80"),
+        "8:7: enforcement.walled_garden[0]",
+        "overlaps the customer network 203.0.113.0/24",
+    );
+    assert!(errors(&t("192.0.2.80")).is_empty());
+}
+
+#[test]
+fn an_allowlisted_host_in_a_held_v6_block_is_a_warning() {
     let t = format!("{BASE}allow:\n  - 2001:db8:c::1\nenforcement:\n  ipv6_block_prefix: 64\n");
     let w = warnings(&t);
     assert!(
         w.iter()
-            .any(|w| w.starts_with("5:13") && w.contains("never blocked")),
+            .any(|w| w.starts_with("7:5: allow[0]") && w.contains("enforced on this router only")),
         "{w:?}"
     );
     let p = check(&t).0.unwrap();
     let target = p.block_target("2001:db8:c::77".parse().unwrap());
     assert_eq!(target.to_string(), "2001:db8:c::/64");
     assert!(p.allow_overlaps(&target));
+    assert!(!p.allow_covers(&target));
+    let inside: Vec<IpNet> = p.allow_inside(&target).collect();
+    assert_eq!(inside, vec!["2001:db8:c::1/128".parse::<IpNet>().unwrap()]);
+}
+
+#[test]
+fn a_held_width_holding_the_routers_own_address_is_a_warning() {
+    let host: Vec<std::net::IpAddr> = vec![
+        "2001:db8:c::1".parse().unwrap(),
+        "203.0.113.1".parse().unwrap(),
+    ];
+    let (p, diags) = Policy::check_text_on(BASE, Path::new("p.yaml"), &host);
+    assert!(p.is_some());
+    let w: Vec<String> = diags
+        .iter()
+        .map(|d| format!("{}:{}: {}: {}", d.line, d.column, d.path, d.message))
+        .collect();
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].starts_with("5:13: networks[1].prefix: this router's own 2001:db8:c::1/128")
+            && w[0].contains("a hold of 2001:db8:c::/64 keeps"),
+        "{w:?}"
+    );
+    // Not when the router's /64 is allowlisted as a whole, nor per address (/128 holds).
+    let t = BASE.replace("2001:db8:c::/64", "2001:db8:c::/48") + "allow:\n  - 2001:db8:c::/64\n";
+    let (p, diags) = Policy::check_text_on(&t, Path::new("p.yaml"), &host);
+    assert!(p.is_some() && diags.is_empty(), "{diags:#?}");
+    let t = format!("{BASE}enforcement:\n  ipv6_block_prefix: 128\n");
+    assert!(
+        Policy::check_text_on(&t, Path::new("p.yaml"), &host)
+            .1
+            .is_empty()
+    );
+}
+
+#[test]
+fn ipv6_offenders_are_held_per_64_by_default() {
+    let p = check(BASE).0.unwrap();
+    assert_eq!(p.enforcement.ipv6_block_prefix, 64);
+    assert_eq!(
+        p.block_target("2001:db8:c::77".parse().unwrap())
+            .to_string(),
+        "2001:db8:c::/64"
+    );
 }
 
 #[test]

@@ -18,6 +18,9 @@ use crate::messages::{Announce, BlockKind, Category, Time};
 
 struct Cx<'a> {
     file: &'a Path,
+    /// The addresses of the host the policy is checked on (interfaces, resolvers), for the
+    /// warnings about held widths that include them; empty when not checked on the router.
+    host: &'a [IpAddr],
     ix: Index,
     diags: Vec<Diagnostic>,
 }
@@ -46,10 +49,16 @@ impl Cx<'_> {
     }
 }
 
-/// Validates `text`; returns the policy when it has no error, and every diagnostic.
-pub(super) fn validate(text: &str, file: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
+/// Validates `text`; returns the policy when it has no error, and every diagnostic. `host`:
+/// see [`Cx::host`].
+pub(super) fn validate(
+    text: &str,
+    file: &Path,
+    host: &[IpAddr],
+) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut cx = Cx {
         file,
+        host,
         ix: Index::new(text),
         diags: Vec::new(),
     };
@@ -589,31 +598,7 @@ fn networks(
             );
         }
         used.insert(profile.clone());
-        for a in allow {
-            if a.contains(&prefix) {
-                cx.warn(
-                    &format!("{at}.prefix"),
-                    format!("the whole network {prefix} is allowlisted by {a}: nothing in it will ever be blocked"),
-                    Some("remove the network from `networks:` or narrow the allow entry".into()),
-                );
-            }
-        }
-        if matches!(prefix, IpNet::V6(_)) && enf.ipv6_block_prefix < 128 {
-            for a in allow
-                .iter()
-                .filter(|a| prefix.contains(&a.addr()) && a.prefix_len() > enf.ipv6_block_prefix)
-            {
-                cx.warn(
-                    &format!("{at}.prefix"),
-                    format!(
-                        "allowlisted {a} lies in {prefix}, whose offenders are blocked per /{}: \
-                         its /{} neighbours will be detected but never blocked",
-                        enf.ipv6_block_prefix, enf.ipv6_block_prefix
-                    ),
-                    Some("allow the whole /64, or set `enforcement.ipv6_block_prefix: 128`".into()),
-                );
-            }
-        }
+        protection_inside(cx, &at, prefix, allow, enf);
         out.push(Network {
             prefix,
             profile,
@@ -637,6 +622,123 @@ fn networks(
             .then(a.prefix.cmp(&b.prefix))
     });
     out
+}
+
+/// The widest allow entry that may lie inside a customer network: one held target there (an
+/// IPv4 address; an IPv6 prefix of `ipv6_block_prefix`). Anything wider exempts customers by
+/// the block, and a later edit of it would silently protect (so suspend) their holds.
+fn allow_width_ok(a: &IpNet, enf: &Enforcement) -> bool {
+    match a {
+        IpNet::V4(n) => n.prefix_len() == 32,
+        IpNet::V6(n) => n.prefix_len() >= enf.ipv6_block_prefix,
+    }
+}
+
+/// Rules for protected space against one customer network entry (`at` is its path):
+/// a walled-garden entry must not overlap it at all (quarantined servers would reach their
+/// neighbours through the garden, and the garden is infrastructure, so it would protect
+/// them); an allow entry must not contain it or overlap it wider than one held target.
+fn protection_inside(cx: &mut Cx, at: &str, prefix: IpNet, allow: &[IpNet], enf: &Enforcement) {
+    for (i, g) in enf.walled_garden.iter().enumerate() {
+        if g.contains(&prefix) || prefix.contains(g) {
+            cx.err(
+                &format!("enforcement.walled_garden[{i}]"),
+                format!(
+                    "walled-garden entry {g} overlaps the customer network {prefix} ({at}): \
+                     quarantined servers could reach their neighbours, and garden addresses \
+                     are never blocked"
+                ),
+                Some(
+                    "list only the abuse portal's and resolvers' own addresses, outside `networks:`"
+                        .into(),
+                ),
+            );
+        }
+    }
+    for (i, a) in allow.iter().enumerate() {
+        if a.contains(&prefix) {
+            cx.err(
+                &format!("allow[{i}]"),
+                format!(
+                    "allow entry {a} covers the whole customer network {prefix} ({at}): \
+                     nothing in it could ever be held"
+                ),
+                Some(format!(
+                    "remove {prefix} from `networks:` if it is not customer space, or list only \
+                     the provider's own hosts in it one by one"
+                )),
+            );
+        } else if prefix.contains(a) && !allow_width_ok(a, enf) {
+            let width = match a {
+                IpNet::V4(_) => 32,
+                IpNet::V6(_) => enf.ipv6_block_prefix,
+            };
+            cx.err(
+                &format!("allow[{i}]"),
+                format!(
+                    "allow entry {a} covers part of the customer network {prefix} ({at}) wider \
+                     than one held target (/{width}): it exempts customers by the block"
+                ),
+                Some(format!(
+                    "list the provider's own hosts in {a} one by one (/{width} each), or take \
+                     the range out of `networks:` by splitting the network entry"
+                )),
+            );
+        } else if prefix.contains(a) {
+            excepted_inside_held(cx, &format!("allow[{i}]"), prefix, *a, "allowlisted", enf);
+        }
+    }
+    let host: Vec<IpNet> = cx
+        .host
+        .iter()
+        .filter(|h| prefix.contains(*h))
+        .map(|h| IpNet::from(*h))
+        .filter(|h| !allow.iter().any(|a| a.contains(h)))
+        .collect();
+    for h in host {
+        excepted_inside_held(
+            cx,
+            &format!("{at}.prefix"),
+            prefix,
+            h,
+            "this router's own",
+            enf,
+        );
+    }
+}
+
+/// Warns when the protected `inner` (an allow entry, or an address of this router) lies
+/// inside a width that is held as one target in `prefix`: such holds except it (the allow
+/// guard precedes every drop), so they stay on this router, neither announced by BGP nor
+/// blackholed, and the operator should know.
+fn excepted_inside_held(
+    cx: &mut Cx,
+    path: &str,
+    prefix: IpNet,
+    inner: IpNet,
+    what: &str,
+    enf: &Enforcement,
+) {
+    let IpNet::V6(_) = prefix else { return };
+    let held = enf.ipv6_block_prefix;
+    if inner.prefix_len() <= held {
+        return;
+    }
+    let Ok(width) = IpNet::new(inner.addr(), held).map(|n| n.trunc()) else {
+        return;
+    };
+    cx.warn(
+        path,
+        format!(
+            "{what} {inner} lies in {prefix}, whose offenders are held per /{held}: a hold of \
+             {width} keeps {inner} reachable (excepted by the allow guard) and is not announced \
+             by BGP or blackholed, so it is enforced on this router only"
+        ),
+        Some(format!(
+            "number the provider's own hosts and router interfaces in /{held}s of their own \
+             (and allow those), or set `enforcement.ipv6_block_prefix: 128`"
+        )),
+    );
 }
 
 fn escalation(cx: &mut Cx, raw: Option<&RawEscalation>) -> Escalation {

@@ -281,8 +281,13 @@ pub mod actions {
     pub const RECONNECT_REFUSED: &str = "reconnect_refused";
     /// A detection of a protected (allowlisted or infrastructure) address was ignored.
     pub const PROTECTED: &str = "protected";
-    /// A hold was lifted because its target became protected.
+    /// A hold was lifted because its target became protected (written by versions before
+    /// holds were suspended instead; kept so their audit trails read).
     pub const PROTECTED_LIFT: &str = "protected_lift";
+    /// A hold suspended (kept, not enforced) because its target became protected.
+    pub const PROTECTED_SUSPEND: &str = "protected_suspend";
+    /// A suspended hold enforced again: its target is not protected any more.
+    pub const PROTECTED_RESUME: &str = "protected_resume";
     /// A block was not made because the circuit breaker is open.
     pub const SUPPRESSED: &str = "suppressed";
     /// The circuit breaker tripped.
@@ -291,6 +296,9 @@ pub mod actions {
     pub const BREAKER_RESET: &str = "breaker_reset";
     /// Dry-run holds were discarded when the policy switched to enforce.
     pub const DRY_RUN_DISCARDED: &str = "dry_run_discarded";
+    /// The agent started with `run --fresh-state` on an empty database while the kernel
+    /// still held addresses: the operator chose to drop them.
+    pub const FRESH_STATE: &str = "fresh_state";
 }
 
 /// One change to the database; a decision batch is a list of them, applied in one

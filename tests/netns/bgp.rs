@@ -117,6 +117,7 @@ fn block(
             expires: None,
             announce: announce.to_vec(),
             flowspec: scope,
+            except: vec![],
         },
     )
 }

@@ -60,6 +60,7 @@ fn block(target: &str, kind: BlockKind, expires: Option<Time>) -> DesiredBlock {
         expires,
         announce: vec![],
         flowspec: None,
+        except: vec![],
     }
 }
 

@@ -5,6 +5,7 @@
 //! Each test builds its own namespaces (names carry the test process id) and tears them down
 //! on drop, also when it fails.
 
+mod abuse;
 mod bgp;
 mod bird;
 mod common;

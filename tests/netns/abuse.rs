@@ -1,0 +1,442 @@
+//! Abuse-proofing, each attack run against the real agent, kernel and tools: protection that
+//! would silently lift holds (a walled garden or allow entry over customer space, an
+//! address allowlisted after it was held), IPv6 enforcement switched off by the router's own
+//! address in the customer /64, a deleted state database, and blackhole routes that outlive
+//! their holds.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use egressguard::netns::{Agent, Netns, Topology};
+use serde_json::Value as Json;
+
+use crate::common::{agent_bin, require_root, wait_for};
+
+const CUST: &str = "203.0.113.10";
+const BASE: &str = "version: 1
+mode: enforce
+networks:
+  - prefix: 203.0.113.0/24
+  - prefix: 2001:db8:c::/64
+";
+
+/// A router with customers .10 and .11 and one internet host .20, the agent running in it.
+struct Rig {
+    agent: Agent,
+    dir: tempfile::TempDir,
+    topo: Topology,
+}
+
+impl Rig {
+    fn new(policy: &str) -> Rig {
+        let mut topo = Topology::new().expect("topology");
+        topo.add_customer(10).expect("customer");
+        topo.add_customer(11).expect("customer");
+        topo.add_internet_host(20).expect("internet host");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = start(&topo.router, dir.path(), policy, &[]);
+        Rig { agent, dir, topo }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.agent.cli(&agent_bin(), args)
+    }
+
+    /// Runs a verb that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "egressguard {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Json {
+        serde_json::from_str(&self.ok(args)).expect("JSON reply")
+    }
+
+    /// The elements of one set of the agent's table, as `nft list set` prints it.
+    fn set(&self, name: &str) -> String {
+        self.topo
+            .router
+            .run(&["nft", "list", "set", "inet", "egressguard", name])
+            .unwrap_or_default()
+    }
+
+    fn policy_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
+    /// Writes `policy` and asks for a reload; the reload's output.
+    fn reload(&self, policy: &str) -> Output {
+        std::fs::write(self.policy_path(), policy).expect("write policy");
+        self.cli(&["reload"])
+    }
+
+    /// `egressguard check` run inside the router (so it sees the router's addresses).
+    fn check(&self) -> (bool, String) {
+        let exe = agent_bin();
+        let path = self.policy_path();
+        let out = self
+            .topo
+            .router
+            .command(&[
+                exe.to_str().expect("utf-8 path"),
+                "check",
+                "--policy",
+                path.to_str().expect("utf-8 path"),
+                "--socket",
+                "/nonexistent",
+            ])
+            .output()
+            .expect("run check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn restart(&mut self, extra: &[&str]) {
+        self.agent.stop(Duration::from_secs(5));
+        let policy = std::fs::read_to_string(self.policy_path()).expect("policy");
+        self.agent = start(&self.topo.router, self.dir.path(), &policy, extra);
+    }
+}
+
+fn start(ns: &Netns, dir: &Path, policy: &str, extra: &[&str]) -> Agent {
+    let mut a = Agent::start_with_args(Some(ns), &agent_bin(), dir, policy, false, extra)
+        .expect("agent starts");
+    a.wait_for(&["started"], Duration::from_secs(10))
+        .expect("agent started");
+    a
+}
+
+/// Whether one ping from `from` to `to` (optionally from source address `src`) is answered
+/// within a second.
+fn pings(from: &Netns, to: &str, src: Option<&str>) -> bool {
+    let mut args = vec!["ping", "-c", "1", "-W", "1"];
+    if let Some(s) = src {
+        args.extend(["-I", s]);
+    }
+    args.push(to);
+    from.succeeds(&args)
+}
+
+fn audit_actions(show: &Json) -> Vec<String> {
+    show["audit"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["action"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn abuse_protection_changes_never_lift_a_hold() {
+    if !require_root("abuse_protection_changes_never_lift_a_hold") {
+        return;
+    }
+    let policy = format!("{BASE}allow:\n  - 203.0.113.1\n");
+    let mut rig = Rig::new(&policy);
+    let cust = &rig.topo.customers[0].ns;
+    assert!(pings(cust, "198.51.100.20", None), "no connectivity before");
+    rig.ok(&["block", CUST, "--reason", "abuse ticket 1", "--for", "1h"]);
+    wait_for("the block in blocked4", Duration::from_secs(3), || {
+        rig.set("blocked4").contains(CUST).then_some(())
+    });
+    assert!(
+        !pings(cust, "198.51.100.20", None),
+        "the block does not drop"
+    );
+
+    // The attack of the issue: a walled garden over everything, then an allow entry over the
+    // customer network. Both are refused, by `check` and by `reload`, naming the line.
+    for (bad, line, needle) in [
+        (
+            format!("{policy}enforcement:\n  walled_garden:\n    - 0.0.0.0/0\n"),
+            "policy.yaml:10:",
+            "walled_garden[0]",
+        ),
+        (
+            format!("{BASE}allow:\n  - 203.0.113.1\n  - 203.0.0.0/16\n"),
+            "policy.yaml:8:",
+            "covers the whole customer network 203.0.113.0/24",
+        ),
+    ] {
+        std::fs::write(rig.policy_path(), &bad).expect("write");
+        let (ok, text) = rig.check();
+        assert!(!ok, "check accepted {bad}: {text}");
+        assert!(
+            text.contains(line) && text.contains(needle),
+            "check does not name {line} {needle}: {text}"
+        );
+        let out = rig.reload(&bad);
+        assert!(!out.status.success(), "reload accepted {bad}");
+        assert!(
+            rig.set("blocked4").contains(CUST),
+            "a refused reload lifted the block"
+        );
+    }
+
+    // Allowlisting the held address itself suspends the hold: not enforced, still listed,
+    // audited; never lifted, also across a restart.
+    let allowed = format!("{BASE}allow:\n  - 203.0.113.1\n  - {CUST}\n");
+    let out = rig.reload(&allowed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the suspended hold out of blocked4",
+        Duration::from_secs(3),
+        || (!rig.set("blocked4").contains(CUST)).then_some(()),
+    );
+    let check_suspended = |rig: &Rig| {
+        let list = rig.json(&["list", "--json"]);
+        assert_eq!(list[0]["target"], "203.0.113.10/32", "{list}");
+        assert_eq!(list[0]["suspended"], "allowlisted", "{list}");
+        assert!(rig.ok(&["list"]).contains("suspended"), "list text");
+        let status = rig.ok(&["status"]);
+        assert!(status.contains("1 suspended by protection"), "{status}");
+    };
+    check_suspended(&rig);
+    let show = rig.json(&["show", CUST, "--json"]);
+    let actions = audit_actions(&show);
+    assert!(
+        actions.contains(&"protected_suspend".to_owned()),
+        "{actions:?}"
+    );
+    assert!(
+        !actions.contains(&"protected_lift".to_owned()),
+        "{actions:?}"
+    );
+    rig.restart(&[]);
+    check_suspended(&rig);
+    assert!(!rig.set("blocked4").contains(CUST));
+
+    // Taking the allow entry out enforces the same hold again.
+    let out = rig.reload(&policy);
+    assert!(out.status.success());
+    wait_for("the hold back in blocked4", Duration::from_secs(3), || {
+        rig.set("blocked4").contains(CUST).then_some(())
+    });
+    let cust = &rig.topo.customers[0].ns;
+    assert!(!pings(cust, "198.51.100.20", None));
+    let actions = audit_actions(&rig.json(&["show", CUST, "--json"]));
+    assert!(
+        actions.contains(&"protected_resume".to_owned()),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn abuse_ipv6_offender_in_the_routers_64_is_held_with_the_router_excepted() {
+    if !require_root("abuse_ipv6_offender_in_the_routers_64_is_held_with_the_router_excepted") {
+        return;
+    }
+    if !Path::new("/usr/bin/nmap").exists() {
+        panic!("nmap is missing: apt-get install nmap");
+    }
+    // The router's own 2001:db8:c::1 is in the customer /64 (the usual case); nothing in the
+    // policy mentions it.
+    let rig = Rig::new(BASE);
+    let (ok, text) = rig.check();
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("this router's own 2001:db8:c::1/128") && text.contains("policy.yaml:5:"),
+        "check does not warn about the held /64 holding the router's address: {text}"
+    );
+    let cust = &rig.topo.customers[0].ns;
+    assert!(pings(cust, "2001:db8:1::14", None));
+    // A real scan over IPv6 from 2001:db8:c::a: 300 ports, bounded in time.
+    cust.run(&[
+        "timeout",
+        "40",
+        "nmap",
+        "-6",
+        "-Pn",
+        "-n",
+        "--max-retries",
+        "0",
+        "-sS",
+        "-T4",
+        "-p",
+        "1-300",
+        "2001:db8:1::14",
+    ])
+    .expect("nmap");
+    wait_for("the /64 held", Duration::from_secs(15), || {
+        rig.set("quarantine6")
+            .contains("2001:db8:c::/64")
+            .then_some(())
+    });
+    assert!(
+        rig.set("allow6").contains("2001:db8:c::1"),
+        "the router's address is not excepted: {}",
+        rig.set("allow6")
+    );
+    // The offender is cut off; the router's own address in that /64 still works.
+    assert!(
+        !pings(cust, "2001:db8:1::14", None),
+        "the hold does not drop"
+    );
+    assert!(
+        pings(&rig.topo.router, "2001:db8:1::14", Some("2001:db8:c::1")),
+        "the router's own address in the held /64 lost its traffic"
+    );
+    let list = rig.json(&["list", "--json"]);
+    assert_eq!(list[0]["target"], "2001:db8:c::/64", "{list}");
+    let status = rig.ok(&["status"]);
+    assert!(
+        status.contains("1 holds contain protected addresses")
+            && status.contains("this router only"),
+        "status does not say the hold is local-only: {status}"
+    );
+}
+
+#[test]
+fn abuse_deleted_state_database_does_not_lift_the_blocks() {
+    if !require_root("abuse_deleted_state_database_does_not_lift_the_blocks") {
+        return;
+    }
+    let mut rig = Rig::new(BASE);
+    rig.ok(&["block", CUST, "--reason", "abuse ticket 2", "--for", "1h"]);
+    wait_for("the block in blocked4", Duration::from_secs(3), || {
+        rig.set("blocked4").contains(CUST).then_some(())
+    });
+    rig.agent.stop(Duration::from_secs(5));
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(rig.dir.path().join(f));
+    }
+    // Started again on the lost database: it refuses, says what to do, and the kernel keeps
+    // the block.
+    let policy = std::fs::read_to_string(rig.policy_path()).expect("policy");
+    let mut agent = Agent::start(
+        Some(&rig.topo.router),
+        &agent_bin(),
+        rig.dir.path(),
+        &policy,
+        false,
+    )
+    .expect("spawn");
+    let line = agent
+        .wait_for(&["--fresh-state"], Duration::from_secs(10))
+        .expect("the refusal names --fresh-state");
+    assert!(
+        line.contains("state.db") && line.contains("1 blocked"),
+        "{line}"
+    );
+    let status = agent.stop(Duration::from_secs(5));
+    assert_ne!(status.and_then(|s| s.code()), Some(0), "it started anyway");
+    assert!(
+        rig.set("blocked4").contains(CUST),
+        "the refused start lifted the block"
+    );
+
+    // With --fresh-state the operator drops them on purpose, audited; the next start is
+    // ordinary.
+    rig.agent = start(
+        &rig.topo.router,
+        rig.dir.path(),
+        &policy,
+        &["--fresh-state"],
+    );
+    wait_for("the table emptied", Duration::from_secs(3), || {
+        (!rig.set("blocked4").contains(CUST)).then_some(())
+    });
+    rig.restart(&[]);
+    rig.agent.stop(Duration::from_secs(5));
+    let store = egressguard::state::Store::open(&rig.dir.path().join("state.db")).expect("db");
+    let audit = store.audit(None, 100).expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.entry.action == "fresh_state" && a.entry.reason.contains("1 address")),
+        "no audit entry for --fresh-state: {audit:#?}"
+    );
+}
+
+/// The agent's blackhole routes (protocol 201) in the router, v4 and v6.
+fn routes(rig: &Rig) -> String {
+    let r = &rig.topo.router;
+    r.run(&["ip", "route", "show", "type", "blackhole", "proto", "201"])
+        .unwrap_or_default()
+        + &r.run(&[
+            "ip",
+            "-6",
+            "route",
+            "show",
+            "type",
+            "blackhole",
+            "proto",
+            "201",
+        ])
+        .unwrap_or_default()
+}
+
+#[test]
+fn abuse_blackhole_routes_never_outlive_their_holds() {
+    if !require_root("abuse_blackhole_routes_never_outlive_their_holds") {
+        return;
+    }
+    // Blackholing off (the default): a block and a restart install no route, and a stale
+    // route of the agent's protocol (an older configuration's) is removed at start.
+    let mut rig = Rig::new(BASE);
+    rig.ok(&["block", CUST, "--reason", "r", "--for", "1h"]);
+    wait_for("the block in blocked4", Duration::from_secs(3), || {
+        rig.set("blocked4").contains(CUST).then_some(())
+    });
+    rig.topo
+        .router
+        .run(&[
+            "ip",
+            "route",
+            "add",
+            "blackhole",
+            "203.0.113.99/32",
+            "proto",
+            "201",
+        ])
+        .expect("stale route");
+    rig.restart(&[]);
+    wait_for(
+        "no agent route with blackholing off",
+        Duration::from_secs(3),
+        || routes(&rig).trim().is_empty().then_some(()),
+    );
+    assert!(rig.set("blocked4").contains(CUST));
+    rig.ok(&["unblock", CUST, "--ticket", "T-1"]);
+
+    // Blackholing on: a hold for 2 s and one for an hour each get a route. The agent
+    // is down when the first expires: at start its route goes, the other stays.
+    let on = format!("{BASE}enforcement:\n  blackhole:\n    enabled: true\n");
+    assert!(rig.reload(&on).status.success());
+    rig.ok(&["block", CUST, "--reason", "r", "--for", "2s"]);
+    rig.ok(&["block", "203.0.113.11", "--reason", "r", "--for", "1h"]);
+    wait_for("both routes", Duration::from_secs(3), || {
+        let r = routes(&rig);
+        (r.contains("203.0.113.10") && r.contains("203.0.113.11")).then_some(())
+    });
+    rig.agent.stop(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    rig.agent = start(&rig.topo.router, rig.dir.path(), &on, &[]);
+    wait_for(
+        "the expired hold's route removed",
+        Duration::from_secs(3),
+        || (!routes(&rig).contains("203.0.113.10")).then_some(()),
+    );
+    assert!(routes(&rig).contains("203.0.113.11"), "{}", routes(&rig));
+    // An unblock removes its route.
+    rig.ok(&["unblock", "203.0.113.11", "--ticket", "T-2"]);
+    wait_for(
+        "the unblocked route removed",
+        Duration::from_secs(3),
+        || routes(&rig).trim().is_empty().then_some(()),
+    );
+}
