@@ -1008,7 +1008,21 @@ impl Enforcer {
         let del: Vec<IpNet> = have.difference(&want.routes).copied().collect();
         if !add.is_empty() || !del.is_empty() {
             let started = Instant::now();
-            self.routes.add(&add, tag).await?;
+            let now = Time::now();
+            let timed: Vec<(IpNet, Option<u32>)> = add
+                .iter()
+                .map(|t| {
+                    let fam = layout::Fam::of(t.addr());
+                    let expires = want
+                        .sets
+                        .get(&SetId::new(Role::Blocked, fam))
+                        .and_then(|m| m.get(t).copied().flatten());
+                    let left = expires
+                        .map(|e| u32::try_from(e.since(now).as_secs().max(1)).unwrap_or(u32::MAX));
+                    (*t, left)
+                })
+                .collect();
+            self.routes.add(&timed, tag).await?;
             self.routes.delete(&del, tag).await?;
             self.stats
                 .last_route_apply_us

@@ -60,6 +60,17 @@ fn message(net: IpNet, tag: RouteTag) -> RouteMessage {
     }
 }
 
+/// `m` with `RTA_EXPIRES` of `left` seconds when it is an IPv6 route (the kernel takes the
+/// attribute for IPv6 only).
+fn with_expiry(mut m: RouteMessage, left: Option<u32>) -> RouteMessage {
+    if let Some(secs) = left
+        && m.header.address_family == netlink_packet_route::AddressFamily::Inet6
+    {
+        m.attributes.push(RouteAttribute::Expires(secs.max(1)));
+    }
+    m
+}
+
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
@@ -163,13 +174,26 @@ impl RouteWriter {
         Ok(out)
     }
 
-    /// Adds (or replaces) blackhole routes for `targets`.
-    pub async fn add(&self, targets: &[IpNet], tag: RouteTag) -> Result<(), EnforceError> {
+    /// Adds (or replaces) blackhole routes for `targets`, each with the seconds its hold has
+    /// left (`None`: until lifted). IPv6 routes carry that as the kernel's route expiry
+    /// (`RTA_EXPIRES`), so they go by themselves while the agent is down where the kernel
+    /// honours it; IPv4 has no route expiry (the agent removes those at start).
+    pub async fn add(
+        &self,
+        targets: &[(IpNet, Option<u32>)],
+        tag: RouteTag,
+    ) -> Result<(), EnforceError> {
         let results: Vec<Result<(), EnforceError>> = stream::iter(targets.iter().copied())
-            .map(|t| {
+            .map(|(t, left)| {
                 let h = self.handle.clone();
                 async move {
-                    match h.route().add(message(t, tag)).replace().execute().await {
+                    match h
+                        .route()
+                        .add(with_expiry(message(t, tag), left))
+                        .replace()
+                        .execute()
+                        .await
+                    {
                         Ok(()) => Ok(()),
                         Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
                         Err(e) => Err(route_error("add", t, tag, e)),
@@ -234,6 +258,14 @@ mod tests {
         );
         assert_eq!(own_destination(&other_table, tag), None);
         let v6 = message("2001:db8:c::/64".parse().unwrap(), tag);
+        let timed = with_expiry(v6.clone(), Some(90));
+        assert!(timed.attributes.contains(&RouteAttribute::Expires(90)));
+        let v4 = with_expiry(mine.clone(), Some(90));
+        assert!(
+            !v4.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Expires(_)))
+        );
         assert_eq!(
             own_destination(&v6, tag),
             Some("2001:db8:c::/64".parse().unwrap())
