@@ -50,15 +50,15 @@ use tracing::{error, info, warn};
 use crate::bgp::{LearnedRules, PeerStats, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, OffenseView, PeerView,
-    ReconnectView, Reply, Request, StatusView,
+    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, NetworkBreakerView,
+    OffenseView, PeerView, ReconnectView, Reply, Request, StatusView,
 };
 use crate::control::server::{self, ControlError, ControlRequest};
-use crate::decide::{DecideError, DecideStatus, Decider, InfraSet};
+use crate::decide::{BlockScope, DecideError, DecideStatus, Decider, InfraSet, Protection};
 use crate::detect::{Engine, EngineStats};
 use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, EnforcerHandle};
 use crate::messages::{BlockKind, DesiredBlock, DesiredBlocks, Detection, Observation, Time};
-use crate::notify::{Notification, Notifier};
+use crate::notify::{BreakerNotification, Notification, Notifier};
 use crate::observe::{
     ConntrackListener, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
     ObserveStats,
@@ -266,9 +266,67 @@ fn spawn_signal_thread(
 }
 
 /// The addresses the agent must never block besides the allowlist: what the policy names
-/// (BGP peers, walled garden) plus the router's own addresses and its resolvers.
-fn infrastructure(policy: &Policy) -> InfraSet {
-    InfraSet::from_policy(policy).with(host_addresses().into_iter().map(IpNet::from))
+/// (BGP peers, walled garden) plus the router's own addresses and its resolvers; and, always
+/// protected whatever the policy says, the router's next hops toward outside the customer
+/// networks (from `routes`, see [`router_routes`]) and its connected IPv4 subnets' network
+/// and broadcast addresses.
+fn infrastructure(policy: &Policy, routes: &[(IpNet, IpAddr)]) -> InfraSet {
+    InfraSet::from_policy(policy)
+        .with(host_addresses().into_iter().map(IpNet::from))
+        .with_always(
+            InfraSet::upstream_next_hops(routes, policy)
+                .into_iter()
+                .chain(subnet_edges()),
+        )
+}
+
+/// The router's routes as (destination, gateway), every table; empty, with a warning, when
+/// they cannot be listed (the next hops are then not protected beyond the policy).
+async fn router_routes() -> Vec<(IpNet, IpAddr)> {
+    let listed = match crate::enforce::route::RouteWriter::connect() {
+        Ok(w) => w.next_hops().await,
+        Err(e) => Err(e),
+    };
+    listed.unwrap_or_else(|e| {
+        warn!(error = %error_chain(&e), "cannot list the router's routes: its next hops are not protected from operator blocks");
+        Vec::new()
+    })
+}
+
+/// [`router_routes`] from synchronous code on the agent's (multi-threaded) runtime.
+fn router_routes_now() -> Vec<(IpNet, IpAddr)> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(router_routes()))
+}
+
+/// The network and broadcast addresses of the router's connected IPv4 subnets (/30 and
+/// wider): holding one would hit every host on the link.
+fn subnet_edges() -> Vec<(IpNet, Protection)> {
+    let mut out = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return out;
+    };
+    for a in addrs {
+        let (Some(addr), Some(mask)) = (
+            a.address
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in().map(|v| v.ip())),
+            a.netmask
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in().map(|v| v.ip())),
+        ) else {
+            continue;
+        };
+        let len = u32::from(mask).leading_ones() as u8;
+        if len > 30 || addr.is_loopback() {
+            continue;
+        }
+        if let Ok(net) = ipnet::Ipv4Net::new(addr, len) {
+            for edge in [net.network(), net.broadcast()] {
+                out.push((IpNet::from(IpAddr::V4(edge)), Protection::Broadcast));
+            }
+        }
+    }
+    out
 }
 
 /// This host's own addresses: every interface address but loopback and IPv6 link-local, and
@@ -319,7 +377,7 @@ async fn serve(
     rx: mpsc::Receiver<Event>,
 ) -> Result<(), DaemonError> {
     let now = Time::now();
-    let infra = infrastructure(&policy);
+    let infra = infrastructure(&policy, &router_routes().await);
     let mut decider =
         Decider::new(Arc::clone(&policy), store, infra, now).map_err(DaemonError::Decide)?;
     let startup = decider.take_startup_decisions();
@@ -545,7 +603,7 @@ impl Agent {
         loop {
             let next = self
                 .decider
-                .next_expiry()
+                .next_timer()
                 .map(|t| t.since(Time::now()).min(Duration::from_secs(60)))
                 .unwrap_or(Duration::from_secs(60));
             tokio::select! {
@@ -633,6 +691,14 @@ impl Agent {
                 policy_version: self.policy.source.digest.clone(),
                 decision: d,
                 evidence,
+            });
+        }
+        for ev in self.decider.take_breaker_events() {
+            self.notifier.notify_breaker(BreakerNotification {
+                schema: crate::notify::SCHEMA.into(),
+                router: self.router.clone(),
+                policy_version: self.policy.source.digest.clone(),
+                breaker: ev,
             });
         }
         self.submit();
@@ -735,7 +801,10 @@ impl Agent {
                     tokio::spawn(async move { s.update_policy(b).await });
                 }
                 let now = Time::now();
-                if let Err(e) = self.decider.set_infra(infrastructure(&p), now) {
+                if let Err(e) = self
+                    .decider
+                    .set_infra(infrastructure(&p, &router_routes_now()), now)
+                {
                     error!(error = %error_chain(&e), "infrastructure update not recorded");
                 }
                 match self.decider.on_policy(p, now) {
@@ -827,14 +896,21 @@ impl Agent {
                 addr,
                 reason,
                 for_secs,
+                outside_networks,
             } => {
-                let target = IpNet::from(addr);
-                match self.decider.on_operator_block(
+                let target = addr;
+                let scope = if outside_networks {
+                    BlockScope::Anywhere
+                } else {
+                    BlockScope::Networks
+                };
+                match self.decider.on_operator_block_scoped(
                     target,
                     &reason,
                     Some(Duration::from_secs(for_secs)),
                     user,
                     now,
+                    scope,
                 ) {
                     Ok(decisions) => {
                         let msg = decisions
@@ -855,6 +931,32 @@ impl Agent {
                         } else {
                             msg
                         })
+                    }
+                    Err(e) => Reply::Error {
+                        error: error_chain(&e),
+                    },
+                }
+            }
+            Request::BreakerReset { network } => {
+                match self.decider.reset_breakers(network.as_deref(), user, now) {
+                    Ok(events) => {
+                        self.publish(Vec::new(), &[]);
+                        let reset: Vec<IpNet> = events.iter().map(|e| e.network).collect();
+                        let message = if reset.is_empty() {
+                            "no circuit breaker was tripped".to_owned()
+                        } else {
+                            format!(
+                                "circuit breaker re-armed for {}",
+                                reset
+                                    .iter()
+                                    .map(IpNet::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        };
+                        Reply::Ok {
+                            body: Body::BreakerReset { reset, message },
+                        }
                     }
                     Err(e) => Reply::Error {
                         error: error_chain(&e),
@@ -978,6 +1080,31 @@ impl Agent {
                 since: d.breaker.tripped_since,
                 reason: d.breaker.reason.clone(),
                 held_back: d.breaker.suppressed,
+                cool_down_secs: d.breaker.cool_down_secs,
+                networks: d
+                    .breaker
+                    .networks
+                    .iter()
+                    .map(|n| NetworkBreakerView {
+                        network: n.prefix,
+                        name: n.name.clone(),
+                        state: if n.tripped_since.is_some() {
+                            "tripped"
+                        } else {
+                            "armed"
+                        }
+                        .into(),
+                        since: n.tripped_since,
+                        rearms_at: n.rearms_at,
+                        reason: n.reason.clone(),
+                        customer_prefix: n.customer_prefix,
+                        new_last_minute: n.new_last_minute,
+                        max_new_per_minute: d.breaker.max_new_blocks_per_minute,
+                        active: n.active,
+                        max_active: d.breaker.max_blocks_per_network,
+                        suppressed: n.suppressed,
+                    })
+                    .collect(),
             },
             bgp: self
                 .speaker
@@ -1175,8 +1302,31 @@ fn metrics_render(
         );
         e.gauge(
             "egressguard_breaker_tripped",
-            "1 while the circuit breaker holds new blocks back.",
+            "1 while any network entry's circuit breaker holds new blocks back.",
             f64::from(u8::from(st.breaker.tripped)),
+        );
+        let names: Vec<String> = st
+            .breaker
+            .networks
+            .iter()
+            .map(|n| n.prefix.to_string())
+            .collect();
+        let per: Vec<(&str, f64)> = names
+            .iter()
+            .zip(&st.breaker.networks)
+            .map(|(name, n)| {
+                (
+                    name.as_str(),
+                    f64::from(u8::from(n.tripped_since.is_some())),
+                )
+            })
+            .collect();
+        e.family(
+            "egressguard_breaker_network_tripped",
+            "1 while this network entry's circuit breaker holds its new blocks back.",
+            "gauge",
+            "network",
+            &per,
         );
         let en: EnforceStats = enforcer.snapshot();
         e.counter(

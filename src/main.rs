@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Block(args) => cli::block::run(args),
         Command::Unblock(args) => cli::unblock::run(args),
         Command::Reload(args) => cli::reload::run(args),
+        Command::Breaker(cli::BreakerCommand::Reset(args)) => cli::breaker::reset(args),
         Command::GenerateMan { dir } => io_exit(cli::generate::man(dir)),
         Command::GenerateCompletions { dir } => io_exit(cli::generate::completions(dir)),
     };

@@ -493,6 +493,49 @@ pub struct Decision {
     pub dry_run: bool,
 }
 
+/// A change of one network entry's circuit breaker; sent to the notify hook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerEvent {
+    /// When.
+    pub time: Time,
+    /// What happened.
+    pub change: BreakerChange,
+    /// The customer network entry (`networks[i].prefix`) whose breaker it is.
+    pub network: IpNet,
+    /// The entry's name, when it has one.
+    pub name: Option<String>,
+    /// New holds (customer aggregates) in the last minute when it tripped.
+    pub count: u32,
+    /// The per-minute cap.
+    pub limit: u32,
+    /// When a tripped breaker re-arms by itself.
+    pub rearms_at: Option<Time>,
+    /// Who re-armed it: `cool-down`, `policy reload` or the operator's user name.
+    pub by: String,
+    /// In words, for logs and mails.
+    pub reason: String,
+}
+
+/// What happened to a network entry's circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerChange {
+    /// It tripped: the entry takes no new automatic holds until it re-arms.
+    Tripped,
+    /// It re-armed (cool-down over, or reset by an operator).
+    Rearmed,
+}
+
+impl BreakerChange {
+    /// The stable name (`tripped`, `rearmed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerChange::Tripped => "tripped",
+            BreakerChange::Rearmed => "rearmed",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -491,10 +491,20 @@ fn a_newly_allowlisted_address_is_suspended_not_released() {
     assert!(!audit_actions(&d, A).contains(&actions::PROTECTED_LIFT.to_string()));
 }
 
+fn tripped(d: &Decider, network: &str) -> bool {
+    d.status()
+        .breaker
+        .networks
+        .iter()
+        .find(|n| n.prefix == net(network))
+        .is_some_and(|n| n.tripped_since.is_some())
+}
+
 #[test]
-fn breaker_trips_per_minute_and_detection_goes_on() {
-    let p =
-        policy("circuit_breaker:\n  max_new_blocks_per_minute: 3\n  max_blocks_per_network: 100\n");
+fn breaker_trips_per_network_entry_and_rearms_after_its_cool_down() {
+    let p = policy(
+        "circuit_breaker:\n  max_new_blocks_per_minute: 3\n  max_blocks_per_network: 100\n  cool_down: 5m\n",
+    );
     let mut d = decider(p.clone());
     let mut made = 0;
     for i in 0..6u64 {
@@ -511,37 +521,117 @@ fn breaker_trips_per_minute_and_detection_goes_on() {
     assert_eq!(s.counters.detections, 6);
     assert_eq!(s.counters.suppressed, 3);
     assert_eq!(s.counters.breaker_trips, 1);
-    // Latched: a minute later it still suppresses new blocks...
+    assert!(tripped(&d, "203.0.113.0/24"));
+    // Only that entry: another network's offender is held at once.
+    one(d
+        .on_detection(&detection("198.51.100.5", Category::Spam, at(110)))
+        .unwrap());
+    assert!(!tripped(&d, "198.51.100.0/24"));
+    // While tripped, new holds in the entry are suppressed, with their evidence...
     assert!(
-        d.on_detection(&detection("198.51.100.5", Category::Spam, at(400)))
+        d.on_detection(&detection("203.0.113.30", Category::Spam, at(200)))
             .unwrap()
             .is_empty()
     );
-    // ...but an already quarantined address attacking again still escalates.
-    let e = one(d
-        .on_detection(&detection("203.0.113.10", Category::PortScan, at(500)))
-        .unwrap());
-    assert_eq!(e.kind, Some(BlockKind::Block));
-    // Suppressed detections keep their evidence in the audit trail.
-    let sup = d.store().audit(Some(net("198.51.100.5")), 10).unwrap();
+    let sup = d.store().audit(Some(net("203.0.113.30")), 10).unwrap();
     assert_eq!(sup[0].entry.action, actions::SUPPRESSED);
     assert_eq!(sup[0].entry.detail["evidence"]["top_ports"][0]["key"], 80);
-    // An operator reset lets blocks through again.
-    assert!(d.reset_breaker("alice", at(600)).unwrap());
-    assert!(!d.status().breaker.tripped);
-    one(d
-        .on_detection(&detection("198.51.100.5", Category::Spam, at(610)))
+    // ...but an already quarantined address attacking again still escalates.
+    let e = one(d
+        .on_detection(&detection("203.0.113.10", Category::PortScan, at(250)))
         .unwrap());
-    // A reload resets it too.
-    for i in 0..4u64 {
-        let a = format!("198.51.100.{}", 20 + i);
-        let _ = d
-            .on_detection(&detection(&a, Category::PortScan, at(620 + i)))
-            .unwrap();
+    assert_eq!(e.kind, Some(BlockKind::Block));
+    // It re-arms by itself after the cool-down, with an event for the notify hook.
+    assert_eq!(d.next_timer(), Some(at(103 + 300)));
+    d.take_breaker_events();
+    d.on_tick(at(103 + 300)).unwrap();
+    assert!(!tripped(&d, "203.0.113.0/24"));
+    let ev = d.take_breaker_events();
+    assert!(
+        ev.iter().any(|e| e.network == net("203.0.113.0/24")
+            && e.change == egressguard::messages::BreakerChange::Rearmed),
+        "{ev:#?}"
+    );
+    one(d
+        .on_detection(&detection("203.0.113.30", Category::Spam, at(410)))
+        .unwrap());
+    let audit = d.store().audit(None, 500).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.entry.action == actions::BREAKER_TRIPPED)
+    );
+}
+
+#[test]
+fn breaker_reset_by_network_and_operator_blocks_never_trip_it() {
+    let p =
+        policy("circuit_breaker:\n  max_new_blocks_per_minute: 2\n  max_blocks_per_network: 3\n");
+    let mut d = decider(p.clone());
+    // Operator blocks: as many as the operator wants, no trip, no budget used.
+    for i in 0..5u64 {
+        let a = format!("203.0.113.{}", 100 + i);
+        one(d
+            .on_operator_block(net(&a), "abuse desk", None, "alice", at(10 + i))
+            .unwrap());
     }
-    assert!(d.breaker_tripped());
-    d.on_policy(p, at(700)).unwrap();
-    assert!(!d.breaker_tripped());
+    assert!(!tripped(&d, "203.0.113.0/24"));
+    for i in 0..2u64 {
+        let a = format!("203.0.113.{}", 10 + i);
+        one(d
+            .on_detection(&detection(&a, Category::PortScan, at(20 + i)))
+            .unwrap());
+    }
+    for i in 0..2u64 {
+        let a = format!("198.51.100.{}", 10 + i);
+        one(d
+            .on_detection(&detection(&a, Category::PortScan, at(20 + i)))
+            .unwrap());
+    }
+    assert!(
+        d.on_detection(&detection("203.0.113.12", Category::PortScan, at(30)))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        d.on_detection(&detection("198.51.100.12", Category::PortScan, at(30)))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(tripped(&d, "203.0.113.0/24") && tripped(&d, "198.51.100.0/24"));
+    // Reset one entry (by name): only that one re-arms.
+    let ev = d.reset_breakers(Some("cust-a"), "alice", at(40)).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].network, net("203.0.113.0/24"));
+    assert_eq!(ev[0].by, "alice");
+    assert!(!tripped(&d, "203.0.113.0/24") && tripped(&d, "198.51.100.0/24"));
+    assert!(matches!(
+        d.reset_breakers(Some("no-such-net"), "alice", at(41)),
+        Err(DecideError::UnknownNetwork { .. })
+    ));
+    // Reset all.
+    let ev = d.reset_breakers(None, "alice", at(42)).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert!(!d.status().breaker.tripped);
+}
+
+#[test]
+fn breaker_counts_one_customer_aggregate_once() {
+    // 21 addresses of one customer /64 (held per address here) trip nothing: one customer.
+    let mut p = (*policy(
+        "circuit_breaker:\n  max_new_blocks_per_minute: 20\n  max_blocks_per_network: 32\n",
+    ))
+    .clone();
+    p.enforcement.ipv6_block_prefix = 128;
+    let mut d = decider(Arc::new(p));
+    for i in 0..21u64 {
+        let a = format!("2001:db8:0:7::{:x}", 0x10 + i);
+        one(d
+            .on_detection(&detection(&a, Category::PortScan, at(10 + i)))
+            .unwrap());
+    }
+    assert!(!d.status().breaker.tripped);
+    assert_eq!(d.status().counters.suppressed, 0);
 }
 
 #[test]

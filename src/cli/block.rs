@@ -9,6 +9,7 @@ pub fn run(args: &BlockArgs) -> Exit {
         addr: args.addr,
         reason: args.reason.clone(),
         for_secs: args.duration.as_secs().max(1),
+        outside_networks: args.outside_networks,
     };
     done(ask(&args.client, req), args.client.json)
 }

@@ -3,6 +3,7 @@
 //! dispatches here.
 
 pub mod block;
+pub mod breaker;
 pub mod check;
 pub mod generate;
 pub mod list;
@@ -91,6 +92,9 @@ pub enum Command {
     Unblock(UnblockArgs),
     /// Re-read the policy file; a policy that fails validation is refused and the old one stays.
     Reload(ClientArgs),
+    /// Circuit breakers: `breaker reset [NETWORK]` re-arms a tripped one (audited).
+    #[command(subcommand)]
+    Breaker(BreakerCommand),
     /// Write the man page egressguard(8) into a directory (used by packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -175,14 +179,37 @@ pub struct ShowArgs {
 /// `egressguard block`.
 #[derive(Debug, Clone, Args)]
 pub struct BlockArgs {
-    /// The address.
-    pub addr: std::net::IpAddr,
+    /// The address, or a prefix inside a customer network (203.0.113.0/28).
+    #[arg(value_parser = parse_target)]
+    pub addr: ipnet::IpNet,
     /// Why: goes to the audit trail and the notification.
     #[arg(long)]
     pub reason: String,
     /// How long, e.g. 30m, 12h, 7d.
     #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub duration: std::time::Duration,
+    /// Also accept a target outside every customer network (an attacker's address, say).
+    /// Loopback, link-local, multicast, unspecified, broadcast, the router's next hops and
+    /// the router's own addresses are refused whatever this says.
+    #[arg(long)]
+    pub outside_networks: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `egressguard breaker ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BreakerCommand {
+    /// Re-arm the tripped circuit breaker of one network entry (its prefix, an address in it
+    /// or its name), or of every entry; audited and sent to the notify hook.
+    Reset(BreakerResetArgs),
+}
+
+/// `egressguard breaker reset`.
+#[derive(Debug, Clone, Args)]
+pub struct BreakerResetArgs {
+    /// The network entry; every tripped entry when absent.
+    pub network: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }

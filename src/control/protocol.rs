@@ -23,12 +23,18 @@ pub enum Request {
     },
     /// Manual block.
     Block {
-        /// The address.
-        addr: IpAddr,
+        /// The address (`203.0.113.7`) or prefix (`203.0.113.0/28`).
+        #[serde(deserialize_with = "address_or_prefix")]
+        addr: IpNet,
         /// Why (goes to the audit trail and the notification).
         reason: String,
         /// How long, in seconds.
         for_secs: u64,
+        /// Also a target outside every customer network (`--outside-networks`); protected
+        /// addresses (loopback, link-local, multicast, unspecified, broadcast, the router's
+        /// next hops) are refused whatever this says.
+        #[serde(default)]
+        outside_networks: bool,
     },
     /// Manual unblock.
     Unblock {
@@ -39,6 +45,13 @@ pub enum Request {
     },
     /// Re-read the policy file.
     Reload,
+    /// Re-arm tripped circuit breakers (`egressguard breaker reset [NETWORK]`).
+    BreakerReset {
+        /// The network entry (its prefix, an address in it, or its name); every entry when
+        /// absent.
+        #[serde(default)]
+        network: Option<String>,
+    },
     /// What the reconnect list of a policy text would do now against the agent's state,
     /// without applying anything (for `check`).
     PreviewReconnects {
@@ -47,6 +60,14 @@ pub enum Request {
         /// Its path, for error positions.
         path: String,
     },
+}
+
+/// An address (`203.0.113.7`, held as its host prefix) or a prefix (`203.0.113.0/28`).
+fn address_or_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is neither an address nor a prefix")))
 }
 
 /// The agent's answer.
@@ -79,6 +100,13 @@ pub enum Body {
     Reconnects {
         /// In file order.
         reconnects: Vec<ReconnectView>,
+    },
+    /// `breaker reset`: the network entries re-armed now (empty when none was tripped).
+    BreakerReset {
+        /// The entries' prefixes.
+        reset: Vec<IpNet>,
+        /// What was done, in words.
+        message: String,
     },
     /// `block`, `unblock`, `reload`: what was done, in words.
     Done {
@@ -156,6 +184,41 @@ pub struct BreakerView {
     pub reason: Option<String>,
     /// Blocks held back while tripped.
     pub held_back: u64,
+    /// How long a trip lasts unless reset, in seconds.
+    #[serde(default)]
+    pub cool_down_secs: u64,
+    /// Every customer network entry's breaker, most specific first.
+    #[serde(default)]
+    pub networks: Vec<NetworkBreakerView>,
+}
+
+/// One customer network entry's circuit breaker (`status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetworkBreakerView {
+    /// The entry's prefix.
+    pub network: IpNet,
+    /// Its name.
+    pub name: Option<String>,
+    /// `armed` or `tripped`.
+    pub state: String,
+    /// When it tripped, while tripped.
+    pub since: Option<Time>,
+    /// When it re-arms by itself, while tripped.
+    pub rearms_at: Option<Time>,
+    /// Why it tripped, while tripped.
+    pub reason: Option<String>,
+    /// Prefix length of one customer aggregate in it.
+    pub customer_prefix: u8,
+    /// Customer aggregates newly held in the last minute.
+    pub new_last_minute: u32,
+    /// The per-minute cap.
+    pub max_new_per_minute: u32,
+    /// Customer aggregates held now by automatic holds.
+    pub active: u32,
+    /// The cap on them.
+    pub max_active: u32,
+    /// Detections suppressed in this entry since start.
+    pub suppressed: u64,
 }
 
 /// One BGP session.

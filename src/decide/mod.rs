@@ -23,22 +23,30 @@
 //! * **Termination.** A terminated target stays blocked whatever the reconnect list says;
 //!   only a reconnect with `override_termination: true` lifts it (or the target becoming
 //!   protected, below). Operator `unblock` refuses a terminated target.
-//! * **Protected targets.** A target that overlaps an allowlisted prefix
-//!   (`Policy::allow_overlaps`) or, with `protect_infrastructure`, the [`InfraSet`], is never
-//!   held: its detections are audited as `protected`, an operator block is refused, and a
-//!   hold whose target becomes protected (policy reload, new infrastructure) is lifted at
-//!   once. This wins over a termination too (the termination record is kept, marked lifted
+//! * **Protected targets.** A target that lies in or contains a special address (loopback,
+//!   link-local, multicast, unspecified, limited broadcast: [`special`]), one of the router's
+//!   next hops or a connected subnet's network or broadcast address ([`InfraSet::with_always`]),
+//!   whatever the policy says; or overlaps an allowlisted prefix (`Policy::allow_overlaps`);
+//!   or, with `protect_infrastructure`, the [`InfraSet`], is never held: its detections are
+//!   audited as `protected`, an operator block is refused, and a hold whose target becomes
+//!   protected (policy reload, new infrastructure) is lifted at once. This wins over a termination too (the termination record is kept, marked lifted
 //!   by `policy: allowlisted` or `infrastructure: infrastructure`): a protected address must
 //!   never be held, and validation refuses reconnect entries for allowlisted addresses, so
 //!   no override could lift it otherwise.
-//! * **Circuit breaker.** See [`breaker`]. Suppressed detections are audited with their
-//!   evidence but are not offenses.
+//! * **Circuit breaker.** See [`breaker`]: per network entry, counted per customer aggregate,
+//!   tripping only the entry concerned and re-arming after `circuit_breaker.cool_down` or an
+//!   operator reset. Suppressed detections are audited with their evidence but are not
+//!   offenses. A trip and a re-arm are audited and returned by
+//!   [`Decider::take_breaker_events`] (for the notify hook).
 //! * **Reconnects.** See [`reconnect`]. A valid authorisation lifts the hold at once, records
 //!   the ticket (used once, for good), and leaves the offense history as it is.
 //! * **Operator block.** Holds the target as `block` for the given time (or until unblocked /
 //!   reconnected). It never weakens a hold: the kind is the harsher and the expiry the later
 //!   of the existing and the new one. It is enforced even in dry-run mode (a human asked
-//!   for it) and is neither an offense nor capped by the breaker.
+//!   for it) and is neither an offense nor capped by the breaker, nor counted toward any
+//!   network's automatic budget. A target that is not inside one customer network entry is
+//!   refused unless the operator asks for [`BlockScope::Anywhere`] (`--outside-networks`);
+//!   protected targets (above) are refused whatever the scope.
 //! * **Dry run.** Decisions are made and recorded exactly as in enforce mode, marked
 //!   `dry_run` (holds, offenses, audit, [`Decision::dry_run`]), but [`Decider::desired`] leaves
 //!   them out; [`Decider::would_enforce`] lists them. Dry-run offenses count only in dry-run
@@ -60,6 +68,7 @@
 pub mod breaker;
 mod holds;
 pub mod reconnect;
+mod special;
 
 use crate::logging::error_chain;
 use std::collections::BTreeMap;
@@ -73,8 +82,8 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use crate::messages::{
-    Announce, BlockKind, Category, Cause, Decision, DesiredBlock, DesiredBlocks, Detection,
-    FlowspecScope, Time, proto,
+    Announce, BlockKind, BreakerChange, BreakerEvent, Category, Cause, Decision, DesiredBlock,
+    DesiredBlocks, Detection, FlowspecScope, Time, proto,
 };
 use crate::policy::{FlowspecMatch, Hold, Mode, Policy};
 use crate::state::{
@@ -82,7 +91,7 @@ use crate::state::{
     StateError, Store, TerminationRecord, actions,
 };
 
-pub use breaker::{BreakerStatus, NetworkLoad, Suppression};
+pub use breaker::{BreakerStatus, NetworkBreaker, NetworkLoad, Suppression};
 pub use reconnect::{ReconnectOutcome, ReconnectResult, Refusal};
 
 /// The actor name of the agent's own decisions in the audit trail.
@@ -106,6 +115,14 @@ pub enum DecideError {
         /// Why.
         refusal: OperatorRefusal,
     },
+    /// `breaker reset NETWORK` named no network entry of the policy; nothing changed.
+    #[error("`{spec}` is no entry of `networks:` in the policy; the entries are: {}", known.join(", "))]
+    UnknownNetwork {
+        /// What was asked for.
+        spec: String,
+        /// The entries (prefix and name).
+        known: Vec<String>,
+    },
 }
 
 impl From<StateError> for DecideError {
@@ -115,7 +132,7 @@ impl From<StateError> for DecideError {
 }
 
 /// Why a target is never held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protection {
     /// It overlaps an allowlisted prefix.
@@ -123,6 +140,27 @@ pub enum Protection {
     /// It overlaps the router's infrastructure (own addresses, BGP peers, walled garden,
     /// resolvers).
     Infrastructure,
+    /// Loopback (127.0.0.0/8, ::1). Always protected.
+    Loopback,
+    /// Link-local (169.254.0.0/16, fe80::/10). Always protected.
+    LinkLocal,
+    /// Multicast (224.0.0.0/4, ff00::/8). Always protected.
+    Multicast,
+    /// Unspecified (0.0.0.0/8, ::). Always protected.
+    Unspecified,
+    /// The limited broadcast address, or a network or broadcast address of one of the
+    /// router's connected IPv4 subnets. Always protected.
+    Broadcast,
+    /// A next hop of the router's routes toward outside the customer networks. Always
+    /// protected.
+    NextHop,
+}
+
+impl Protection {
+    /// Whether it holds whatever the policy says (`protect_infrastructure`, flags).
+    pub fn always(self) -> bool {
+        !matches!(self, Protection::Allowlisted | Protection::Infrastructure)
+    }
 }
 
 impl fmt::Display for Protection {
@@ -130,8 +168,25 @@ impl fmt::Display for Protection {
         f.write_str(match self {
             Protection::Allowlisted => "allowlisted",
             Protection::Infrastructure => "infrastructure",
+            Protection::Loopback => "loopback",
+            Protection::LinkLocal => "link-local",
+            Protection::Multicast => "multicast",
+            Protection::Unspecified => "an unspecified address",
+            Protection::Broadcast => "a broadcast address",
+            Protection::NextHop => "a next hop of the router",
         })
     }
+}
+
+/// Where an operator block may reach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockScope {
+    /// Only targets inside one customer network entry (`networks:`).
+    #[default]
+    Networks,
+    /// Anywhere (`--outside-networks`), protected targets still excepted.
+    Anywhere,
 }
 
 /// Why an operator command was refused.
@@ -153,6 +208,19 @@ pub enum OperatorRefusal {
     NoReason,
     /// `unblock` without a ticket.
     NoTicket,
+    /// `block` of a target outside every customer network entry, without
+    /// `--outside-networks`.
+    OutsideNetworks,
+    /// `block` of a target that lies in or contains an address that is never held, whatever
+    /// the flags.
+    Never {
+        /// What it is.
+        protection: Protection,
+        /// The protected range or address.
+        range: IpNet,
+        /// True when the target lies inside `range`, false when it contains it.
+        inside: bool,
+    },
 }
 
 impl fmt::Display for OperatorRefusal {
@@ -169,6 +237,28 @@ impl fmt::Display for OperatorRefusal {
             OperatorRefusal::AlreadyTerminated => f.write_str("the address is already terminated"),
             OperatorRefusal::NoReason => f.write_str("a block needs a reason"),
             OperatorRefusal::NoTicket => f.write_str("an unblock needs a ticket"),
+            OperatorRefusal::OutsideNetworks => f.write_str(
+                "the target is not inside any customer network of the policy (`networks:`); \
+                 give --outside-networks to block it anyway",
+            ),
+            OperatorRefusal::Never {
+                protection,
+                range,
+                inside: true,
+            } => write!(
+                f,
+                "the address is {protection} ({range}) and is never blocked, with or without \
+                 --outside-networks"
+            ),
+            OperatorRefusal::Never {
+                protection,
+                range,
+                inside: false,
+            } => write!(
+                f,
+                "the prefix contains {protection} ({range}), which is never blocked, with or \
+                 without --outside-networks"
+            ),
         }
     }
 }
@@ -179,6 +269,10 @@ impl fmt::Display for OperatorRefusal {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfraSet {
     nets: Vec<IpNet>,
+    /// Protected whatever `protect_infrastructure` says: the router's next hops, its
+    /// connected subnets' network and broadcast addresses.
+    #[serde(default)]
+    always: Vec<(IpNet, Protection)>,
 }
 
 impl InfraSet {
@@ -187,7 +281,43 @@ impl InfraSet {
         let mut nets: Vec<IpNet> = nets.into_iter().map(|n| n.trunc()).collect();
         nets.sort();
         nets.dedup();
-        InfraSet { nets }
+        InfraSet {
+            nets,
+            always: Vec::new(),
+        }
+    }
+
+    /// This set plus addresses protected whatever `protect_infrastructure` says, each with
+    /// its kind ([`Protection::NextHop`], [`Protection::Broadcast`]).
+    pub fn with_always(mut self, more: impl IntoIterator<Item = (IpNet, Protection)>) -> InfraSet {
+        self.always
+            .extend(more.into_iter().map(|(n, p)| (n.trunc(), p)));
+        self.always.sort();
+        self.always.dedup();
+        self
+    }
+
+    /// The router's next hops among `routes` (destination, gateway) that must never be
+    /// held: the gateways of every route except those toward a customer network (a subnet
+    /// routed to a customer's server has that server as its gateway, and the server stays
+    /// holdable like any customer address).
+    pub fn upstream_next_hops(
+        routes: &[(IpNet, std::net::IpAddr)],
+        policy: &Policy,
+    ) -> Vec<(IpNet, Protection)> {
+        routes
+            .iter()
+            .filter(|(dest, _)| !policy.networks.iter().any(|n| n.prefix.contains(dest)))
+            .map(|(_, gw)| (IpNet::from(*gw), Protection::NextHop))
+            .collect()
+    }
+
+    /// The always-protected address `net` lies in or contains, with its kind.
+    pub fn always_overlaps(&self, net: &IpNet) -> Option<(IpNet, Protection)> {
+        self.always
+            .iter()
+            .find(|(i, _)| i.contains(net) || net.contains(i))
+            .copied()
     }
 
     /// The infrastructure the policy itself names: BGP peers (and their local addresses)
@@ -206,7 +336,8 @@ impl InfraSet {
     /// This set plus `more`.
     pub fn with(mut self, more: impl IntoIterator<Item = IpNet>) -> InfraSet {
         self.nets.extend(more);
-        InfraSet::new(self.nets)
+        let always = std::mem::take(&mut self.always);
+        InfraSet::new(self.nets).with_always(always)
     }
 
     /// Whether blocking `net` would touch the infrastructure.
@@ -325,12 +456,68 @@ struct Mark {
 struct Batch {
     changes: Vec<Change>,
     decisions: Vec<Decision>,
+    /// Circuit breaker trips and re-arms, for the notify hook once the batch is recorded.
+    events: Vec<BreakerEvent>,
     dirty: bool,
 }
 
 impl Batch {
     #[allow(clippy::too_many_arguments)]
     fn audit(
+        &mut self,
+        time: Time,
+        actor: &str,
+        action: &str,
+        target: Option<IpNet>,
+        reason: String,
+        dry_run: bool,
+        detail: serde_json::Value,
+    ) {
+        self.push_audit(time, actor, action, target, reason, dry_run, detail);
+    }
+
+    /// A breaker trip or re-arm: logged, audited, and kept for the notify hook.
+    fn breaker_event(&mut self, ev: BreakerEvent, dry_run: bool) {
+        let action = match ev.change {
+            BreakerChange::Tripped => {
+                error!(
+                    network = %ev.network,
+                    name = ev.name.as_deref().unwrap_or(""),
+                    count = ev.count,
+                    limit = ev.limit,
+                    rearms_at = %ev.rearms_at.map(|t| t.to_string()).unwrap_or_default(),
+                    "circuit breaker tripped: this network takes no new automatic blocks until it re-arms; other networks are not affected"
+                );
+                actions::BREAKER_TRIPPED
+            }
+            BreakerChange::Rearmed => {
+                warn!(network = %ev.network, by = %ev.by, "circuit breaker re-armed");
+                if ev.by == "cool-down" {
+                    actions::BREAKER_REARMED
+                } else {
+                    actions::BREAKER_RESET
+                }
+            }
+        };
+        let actor = if ev.by == "cool-down" {
+            AGENT.to_owned()
+        } else {
+            ev.by.clone()
+        };
+        self.push_audit(
+            ev.time,
+            &actor,
+            action,
+            Some(ev.network),
+            ev.reason.clone(),
+            dry_run,
+            json!({ "breaker": ev }),
+        );
+        self.events.push(ev);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_audit(
         &mut self,
         time: Time,
         actor: &str,
@@ -364,6 +551,8 @@ pub struct Decider {
     seen: BTreeMap<String, Time>,
     refusals_logged: BTreeMap<String, Refusal>,
     breaker: breaker::Breaker,
+    /// Breaker events of recorded batches, until the daemon takes them.
+    breaker_events: Vec<BreakerEvent>,
     counters: Counters,
     generation: u64,
     outcomes: Vec<ReconnectOutcome>,
@@ -404,6 +593,7 @@ impl Decider {
             seen: BTreeMap::new(),
             refusals_logged: BTreeMap::new(),
             breaker: breaker::Breaker::default(),
+            breaker_events: Vec::new(),
             counters: Counters::default(),
             generation: 0,
             outcomes: Vec::new(),
@@ -414,15 +604,15 @@ impl Decider {
         d.load(now)?;
         // Holds made in the last minute count toward the breaker across a restart.
         let minute_ago = now.saturating_sub(Duration::from_secs(60));
-        let mut recent: Vec<Time> = d
+        let mut recent: Vec<(Time, IpNet)> = d
             .holds
             .values()
             .filter(|h| h.actor == AGENT && h.since > minute_ago)
-            .map(|h| h.since)
+            .map(|h| (h.since, h.target))
             .collect();
-        recent.sort();
-        for t in recent {
-            d.breaker.record(t);
+        recent.sort_by_key(|h| h.0);
+        for (t, target) in recent {
+            d.breaker.record(t, &target, &d.policy);
         }
 
         let snapshot = d.breaker.clone();
@@ -513,6 +703,7 @@ impl Decider {
                 if b.dirty {
                     self.generation += 1;
                 }
+                self.breaker_events.extend(b.events);
                 Ok(b.decisions)
             }
             Err(e) => {
@@ -556,10 +747,28 @@ impl Decider {
     /// infrastructure), and how. A target that merely *contains* protected addresses is not
     /// protected: it is held with them excepted ([`Decider::exceptions`]).
     pub fn protection(&self, target: &IpNet) -> Option<Protection> {
-        if self.policy.allow_covers(target) {
-            Some(Protection::Allowlisted)
+        self.protected_range(target).map(|(_, p)| p)
+    }
+
+    /// The protection of `target` with the range it overlaps, when it is one that holds
+    /// whatever the policy says: special addresses (loopback, link-local, multicast, ...),
+    /// in or around the target; next hops and connected subnets' network and broadcast
+    /// addresses when the target lies inside one (a wider target holds them excepted).
+    fn always_protected(&self, target: &IpNet) -> Option<(IpNet, Protection)> {
+        special::special(target).or_else(|| {
+            self.infra
+                .always_overlaps(target)
+                .filter(|(r, _)| r.contains(target))
+        })
+    }
+
+    fn protected_range(&self, target: &IpNet) -> Option<(Option<IpNet>, Protection)> {
+        if let Some((r, p)) = self.always_protected(target) {
+            Some((Some(r), p))
+        } else if self.policy.allow_covers(target) {
+            Some((None, Protection::Allowlisted))
         } else if self.policy.protect_infrastructure && self.infra.covers(target) {
-            Some(Protection::Infrastructure)
+            Some((None, Protection::Infrastructure))
         } else {
             None
         }
@@ -572,6 +781,14 @@ impl Decider {
         if self.policy.protect_infrastructure {
             out.extend(self.infra.inside(target));
         }
+        // Next hops and subnet edges inside a wider target, whatever the policy says.
+        out.extend(
+            self.infra
+                .always
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| target.contains(n) && !n.contains(target)),
+        );
         IpNet::aggregate(&out)
     }
 
@@ -665,11 +882,12 @@ impl Decider {
                 }
             }
             None => {
-                if let Err(s) = self
-                    .breaker
-                    .check(now, &target, &self.policy, &self.holds, dry)
+                self.rearm_due(now, b);
+                if let Err((s, trip)) =
+                    self.breaker
+                        .check(now, &target, &self.policy, &self.holds, dry)
                 {
-                    self.suppress(d, target, s, crossed, b);
+                    self.suppress(d, target, s, trip, crossed, b);
                     return;
                 }
             }
@@ -728,7 +946,7 @@ impl Decider {
             }));
         }
         if existing.is_none() {
-            self.breaker.record(now);
+            self.breaker.record(now, &target, &self.policy);
         }
         self.counters.offenses += 1;
         b.audit(
@@ -775,31 +993,18 @@ impl Decider {
         d: &Detection,
         target: IpNet,
         s: Suppression,
+        trip: Option<BreakerEvent>,
         crossed: Vec<String>,
         b: &mut Batch,
     ) {
         let dry = self.dry();
         self.counters.suppressed += 1;
-        self.breaker.suppressed += 1;
+        if let Some(ev) = trip {
+            self.counters.breaker_trips += 1;
+            b.breaker_event(ev, dry);
+        }
         match &s {
-            Suppression::PerMinute { count, limit } => {
-                self.counters.breaker_trips += 1;
-                error!(
-                    count,
-                    limit,
-                    addr = %target,
-                    "circuit breaker tripped: no new blocks until an operator resets it or the policy is reloaded"
-                );
-                b.audit(
-                    d.time,
-                    AGENT,
-                    actions::BREAKER_TRIPPED,
-                    None,
-                    s.to_string(),
-                    dry,
-                    json!({ "suppression": s }),
-                );
-            }
+            Suppression::PerMinute { .. } => {}
             Suppression::Network {
                 prefix,
                 active,
@@ -807,8 +1012,11 @@ impl Decider {
             } => {
                 error!(network = %prefix, active, limit, addr = %target, "circuit breaker: network at its block limit, block suppressed");
             }
-            Suppression::Tripped { .. } => {
-                warn!(addr = %target, category = %d.category, "circuit breaker tripped: block suppressed");
+            Suppression::Tripped { network, .. } => {
+                warn!(addr = %target, network = %network, category = %d.category, "circuit breaker of this network tripped: block suppressed");
+            }
+            Suppression::OutsideNetworks => {
+                warn!(addr = %target, category = %d.category, "detection outside every customer network: not blocked");
             }
         }
         b.audit(
@@ -826,6 +1034,14 @@ impl Decider {
                 "evidence": d.evidence,
             }),
         );
+    }
+
+    /// Re-arms the network entries whose cool-down is over.
+    fn rearm_due(&mut self, now: Time, b: &mut Batch) {
+        let dry = self.dry();
+        for ev in self.breaker.rearm_due(now, &self.policy) {
+            b.breaker_event(ev, dry);
+        }
     }
 
     fn service_of(&self, d: &Detection, target: &IpNet) -> Service {
@@ -909,7 +1125,11 @@ impl Decider {
                 !marks.is_empty()
             });
         }
-        if due.is_empty() {
+        let rearm = self
+            .breaker
+            .next_rearm(&self.policy)
+            .is_some_and(|t| t <= now);
+        if due.is_empty() && !rearm {
             return Ok(Vec::new());
         }
         let snapshot = self.breaker.clone();
@@ -917,6 +1137,7 @@ impl Decider {
         for t in due {
             self.expire(t, now, "expired", &mut b);
         }
+        self.rearm_due(now, &mut b);
         self.finish(b, snapshot, now)
     }
 
@@ -925,8 +1146,24 @@ impl Decider {
         self.holds.values().filter_map(|h| h.expires).min()
     }
 
+    /// When [`Decider::on_tick`] has work next: the earliest hold expiry or circuit breaker
+    /// re-arm.
+    pub fn next_timer(&self) -> Option<Time> {
+        [self.next_expiry(), self.breaker.next_rearm(&self.policy)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The circuit breaker trips and re-arms of the batches recorded since the last call (for
+    /// the notify hook).
+    pub fn take_breaker_events(&mut self) -> Vec<BreakerEvent> {
+        std::mem::take(&mut self.breaker_events)
+    }
+
     /// `egressguard block TARGET --reason R --for D` from `user`. `duration: None` holds until
-    /// an unblock or a reconnect.
+    /// an unblock or a reconnect. Only targets inside a customer network entry: see
+    /// [`Decider::on_operator_block_scoped`].
     pub fn on_operator_block(
         &mut self,
         target: IpNet,
@@ -935,15 +1172,50 @@ impl Decider {
         user: &str,
         now: Time,
     ) -> Result<Vec<Decision>, DecideError> {
+        self.on_operator_block_scoped(target, reason, duration, user, now, BlockScope::Networks)
+    }
+
+    /// `egressguard block TARGET --reason R --for D [--outside-networks]` from `user`. A
+    /// target outside every customer network entry is refused unless `scope` is
+    /// [`BlockScope::Anywhere`]; a protected target is refused whatever the scope.
+    pub fn on_operator_block_scoped(
+        &mut self,
+        target: IpNet,
+        reason: &str,
+        duration: Option<Duration>,
+        user: &str,
+        now: Time,
+        scope: BlockScope,
+    ) -> Result<Vec<Decision>, DecideError> {
         let target = self.target_of(target);
         self.tick_time(now);
         let refuse = |refusal| Err(DecideError::Refused { target, refusal });
         if reason.trim().is_empty() {
             return refuse(OperatorRefusal::NoReason);
         }
-        if let Some(protection) = self.protection(&target) {
-            warn!(addr = %target, user, %protection, "operator block refused: protected address");
-            return refuse(OperatorRefusal::Protected { protection });
+        match self.protected_range(&target) {
+            Some((Some(range), protection)) => {
+                warn!(addr = %target, user, %protection, %range, "operator block refused: never blocked");
+                return refuse(OperatorRefusal::Never {
+                    protection,
+                    range,
+                    inside: range.contains(&target),
+                });
+            }
+            Some((None, protection)) => {
+                warn!(addr = %target, user, %protection, "operator block refused: protected address");
+                return refuse(OperatorRefusal::Protected { protection });
+            }
+            None => {}
+        }
+        let inside = self
+            .policy
+            .networks
+            .iter()
+            .any(|n| n.prefix.contains(&target));
+        if !inside && scope != BlockScope::Anywhere {
+            warn!(addr = %target, user, "operator block refused: outside the customer networks");
+            return refuse(OperatorRefusal::OutsideNetworks);
         }
         let snapshot = self.breaker.clone();
         let mut b = Batch::default();
@@ -1082,35 +1354,64 @@ impl Decider {
         self.finish(b, snapshot, now)
     }
 
-    /// Resets a tripped circuit breaker (operator command); returns whether it was tripped.
+    /// Resets every tripped circuit breaker (operator command); returns whether one was
+    /// tripped.
     pub fn reset_breaker(&mut self, user: &str, now: Time) -> Result<bool, DecideError> {
-        self.tick_time(now);
-        let snapshot = self.breaker.clone();
-        let mut b = Batch::default();
-        let was = self.reset_breaker_in(user, now, &mut b);
-        self.finish(b, snapshot, now)?;
-        Ok(was)
+        Ok(!self.reset_breakers(None, user, now)?.is_empty())
     }
 
-    fn reset_breaker_in(&mut self, actor: &str, now: Time, b: &mut Batch) -> bool {
-        if !self.breaker.reset() {
-            return false;
+    /// `egressguard breaker reset [NETWORK]` from `user`: re-arms the network entry `network`
+    /// names (its prefix, an address or prefix inside it, or its name), or every entry when
+    /// `None`. Returns the entries that were tripped and are re-armed now (audited, and
+    /// in [`Decider::take_breaker_events`]).
+    pub fn reset_breakers(
+        &mut self,
+        network: Option<&str>,
+        user: &str,
+        now: Time,
+    ) -> Result<Vec<BreakerEvent>, DecideError> {
+        self.tick_time(now);
+        let which = match network {
+            None => None,
+            Some(spec) => match self.policy.find_network(spec) {
+                Some(n) => Some(n.prefix),
+                None => {
+                    return Err(DecideError::UnknownNetwork {
+                        spec: spec.to_owned(),
+                        known: self
+                            .policy
+                            .networks
+                            .iter()
+                            .map(|n| match &n.name {
+                                Some(name) => format!("{} ({name})", n.prefix),
+                                None => n.prefix.to_string(),
+                            })
+                            .collect(),
+                    });
+                }
+            },
+        };
+        let snapshot = self.breaker.clone();
+        let mut b = Batch::default();
+        let events = self.breaker.reset(which.as_ref(), user, now, &self.policy);
+        let dry = self.dry();
+        for ev in &events {
+            b.breaker_event(ev.clone(), dry);
         }
-        warn!(actor, "circuit breaker reset");
-        b.audit(
-            now,
-            actor,
-            actions::BREAKER_RESET,
-            None,
-            "circuit breaker reset".to_owned(),
-            self.dry(),
-            serde_json::Value::Null,
-        );
-        true
+        if events.is_empty() {
+            info!(
+                user,
+                network = network.unwrap_or("all"),
+                "circuit breaker reset: nothing was tripped"
+            );
+        }
+        self.finish(b, snapshot, now)?;
+        Ok(events)
     }
 
     /// A new (validated) policy, on reload: swaps it in, discards dry-run holds when it
-    /// switches to enforce, resets the circuit breaker, releases targets that became
+    /// switches to enforce, keeps the circuit breaker state of the network entries still in
+    /// the policy (re-arming those whose new cool-down is over), releases targets that became
     /// protected, and checks every reconnect authorisation.
     pub fn on_policy(
         &mut self,
@@ -1129,7 +1430,8 @@ impl Decider {
         if was_dry && self.policy.enforcing() {
             self.discard_dry_run(now, &mut b);
         }
-        self.reset_breaker_in("policy reload", now, &mut b);
+        self.breaker.retain(&self.policy);
+        self.rearm_due(now, &mut b);
         self.review_protection(now, "policy", &mut b);
         let reconnects = self.check_reconnects(now, &mut b);
         b.dirty = true;
@@ -1550,9 +1852,14 @@ impl Decider {
         }
     }
 
-    /// Whether the circuit breaker is tripped.
+    /// Whether the circuit breaker of any network entry is tripped.
     pub fn breaker_tripped(&self) -> bool {
         self.breaker.is_tripped()
+    }
+
+    /// Whether the circuit breaker of the network entry `network` is tripped.
+    pub fn breaker_tripped_in(&self, network: &IpNet) -> bool {
+        self.breaker.is_tripped_in(network)
     }
 
     /// The policy in force.

@@ -241,6 +241,9 @@ pub enum EnforceError {
         #[source]
         source: rtnetlink::Error,
     },
+    /// Listing the router's routes for their next hops failed.
+    #[error("cannot list the router's routes to find its next hops")]
+    NextHops(#[source] rtnetlink::Error),
     /// Adding or deleting a route failed.
     #[error("cannot {action} blackhole route {target} in table {table}")]
     Route {

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use ipnet::IpNet;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType, RouteVia,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -116,7 +116,11 @@ fn own_destination(m: &RouteMessage, tag: RouteTag) -> Option<IpNet> {
     {
         return None;
     }
-    let len = m.header.destination_prefix_length;
+    destination(m)
+}
+
+/// The destination prefix of a listed route.
+fn destination(m: &RouteMessage) -> Option<IpNet> {
     let addr: IpAddr = m
         .attributes
         .iter()
@@ -129,7 +133,28 @@ fn own_destination(m: &RouteMessage, tag: RouteTag) -> Option<IpNet> {
             netlink_packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         });
-    IpNet::new(addr, len).ok()
+    IpNet::new(addr, m.header.destination_prefix_length).ok()
+}
+
+/// The gateways a route's attributes name: `RTA_GATEWAY`, `RTA_VIA` and those of each
+/// multipath next hop.
+fn gateways(attrs: &[RouteAttribute]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for a in attrs {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => out.push(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => out.push(IpAddr::V6(*g)),
+            RouteAttribute::Via(RouteVia::Inet(g)) => out.push(IpAddr::V4(*g)),
+            RouteAttribute::Via(RouteVia::Inet6(g)) => out.push(IpAddr::V6(*g)),
+            RouteAttribute::MultiPath(hops) => {
+                for h in hops {
+                    out.extend(gateways(&h.attributes));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl RouteWriter {
@@ -171,6 +196,33 @@ impl RouteWriter {
                 })?;
             out.extend(routes.iter().filter_map(|m| own_destination(m, tag)));
         }
+        Ok(out)
+    }
+
+    /// Every gateway of the router's routes, all tables and both families, with the route's
+    /// destination (one pair per gateway of a multipath route): the router's next hops.
+    pub async fn next_hops(&self) -> Result<Vec<(IpNet, IpAddr)>, EnforceError> {
+        let mut out = Vec::new();
+        for family in [
+            netlink_packet_route::AddressFamily::Inet,
+            netlink_packet_route::AddressFamily::Inet6,
+        ] {
+            // No table, protocol or type in the request: a strict-checking kernel then dumps
+            // every route of every table.
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            let mut routes = self.handle.route().get(req).execute();
+            while let Some(m) = routes.try_next().await.map_err(EnforceError::NextHops)? {
+                let Some(dest) = destination(&m) else {
+                    continue;
+                };
+                for gw in gateways(&m.attributes) {
+                    out.push((dest, gw));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
         Ok(out)
     }
 

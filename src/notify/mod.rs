@@ -11,6 +11,10 @@
 //! - for decisions that put an address on hold after a detection, writes an abuse report in
 //!   X-ARF style (a MIME message an abuse desk can forward) into `notify.report_dir`.
 //!
+//! A circuit breaker trip or re-arm goes to the hook too, as a [`BreakerNotification`]
+//! (`"event": "breaker_tripped"` / `"breaker_rearmed"`); decisions carry
+//! `"event": "decision"`.
+//!
 //! Counters of sent, failed and dropped notifications are shared for `status` and metrics.
 
 mod report;
@@ -28,7 +32,7 @@ use tracing::{info, warn};
 
 pub use report::xarf_report;
 
-use crate::messages::{Decision, Evidence};
+use crate::messages::{BreakerEvent, Decision, Evidence};
 use crate::policy::Notify;
 
 /// Schema name of the hook's stdin document.
@@ -53,6 +57,56 @@ pub struct Notification {
     pub evidence: Option<Evidence>,
 }
 
+/// What the hook gets on stdin when a network entry's circuit breaker trips or re-arms.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BreakerNotification {
+    /// Always [`SCHEMA`].
+    pub schema: String,
+    /// The router's host name.
+    pub router: String,
+    /// Digest of the policy in force.
+    pub policy_version: String,
+    /// What happened.
+    pub breaker: BreakerEvent,
+}
+
+/// One document for the hook: its `event` field says which kind.
+#[derive(Clone, Debug, PartialEq)]
+enum Outgoing {
+    Decision(Notification),
+    Breaker(BreakerNotification),
+}
+
+impl Outgoing {
+    /// The JSON document: the notification with its `event` kind.
+    fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        #[derive(Serialize)]
+        struct Tagged<'a, T: Serialize> {
+            event: String,
+            #[serde(flatten)]
+            body: &'a T,
+        }
+        match self {
+            Outgoing::Decision(n) => serde_json::to_vec(&Tagged {
+                event: "decision".into(),
+                body: n,
+            }),
+            Outgoing::Breaker(n) => serde_json::to_vec(&Tagged {
+                event: format!("breaker_{}", n.breaker.change.as_str()),
+                body: n,
+            }),
+        }
+    }
+
+    /// The address or network it is about, for logs.
+    fn subject(&self) -> ipnet::IpNet {
+        match self {
+            Outgoing::Decision(n) => n.decision.target,
+            Outgoing::Breaker(n) => n.breaker.network,
+        }
+    }
+}
+
 /// Shared counters.
 #[derive(Debug, Default)]
 pub struct NotifyStats {
@@ -69,7 +123,7 @@ pub struct NotifyStats {
 /// The decision task's handle on the notifier.
 #[derive(Clone, Debug)]
 pub struct Notifier {
-    tx: mpsc::Sender<Notification>,
+    tx: mpsc::Sender<Outgoing>,
     stats: Arc<NotifyStats>,
 }
 
@@ -84,12 +138,21 @@ impl Notifier {
 
     /// Queues a notification; never waits. A full queue drops it (counted and logged).
     pub fn notify(&self, n: Notification) {
+        self.queue(Outgoing::Decision(n));
+    }
+
+    /// Queues a circuit breaker notification, as [`Notifier::notify`].
+    pub fn notify_breaker(&self, n: BreakerNotification) {
+        self.queue(Outgoing::Breaker(n));
+    }
+
+    fn queue(&self, n: Outgoing) {
         if let Err(e) = self.tx.try_send(n) {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             let n = match e {
                 mpsc::error::TrySendError::Full(n) | mpsc::error::TrySendError::Closed(n) => n,
             };
-            warn!(target_addr = %n.decision.target, "notification dropped: the notify hook is not keeping up");
+            warn!(target_addr = %n.subject(), "notification dropped: the notify hook is not keeping up");
         }
     }
 
@@ -99,13 +162,14 @@ impl Notifier {
     }
 }
 
-async fn run(cfg: Notify, mut rx: mpsc::Receiver<Notification>, stats: Arc<NotifyStats>) {
-    while let Some(n) = rx.recv().await {
-        if let Some(dir) = &cfg.report_dir
+async fn run(cfg: Notify, mut rx: mpsc::Receiver<Outgoing>, stats: Arc<NotifyStats>) {
+    while let Some(out) = rx.recv().await {
+        if let Outgoing::Decision(n) = &out
+            && let Some(dir) = &cfg.report_dir
             && n.decision.kind.is_some()
             && n.evidence.is_some()
         {
-            match write_report(dir, &n, cfg.reporter.as_deref()).await {
+            match write_report(dir, n, cfg.reporter.as_deref()).await {
                 Ok(path) => {
                     stats.reports.fetch_add(1, Ordering::Relaxed);
                     info!(report = %path.display(), addr = %n.decision.target, "abuse report written");
@@ -114,7 +178,7 @@ async fn run(cfg: Notify, mut rx: mpsc::Receiver<Notification>, stats: Arc<Notif
             }
         }
         let Some(cmd) = &cfg.command else { continue };
-        let body = match serde_json::to_vec(&n) {
+        let body = match out.to_json() {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot encode the notification");
@@ -134,7 +198,7 @@ async fn run(cfg: Notify, mut rx: mpsc::Receiver<Notification>, stats: Arc<Notif
                         command = %cmd[0],
                         attempt = attempt + 1,
                         of = cfg.retries + 1,
-                        addr = %n.decision.target,
+                        addr = %out.subject(),
                         "notify hook failed: {e}"
                     );
                     if attempt < cfg.retries {

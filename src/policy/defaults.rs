@@ -68,6 +68,13 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 // circuit breaker
 pub const BREAKER_MAX_NEW_BLOCKS_PER_MINUTE: u32 = 20;
 pub const BREAKER_MAX_BLOCKS_PER_NETWORK: u32 = 32;
+/// How long a tripped network entry takes no new automatic holds before it re-arms by itself.
+pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(600);
+/// Prefix length of one customer's allocation inside an IPv4 network entry: an address.
+pub const CUSTOMER_PREFIX_V4: u8 = 32;
+/// Prefix length of one customer's allocation inside an IPv6 network entry: a /64
+/// (RFC 6177, and the smallest subnet SLAAC works on).
+pub const CUSTOMER_PREFIX_V6: u8 = 64;
 
 // bgp
 pub const BGP_PORT: u16 = 179;

@@ -88,6 +88,28 @@ pub struct Network {
     pub profile: String,
     /// Optional label for logs.
     pub name: Option<String>,
+    /// Prefix length of one customer's allocation in this entry (IPv4 default 32, IPv6
+    /// default 64): the circuit breaker counts holds inside one such prefix once.
+    pub customer_prefix: u8,
+}
+
+impl Network {
+    /// The customer aggregate that `target` falls in: `target` widened to
+    /// `customer_prefix` (a target already at least that wide is its own aggregate).
+    pub fn aggregate_of(&self, target: &IpNet) -> IpNet {
+        if target.prefix_len() <= self.customer_prefix {
+            target.trunc()
+        } else {
+            IpNet::new(target.addr(), self.customer_prefix)
+                .map(|n| n.trunc())
+                .unwrap_or(*target)
+        }
+    }
+
+    /// The entry's label for logs and `status`: its name, else its prefix.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.prefix.to_string())
+    }
 }
 
 /// Thresholds per category, fully resolved.
@@ -341,10 +363,15 @@ pub struct Blackhole {
 /// Circuit breaker limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CircuitBreaker {
-    /// New blocks per minute across the router; more trips the breaker.
+    /// New automatic holds per minute inside one customer network entry, counted per
+    /// customer aggregate; one more trips that entry's breaker.
     pub max_new_blocks_per_minute: u32,
-    /// Active blocks inside one customer network entry.
+    /// Active automatic holds inside one customer network entry, counted per customer
+    /// aggregate.
     pub max_blocks_per_network: u32,
+    /// How long a tripped entry takes no new automatic holds before it re-arms by itself.
+    #[serde(serialize_with = "ser::duration")]
+    pub cool_down: Duration,
 }
 
 /// BGP speaker settings.
@@ -500,6 +527,27 @@ impl Policy {
     /// The customer network that holds `addr`, by longest prefix.
     pub fn network_of(&self, addr: IpAddr) -> Option<&Network> {
         self.networks.iter().find(|n| n.prefix.contains(&addr))
+    }
+
+    /// The network entry `spec` names: its prefix exactly, else the entry an address or
+    /// prefix lies in (longest prefix), else the entry of that name.
+    pub fn find_network(&self, spec: &str) -> Option<&Network> {
+        let spec = spec.trim();
+        let net = spec
+            .parse::<IpNet>()
+            .ok()
+            .or_else(|| spec.parse::<IpAddr>().ok().map(IpNet::from));
+        match net {
+            Some(net) => self
+                .networks
+                .iter()
+                .find(|n| n.prefix == net.trunc())
+                .or_else(|| self.networks.iter().find(|n| n.prefix.contains(&net))),
+            None => self
+                .networks
+                .iter()
+                .find(|n| n.name.as_deref() == Some(spec)),
+        }
     }
 
     /// The profile for `addr`, when it is a customer address.

@@ -87,6 +87,7 @@ pub struct RawNetwork {
     pub prefix: Scalar,
     pub profile: Option<String>,
     pub name: Option<String>,
+    pub customer_prefix: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,6 +232,7 @@ pub struct RawBlackhole {
 pub struct RawBreaker {
     pub max_new_blocks_per_minute: Option<Scalar>,
     pub max_blocks_per_network: Option<Scalar>,
+    pub cool_down: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -599,10 +599,12 @@ fn networks(
         }
         used.insert(profile.clone());
         protection_inside(cx, &at, prefix, allow, enf);
+        let customer_prefix = customer_prefix(cx, &at, prefix, n.customer_prefix.as_ref());
         out.push(Network {
             prefix,
             profile,
             name: n.name.clone(),
+            customer_prefix,
         });
     }
     for name in profiles.keys() {
@@ -739,6 +741,35 @@ fn excepted_inside_held(
              (and allow those), or set `enforcement.ipv6_block_prefix: 128`"
         )),
     );
+}
+
+/// `networks[i].customer_prefix`: the prefix length of one customer's allocation, from the
+/// entry's own length (the whole entry is one customer) to a single address. The default
+/// (32 for IPv4, 64 for IPv6) is narrowed to the entry when the entry is smaller.
+fn customer_prefix(cx: &mut Cx, at: &str, net: IpNet, raw: Option<&Scalar>) -> u8 {
+    let (default, max) = match net {
+        IpNet::V4(_) => (d::CUSTOMER_PREFIX_V4, 32),
+        IpNet::V6(_) => (d::CUSTOMER_PREFIX_V6, 128),
+    };
+    let default = default.max(net.prefix_len());
+    let Some(s) = raw else { return default };
+    let t = s.0.trim();
+    match t.trim_start_matches('/').parse::<u8>() {
+        Ok(v) if (net.prefix_len()..=max).contains(&v) => v,
+        _ => {
+            cx.err(
+                &format!("{at}.customer_prefix"),
+                format!(
+                    "`{t}` is not a prefix length from {} (the whole of {net}) to {max} (one address)",
+                    net.prefix_len()
+                ),
+                Some(format!(
+                    "write the length of one customer's allocation, e.g. {default}"
+                )),
+            );
+            default
+        }
+    }
 }
 
 fn escalation(cx: &mut Cx, raw: Option<&RawEscalation>) -> Escalation {
@@ -1202,6 +1233,12 @@ fn breaker(cx: &mut Cx, raw: Option<&RawBreaker>) -> CircuitBreaker {
             "circuit_breaker.max_blocks_per_network",
             raw.max_blocks_per_network.as_ref(),
             d::BREAKER_MAX_BLOCKS_PER_NETWORK,
+        ),
+        cool_down: duration(
+            cx,
+            "circuit_breaker.cool_down",
+            raw.cool_down.as_ref(),
+            d::BREAKER_COOL_DOWN,
         ),
     }
 }

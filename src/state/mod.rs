@@ -294,6 +294,8 @@ pub mod actions {
     pub const BREAKER_TRIPPED: &str = "breaker_tripped";
     /// The circuit breaker was reset.
     pub const BREAKER_RESET: &str = "breaker_reset";
+    /// A tripped circuit breaker re-armed by itself after its cool-down.
+    pub const BREAKER_REARMED: &str = "breaker_rearmed";
     /// Dry-run holds were discarded when the policy switched to enforce.
     pub const DRY_RUN_DISCARDED: &str = "dry_run_discarded";
     /// The agent started with `run --fresh-state` on an empty database while the kernel

@@ -1,4 +1,6 @@
-//! Abuse-proofing, each attack run against the real agent, kernel and tools: protection that
+//! Abuse-proofing, each attack run against the real agent, kernel and tools: the circuit
+//! breaker tripped by one customer's spoofed scans, operator blocks of the router's own
+//! lifelines, protection that
 //! would silently lift holds (a walled garden or allow entry over customer space, an
 //! address allowlisted after it was held), IPv6 enforcement switched off by the router's own
 //! address in the customer /64, a deleted state database, and blackhole routes that outlive
@@ -30,9 +32,15 @@ struct Rig {
 
 impl Rig {
     fn new(policy: &str) -> Rig {
+        Rig::with_customers(&[10, 11], policy)
+    }
+
+    /// The rig with customers `203.0.113.<host>` and the internet host .20.
+    fn with_customers(hosts: &[u16], policy: &str) -> Rig {
         let mut topo = Topology::new().expect("topology");
-        topo.add_customer(10).expect("customer");
-        topo.add_customer(11).expect("customer");
+        for h in hosts {
+            topo.add_customer(*h).expect("customer");
+        }
         topo.add_internet_host(20).expect("internet host");
         let dir = tempfile::tempdir().expect("tempdir");
         let agent = start(&topo.router, dir.path(), policy, &[]);
@@ -439,4 +447,219 @@ fn abuse_blackhole_routes_never_outlive_their_holds() {
         Duration::from_secs(3),
         || routes(&rig).trim().is_empty().then_some(()),
     );
+}
+
+#[test]
+fn abuse_one_customer_cannot_trip_the_breaker_for_the_others() {
+    if !require_root("abuse_one_customer_cannot_trip_the_breaker_for_the_others") {
+        return;
+    }
+    if !Path::new("/usr/bin/nmap").exists() {
+        panic!("nmap is missing: apt-get install nmap");
+    }
+    let hooks = tempfile::tempdir().expect("hooks dir");
+    let policy = format!(
+        "version: 1
+mode: enforce
+networks:
+  - prefix: 203.0.113.0/25
+    name: pool-a
+  - prefix: 203.0.113.128/25
+    name: pool-b
+allow:
+  - 203.0.113.1
+profiles:
+  default:
+    port_scan:
+      distinct_ports: 20
+      min_unanswered_ratio: 0.0
+circuit_breaker:
+  max_new_blocks_per_minute: 3
+  cool_down: 10m
+notify:
+  command: [/bin/sh, -c, 'cat > \"$0/n-$(date +%s%N)-$$.json\"', {hooks}]
+metrics:
+  listen: 127.0.0.1:9475
+",
+        hooks = hooks.path().display()
+    );
+    let rig = Rig::with_customers(&[10, 200], &policy);
+    let spoofer = &rig.topo.customers[0].ns;
+    // The attack: scans in the names of six neighbours of pool-a, from one customer.
+    for i in 0..6 {
+        let src = format!("203.0.113.{}", 30 + i);
+        let out = spoofer
+            .command(&[
+                "timeout",
+                "20",
+                "hping3",
+                "-S",
+                "-a",
+                &src,
+                "-p",
+                "++1",
+                "-c",
+                "40",
+                "-i",
+                "u2000",
+                "198.51.100.20",
+            ])
+            .output()
+            .expect("hping3");
+        assert!(!out.stderr.is_empty(), "hping3 did not run");
+    }
+    wait_for("pool-a's breaker tripped", Duration::from_secs(15), || {
+        let s = rig.json(&["status", "--json"]);
+        s["breaker"]["networks"]
+            .as_array()?
+            .iter()
+            .any(|n| n["network"] == "203.0.113.0/25" && n["state"] == "tripped")
+            .then_some(())
+    });
+    // pool-b is untouched: its real scanner is held at once.
+    let real = &rig.topo.customers[1].ns;
+    real.run(&[
+        "timeout",
+        "20",
+        "nmap",
+        "-Pn",
+        "-n",
+        "--max-retries",
+        "0",
+        "-sS",
+        "-T5",
+        "-p",
+        "1-40",
+        "198.51.100.20",
+    ])
+    .expect("nmap");
+    wait_for("pool-b's scanner held", Duration::from_secs(10), || {
+        rig.set("quarantine4")
+            .contains("203.0.113.200")
+            .then_some(())
+    });
+    let s = rig.json(&["status", "--json"]);
+    let b = s["breaker"]["networks"]
+        .as_array()
+        .expect("networks")
+        .iter()
+        .find(|n| n["network"] == "203.0.113.128/25")
+        .cloned()
+        .expect("pool-b breaker");
+    assert_eq!(b["state"], "armed", "{s}");
+    // The trip is in the metrics and went to the notify hook.
+    let scrape = "exec 3<>/dev/tcp/127.0.0.1/9475; \
+                  printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; timeout 5 cat <&3";
+    let metrics = rig
+        .topo
+        .router
+        .run(&["bash", "-c", scrape])
+        .expect("scrape");
+    assert!(
+        metrics.contains("egressguard_breaker_network_tripped{network=\"203.0.113.0/25\"} 1")
+            && metrics
+                .contains("egressguard_breaker_network_tripped{network=\"203.0.113.128/25\"} 0"),
+        "{metrics}"
+    );
+    wait_for(
+        "the breaker_tripped notification",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_dir(hooks.path())
+                .ok()?
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .any(|t| t.contains("\"breaker_tripped\"") && t.contains("203.0.113.0/25"))
+                .then_some(())
+        },
+    );
+    // An operator re-arms it by name.
+    let out = rig.ok(&["breaker", "reset", "pool-a"]);
+    assert!(out.contains("re-armed for 203.0.113.0/25"), "{out}");
+    let s = rig.json(&["status", "--json"]);
+    assert_eq!(s["breaker"]["tripped"], false, "{s}");
+}
+
+#[test]
+fn abuse_operator_block_of_the_routers_lifelines_is_refused() {
+    if !require_root("abuse_operator_block_of_the_routers_lifelines_is_refused") {
+        return;
+    }
+    let rig = Rig::new(BASE);
+    // A next hop toward outside the customer networks, learnt on reload.
+    rig.topo
+        .router
+        .run(&["ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.20"])
+        .expect("route");
+    assert!(rig.reload(BASE).status.success());
+    for (target, why) in [
+        ("::1", "loopback"),
+        ("127.0.0.2", "loopback"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.5", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+        ("203.0.113.255", "broadcast"),
+        ("8.8.8.8", "outside"),
+    ] {
+        let out = rig.cli(&["block", target, "--reason", "r", "--for", "1h"]);
+        let text = String::from_utf8_lossy(&out.stderr).to_lowercase()
+            + &String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert_eq!(out.status.code(), Some(4), "{target} accepted: {text}");
+        assert!(
+            text.contains(why),
+            "{target}: the refusal does not say {why}: {text}"
+        );
+    }
+    for (target, why) in [
+        ("198.51.100.20", "next hop"),
+        ("127.0.0.0/8", "loopback"),
+        ("0.0.0.0/0", "loopback"),
+    ] {
+        let out = rig.cli(&[
+            "block",
+            target,
+            "--reason",
+            "r",
+            "--for",
+            "1h",
+            "--outside-networks",
+        ]);
+        let text = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{target} accepted with --outside-networks"
+        );
+        assert!(text.contains(why), "{target}: {text}");
+    }
+    // An outside attacker's address with the flag is accepted; nothing protected is in a set.
+    rig.ok(&[
+        "block",
+        "8.8.8.8",
+        "--reason",
+        "attacker",
+        "--for",
+        "1h",
+        "--outside-networks",
+    ]);
+    wait_for("8.8.8.8 in blocked4", Duration::from_secs(3), || {
+        rig.set("blocked4").contains("8.8.8.8").then_some(())
+    });
+    let sets = rig.set("blocked4") + &rig.set("blocked6");
+    for never in [
+        "127.0.0",
+        "224.0.0.5",
+        "0.0.0.0",
+        "fe80::",
+        "::1",
+        "198.51.100.20",
+    ] {
+        assert!(!sets.contains(never), "{never} in the sets: {sets}");
+    }
+    assert!(
+        pings(&rig.topo.router, "127.0.0.1", None),
+        "the router lost loopback"
+    );
+    assert!(pings(&rig.topo.customers[0].ns, "198.51.100.20", None));
 }
