@@ -70,7 +70,11 @@ fn desired(generation: u64, nets: &[IpNet]) -> Arc<DesiredBlocks> {
             )
         })
         .collect();
-    Arc::new(DesiredBlocks { generation, blocks })
+    Arc::new(DesiredBlocks {
+        generation,
+        blocks,
+        ..DesiredBlocks::default()
+    })
 }
 
 fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime) {

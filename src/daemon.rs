@@ -35,7 +35,7 @@
 //! exit. Removal of the agent's table is explicit (package purge, `nft delete table`).
 
 use crate::logging::error_chain;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,23 +47,25 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::bgp::flowspec::{self, Refusal};
 use crate::bgp::{LearnedRules, PeerStats, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, NetworkBreakerView,
-    OffenseView, PeerView, ReconnectView, Reply, Request, StatusView,
+    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, LearntView,
+    NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView, Reply, Request,
+    StatusView,
 };
 use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{BlockScope, DecideError, DecideStatus, Decider, InfraSet, Protection};
 use crate::detect::{Engine, EngineStats};
 use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, EnforcerHandle};
-use crate::messages::{BlockKind, DesiredBlock, DesiredBlocks, Detection, Observation, Time};
+use crate::messages::{BlockKind, DesiredBlocks, Detection, Observation, Time};
 use crate::notify::{BreakerNotification, Notification, Notifier};
 use crate::observe::{
     ConntrackListener, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
     ObserveStats,
 };
-use crate::policy::{Policy, PolicyError};
+use crate::policy::{LearnBounds, Policy, PolicyError};
 use crate::state::{AuditEntry, Change, StateError, Store, actions};
 
 /// Batches of observations that may wait for the detector (see where the channel is made).
@@ -475,7 +477,7 @@ async fn serve(
         status_tx,
         observed,
         learned: Arc::new(LearnedRules::new()),
-        learned_refused: BTreeSet::new(),
+        learnt: BTreeMap::new(),
         generation: 0,
         router: nix::unistd::gethostname()
             .ok()
@@ -567,7 +569,8 @@ struct Agent {
     status_tx: watch::Sender<DecideStatus>,
     observed: Observed,
     learned: Arc<LearnedRules>,
-    learned_refused: BTreeSet<String>,
+    /// The learnt rules as last submitted: enforced, or why not (for `status`, `list`).
+    learnt: BTreeMap<(String, IpNet), LearntView>,
     generation: u64,
     router: String,
 }
@@ -718,35 +721,47 @@ impl Agent {
         for (t, b) in self.decider.would_enforce().blocks {
             local.blocks.entry(t).or_insert(b);
         }
+        // Learnt rules: the speaker keeps only those inside the bounds; checked again here
+        // because a reload may have narrowed them, and against protection, which only the
+        // decider knows (a learnt rule carries no exceptions).
+        let no_bounds = LearnBounds::default();
+        let bounds = self.policy.bgp.as_ref().map_or(&no_bounds, |b| &b.learn);
+        let mut learnt = BTreeMap::new();
         for rule in self.learned.values() {
-            let exact = rule.destination.is_none()
-                && rule.proto.is_none()
-                && rule.dports.is_empty()
-                && matches!(rule.action, crate::bgp::flowspec::LearnedAction::Discard);
-            // A learnt rule must not touch protected space at all (it carries no exceptions).
-            let protected = self.decider.protection(&rule.source).is_some()
-                || !self.decider.exceptions(&rule.source).is_empty();
-            if exact && !protected {
-                local.blocks.entry(rule.source).or_insert(DesiredBlock {
-                    target: rule.source,
-                    kind: BlockKind::Block,
-                    expires: None,
-                    announce: Vec::new(),
-                    flowspec: None,
-                    except: Vec::new(),
-                });
-            } else {
-                let key = format!("{}:{}", rule.peer, rule.source);
-                if self.learned_refused.insert(key) {
-                    warn!(
-                        peer = %rule.peer,
-                        source = %rule.source,
-                        protected,
-                        "learnt flowspec rule not enforced here: only a plain discard of a source prefix that is not protected translates exactly into the nft block sets"
-                    );
+            let verdict = flowspec::admit(rule, bounds).and_then(|()| {
+                let protected = self.decider.protection(&rule.source).is_some()
+                    || !self.decider.exceptions(&rule.source).is_empty();
+                if protected {
+                    Err(Refusal::Protected(rule.source))
+                } else {
+                    Ok(())
                 }
+            });
+            let key = (rule.peer.clone(), rule.source);
+            let was = self.learnt.get(&key).map(|v| v.enforced);
+            match &verdict {
+                Ok(()) => {
+                    local.learnt.insert(rule.source);
+                }
+                Err(why) if was != Some(false) => warn!(
+                    peer = %rule.peer,
+                    source = %rule.source,
+                    reason = %why,
+                    "learnt flowspec rule not enforced here"
+                ),
+                Err(_) => {}
             }
+            learnt.insert(
+                key,
+                LearntView {
+                    peer: rule.peer.clone(),
+                    source: rule.source,
+                    enforced: verdict.is_ok(),
+                    refused: verdict.err().map(|e| e.to_string()),
+                },
+            );
         }
+        self.learnt = learnt;
         local.generation = self.generation;
         self.enforcer.submit(local);
         let mut bgp = if self.policy.enforcing() {
@@ -1127,6 +1142,21 @@ impl Agent {
                             announced: ps.routes_announced as u64,
                             inbound: ps.inbound,
                             last_error: ps.last_error,
+                            learned: ps.learned as u64,
+                            learned_refused: ps.learned_refused,
+                            learned_refused_by: ps
+                                .learned_refused_by
+                                .iter()
+                                .map(|(k, v)| ((*k).to_owned(), *v))
+                                .collect(),
+                            recent_refusals: ps
+                                .recent_refusals
+                                .iter()
+                                .map(|r| RefusedView {
+                                    source: r.source,
+                                    reason: r.reason.clone(),
+                                })
+                                .collect(),
                         })
                         .collect()
                 })
@@ -1144,6 +1174,7 @@ impl Agent {
                         last_error: l.last_error,
                     }
                 }),
+            learnt: self.learnt.values().cloned().collect(),
             reconnects: d
                 .last_reconnect_outcomes
                 .iter()
@@ -1381,7 +1412,7 @@ fn metrics_render(
                 &'static str,
                 fn(&PeerStats) -> f64,
             );
-            let per_peer: [PeerMetric; 6] = [
+            let per_peer: [PeerMetric; 8] = [
                 (
                     "egressguard_bgp_session_up",
                     "1 when the BGP session is established.",
@@ -1417,6 +1448,18 @@ fn metrics_render(
                     "Malformed attributes discarded (RFC 7606).",
                     "counter",
                     |p| p.attributes_discarded as f64,
+                ),
+                (
+                    "egressguard_bgp_flowspec_learned",
+                    "Flowspec rules learnt from the peer and kept (at most its max_learned).",
+                    "gauge",
+                    |p| p.learned as f64,
+                ),
+                (
+                    "egressguard_bgp_flowspec_refused_total",
+                    "Flowspec rules from the peer refused: outside the networks, too wide, not a plain source discard, over max_learned, untranslatable.",
+                    "counter",
+                    |p| p.learned_refused as f64,
                 ),
             ];
             for (name, help, kind, value) in per_peer {

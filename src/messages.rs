@@ -9,7 +9,7 @@
 //! observe ──Observation──▶ detect ──Detection──▶ decide ──Decision / DesiredBlocks──▶ enforce
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -442,6 +442,10 @@ pub struct DesiredBlocks {
     pub generation: u64,
     /// The blocks.
     pub blocks: BTreeMap<IpNet, DesiredBlock>,
+    /// Sources to drop by learnt flowspec rules: traffic *from* them only, enforced on this
+    /// router and never announced.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub learnt: BTreeSet<IpNet>,
 }
 
 /// Why a decision was taken.

@@ -250,6 +250,7 @@ async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
         )]
         .into_iter()
         .collect(),
+        ..DesiredBlocks::default()
     }))
     .unwrap();
     loop {

@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use crate::policy::LearnBounds;
+
 /// SAFI of flowspec routes (RFC 8955).
 pub const SAFI_FLOWSPEC: u8 = 133;
 
@@ -244,6 +246,14 @@ fn put_prefix(out: &mut Vec<u8>, afi: Afi, p: &PrefixMatch) -> Result<(), Flowsp
 }
 
 impl FlowNlri {
+    /// The source prefix component, when there is one.
+    pub fn source(&self) -> Option<IpNet> {
+        self.components.iter().find_map(|c| match c {
+            Component::Prefix(t, p) if *t == component::SRC_PREFIX => Some(p.prefix),
+            _ => None,
+        })
+    }
+
     /// Encodes the NLRI with its length prefix. Components are sorted by type, the first
     /// operator of each list gets its AND bit cleared, the last its end-of-list bit set, and
     /// every value the shortest length that holds it (BIRD resets the session otherwise).
@@ -518,7 +528,7 @@ pub struct LearnedRule {
 }
 
 /// Why a received rule could not be translated exactly.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Untranslatable {
     /// The rule does not match on a source prefix: the enforcer blocks sources only.
     #[error("no source prefix")]
@@ -581,6 +591,77 @@ fn values(t: u8, ops: &[NumOp], max: u64) -> Result<Vec<u64>, Untranslatable> {
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+/// Why a learnt rule is not enforced. Counted per reason in the peer's statistics; the
+/// rule itself is not kept (a peer announcing millions of refused rules costs no memory).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    /// The NLRI has no exact translation.
+    #[error("untranslatable: {0}")]
+    Untranslatable(#[from] Untranslatable),
+    /// Anything but a plain discard of a source prefix (a destination, protocol, ports or a
+    /// rate limit): the agent enforces learnt rules as source-only drops.
+    #[error("not a plain discard of a source prefix")]
+    NotSourceDiscard,
+    /// The source is not inside the policy's `networks:`: a peer cannot make this router
+    /// drop traffic of anyone but its own customers.
+    #[error("source {0} is outside the policy's networks")]
+    OutsideNetworks(IpNet),
+    /// The source is wider than the policy's block width (/32, `ipv6_block_prefix`).
+    #[error("source {prefix} is wider than the block width /{width}")]
+    TooWide {
+        /// The rule's source.
+        prefix: IpNet,
+        /// The widest prefix length accepted for its family.
+        width: u8,
+    },
+    /// The peer already has `max_learned` rules in force.
+    #[error("the peer's max_learned ({0}) rules are in force")]
+    PeerCap(u32),
+    /// The source holds protected addresses (allowlisted or the router's own).
+    #[error("source {0} holds protected addresses")]
+    Protected(IpNet),
+}
+
+impl Refusal {
+    /// The reason's short name, as counted in `status` and the metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Untranslatable(_) => "untranslatable",
+            Refusal::NotSourceDiscard => "not_source_discard",
+            Refusal::OutsideNetworks(_) => "outside_networks",
+            Refusal::TooWide { .. } => "too_wide",
+            Refusal::PeerCap(_) => "peer_cap",
+            Refusal::Protected(_) => "protected",
+        }
+    }
+}
+
+/// Whether a translated rule is one the agent enforces: a plain discard of a source prefix
+/// inside `bounds`' networks and no wider than its block widths.
+pub fn admit(rule: &LearnedRule, bounds: &LearnBounds) -> Result<(), Refusal> {
+    if rule.destination.is_some()
+        || rule.proto.is_some()
+        || !rule.dports.is_empty()
+        || rule.action != LearnedAction::Discard
+    {
+        return Err(Refusal::NotSourceDiscard);
+    }
+    let width = match rule.source {
+        IpNet::V4(_) => bounds.ipv4_width,
+        IpNet::V6(_) => bounds.ipv6_width,
+    };
+    if rule.source.prefix_len() < width {
+        return Err(Refusal::TooWide {
+            prefix: rule.source,
+            width,
+        });
+    }
+    if !bounds.networks.iter().any(|n| n.contains(&rule.source)) {
+        return Err(Refusal::OutsideNetworks(rule.source));
+    }
+    Ok(())
 }
 
 /// Translates a received flowspec NLRI and the extended communities of its UPDATE into a
@@ -985,5 +1066,80 @@ mod tests {
             translate("rr1", &frag, &[traffic_rate(0, 0.0)]).unwrap_err(),
             Untranslatable::Component(12)
         );
+    }
+
+    fn learnt(source: &str) -> LearnedRule {
+        LearnedRule {
+            peer: "rr1".into(),
+            source: source.parse().unwrap(),
+            destination: None,
+            proto: None,
+            dports: vec![],
+            action: LearnedAction::Discard,
+        }
+    }
+
+    fn bounds() -> LearnBounds {
+        LearnBounds {
+            networks: vec![
+                "203.0.113.0/24".parse().unwrap(),
+                "2001:db8:c::/48".parse().unwrap(),
+            ],
+            ipv4_width: 32,
+            ipv6_width: 64,
+        }
+    }
+
+    /// The attack: `source 32.0.0.0/3 then discard` from a trusted peer would drop an
+    /// eighth of IPv4 as senders; it is outside the networks and wider than a block.
+    #[test]
+    fn learnt_rules_are_bounded_to_customer_sources_of_block_width() {
+        let b = bounds();
+        assert_eq!(admit(&learnt("203.0.113.7/32"), &b), Ok(()));
+        assert_eq!(admit(&learnt("2001:db8:c:5::/64"), &b), Ok(()));
+        assert_eq!(admit(&learnt("2001:db8:c:5::9/128"), &b), Ok(()));
+        assert_eq!(
+            admit(&learnt("32.0.0.0/3"), &b),
+            Err(Refusal::TooWide {
+                prefix: "32.0.0.0/3".parse().unwrap(),
+                width: 32
+            })
+        );
+        assert_eq!(
+            admit(&learnt("198.51.100.9/32"), &b),
+            Err(Refusal::OutsideNetworks("198.51.100.9/32".parse().unwrap()))
+        );
+        assert!(matches!(
+            admit(&learnt("203.0.113.0/24"), &b),
+            Err(Refusal::TooWide { width: 32, .. })
+        ));
+        assert!(matches!(
+            admit(&learnt("2001:db8:c::/48"), &b),
+            Err(Refusal::TooWide { width: 64, .. })
+        ));
+        for r in [
+            LearnedRule {
+                destination: Some("198.51.100.0/24".parse().unwrap()),
+                ..learnt("203.0.113.7/32")
+            },
+            LearnedRule {
+                proto: Some(17),
+                ..learnt("203.0.113.7/32")
+            },
+            LearnedRule {
+                dports: vec![53],
+                ..learnt("203.0.113.7/32")
+            },
+            LearnedRule {
+                action: LearnedAction::RateLimit {
+                    bytes_per_sec: 1000,
+                },
+                ..learnt("203.0.113.7/32")
+            },
+        ] {
+            assert_eq!(admit(&r, &b), Err(Refusal::NotSourceDiscard), "{r:?}");
+        }
+        // Without networks (no bounds known), nothing is admitted.
+        assert!(admit(&learnt("203.0.113.7/32"), &LearnBounds::default()).is_err());
     }
 }

@@ -9,6 +9,14 @@
 //!  peer tasks ──watch<Arc<LearnedRules>>──▶ enforcer (flowspec learnt from the fleet)
 //! ```
 //!
+//! Learnt rules are bounded where they arrive: a peer task keeps only a plain discard of a
+//! source inside the policy's networks and no wider than the block width
+//! ([`flowspec::admit`] with [`Bgp::learn`](crate::policy::Bgp::learn)), at most the peer's
+//! `max_learned`; every other rule is counted by reason ([`PeerStats::refused`]) and
+//! dropped, so what a peer sends costs at most its cap in memory. The daemon checks them
+//! again against protection and turns them into source-only drops
+//! ([`DesiredBlocks::learnt`]), never announced onward.
+//!
 //! With `bgp.listen` set, a listener task accepts inbound connections; the supervisor hands
 //! each to the task of the peer it comes from (TCP MD5 keys of the peers are installed on the
 //! listening socket) and refuses and counts every other source ([`ListenerStats`]).
@@ -44,11 +52,12 @@ pub mod routes;
 mod session;
 pub mod wire;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -57,7 +66,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 pub use flowspec::{LearnedAction, LearnedRule};
 
 use crate::messages::DesiredBlocks;
-use crate::policy::{Bgp, Family, Peer};
+use crate::policy::{Bgp, Family, LearnBounds, Peer};
 use session::{PeerCmd, PeerTask};
 
 /// RFC 4271 session states.
@@ -112,8 +121,15 @@ pub struct PeerStats {
     pub generation: u64,
     /// Flowspec rules learnt from the peer and in force.
     pub learned: usize,
-    /// Flowspec rules from the peer refused as untranslatable.
+    /// Flowspec rules from the peer refused (see [`flowspec::Refusal`]).
     pub learned_refused: u64,
+    /// The refusals by reason ([`flowspec::Refusal::kind`]): a fixed set of keys.
+    pub learned_refused_by: BTreeMap<&'static str, u64>,
+    /// The last few refusals, newest last (at most [`RECENT_REFUSALS`]).
+    pub recent_refusals: VecDeque<RefusedRule>,
+    /// When a refusal was last logged at WARN (at most one a minute per peer).
+    #[serde(skip)]
+    pub refusal_logged_at: Option<Instant>,
     /// The last error, for `status`.
     pub last_error: Option<String>,
     /// The current (or last) session was initiated by the peer (accepted by the listener).
@@ -154,6 +170,9 @@ impl PeerStats {
             generation: 0,
             learned: 0,
             learned_refused: 0,
+            learned_refused_by: BTreeMap::new(),
+            recent_refusals: VecDeque::new(),
+            refusal_logged_at: None,
             last_error: None,
             inbound: false,
             collisions: 0,
@@ -163,6 +182,34 @@ impl PeerStats {
             apply_latency_sum_us: 0,
             applies: 0,
         }
+    }
+}
+
+/// Refusals kept per peer for `status`: the memory of refused rules is this and the
+/// counters, whatever the peer sends.
+pub const RECENT_REFUSALS: usize = 8;
+
+/// One refused learnt rule, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RefusedRule {
+    /// The rule's source prefix, when it has one.
+    pub source: Option<IpNet>,
+    /// Why it is not enforced.
+    pub reason: String,
+}
+
+impl PeerStats {
+    /// Counts one refusal and keeps it among the recent ones.
+    pub fn refused(&mut self, source: Option<IpNet>, why: &flowspec::Refusal) {
+        self.learned_refused += 1;
+        *self.learned_refused_by.entry(why.kind()).or_default() += 1;
+        if self.recent_refusals.len() == RECENT_REFUSALS {
+            self.recent_refusals.pop_front();
+        }
+        self.recent_refusals.push_back(RefusedRule {
+            source,
+            reason: why.to_string(),
+        });
     }
 }
 
@@ -234,6 +281,7 @@ impl Speaker {
             peers: BTreeMap::new(),
             stats: stats.clone(),
             learned: Arc::new(learned_tx),
+            bounds: watch::channel(LearnBounds::default()).0,
             listener: None,
             listener_stats: listener.clone(),
             accepted_tx,
@@ -310,6 +358,8 @@ struct Supervisor {
     peers: BTreeMap<IpAddr, Running>,
     stats: Arc<Mutex<Vec<Arc<Mutex<PeerStats>>>>>,
     learned: Arc<watch::Sender<Arc<LearnedRules>>>,
+    /// The bounds of learnt rules, updated on reload without resetting sessions.
+    bounds: watch::Sender<LearnBounds>,
     listener: Option<Listening>,
     listener_stats: Arc<Mutex<ListenerStats>>,
     accepted_tx: mpsc::Sender<(TcpStream, SocketAddr)>,
@@ -482,6 +532,7 @@ impl Supervisor {
     }
 
     async fn apply(&mut self, policy: Bgp) {
+        self.bounds.send_replace(policy.learn.clone());
         let wanted: BTreeMap<IpAddr, (u32, std::net::Ipv4Addr, Peer)> = policy
             .peers
             .iter()
@@ -515,6 +566,7 @@ impl Supervisor {
                 blocks: self.blocks.clone(),
                 stats: stats.clone(),
                 learned: self.learned.clone(),
+                bounds: self.bounds.subscribe(),
                 cmd: cmd_rx,
             };
             let span = info_span!("bgp", peer = %w.2.name, addr = %a);

@@ -29,7 +29,11 @@ use super::routes::{self, RouteKey, RouteSet, RouteVal};
 use super::wire::{self, Notification, PathCtx, err, msg};
 use super::{LearnedKey, LearnedRules, PeerStats, SessionState};
 use crate::messages::DesiredBlocks;
-use crate::policy::{Family, Peer};
+use crate::policy::{Family, LearnBounds, Peer};
+use ipnet::IpNet;
+
+/// At most one WARN line a minute per peer about refused flowspec rules.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a TCP connect may take (the ConnectRetry timer).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +63,7 @@ pub(crate) struct PeerTask {
     pub blocks: watch::Receiver<Arc<DesiredBlocks>>,
     pub stats: Arc<Mutex<PeerStats>>,
     pub learned: Arc<watch::Sender<Arc<LearnedRules>>>,
+    pub bounds: watch::Receiver<LearnBounds>,
     pub cmd: mpsc::Receiver<PeerCmd>,
 }
 
@@ -781,7 +786,8 @@ impl PeerTask {
             return Ok(());
         }
         let name = &self.peer.name;
-        let mut refused = 0u64;
+        let bounds = self.bounds.borrow().clone();
+        let mut refused: Vec<(Option<IpNet>, flowspec::Refusal)> = Vec::new();
         let mut changes: Vec<(LearnedKey, Option<LearnedRule>)> = Vec::new();
         for n in &u.flow_unreach {
             if let Ok(bytes) = n.encode() {
@@ -810,42 +816,81 @@ impl PeerTask {
                 afi: n.afi,
                 nlri: bytes,
             };
-            match flowspec::translate(name, n, &u.ext_communities) {
-                Ok(rule) => {
-                    info!(peer = %name, source = %rule.source, proto = ?rule.proto, dports = ?rule.dports, action = ?rule.action, "bgp learned flowspec rule");
-                    changes.push((key, Some(rule)));
-                }
+            let rule = flowspec::translate(name, n, &u.ext_communities)
+                .map_err(flowspec::Refusal::from)
+                .and_then(|r| flowspec::admit(&r, &bounds).map(|()| r));
+            match rule {
+                Ok(rule) => changes.push((key, Some(rule))),
                 Err(why) => {
-                    warn!(peer = %name, nlri = ?n, reason = %why, "bgp flowspec rule refused: cannot be enforced exactly");
-                    refused += 1;
-                    // A replaced rule that no longer translates must not stay in force.
+                    refused.push((n.source(), why));
+                    // A replaced rule that is refused now must not stay in force.
                     changes.push((key, None));
                 }
             }
         }
+        // The per-peer cap: a new rule beyond `max_learned` is refused (a replaced one keeps
+        // its place). Refused rules are not kept: the peer's route refresh brings them back.
+        let cap = self.peer.max_learned as usize;
+        let mut added = Vec::new();
         let mut count = 0;
         self.learned.send_if_modified(|all| {
             let map = Arc::make_mut(all);
+            count = map.keys().filter(|k| &k.peer == name).count();
             let mut modified = false;
             for (k, v) in changes {
                 modified |= match v {
-                    Some(r) => {
-                        let changed = map.get(&k) != Some(&r);
-                        if changed {
+                    Some(r) => match map.get(&k) {
+                        Some(old) if *old == r => false,
+                        Some(_) => {
                             map.insert(k, r);
+                            true
                         }
-                        changed
+                        None if count >= cap => {
+                            refused.push((Some(r.source), flowspec::Refusal::PeerCap(cap as u32)));
+                            false
+                        }
+                        None => {
+                            count += 1;
+                            added.push(r.clone());
+                            map.insert(k, r);
+                            true
+                        }
+                    },
+                    None => {
+                        let gone = map.remove(&k).is_some();
+                        count -= usize::from(gone);
+                        gone
                     }
-                    None => map.remove(&k).is_some(),
                 };
             }
-            count = map.keys().filter(|k| &k.peer == name).count();
             modified
         });
+        for r in &added {
+            info!(peer = %name, source = %r.source, "bgp learned flowspec rule");
+        }
+        let now = Instant::now();
+        let mut log = false;
         self.stat(|s| {
             s.learned = count;
-            s.learned_refused += refused;
+            for (source, why) in &refused {
+                s.refused(*source, why);
+            }
+            if !refused.is_empty()
+                && s.refusal_logged_at
+                    .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+            {
+                s.refusal_logged_at = Some(now);
+                log = true;
+            }
         });
+        if let Some((source, why)) = refused.first() {
+            let total = self.stats.lock().map(|s| s.learned_refused).unwrap_or(0);
+            if log {
+                warn!(peer = %name, source = ?source, reason = %why, in_update = refused.len(), refused_total = total, "bgp flowspec rule refused (logged at most once a minute per peer; `egressguard status` counts them by reason)");
+            } else {
+                debug!(peer = %name, source = ?source, reason = %why, "bgp flowspec rule refused");
+            }
+        }
         Ok(())
     }
 

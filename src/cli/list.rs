@@ -18,10 +18,38 @@ pub fn run(args: &ClientArgs) -> Exit {
         print_json(&blocks);
         return Exit::Ok;
     }
+    // Learnt flowspec rules are drops too: shown after the holds (`status --json` has them
+    // for scripts).
+    let learnt = match ask(args, Request::Status) {
+        Ok(Body::Status(s)) => s.learnt,
+        _ => Vec::new(),
+    };
     if blocks.is_empty() {
         println!("no active blocks");
-        return Exit::Ok;
+    } else {
+        print_holds(&blocks);
     }
+    if !learnt.is_empty() {
+        let rows: Vec<Vec<String>> = learnt
+            .iter()
+            .map(|l| {
+                vec![
+                    l.source.to_string(),
+                    l.peer.clone(),
+                    match &l.refused {
+                        None => "drop from (source only)".into(),
+                        Some(why) => format!("not enforced: {why}"),
+                    },
+                ]
+            })
+            .collect();
+        println!("\nlearnt flowspec rules:");
+        print!("{}", table::render(&["SOURCE", "PEER", "ENFORCED"], &rows));
+    }
+    Exit::Ok
+}
+
+fn print_holds(blocks: &[crate::control::protocol::BlockView]) {
     let rows: Vec<Vec<String>> = blocks
         .iter()
         .map(|b| {
@@ -52,5 +80,4 @@ pub fn run(args: &ClientArgs) -> Exit {
             &rows
         )
     );
-    Exit::Ok
 }

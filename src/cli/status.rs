@@ -74,6 +74,37 @@ pub fn run(args: &ClientArgs) -> Exit {
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
+        if p.learned > 0 || p.learned_refused > 0 {
+            let enforced = s
+                .learnt
+                .iter()
+                .filter(|l| l.peer == p.name && l.enforced)
+                .count();
+            let by: Vec<String> = p
+                .learned_refused_by
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "  flowspec  {} learnt, {enforced} enforced; {} refused{}",
+                p.learned,
+                p.learned_refused,
+                if by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by.join(", "))
+                }
+            );
+            if let Some(r) = p.recent_refusals.last() {
+                println!(
+                    "            last refused: {} ({})",
+                    r.source
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    r.reason
+                );
+            }
+        }
     }
     if let Some(l) = &s.bgp_listener {
         println!(

@@ -1,6 +1,7 @@
 //! The control protocol's messages. Stable JSON: `egressguard <verb> --json` prints the
 //! reply body exactly as defined here, so scripts can rely on these field names.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -164,6 +165,9 @@ pub struct StatusView {
     pub breaker: BreakerView,
     /// BGP sessions.
     pub bgp: Vec<PeerView>,
+    /// Flowspec rules learnt from `accept_flowspec` peers, by peer and source.
+    #[serde(default)]
+    pub learnt: Vec<LearntView>,
     /// The BGP listener, when `bgp.listen` is set.
     #[serde(default)]
     pub bgp_listener: Option<BgpListenerView>,
@@ -240,6 +244,44 @@ pub struct PeerView {
     /// Why the session is not up, or the last thing that went wrong.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Flowspec rules learnt from the peer and kept (at most its `max_learned`).
+    #[serde(default)]
+    pub learned: u64,
+    /// Flowspec rules from the peer refused since the session task started.
+    #[serde(default)]
+    pub learned_refused: u64,
+    /// The refusals by reason (`outside_networks`, `too_wide`, `not_source_discard`,
+    /// `peer_cap`, `untranslatable`).
+    #[serde(default)]
+    pub learned_refused_by: BTreeMap<String, u64>,
+    /// The last few refusals, newest last.
+    #[serde(default)]
+    pub recent_refusals: Vec<RefusedView>,
+}
+
+/// One refused learnt flowspec rule (`status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusedView {
+    /// The rule's source prefix, when it has one.
+    pub source: Option<IpNet>,
+    /// Why it is not enforced.
+    pub reason: String,
+}
+
+/// One flowspec rule learnt from a peer (`status`, `list`): traffic *from* `source` is
+/// dropped on this router while the peer announces it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearntView {
+    /// The peer's policy name.
+    pub peer: String,
+    /// The source prefix.
+    pub source: IpNet,
+    /// Whether it is enforced (in the `learnt4`/`learnt6` sets).
+    pub enforced: bool,
+    /// Why not, when it is not (the source became protected, or a reload narrowed the
+    /// bounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// The BGP listener (`bgp.listen`), for `status`.

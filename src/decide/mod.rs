@@ -24,7 +24,7 @@
 //!   only a reconnect with `override_termination: true` lifts it (or the target becoming
 //!   protected, below). Operator `unblock` refuses a terminated target.
 //! * **Protected targets.** A target that lies in or contains a special address (loopback,
-//!   link-local, multicast, unspecified, limited broadcast: [`special`]), one of the router's
+//!   link-local, multicast, unspecified, limited broadcast: `special.rs`), one of the router's
 //!   next hops or a connected subnet's network or broadcast address ([`InfraSet::with_always`]),
 //!   whatever the policy says; or overlaps an allowlisted prefix (`Policy::allow_overlaps`);
 //!   or, with `protect_infrastructure`, the [`InfraSet`], is never held: its detections are
@@ -1766,6 +1766,7 @@ impl Decider {
                 .filter(|h| h.dry_run == dry_run && !self.suspended.contains_key(&h.target))
                 .map(|h| (h.target, self.desired_block(h)))
                 .collect(),
+            learnt: Default::default(),
         }
     }
 

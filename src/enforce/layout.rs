@@ -90,16 +90,19 @@ pub enum Role {
     Garden,
     /// Per-source counters, filled by the packet path: `flags dynamic, timeout`.
     Counters,
+    /// Sources of learnt flowspec rules, dropped as senders only: `flags interval`.
+    Learnt,
 }
 
 impl Role {
     /// Roles whose elements the agent manages (all but the counters).
-    pub const MANAGED: [Role; 5] = [
+    pub const MANAGED: [Role; 6] = [
         Role::Blocked,
         Role::Quarantine,
         Role::Customers,
         Role::Allow,
         Role::Garden,
+        Role::Learnt,
     ];
 
     /// Whether elements carry timeouts.
@@ -138,6 +141,8 @@ impl SetId {
             (Role::Garden, Fam::V6) => "garden6",
             (Role::Counters, Fam::V4) => "src_counters4",
             (Role::Counters, Fam::V6) => "src_counters6",
+            (Role::Learnt, Fam::V4) => "learnt4",
+            (Role::Learnt, Fam::V6) => "learnt6",
         }
     }
 
@@ -149,6 +154,7 @@ impl SetId {
             Role::Garden,
             Role::Blocked,
             Role::Quarantine,
+            Role::Learnt,
             Role::Counters,
         ]
         .into_iter()
@@ -165,7 +171,7 @@ impl SetId {
     pub fn listed_flags(self) -> Vec<&'static str> {
         match self.role {
             Role::Blocked | Role::Quarantine => vec!["interval", "timeout"],
-            Role::Customers | Role::Allow | Role::Garden => vec!["interval"],
+            Role::Customers | Role::Allow | Role::Garden | Role::Learnt => vec!["interval"],
             Role::Counters => vec!["timeout"],
         }
     }
@@ -189,7 +195,7 @@ impl TableSpec {
                 flags.insert(SetFlag::Interval);
                 flags.insert(SetFlag::Timeout);
             }
-            Role::Customers | Role::Allow | Role::Garden => {
+            Role::Customers | Role::Allow | Role::Garden | Role::Learnt => {
                 flags.insert(SetFlag::Interval);
             }
             Role::Counters => {
@@ -392,14 +398,16 @@ fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
 }
 
 /// The drop rules of one family, in chain order: a blocked address sends and receives
-/// nothing; a quarantined one reaches only the garden, which may answer it. Forward holds
-/// all five; input the two `-from` rules, output the other three.
-fn drop_rules(fam: Fam) -> [(String, Vec<Statement<'static>>); 5] {
+/// nothing; a quarantined one reaches only the garden, which may answer it; a learnt source
+/// sends nothing (it still receives). Forward holds all six; input the three `-from` rules,
+/// output the other three.
+fn drop_rules(fam: Fam) -> [(String, Vec<Statement<'static>>); 6] {
     let sfx = if fam == Fam::V4 { "4" } else { "6" };
     let blocked = SetId::new(Role::Blocked, fam);
     let quar = SetId::new(Role::Quarantine, fam);
     let allow = SetId::new(Role::Allow, fam);
     let garden = SetId::new(Role::Garden, fam);
+    let learnt = SetId::new(Role::Learnt, fam);
     [
         (
             format!("blocked-from{sfx}"),
@@ -447,6 +455,15 @@ fn drop_rules(fam: Fam) -> [(String, Vec<Statement<'static>>); 5] {
                 drop_(),
             ],
         ),
+        (
+            format!("learnt-from{sfx}"),
+            vec![
+                in_set(fam, "saddr", learnt),
+                not_in_set(fam, "saddr", allow),
+                counter(),
+                drop_(),
+            ],
+        ),
     ]
 }
 
@@ -487,7 +504,7 @@ pub fn rules() -> Vec<RuleDef> {
     // address (output). The same rules as in forward, for the direction each chain sees.
     for fam in [Fam::V4, Fam::V6] {
         for (name, expr) in drop_rules(fam) {
-            let chain = if name.starts_with("blocked-from") || name.starts_with("quarantine-from") {
+            let chain = if name.contains("-from") {
                 Input
             } else {
                 Output
@@ -816,6 +833,6 @@ mod tests {
     #[test]
     fn set_names_are_unique() {
         let names: std::collections::BTreeSet<_> = SetId::all().map(SetId::name).collect();
-        assert_eq!(names.len(), 12);
+        assert_eq!(names.len(), 14);
     }
 }

@@ -40,6 +40,8 @@
 //!     set blocked6     { type ipv6_addr; flags interval,timeout; }    # (/128 or /64)
 //!     set quarantine4  { type ipv4_addr; flags interval,timeout; }    # Quarantine
 //!     set quarantine6  { type ipv6_addr; flags interval,timeout; }
+//!     set learnt4      { type ipv4_addr; flags interval; }            # learnt flowspec sources
+//!     set learnt6      { type ipv6_addr; flags interval; }
 //!     set src_counters4 { type ipv4_addr; size N; flags dynamic,timeout; timeout 5m; }
 //!     set src_counters6 { type ipv6_addr; size N; flags dynamic,timeout; timeout 5m; }
 //!
@@ -52,13 +54,15 @@
 //!         ip saddr @quarantine4 ip saddr != @allow4 ip daddr != @garden4 counter drop
 //!         ip daddr @quarantine4 ip saddr @garden4 ct state established,related return
 //!         ip daddr @quarantine4 ip daddr != @allow4 counter drop
-//!         (the same five for ip6)
+//!         ip saddr @learnt4 ip saddr != @allow4 counter drop     # senders only
+//!         (the same six for ip6)
 //!     }
 //!     chain input {
 //!         type filter hook input priority filter - 10; policy accept;
 //!         icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } return
 //!         ip saddr @blocked4 ip saddr != @allow4 counter drop
 //!         ip saddr @quarantine4 ip saddr != @allow4 ip daddr != @garden4 counter drop
+//!         ip saddr @learnt4 ip saddr != @allow4 counter drop
 //!         (ip6 likewise)
 //!     }
 //!     chain output {

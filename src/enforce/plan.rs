@@ -77,8 +77,8 @@ fn drop_covered(m: &mut BTreeMap<IpNet, Option<Time>>) -> Vec<IpNet> {
 }
 
 impl Want {
-    /// What to hold for `desired` under `policy` at `now`. In dry-run mode the block and
-    /// quarantine sets and the routes stay empty.
+    /// What to hold for `desired` under `policy` at `now`. In dry-run mode the block,
+    /// quarantine and learnt sets and the routes stay empty.
     ///
     /// The allow guard holds the policy's allowlist plus every block's exceptions (protected
     /// addresses inside a held prefix, such as the router's own address in a customer /64):
@@ -106,6 +106,7 @@ impl Want {
             sets.insert(SetId::new(Role::Garden, fam), aggregate(&garden));
             sets.insert(SetId::new(Role::Blocked, fam), BTreeMap::new());
             sets.insert(SetId::new(Role::Quarantine, fam), BTreeMap::new());
+            sets.insert(SetId::new(Role::Learnt, fam), BTreeMap::new());
         }
         let mut want = Want {
             sets,
@@ -136,7 +137,14 @@ impl Want {
             };
             slot.insert(target, exp);
         }
-        for role in [Role::Blocked, Role::Quarantine] {
+        for source in &desired.learnt {
+            let source = source.trunc();
+            want.sets
+                .entry(SetId::new(Role::Learnt, fam_of(&source)))
+                .or_default()
+                .insert(source, None);
+        }
+        for role in [Role::Blocked, Role::Quarantine, Role::Learnt] {
             for fam in [Fam::V4, Fam::V6] {
                 if let Some(m) = want.sets.get_mut(&SetId::new(role, fam)) {
                     want.covered.extend(drop_covered(m));
@@ -618,6 +626,7 @@ mod tests {
         DesiredBlocks {
             generation: 1,
             blocks: blocks.into_iter().map(|b| (b.target, b)).collect(),
+            ..DesiredBlocks::default()
         }
     }
 
@@ -718,6 +727,35 @@ mod tests {
             .find(|c| c.key == ElemKey::Net("203.0.113.5/32".parse().unwrap()))
             .unwrap();
         assert_eq!(b.timeout, None, "no expiry, no timeout");
+    }
+
+    #[test]
+    fn learnt_sources_go_to_their_own_sets_never_to_routes() {
+        let p = policy("enforcement:\n  blackhole:\n    enabled: true\n");
+        let mut d = desired(vec![]);
+        d.learnt = ["203.0.113.9/32", "2001:db8:c:1::/64", "2001:db8:c:1::7/128"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let w = Want::build(&p, &d, NOW);
+        let l4: Vec<String> = w.sets[&SetId::new(Role::Learnt, Fam::V4)]
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(l4, ["203.0.113.9/32"]);
+        let l6 = &w.sets[&SetId::new(Role::Learnt, Fam::V6)];
+        assert_eq!(l6.len(), 1, "the /128 inside the /64 is covered: {l6:?}");
+        assert!(w.sets[&SetId::new(Role::Blocked, Fam::V4)].is_empty());
+        assert!(w.routes.is_empty(), "learnt rules are never blackholed");
+        let pl = plan(&spec(), &w, None, None, NOW);
+        assert!(
+            pl.changes
+                .iter()
+                .any(|c| c.set == SetId::new(Role::Learnt, Fam::V4) && c.timeout.is_none())
+        );
+        // Dry-run enforces nothing, learnt rules included.
+        let dry = Want::build(&policy("mode: dry-run\n"), &d, NOW);
+        assert!(dry.sets[&SetId::new(Role::Learnt, Fam::V4)].is_empty());
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub const CUSTOMER_PREFIX_V6: u8 = 64;
 // bgp
 pub const BGP_PORT: u16 = 179;
 pub const BGP_HOLD_TIME: u16 = 90;
+/// Flowspec rules in force from one `accept_flowspec` peer; more are refused and counted.
+pub const MAX_LEARNED: u32 = 1000;
 
 // notify
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -385,6 +385,21 @@ pub struct Bgp {
     pub peers: Vec<Peer>,
     /// Where to accept inbound BGP connections from the peers (off when `None`).
     pub listen: Option<std::net::SocketAddr>,
+    /// What a learnt flowspec rule may cover, derived from `networks:` and the block widths
+    /// (not written in the `bgp:` section).
+    pub learn: LearnBounds,
+}
+
+/// The bounds of learnt flowspec rules: a source inside one of `networks` and no wider than
+/// the widths the agent itself blocks (an IPv4 address, an IPv6 `ipv6_block_prefix`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LearnBounds {
+    /// The customer networks.
+    pub networks: Vec<IpNet>,
+    /// Shortest IPv4 source prefix accepted (32).
+    pub ipv4_width: u8,
+    /// Shortest IPv6 source prefix accepted (`enforcement.ipv6_block_prefix`).
+    pub ipv6_width: u8,
 }
 
 /// Address families of a BGP session.
@@ -445,8 +460,10 @@ pub struct Peer {
     pub rtbh_next_hop_v4: Option<Ipv4Addr>,
     /// Next hop of IPv6 RTBH routes.
     pub rtbh_next_hop_v6: Option<std::net::Ipv6Addr>,
-    /// Enforce flowspec rules learnt from this peer.
+    /// Enforce flowspec rules learnt from this peer (within [`Bgp::learn`]).
     pub accept_flowspec: bool,
+    /// Most learnt rules in force from this peer; more are refused and counted.
+    pub max_learned: u32,
     /// File holding the TCP MD5 password.
     pub md5_password_file: Option<PathBuf>,
     /// Never connect to the peer; wait for it on `bgp.listen`.

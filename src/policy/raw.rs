@@ -261,6 +261,7 @@ pub struct RawPeer {
     pub rtbh_next_hop_v4: Option<Scalar>,
     pub rtbh_next_hop_v6: Option<Scalar>,
     pub accept_flowspec: Option<bool>,
+    pub max_learned: Option<Scalar>,
     pub md5_password_file: Option<String>,
     pub passive: Option<bool>,
 }

@@ -599,6 +599,33 @@ bgp:
 ";
 
 #[test]
+fn learnt_flowspec_bounds_follow_networks_and_block_width() {
+    let (p, _) = check(&format!(
+        "{BASE}enforcement:\n  ipv6_block_prefix: 56\n{BGP}      accept_flowspec: true\n      max_learned: 25\n"
+    ));
+    let b = p.expect("valid").bgp.expect("bgp");
+    assert_eq!(b.peers[0].max_learned, 25);
+    assert_eq!(
+        b.learn,
+        LearnBounds {
+            networks: vec![
+                "2001:db8:c::/64".parse().unwrap(),
+                "203.0.113.0/24".parse().unwrap()
+            ],
+            ipv4_width: 32,
+            ipv6_width: 56,
+        }
+    );
+    let (p, _) = check(&format!("{BASE}{BGP}"));
+    assert_eq!(p.unwrap().bgp.unwrap().peers[0].max_learned, 1000);
+    one_error(
+        &format!("{BASE}{BGP}      max_learned: 0\n"),
+        "12:20",
+        "0 is not allowed",
+    );
+}
+
+#[test]
 fn bgp_rules() {
     assert!(errors(&format!("{BASE}{BGP}")).is_empty());
     one_error(

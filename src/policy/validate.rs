@@ -139,7 +139,12 @@ fn build(cx: &mut Cx, raw: RawPolicy, text: &str) -> Policy {
     let enforcement = enforcement(cx, raw.enforcement.as_ref());
     let profiles = profiles(cx, &raw.profiles);
     let networks = networks(cx, &raw.networks, &profiles, &allow, &enforcement);
-    let bgp = raw.bgp.as_ref().and_then(|b| bgp(cx, b));
+    let learn = LearnBounds {
+        networks: networks.iter().map(|n| n.prefix).collect(),
+        ipv4_width: 32,
+        ipv6_width: enforcement.ipv6_block_prefix,
+    };
+    let bgp = raw.bgp.as_ref().and_then(|b| bgp(cx, b, learn));
     let actions = actions(cx, &raw.actions, &escalation, bgp.as_ref());
     let reconnect_requires = reconnect_requires(cx, raw.reconnect_requires.as_deref());
     let reconnect = reconnects(
@@ -1286,7 +1291,7 @@ fn community(cx: &mut Cx, path: &str, s: &Scalar) -> Option<Community> {
     c
 }
 
-fn bgp(cx: &mut Cx, raw: &RawBgp) -> Option<Bgp> {
+fn bgp(cx: &mut Cx, raw: &RawBgp, learn: LearnBounds) -> Option<Bgp> {
     let local_as = asn(cx, "bgp.local_as", &raw.local_as);
     let router_id = match raw.router_id.0.trim().parse::<Ipv4Addr>() {
         Ok(r) if !r.is_unspecified() => Some(r),
@@ -1469,6 +1474,12 @@ fn bgp(cx: &mut Cx, raw: &RawBgp) -> Option<Bgp> {
             rtbh_next_hop_v4: v4_nh,
             rtbh_next_hop_v6: v6_nh,
             accept_flowspec: p.accept_flowspec.unwrap_or(false),
+            max_learned: count32(
+                cx,
+                &format!("{at}.max_learned"),
+                p.max_learned.as_ref(),
+                d::MAX_LEARNED,
+            ),
             md5_password_file,
             passive: p.passive.unwrap_or(false),
         });
@@ -1504,6 +1515,7 @@ fn bgp(cx: &mut Cx, raw: &RawBgp) -> Option<Bgp> {
         router_id: router_id?,
         peers,
         listen,
+        learn,
     })
 }
 

@@ -663,3 +663,244 @@ fn abuse_operator_block_of_the_routers_lifelines_is_refused() {
     );
     assert!(pings(&rig.topo.customers[0].ns, "198.51.100.20", None));
 }
+
+/// BIRD as a route reflector in an upstream namespace, announcing `flows` (BIRD `route flow4
+/// ...;` lines, each given traffic-rate 0, i.e. discard) to the agent.
+fn reflector_conf(flows: &[String]) -> String {
+    let mut statics = String::new();
+    for f in flows {
+        statics.push_str(&format!(
+            "  route {f} {{ bgp_ext_community.add((generic, 0x80060000, 0x0)); }};\n"
+        ));
+    }
+    format!(
+        r#"router id 192.0.2.2;
+log "{{log}}" all;
+flow4 table flowtab4;
+flow6 table flowtab6;
+protocol device {{ }}
+protocol static flows {{
+  flow4 {{ table flowtab4; }};
+{statics}}}
+protocol bgp rr1 {{
+  local 192.0.2.2 as 64500;
+  neighbor 192.0.2.1 as 64500;
+  passive on;
+  hold time 9;
+  flow4 {{ table flowtab4; import none; export all; }};
+  flow6 {{ table flowtab6; import none; export all; }};
+}}
+"#
+    )
+}
+
+/// Counts the echo requests from `from` that reach `ns` (an nft counter in its own input
+/// hook); returns a reader of the count.
+fn count_echo_requests<'a>(ns: &'a Netns, from: &str) -> impl Fn() -> u64 + 'a {
+    for cmd in [
+        "add table ip probe".to_owned(),
+        "add chain ip probe in { type filter hook input priority 0; }".to_owned(),
+        format!("add rule ip probe in ip saddr {from} icmp type echo-request counter"),
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(cmd.split(' '));
+        ns.run(&args).expect("probe counter");
+    }
+    move || {
+        let out = ns
+            .run(&["nft", "list", "chain", "ip", "probe", "in"])
+            .unwrap_or_default();
+        out.split("packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The issue's attack: a trusted peer (`accept_flowspec`) announces `source 32.0.0.0/3 then
+/// discard` and other rules outside what the agent would hold itself. Only the plain discard
+/// of one customer address is enforced, as a source-only drop; the others are refused and
+/// counted by reason, with bounded memory; the per-peer cap holds; `list` and `status` show
+/// it all; a withdrawal lifts the drop.
+#[test]
+fn abuse_learnt_flowspec_is_bounded_and_source_only() {
+    if !require_root("abuse_learnt_flowspec_is_bounded_and_source_only") {
+        return;
+    }
+    let mut topo = Topology::new().expect("topology");
+    for h in [10, 11] {
+        topo.add_customer(h).expect("customer");
+    }
+    topo.add_internet_host(20).expect("internet host");
+    let upstream = Netns::new("upstream").expect("upstream ns");
+    egressguard::netns::veth(&topo.router, "up0", &upstream, "eth0").expect("veth");
+    egressguard::netns::addr(&topo.router, "up0", "192.0.2.1/26").expect("addr");
+    egressguard::netns::addr(&upstream, "eth0", "192.0.2.2/26").expect("addr");
+    let mut flows: Vec<String> = [
+        "32.0.0.0/3",       // the issue's quarter of IPv4 (an eighth, strictly)
+        "203.0.113.0/24",   // the whole customer network: wider than a block
+        "198.51.100.20/32", // the internet host: outside the networks
+        "203.0.113.1/32",   // the router's own address: protected
+        "203.0.113.10/32",  // one customer: enforced
+    ]
+    .iter()
+    .map(|s| format!("flow4 {{ src {s}; }}"))
+    .collect();
+    flows.push("flow4 { dst 203.0.113.11/32; }".into()); // no source: untranslatable
+    let bird = crate::bird::Bird::start_with(&upstream, &reflector_conf(&flows));
+    let policy = format!(
+        "{BASE}bgp:
+  local_as: 64500
+  router_id: 192.0.2.1
+  peers:
+    - name: rr1
+      address: 192.0.2.2
+      remote_as: 64500
+      hold_time: 9
+      families: [ipv4-flowspec, ipv6-flowspec]
+      announce: [flowspec]
+      accept_flowspec: true
+      max_learned: 3
+"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = start(&topo.router, dir.path(), &policy, &[]);
+    let rig = Rig { agent, dir, topo };
+    let peer = |rig: &Rig| rig.json(&["status", "--json"])["bgp"][0].clone();
+    wait_for(
+        "the learnt rule in learnt4",
+        Duration::from_secs(30),
+        || rig.set("learnt4").contains(CUST).then_some(()),
+    );
+    let p = wait_for("every refusal counted", Duration::from_secs(10), || {
+        let p = peer(&rig);
+        (p["learned_refused"].as_u64() >= Some(4)).then_some(p)
+    });
+    let by = &p["learned_refused_by"];
+    assert_eq!(by["too_wide"], 2, "{p}");
+    assert_eq!(by["outside_networks"], 1, "{p}");
+    assert_eq!(by["untranslatable"], 1, "{p}");
+    assert_eq!(
+        p["learned"], 2,
+        "the customer and the router's address are kept: {p}"
+    );
+
+    // Nothing but the one customer address reaches any drop or guard set of the table.
+    for set in ["blocked4", "quarantine4", "learnt4", "allow4"] {
+        let elems = rig.set(set);
+        for never in [
+            "32.0.0.0",
+            "198.51.100.20",
+            "203.0.113.0/24",
+            "203.0.113.1 ",
+        ] {
+            assert!(!elems.contains(never), "{never} is in {set}:\n{elems}");
+        }
+    }
+    assert!(
+        !rig.set("blocked4").contains(CUST),
+        "a learnt rule is a hold"
+    );
+
+    // Source only: the customer sends nothing, but still receives; its neighbour and the
+    // internet host the peer tried to block are untouched.
+    let cust = &rig.topo.customers[0].ns;
+    let neighbour = &rig.topo.customers[1].ns;
+    let internet = &rig.topo.internet[0].ns;
+    let arrived = count_echo_requests(cust, "198.51.100.20");
+    assert!(
+        !pings(cust, "198.51.100.20", None),
+        "the learnt rule does not drop"
+    );
+    assert!(
+        !pings(internet, CUST, None),
+        "the customer's replies get out"
+    );
+    assert!(arrived() >= 1, "traffic to the customer is dropped too");
+    assert!(
+        pings(neighbour, "198.51.100.20", None),
+        "the neighbour is cut off"
+    );
+    assert!(
+        pings(internet, "203.0.113.11", None),
+        "the internet host is cut off"
+    );
+
+    // `status` and `list` show the rules, enforced or not and why.
+    let status = rig.json(&["status", "--json"]);
+    let learnt = status["learnt"].as_array().expect("learnt").clone();
+    let find = |src: &str| {
+        learnt
+            .iter()
+            .find(|l| l["source"] == src)
+            .unwrap_or_else(|| panic!("{src} not in status.learnt: {learnt:?}"))
+    };
+    assert_eq!(find("203.0.113.10/32")["enforced"], true);
+    assert_eq!(find("203.0.113.1/32")["enforced"], false);
+    assert!(
+        find("203.0.113.1/32")["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("protected")),
+        "{learnt:?}"
+    );
+    let list = rig.ok(&["list"]);
+    assert!(
+        list.lines().any(|l| l.contains("203.0.113.10/32")
+            && l.contains("rr1")
+            && l.contains("source only")),
+        "list does not show the learnt rule:\n{list}"
+    );
+    let human = rig.ok(&["status"]);
+    assert!(human.contains("2 learnt, 1 enforced; 4 refused"), "{human}");
+
+    // The cap: two more customer rules, one slot left (max_learned 3). And 300 refused
+    // rules cost the agent nothing but counters: the last eight are kept.
+    flows.push("flow4 { src 203.0.113.50/32; }".into());
+    flows.push("flow4 { src 203.0.113.51/32; }".into());
+    for i in 0..300 {
+        flows.push(format!(
+            "flow4 {{ src 100.64.{}.{}/32; }}",
+            i / 200,
+            i % 200
+        ));
+    }
+    bird.reconfigure(&reflector_conf(&flows));
+    let p = wait_for(
+        "the cap and the flood counted",
+        Duration::from_secs(20),
+        || {
+            let p = peer(&rig);
+            (p["learned_refused"].as_u64() >= Some(305)).then_some(p)
+        },
+    );
+    assert_eq!(p["learned_refused_by"]["peer_cap"], 1, "{p}");
+    assert_eq!(p["learned_refused_by"]["outside_networks"], 301, "{p}");
+    assert_eq!(p["learned"], 3, "{p}");
+    assert_eq!(
+        p["recent_refusals"].as_array().map(Vec::len),
+        Some(8),
+        "{p}"
+    );
+    let learnt4 = rig.set("learnt4");
+    let extra = ["203.0.113.50", "203.0.113.51"]
+        .iter()
+        .filter(|a| learnt4.contains(*a))
+        .count();
+    assert_eq!(extra, 1, "the cap did not hold: {learnt4}");
+    assert!(
+        learnt4.contains(CUST),
+        "a rule in force was displaced: {learnt4}"
+    );
+
+    // The peer withdraws the customer's rule: the drop is lifted at once.
+    flows.retain(|f| !f.contains("203.0.113.10/32"));
+    bird.reconfigure(&reflector_conf(&flows));
+    wait_for("the withdrawn rule lifted", Duration::from_secs(10), || {
+        (!rig.set("learnt4").contains(CUST)).then_some(())
+    });
+    assert!(
+        pings(cust, "198.51.100.20", None),
+        "the customer is still cut off"
+    );
+}

@@ -126,6 +126,7 @@ fn blocks(generation: u64, list: Vec<(IpNet, DesiredBlock)>) -> Arc<DesiredBlock
     Arc::new(DesiredBlocks {
         generation,
         blocks: list.into_iter().collect::<BTreeMap<_, _>>(),
+        ..DesiredBlocks::default()
     })
 }
 
@@ -348,19 +349,28 @@ fn bgp_bird_flowspec_is_learnt_from_a_trusted_peer() {
         return;
     }
     let l = link();
+    // Two rules inside the bounds (plain discards of a customer address and a customer /64)
+    // and three outside: a port match (translatable), an untranslatable `dport > 1024`, and a
+    // rate limit.
     let statics = r#"
 protocol static flowstatic {
   flow4 { table flowtab4; };
-  route flow4 { src 198.51.100.9/32; proto 17; dport 53; } {
+  route flow4 { src 203.0.113.9/32; } {
     bgp_ext_community.add((generic, 0x80060000, 0x0));
   };
-  route flow4 { src 198.51.100.10/32; proto 6; dport > 1024; } {
+  route flow4 { src 203.0.113.9/32; proto 17; dport 53; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x0));
+  };
+  route flow4 { src 203.0.113.10/32; proto 6; dport > 1024; } {
     bgp_ext_community.add((generic, 0x80060000, 0x0));
   };
 }
 protocol static flowstatic6 {
   flow6 { table flowtab6; };
-  route flow6 { src 2001:db8:9::/64; next header 6; dport 22; } {
+  route flow6 { src 2001:db8:c:9::/64; } {
+    bgp_ext_community.add((generic, 0x80060000, 0x0));
+  };
+  route flow6 { src 2001:db8:c:a::/64; next header 6; dport 22; } {
     bgp_ext_community.add((generic, 0x80060000, 0x461c4000));
   };
 }
@@ -379,24 +389,27 @@ protocol static flowstatic6 {
     let mut r: Vec<_> = rules.values().collect();
     r.sort_by_key(|r| r.source);
     assert_eq!(r.len(), 2, "{r:?}");
-    assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
-    assert_eq!(r[0].proto, Some(17));
-    assert_eq!(r[0].dports, vec![53]);
-    assert_eq!(r[0].action, LearnedAction::Discard);
-    // IPv6 (RFC 8956 prefix with offset 0), rate-limit 10000 bytes/s (0x461c4000).
-    assert_eq!(r[1].source, "2001:db8:9::/64".parse::<IpNet>().unwrap());
-    assert_eq!(r[1].proto, Some(6));
-    assert_eq!(r[1].dports, vec![22]);
-    assert_eq!(
-        r[1].action,
-        LearnedAction::RateLimit {
-            bytes_per_sec: 10_000
-        }
-    );
-    // The `dport > 1024` rule cannot be enforced exactly: refused and counted.
-    wait_for("refusal counted", Duration::from_secs(5), || {
-        (h.stats()[0].learned_refused >= 1).then_some(())
+    assert_eq!(r[0].source, "203.0.113.9/32".parse::<IpNet>().unwrap());
+    assert_eq!(r[1].source, "2001:db8:c:9::/64".parse::<IpNet>().unwrap());
+    for rule in &r {
+        assert_eq!(rule.action, LearnedAction::Discard);
+        assert!(rule.proto.is_none() && rule.dports.is_empty() && rule.destination.is_none());
+    }
+    let stats = wait_for("refusals counted", Duration::from_secs(5), || {
+        let s = h.stats().remove(0);
+        (s.learned_refused >= 3).then_some(s)
     });
+    assert_eq!(
+        stats.learned_refused_by.get("untranslatable"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.learned_refused_by.get("not_source_discard"),
+        Some(&2),
+        "{stats:?}"
+    );
+    assert_eq!(stats.learned, 2);
     rt.block_on(h.shutdown());
 }
 
@@ -534,9 +547,11 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
         assert!(u4.contains(want), "GoBGP RTBH route lacks {want}:\n{u4}");
     }
 
-    // GoBGP's own flowspec rule reaches the agent, decoded and translated.
-    l.upstream
-        .run(&[
+    // GoBGP's own flowspec rules reach the agent: one outside the bounds (a rate limit of
+    // a source outside the networks) is refused and counted, a plain discard of a customer
+    // address is learnt.
+    let gobgp_flow = |verb: &str, rule: &[&str]| {
+        let mut args = vec![
             "gobgp",
             "-p",
             GOBGP_API,
@@ -544,8 +559,15 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
             "rib",
             "-a",
             "ipv4-flowspec",
-            "add",
+            verb,
             "match",
+        ];
+        args.extend_from_slice(rule);
+        l.upstream.run(&args).expect("gobgp flowspec");
+    };
+    gobgp_flow(
+        "add",
+        &[
             "source",
             "198.51.100.9/32",
             "protocol",
@@ -555,8 +577,13 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
             "then",
             "rate-limit",
             "1000",
-        ])
-        .expect("gobgp add flowspec");
+        ],
+    );
+    wait_for("refusal counted", Duration::from_secs(10), || {
+        let s = &h.stats()[0];
+        (s.learned_refused_by.get("not_source_discard") == Some(&1)).then_some(())
+    });
+    gobgp_flow("add", &["source", "203.0.113.44/32", "then", "discard"]);
     let learned = h.learned();
     let rules = wait_for("rule learnt from GoBGP", Duration::from_secs(10), || {
         let m = learned.borrow().clone();
@@ -564,34 +591,9 @@ fn bgp_gobgp_flowspec_rtbh_withdraw_and_reannounce() {
     });
     let r: Vec<_> = rules.values().collect();
     assert_eq!(r.len(), 1, "{r:?}");
-    assert_eq!(r[0].source, "198.51.100.9/32".parse::<IpNet>().unwrap());
-    assert_eq!(r[0].proto, Some(17));
-    assert_eq!(r[0].dports, vec![53]);
-    assert_eq!(
-        r[0].action,
-        LearnedAction::RateLimit {
-            bytes_per_sec: 1000
-        }
-    );
-    l.upstream
-        .run(&[
-            "gobgp",
-            "-p",
-            GOBGP_API,
-            "global",
-            "rib",
-            "-a",
-            "ipv4-flowspec",
-            "del",
-            "match",
-            "source",
-            "198.51.100.9/32",
-            "protocol",
-            "udp",
-            "destination-port",
-            "==53",
-        ])
-        .expect("gobgp del flowspec");
+    assert_eq!(r[0].source, "203.0.113.44/32".parse::<IpNet>().unwrap());
+    assert_eq!(r[0].action, LearnedAction::Discard);
+    gobgp_flow("del", &["source", "203.0.113.44/32"]);
     wait_for("learnt rule withdrawn", Duration::from_secs(10), || {
         learned.borrow().is_empty().then_some(())
     });

@@ -22,11 +22,26 @@ impl Bird {
     /// Writes `conf` (where `{log}` stands for the log file's path) and starts BIRD in `ns`.
     pub fn start_with(ns: &Netns, conf: &str) -> Bird {
         let dir = tempfile::tempdir().expect("tempdir");
-        let conf = conf.replace("{log}", &dir.path().join("bird.log").display().to_string());
-        std::fs::write(dir.path().join("bird.conf"), conf).expect("write bird.conf");
         let mut b = Bird { dir, proc: None };
+        b.write_conf(conf);
         b.start(ns);
         b
+    }
+
+    fn write_conf(&self, conf: &str) {
+        let conf = conf.replace(
+            "{log}",
+            &self.dir.path().join("bird.log").display().to_string(),
+        );
+        std::fs::write(self.dir.path().join("bird.conf"), conf).expect("write bird.conf");
+    }
+
+    /// Replaces the configuration with `conf` and applies it (`birdc configure`): sessions
+    /// stay up, changed routes are announced or withdrawn.
+    pub fn reconfigure(&self, conf: &str) {
+        self.write_conf(conf);
+        let out = self.birdc("configure");
+        assert!(out.contains("Reconfigured"), "birdc configure: {out}");
     }
 
     /// The control socket.

@@ -68,6 +68,7 @@ fn desired(generation: u64, blocks: Vec<DesiredBlock>) -> Arc<DesiredBlocks> {
     Arc::new(DesiredBlocks {
         generation,
         blocks: blocks.into_iter().map(|b| (b.target, b)).collect(),
+        ..DesiredBlocks::default()
     })
 }
 
