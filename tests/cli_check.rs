@@ -169,3 +169,26 @@ fn reconnects_without_a_running_agent_are_reported_unchecked() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["reconnects_unchecked"].as_str().is_some(), "{out}");
 }
+
+/// `egressguard check --print-effective | head -1`: a reader that goes away ends the program
+/// quietly (status 0), not with a panic.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let mut child = bin()
+        .arg("check")
+        .arg("--print-effective")
+        .arg("--policy")
+        .arg(repo().join("policies/examples/isp-edge.yaml"))
+        .arg("--socket")
+        .arg("/nonexistent")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the program writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -9,6 +9,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+# Check the tools first: a missing one should not cost a full release build to find out.
+missing=()
+cargo deb --version >/dev/null 2>&1 || missing+=("cargo-deb: cargo install cargo-deb --locked")
+command -v dpkg-shlibdeps >/dev/null || missing+=("dpkg-shlibdeps: apt-get install dpkg-dev")
+command -v objcopy >/dev/null || missing+=("objcopy: apt-get install binutils")
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "build.sh: missing tools; install them first:" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+fi
+
 target_dir="${CARGO_TARGET_DIR:-target}"
 assets=target/deb-assets   # named in [package.metadata.deb] assets, relative to the crate
 

@@ -21,7 +21,7 @@ pub(crate) fn done(r: Result<crate::control::protocol::Body, Exit>, json: bool) 
             if json {
                 print_json(&body);
             } else if let crate::control::protocol::Body::Done { message } = body {
-                println!("{message}");
+                outln!("{}", super::escape(&message));
             }
             Exit::Ok
         }

@@ -14,7 +14,7 @@ pub fn reset(args: &BreakerResetArgs) -> Exit {
             if args.client.json {
                 print_json(&body);
             } else if let Body::BreakerReset { message, .. } = body {
-                println!("{message}");
+                outln!("{}", super::escape(&message));
             }
             Exit::Ok
         }

@@ -25,7 +25,7 @@ pub fn run(args: &ClientArgs) -> Exit {
         _ => Vec::new(),
     };
     if blocks.is_empty() {
-        println!("no active blocks");
+        outln!("no active blocks");
     } else {
         print_holds(&blocks);
     }
@@ -43,8 +43,8 @@ pub fn run(args: &ClientArgs) -> Exit {
                 ]
             })
             .collect();
-        println!("\nlearnt flowspec rules:");
-        print!("{}", table::render(&["SOURCE", "PEER", "ENFORCED"], &rows));
+        outln!("\nlearnt flowspec rules:");
+        out!("{}", table::render(&["SOURCE", "PEER", "ENFORCED"], &rows));
     }
     Exit::Ok
 }
@@ -73,7 +73,7 @@ fn print_holds(blocks: &[crate::control::protocol::BlockView]) {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table::render(
             &["ADDRESS", "HOLD", "OFFENSE", "SINCE", "UNTIL", "REASON"],

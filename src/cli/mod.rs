@@ -2,6 +2,18 @@
 //! generators, see [`generate`]) and one small module per verb. `main.rs` only parses and
 //! dispatches here.
 
+/// `print!` for the control verbs: a closed stdout (`egressguard status | head -1`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
+/// `println!` likewise.
+macro_rules! outln {
+    () => { $crate::cli::write_out(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 pub mod block;
 pub mod breaker;
 pub mod check;
@@ -244,12 +256,12 @@ pub(crate) fn ask(
         Ok(Reply::Ok { body }) => Ok(body),
         Ok(Reply::Error { error }) => {
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "result": "error", "error": error })
                 );
             } else {
-                eprintln!("egressguard: {error}");
+                eprintln!("egressguard: {}", escape(&error));
             }
             Err(Exit::Refused)
         }
@@ -262,5 +274,39 @@ pub(crate) fn ask(
 
 /// Prints a body as JSON.
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Writes to stdout; a reader that went away (EPIPE) ends the program with status 0, any
+/// other write error with a message and status 3.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("egressguard: cannot write to stdout: {e}");
+        std::process::exit(Exit::Failure as i32);
+    }
+}
+
+/// Text from the agent that someone else wrote (a reason, a ticket, a peer's error, a user
+/// name) with its control characters escaped (`\n`, `\u{1b}`), so it cannot forge lines or
+/// drive the terminal.
+pub(crate) fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }

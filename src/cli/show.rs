@@ -1,6 +1,6 @@
 //! `egressguard show ADDR`.
 
-use super::{Exit, ShowArgs, ask, print_json};
+use super::{Exit, ShowArgs, ask, escape, print_json};
 use crate::control::Request;
 use crate::control::protocol::Body;
 
@@ -18,37 +18,43 @@ pub fn run(args: &ShowArgs) -> Exit {
         print_json(&h);
         return Exit::Ok;
     }
-    println!("{}", h.target);
+    outln!("{}", h.target);
     match &h.current {
-        Some(b) => println!(
+        Some(b) => outln!(
             "  now: {} since {} until {} ({})",
             b.kind,
             b.since,
             b.until
                 .map(|t| t.to_string())
                 .unwrap_or_else(|| "reconnect".into()),
-            b.reason
+            escape(&b.reason)
         ),
-        None => println!("  now: not held"),
+        None => outln!("  now: not held"),
     }
     if h.offenses.is_empty() {
-        println!("  no offenses on record");
+        outln!("  no offenses on record");
     }
     for o in &h.offenses {
-        println!(
+        outln!(
             "\n  offense {} at {}: {} -> {}",
-            o.number, o.time, o.category, o.decision
+            o.number,
+            o.time,
+            o.category,
+            o.decision
         );
         if let Some(ev) = &o.evidence {
-            println!("{}", indent(&ev.to_string(), "    "));
+            outln!("{}", indent(&ev.to_string(), "    "));
         }
     }
     if !h.audit.is_empty() {
-        println!("\n  audit trail:");
+        outln!("\n  audit trail:");
         for a in &h.audit {
-            println!(
+            outln!(
                 "    {}  {:<10} {:<10} {}",
-                a.time, a.actor, a.action, a.detail
+                a.time,
+                escape(&a.actor),
+                a.action,
+                escape(&a.detail)
             );
         }
     }

@@ -1,6 +1,6 @@
 //! `egressguard status`.
 
-use super::{ClientArgs, Exit, ask, print_json};
+use super::{ClientArgs, Exit, ask, escape, print_json};
 use crate::control::Request;
 use crate::control::protocol::Body;
 
@@ -18,29 +18,34 @@ pub fn run(args: &ClientArgs) -> Exit {
         print_json(&s);
         return Exit::Ok;
     }
-    println!(
+    outln!(
         "egressguard {}  mode {}  up since {}",
-        s.version, s.mode, s.started
+        s.version,
+        s.mode,
+        s.started
     );
-    println!(
+    outln!(
         "policy      {} (version {})",
-        s.policy_file, s.policy_version
+        s.policy_file,
+        s.policy_version
     );
     let last = s
         .last_event
         .map(|t| t.to_string())
         .unwrap_or_else(|| "never".into());
-    println!(
+    outln!(
         "observing   {} sources tracked, {} events seen, {} lost, last event {last}",
-        s.sources_tracked, s.events_seen, s.events_lost
+        s.sources_tracked,
+        s.events_seen,
+        s.events_lost
     );
-    println!(
+    outln!(
         "detector    cap {} sources, {} evicted, {:.1} MiB",
         s.max_sources,
         s.source_evictions,
         s.detector_memory_bytes as f64 / (1024.0 * 1024.0)
     );
-    println!(
+    outln!(
         "holding     {} quarantined, {} blocked, {} terminated{}",
         s.quarantined,
         s.blocked,
@@ -52,17 +57,17 @@ pub fn run(args: &ClientArgs) -> Exit {
         }
     );
     if s.breaker.tripped {
-        println!(
+        outln!(
             "breaker     TRIPPED since {}: {} ({} blocks held back)",
             s.breaker.since.map(|t| t.to_string()).unwrap_or_default(),
-            s.breaker.reason.as_deref().unwrap_or(""),
+            escape(s.breaker.reason.as_deref().unwrap_or("")),
             s.breaker.held_back
         );
     } else {
-        println!("breaker     closed");
+        outln!("breaker     closed");
     }
     for p in &s.bgp {
-        println!(
+        outln!(
             "bgp         {} {} {}{} ({} routes announced){}",
             p.name,
             p.address,
@@ -71,7 +76,7 @@ pub fn run(args: &ClientArgs) -> Exit {
             p.announced,
             p.last_error
                 .as_deref()
-                .map(|e| format!("; last error: {e}"))
+                .map(|e| format!("; last error: {}", escape(e)))
                 .unwrap_or_default()
         );
         if p.learned > 0 || p.learned_refused > 0 {
@@ -85,7 +90,7 @@ pub fn run(args: &ClientArgs) -> Exit {
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
-            println!(
+            outln!(
                 "  flowspec  {} learnt, {enforced} enforced; {} refused{}",
                 p.learned,
                 p.learned_refused,
@@ -96,18 +101,18 @@ pub fn run(args: &ClientArgs) -> Exit {
                 }
             );
             if let Some(r) = p.recent_refusals.last() {
-                println!(
+                outln!(
                     "            last refused: {} ({})",
                     r.source
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    r.reason
+                    escape(&r.reason)
                 );
             }
         }
     }
     if let Some(l) = &s.bgp_listener {
-        println!(
+        outln!(
             "bgp listen  {}: {} accepted, {} refused{}",
             l.address
                 .map(|a| a.to_string())
@@ -116,15 +121,20 @@ pub fn run(args: &ClientArgs) -> Exit {
             l.refused,
             l.last_error
                 .as_deref()
-                .map(|e| format!("; {e}"))
+                .map(|e| format!("; {}", escape(e)))
                 .unwrap_or_default()
         );
     }
     for r in &s.reconnects {
-        println!("reconnect   {} {}: {}", r.ticket, r.address, r.outcome);
+        outln!(
+            "reconnect   {} {}: {}",
+            escape(&r.ticket),
+            r.address,
+            escape(&r.outcome)
+        );
     }
     for w in &s.warnings {
-        println!("WARNING     {w}");
+        outln!("WARNING     {}", escape(w));
     }
     Exit::Ok
 }

@@ -126,6 +126,42 @@ fn operator_block_list_show_metrics_unblock() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
+    // A reason with a newline and a terminal escape cannot forge a row or drive the
+    // terminal of whoever runs `list` or `show` later.
+    run(&[
+        "block",
+        "203.0.113.67",
+        "--reason",
+        "x\n203.0.113.99  block  1  forged\u{1b}[2J",
+        "--for",
+        "1h",
+    ]);
+    for verb in [vec!["list"], vec!["show", "203.0.113.67"]] {
+        let text = run(&verb);
+        assert!(
+            !text.contains('\u{1b}'),
+            "{verb:?} prints ESC raw: {text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("203.0.113.99")),
+            "{verb:?} prints a forged row: {text}"
+        );
+        assert!(text.contains("x\\n203.0.113.99"), "{verb:?}: {text}");
+    }
+    // `egressguard status | head -1` with the reader gone: quiet, status 0.
+    let mut status = std::process::Command::new(&exe)
+        .args(["status", "--socket"])
+        .arg(dir.path().join("control.sock"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(status.stdout.take());
+    let out = status.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+
     let show: serde_json::Value =
         serde_json::from_str(&run(&["show", "203.0.113.66", "--json"])).unwrap();
     assert_eq!(show["current"]["kind"], "block", "{show}");
@@ -143,10 +179,11 @@ fn operator_block_list_show_metrics_unblock() {
                   printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; timeout 5 cat <&3";
     let metrics = ns.run(&["bash", "-c", scrape]).unwrap();
     assert!(
-        metrics.contains("egressguard_active_blocks{kind=\"block\"} 1"),
+        metrics.contains("egressguard_active_blocks{kind=\"block\"} 2"), // .66 and .67
         "{metrics}"
     );
 
+    run(&["unblock", "203.0.113.67", "--ticket", "T-8"]);
     let out = run(&["unblock", "203.0.113.66", "--ticket", "T-7"]);
     assert!(out.contains("unblocked"), "{out}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
