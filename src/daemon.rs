@@ -932,10 +932,15 @@ impl Agent {
                             .iter()
                             .map(|d| {
                                 format!(
-                                    "{} {}{}",
+                                    "{} {}{}{}",
                                     d.kind.map(|k| k.as_str()).unwrap_or("released"),
                                     d.target,
-                                    d.expires.map(|t| format!(" until {t}")).unwrap_or_default()
+                                    d.expires.map(|t| format!(" until {t}")).unwrap_or_default(),
+                                    if d.dry_run {
+                                        " (dry-run: recorded, not enforced)"
+                                    } else {
+                                        ""
+                                    }
                                 )
                             })
                             .collect::<Vec<_>>()

@@ -703,6 +703,30 @@ fn dry_run_decides_and_records_but_enforces_nothing() {
     );
 }
 
+/// An operator block in dry-run mode is a would-be hold: the decision, the list and the
+/// audit say dry-run, and nothing is desired of the enforcers.
+#[test]
+fn operator_block_in_dry_run_is_recorded_as_dry_run() {
+    let mut p = (*policy("")).clone();
+    p.mode = Mode::DryRun;
+    let mut d = decider(Arc::new(p));
+    let b = one(d
+        .on_operator_block(
+            net(A),
+            "ticket 5",
+            Some(Duration::from_secs(3600)),
+            "alice",
+            at(10),
+        )
+        .unwrap());
+    assert!(b.dry_run, "{b:?}");
+    assert!(d.desired().blocks.is_empty());
+    assert!(d.would_enforce().blocks.contains_key(&net(A)));
+    assert!(d.list().iter().all(|h| h.dry_run));
+    let audit = d.store().audit(Some(net(A)), 10).unwrap();
+    assert!(audit[0].entry.dry_run);
+}
+
 #[test]
 fn desired_blocks_carry_announcements_and_flowspec_scope() {
     let mut d = decider(policy(""));

@@ -1255,6 +1255,12 @@ impl Decider {
                 now,
             ),
         };
+        // In dry-run mode an operator block is a would-be hold like any other: recorded,
+        // listed and replied to as dry-run, enforced by nothing. An enforced hold it extends
+        // (kept from before a switch to dry-run) stays enforced.
+        let dry = existing
+            .as_ref()
+            .map_or(!self.policy.enforcing(), |h| h.dry_run);
         let block = BlockRecord {
             target,
             kind,
@@ -1264,7 +1270,7 @@ impl Decider {
             category,
             reason: reason.to_owned(),
             actor: user.to_owned(),
-            dry_run: false,
+            dry_run: dry,
             service,
         };
         b.changes.push(Change::PutBlock(block.clone()));
@@ -1276,7 +1282,7 @@ impl Decider {
             actions::OPERATOR_BLOCK,
             Some(target),
             reason.to_owned(),
-            false,
+            dry,
             json!({ "kind": kind, "expires": expires, "duration": duration.map(|d| humantime::format_duration(d).to_string()), "previous": existing.as_ref().map(|h| h.kind) }),
         );
         info!(addr = %target, user, reason, kind = %kind, "operator block");
@@ -1290,7 +1296,7 @@ impl Decider {
                 user: user.to_owned(),
                 reason: reason.to_owned(),
             },
-            dry_run: false,
+            dry_run: dry,
         });
         b.dirty = true;
         self.finish(b, snapshot, now)

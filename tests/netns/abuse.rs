@@ -882,7 +882,11 @@ fn abuse_learnt_flowspec_is_bounded_and_source_only() {
         Some(8),
         "{p}"
     );
-    let learnt4 = rig.set("learnt4");
+    // The counters come from the session; the set follows once the agent has applied it.
+    let learnt4 = wait_for("the new rule in learnt4", Duration::from_secs(10), || {
+        let l = rig.set("learnt4");
+        (l.contains("203.0.113.50") || l.contains("203.0.113.51")).then_some(l)
+    });
     let extra = ["203.0.113.50", "203.0.113.51"]
         .iter()
         .filter(|a| learnt4.contains(*a))
