@@ -47,10 +47,14 @@ fn preview(args: &CheckArgs, text: &str) -> Result<Vec<ReconnectView>, String> {
 
 /// Runs the check and prints the result; returns the exit code.
 pub fn run(args: &CheckArgs) -> Exit {
-    let text = match std::fs::read_to_string(&args.policy) {
+    let text = match crate::policy::read_text(&args.policy) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("{}: cannot read the policy: {e}", args.policy.display());
+            let why = match &e {
+                crate::policy::PolicyError::Read { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            eprintln!("{}: cannot read the policy: {why}", args.policy.display());
             return Exit::InvalidPolicy;
         }
     };

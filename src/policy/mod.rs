@@ -499,14 +499,35 @@ pub struct DetectionSettings {
     pub max_sources: u32,
 }
 
+/// Reads a policy file as text, refusing one larger than [`locate::MAX_POLICY_BYTES`]
+/// without reading it whole (a policy path pointed at a huge file or a device must not
+/// cost the agent its memory).
+pub fn read_text(path: &Path) -> Result<String, PolicyError> {
+    use std::io::Read;
+    let err = |source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let limit = locate::MAX_POLICY_BYTES as u64;
+    let mut text = String::new();
+    f.take(limit + 1).read_to_string(&mut text).map_err(err)?;
+    if text.len() as u64 > limit {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!(
+                "the file is larger than {} MiB, the most the policy reader accepts",
+                limit >> 20
+            ),
+        )));
+    }
+    Ok(text)
+}
+
 impl Policy {
     /// Reads, validates and returns the policy at `path`.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Policy::from_text(&text, path)
+        Policy::from_text(&read_text(path)?, path)
     }
 
     /// Validates policy text; `path` is used in diagnostics only.

@@ -750,3 +750,106 @@ fn diagnostics_render_as_file_line_column() {
     );
     assert!(s.contains("\n  help: write an address"), "{s}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The reader's limits: hostile files are refused at the place the limit is crossed, before
+// serde reads them, without deep recursion or large allocations.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn deep_block_nesting_is_refused_at_the_level_that_crosses_the_limit() {
+    // 20,000 levels of `- ` on one line: before the limit, this overflowed the stack.
+    let text = format!("version: 1\nreconnect:\n  {}x\n", "- ".repeat(20_000));
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("nested 33 levels deep"), "{errs:?}");
+    // Level 33 starts at the 32nd `- ` of line 3: column 2 + 2 × 31 + 1.
+    assert!(errs[0].starts_with("3:65:"), "{errs:?}");
+}
+
+#[test]
+fn deep_flow_nesting_is_refused() {
+    let text = format!("version: 1\nallow: {}{}\n", "[".repeat(200), "]".repeat(200));
+    let errs = errors(&text);
+    assert!(errs[0].contains("levels deep"), "{errs:?}");
+    assert!(errs[0].starts_with("2:"), "{errs:?}");
+}
+
+#[test]
+fn nesting_at_the_limit_is_read() {
+    // 32 levels (the mapping at the top is level 1) reach serde, which refuses the shape.
+    let text = format!("version: 1\nallow: {}1{}\n", "[".repeat(31), "]".repeat(31));
+    let errs = errors(&text);
+    assert!(!errs[0].contains("levels deep"), "{errs:?}");
+}
+
+#[test]
+fn billion_laughs_is_refused_at_the_alias_that_crosses_the_limit() {
+    let mut text = String::from("version: 1\nx0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        text.push_str(&format!(
+            "x{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    text.push_str("allow: *a8\n");
+    assert!(text.len() < 1000);
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("expands to more than 250000 values"),
+        "{errs:?}"
+    );
+    // a5 is 111,111 values; the third alias to it (line 7) crosses 250,000.
+    assert!(errs[0].starts_with("7:"), "{errs:?}");
+}
+
+#[test]
+fn a_long_value_repeated_by_aliases_is_refused() {
+    let long = "x".repeat(100_000);
+    let mut text = format!("version: 1\nv: &v {long}\nallow:\n");
+    for _ in 0..100 {
+        text.push_str("  - *v\n");
+    }
+    let errs = errors(&text);
+    assert!(errs[0].contains("MiB of text"), "{errs:?}");
+}
+
+#[test]
+fn aliases_of_ordinary_size_are_fine() {
+    let text = format!(
+        "{BASE}profiles:\n  default:\n    port_scan: &scan {{distinct_ports: 50}}\n  web:\n    port_scan: *scan\n"
+    );
+    assert_eq!(errors(&text), Vec::<String>::new());
+    let (p, _) = check(&text);
+    assert_eq!(p.unwrap().profiles["web"].port_scan.distinct_ports, 50);
+}
+
+#[test]
+fn a_very_long_key_is_refused() {
+    // An explicit key (`? `): YAML itself limits implicit keys to 1024 characters.
+    let text = format!("version: 1\nprofiles:\n  ? {}\n  : {{}}\n", "k".repeat(5000));
+    let errs = errors(&text);
+    assert!(errs[0].starts_with("3:5:"), "{errs:?}");
+    assert!(errs[0].contains("mapping key of 5000 bytes"), "{errs:?}");
+}
+
+#[test]
+fn an_oversized_text_is_refused_before_it_is_parsed() {
+    let text = format!("{BASE}# {}\n", "x".repeat(locate::MAX_POLICY_BYTES));
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].contains("accepts at most 2 MiB"), "{errs:?}");
+}
+
+#[test]
+fn an_oversized_file_is_refused_without_reading_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.yaml");
+    let f = std::fs::File::create(&path).unwrap();
+    // Sparse: 1 GiB that takes no disk; reading it whole would take 1 GiB of memory.
+    f.set_len(1 << 30).unwrap();
+    let e = Policy::load(&path).unwrap_err();
+    let text = crate::logging::error_chain(&e);
+    assert!(text.contains("larger than 2 MiB"), "{text}");
+}

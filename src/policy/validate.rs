@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::defaults as d;
 use super::error::{Diagnostic, Severity};
-use super::locate::{Index, Pos};
+use super::locate::{self, Index, Pos};
 use super::raw::*;
 use super::*;
 use crate::messages::{Announce, BlockKind, Category, Time};
@@ -59,9 +59,44 @@ pub(super) fn validate(
     let mut cx = Cx {
         file,
         host,
-        ix: Index::new(text),
+        ix: Index::default(),
         diags: Vec::new(),
     };
+    if text.len() > super::locate::MAX_POLICY_BYTES {
+        cx.err(
+            "",
+            format!(
+                "the policy is {} bytes; the policy reader accepts at most {} MiB",
+                text.len(),
+                super::locate::MAX_POLICY_BYTES >> 20
+            ),
+            Some("is this the policy file? split out what the agent does not need".into()),
+        );
+        return (None, cx.diags);
+    }
+    // The limits (depth, alias expansion, key length) and the syntax are checked before
+    // serde reads anything.
+    match Index::read(text) {
+        Ok(ix) => cx.ix = ix,
+        Err((_, r)) => {
+            // For a syntax error, libyaml's message (serde_yaml's, as for every other
+            // syntax error) is the better one when it finds the error too: reading into
+            // `IgnoredAny` walks its events without following aliases, iteratively.
+            let libyaml = r
+                .message
+                .starts_with(locate::SYNTAX)
+                .then(|| serde_yaml::from_str::<serde::de::IgnoredAny>(text).err())
+                .flatten();
+            match libyaml {
+                Some(e) => {
+                    let (at, msg, help) = serde_diagnostic(&e);
+                    cx.push(Severity::Error, at, "", msg, help);
+                }
+                None => cx.push(Severity::Error, r.at, "", r.message, r.help),
+            }
+            return (None, cx.diags);
+        }
+    }
     if text.trim().is_empty() {
         cx.err(
             "",
@@ -73,16 +108,7 @@ pub(super) fn validate(
     let raw: RawPolicy = match serde_yaml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            let at = e
-                .location()
-                .map(|l| Pos {
-                    line: l.line(),
-                    column: l.column(),
-                })
-                .unwrap_or(Pos::START);
-            let suffix = format!(" at line {} column {}", at.line, at.column);
-            let full = e.to_string();
-            let (msg, help) = explain_serde(full.strip_suffix(&suffix).unwrap_or(&full));
+            let (at, msg, help) = serde_diagnostic(&e);
             cx.push(Severity::Error, at, "", msg, help);
             return (None, cx.diags);
         }
@@ -92,6 +118,21 @@ pub(super) fn validate(
     cx.diags.sort_by_key(|d| (d.line, d.column));
     let failed = cx.diags.iter().any(|d| d.severity == Severity::Error);
     (if failed { None } else { Some(policy) }, cx.diags)
+}
+
+/// serde_yaml's error as a position, a message and a hint.
+fn serde_diagnostic(e: &serde_yaml::Error) -> (Pos, String, Option<String>) {
+    let at = e
+        .location()
+        .map(|l| Pos {
+            line: l.line(),
+            column: l.column(),
+        })
+        .unwrap_or(Pos::START);
+    let suffix = format!(" at line {} column {}", at.line, at.column);
+    let full = e.to_string();
+    let (msg, help) = explain_serde(full.strip_suffix(&suffix).unwrap_or(&full));
+    (at, msg, help)
 }
 
 /// Turns serde_yaml's message into ours: the position goes in front, a hint comes after.
