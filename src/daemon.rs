@@ -85,6 +85,56 @@ pub enum Event {
     Control(ControlRequest),
     /// Detections from the detect task.
     Detections(Vec<Detection>),
+    /// A `check` preview of reconnects, its policy already read and validated off the
+    /// decision task (a large policy takes a while; decisions must not wait for it).
+    Preview {
+        /// The candidate policy.
+        policy: Box<Policy>,
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<Reply>,
+    },
+}
+
+/// Most candidate policies read at once for previews; later ones wait their turn.
+const PREVIEW_READS: usize = 2;
+
+/// Reads a preview's candidate policy on a blocking thread (at most [`PREVIEW_READS`] at
+/// once) and hands it to the decision task; an unreadable one is answered here.
+async fn preview(
+    req: ControlRequest,
+    policy: String,
+    path: String,
+    reads: Arc<tokio::sync::Semaphore>,
+    tx: mpsc::Sender<Event>,
+) {
+    let Ok(_permit) = reads.acquire_owned().await else {
+        return;
+    };
+    let read = tokio::task::spawn_blocking(move || Policy::from_text(&policy, Path::new(&path)));
+    match read.await {
+        Ok(Ok(p)) => {
+            let event = Event::Preview {
+                policy: Box::new(p),
+                reply: req.reply,
+            };
+            if let Err(mpsc::error::SendError(Event::Preview { reply, .. })) = tx.send(event).await
+            {
+                let _ = reply.send(Reply::Error {
+                    error: "the agent is shutting down".into(),
+                });
+            }
+        }
+        Ok(Err(e)) => {
+            let _ = req.reply.send(Reply::Error {
+                error: error_chain(&e),
+            });
+        }
+        Err(e) => {
+            let _ = req.reply.send(Reply::Error {
+                error: format!("the policy could not be read: {e}"),
+            });
+        }
+    }
 }
 
 /// Errors that stop the daemon at start.
@@ -156,6 +206,47 @@ pub fn run(args: &RunArgs) -> Exit {
             Exit::Failure
         }
     }
+}
+
+/// The settings that differ between `old` and `new` and are read only at start (a reload
+/// that changes one is refused, naming it: applying the rest would leave the agent half on
+/// the old policy while the reply said "reloaded").
+fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<String> {
+    let mut changed = Vec::new();
+    if old.enforcement.table != new.enforcement.table {
+        changed.push(format!(
+            "enforcement.table ({} → {})",
+            old.enforcement.table, new.enforcement.table
+        ));
+    }
+    if old.metrics != new.metrics {
+        let show = |m: &Option<std::net::SocketAddr>| {
+            m.map_or_else(|| "off".to_owned(), |a| a.to_string())
+        };
+        changed.push(format!(
+            "metrics.listen ({} → {})",
+            show(&old.metrics),
+            show(&new.metrics)
+        ));
+    }
+    if old.detection.counter_interval != new.detection.counter_interval {
+        changed.push(format!(
+            "detection.counter_interval ({} → {})",
+            humantime::format_duration(old.detection.counter_interval),
+            humantime::format_duration(new.detection.counter_interval)
+        ));
+    }
+    if old.bgp.is_some() != new.bgp.is_some() {
+        changed.push(
+            if new.bgp.is_some() {
+                "bgp (section added)"
+            } else {
+                "bgp (section removed)"
+            }
+            .to_owned(),
+        );
+    }
+    changed
 }
 
 fn first_line(s: &str) -> &str {
@@ -435,9 +526,13 @@ async fn serve(
     let control = tokio::spawn(server::serve(listener_sock, ctl_tx, stop_rx.clone()));
     let forward = {
         let tx = tx.clone();
+        let reads = Arc::new(tokio::sync::Semaphore::new(PREVIEW_READS));
         tokio::spawn(async move {
-            while let Some(req) = ctl_rx.recv().await {
-                if tx.send(Event::Control(req)).await.is_err() {
+            while let Some(mut req) = ctl_rx.recv().await {
+                if let Request::PreviewReconnects { policy, path } = &mut req.request {
+                    let (policy, path) = (std::mem::take(policy), std::mem::take(path));
+                    tokio::spawn(preview(req, policy, path, Arc::clone(&reads), tx.clone()));
+                } else if tx.send(Event::Control(req)).await.is_err() {
                     break;
                 }
             }
@@ -626,6 +721,17 @@ impl Agent {
                             let _ = req.reply.send(reply);
                         }
                         Event::Detections(ds) => self.detections(ds),
+                        Event::Preview { policy, reply } => {
+                            let reconnects = self
+                                .decider
+                                .preview_reconnects(&policy, Time::now())
+                                .iter()
+                                .map(reconnect_view)
+                                .collect();
+                            let _ = reply.send(Reply::Ok {
+                                body: Body::Reconnects { reconnects },
+                            });
+                        }
                     }
                 }
                 _ = tokio::time::sleep(next) => {
@@ -784,6 +890,21 @@ impl Agent {
     fn reload(&mut self) -> Result<String, String> {
         sd_notify("RELOADING=1");
         let outcome = match Policy::load(&self.policy_path) {
+            Ok(p) if !restart_only_changes(&self.policy, &p).is_empty() => {
+                let changed = restart_only_changes(&self.policy, &p);
+                let msg = format!(
+                    "policy refused: {} cannot change while the agent runs; restart it \
+                     (systemctl restart egressguard) to apply the new policy. \
+                     The previous policy stays in force.",
+                    changed.join(", ")
+                );
+                error!(
+                    policy = %self.policy_path.display(),
+                    kept = %self.policy.source.digest,
+                    "{msg}"
+                );
+                Err(msg)
+            }
             Ok(p) => {
                 let p = Arc::new(p);
                 let msg = format!(
@@ -797,20 +918,11 @@ impl Agent {
                     mode = if p.enforcing() { "enforce" } else { "dry-run" },
                     "policy reloaded"
                 );
-                if p.enforcement.table != self.policy.enforcement.table {
-                    warn!(
-                        "enforcement.table changed: the new table name takes effect at the next restart"
-                    );
-                }
-                if p.bgp.is_some() != self.policy.bgp.is_some() {
-                    warn!(
-                        "the bgp section was added or removed: BGP sessions change at the next restart"
-                    );
-                }
                 self.policy = Arc::clone(&p);
                 self.filter.replace(CustomerFilter::from_policy(&p));
                 self.policy_tx.send_replace(Arc::clone(&p));
                 self.enforcer.set_policy(Arc::clone(&p));
+                self.notifier.set_config(p.notify.clone());
                 if let (Some(s), Some(b)) = (&self.speaker, &p.bgp) {
                     let (s, b) = (s.clone(), b.clone());
                     tokio::spawn(async move { s.update_policy(b).await });
@@ -999,23 +1111,10 @@ impl Agent {
                     },
                 }
             }
-            Request::PreviewReconnects { policy, path } => {
-                match Policy::from_text(&policy, Path::new(&path)) {
-                    Ok(p) => Reply::Ok {
-                        body: Body::Reconnects {
-                            reconnects: self
-                                .decider
-                                .preview_reconnects(&p, now)
-                                .iter()
-                                .map(reconnect_view)
-                                .collect(),
-                        },
-                    },
-                    Err(e) => Reply::Error {
-                        error: error_chain(&e),
-                    },
-                }
-            }
+            // Read off the decision task and answered as an [`Event::Preview`].
+            Request::PreviewReconnects { .. } => Reply::Error {
+                error: "a reconnect preview is answered off the decision task".into(),
+            },
             Request::Reload => {
                 info!(user, "reload requested on the control socket");
                 match self.reload() {

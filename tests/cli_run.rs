@@ -188,3 +188,78 @@ fn control_socket_status_and_reload() {
     assert_eq!(code, 3);
     assert!(err.contains("is it running?"), "{err}");
 }
+
+/// A reload that changes a setting read only at start is refused, naming the setting, and the
+/// old policy stays in force; a changed `notify.command` is applied by the reload (the next
+/// incident runs the new hook, not the old one).
+#[test]
+fn reload_refuses_restart_only_settings_and_applies_notify() {
+    let Some(ns) = sandbox("reload_refuses_restart_only_settings_and_applies_notify") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hook = |name: &str| {
+        format!(
+            "notify:\n  command: [/bin/sh, -c, 'cat > {}']\n",
+            dir.path().join(name).display()
+        )
+    };
+    let base = format!("{GOOD}{}", hook("old.json"));
+    let (agent, version) = start(&ns, dir.path(), &base);
+    let policy = dir.path().join("policy.yaml");
+
+    for (extra, setting) in [
+        (
+            "enforcement:\n  table: egressguard2\n",
+            "enforcement.table (egressguard → egressguard2)",
+        ),
+        (
+            "metrics:\n  listen: 127.0.0.1:9591\n",
+            "metrics.listen (off → 127.0.0.1:9591)",
+        ),
+        (
+            "detection:\n  counter_interval: 2s\n",
+            "detection.counter_interval (1s → 2s)",
+        ),
+    ] {
+        std::fs::write(&policy, format!("{base}{extra}")).unwrap();
+        let (code, _, err) = cli(&agent, &["reload"]);
+        assert_eq!(code, 1, "reload of {extra:?} accepted: {err}");
+        assert!(err.contains(setting), "{setting} not named: {err}");
+        assert!(err.contains("restart"), "{err}");
+        let (_, out, _) = cli(&agent, &["status", "--json"]);
+        assert!(
+            out.contains(&version),
+            "old policy must stay in force: {out}"
+        );
+    }
+
+    std::fs::write(&policy, format!("{GOOD}{}", hook("new.json"))).unwrap();
+    let (code, out, err) = cli(&agent, &["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("policy reloaded"), "{out}");
+    let (code, _, err) = cli(
+        &agent,
+        &[
+            "block",
+            "203.0.113.7",
+            "--for",
+            "1h",
+            "--reason",
+            "reload test",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let new = dir.path().join("new.json");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !new.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = std::fs::read_to_string(&new).expect("the reloaded notify.command never ran");
+    assert!(body.contains("203.0.113.7"), "{body}");
+    assert!(
+        !dir.path().join("old.json").exists(),
+        "the notify.command of the old policy ran after the reload"
+    );
+    drop(agent);
+}

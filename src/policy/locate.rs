@@ -73,13 +73,14 @@ impl Index {
     /// the error, and one over a limit whatever it read up to the limit. See [`Index::read`].
     pub fn new(text: &str) -> Index {
         match Index::read(text) {
-            Ok(ix) | Err((ix, _)) => ix,
+            Ok(ix) => ix,
+            Err(refused) => refused.0,
         }
     }
 
     /// Indexes `text` within the limits of this module; a syntax error or a limit crossed
     /// is a [`Refusal`] (with the index of what was read before it).
-    pub fn read(text: &str) -> Result<Index, (Index, Refusal)> {
+    pub fn read(text: &str) -> Result<Index, Box<(Index, Refusal)>> {
         let mut rx = Receiver {
             index: Index::default(),
             stack: Vec::new(),
@@ -91,7 +92,7 @@ impl Index {
                 Ok((Event::StreamEnd, _)) => return Ok(rx.index),
                 Ok((ev, mark)) => {
                     if let Err(r) = rx.on_event(ev, mark) {
-                        return Err((rx.index, r));
+                        return Err(Box::new((rx.index, r)));
                     }
                 }
                 Err(e) => {
@@ -103,7 +104,7 @@ impl Index {
                                 .into(),
                         ),
                     };
-                    return Err((rx.index, r));
+                    return Err(Box::new((rx.index, r)));
                 }
             }
         }
@@ -340,13 +341,12 @@ impl Receiver {
             }
             Event::Alias(id) => {
                 self.index.values.insert(path, pos(mark));
-                let (size, height) = self.budget.anchors.get(&id).copied().unwrap_or((
-                    Size {
-                        nodes: 1,
-                        bytes: 0,
-                    },
-                    0,
-                ));
+                let (size, height) = self
+                    .budget
+                    .anchors
+                    .get(&id)
+                    .copied()
+                    .unwrap_or((Size { nodes: 1, bytes: 0 }, 0));
                 self.account(size, height, mark)
             }
             Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {

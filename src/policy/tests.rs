@@ -769,7 +769,11 @@ fn deep_block_nesting_is_refused_at_the_level_that_crosses_the_limit() {
 
 #[test]
 fn deep_flow_nesting_is_refused() {
-    let text = format!("version: 1\nallow: {}{}\n", "[".repeat(200), "]".repeat(200));
+    let text = format!(
+        "version: 1\nallow: {}{}\n",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     let errs = errors(&text);
     assert!(errs[0].contains("levels deep"), "{errs:?}");
     assert!(errs[0].starts_with("2:"), "{errs:?}");
@@ -785,7 +789,8 @@ fn nesting_at_the_limit_is_read() {
 
 #[test]
 fn billion_laughs_is_refused_at_the_alias_that_crosses_the_limit() {
-    let mut text = String::from("version: 1\nx0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    let mut text =
+        String::from("version: 1\nx0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..9 {
         let p = i - 1;
         text.push_str(&format!(
@@ -828,7 +833,10 @@ fn aliases_of_ordinary_size_are_fine() {
 #[test]
 fn a_very_long_key_is_refused() {
     // An explicit key (`? `): YAML itself limits implicit keys to 1024 characters.
-    let text = format!("version: 1\nprofiles:\n  ? {}\n  : {{}}\n", "k".repeat(5000));
+    let text = format!(
+        "version: 1\nprofiles:\n  ? {}\n  : {{}}\n",
+        "k".repeat(5000)
+    );
     let errs = errors(&text);
     assert!(errs[0].starts_with("3:5:"), "{errs:?}");
     assert!(errs[0].contains("mapping key of 5000 bytes"), "{errs:?}");

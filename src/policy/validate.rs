@@ -78,7 +78,8 @@ pub(super) fn validate(
     // serde reads anything.
     match Index::read(text) {
         Ok(ix) => cx.ix = ix,
-        Err((_, r)) => {
+        Err(refused) => {
+            let r = refused.1;
             // For a syntax error, libyaml's message (serde_yaml's, as for every other
             // syntax error) is the better one when it finds the error too: reading into
             // `IgnoredAny` walks its events without following aliases, iteratively.
