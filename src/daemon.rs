@@ -143,6 +143,14 @@ pub enum DaemonError {
     /// The policy did not validate.
     #[error("cannot start")]
     Policy(#[source] PolicyError),
+    /// Started without CAP_NET_ADMIN (not root, no capability granted).
+    #[error(
+        "permission denied: `egressguard run` is the agent and needs root (or CAP_NET_ADMIN) \
+         for its nft table, conntrack events and routes. The Debian package runs it as root \
+         from its systemd unit: `systemctl start egressguard`. To look at a running agent as \
+         a user, use `egressguard status` (members of the group `egressguard`)"
+    )]
+    NotPrivileged,
     /// The state directory could not be created.
     #[error("cannot create the state directory {}", path.display())]
     StateDir {
@@ -255,6 +263,9 @@ fn first_line(s: &str) -> &str {
 
 fn start(args: &RunArgs) -> Result<(), DaemonError> {
     let policy = Arc::new(Policy::load(&args.policy).map_err(DaemonError::Policy)?);
+    if !has_net_admin(&std::fs::read_to_string("/proc/self/status").unwrap_or_default()) {
+        return Err(DaemonError::NotPrivileged);
+    }
     if !args.state_dir.exists() {
         std::fs::create_dir_all(&args.state_dir).map_err(|source| DaemonError::StateDir {
             path: args.state_dir.clone(),
@@ -279,6 +290,17 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
     outcome?;
     info!("stopped");
     Ok(())
+}
+
+/// Whether the `CapEff` line of a `/proc/<pid>/status` text has CAP_NET_ADMIN (bit 12). An
+/// unreadable status counts as privileged: the kernel still refuses what is not allowed.
+fn has_net_admin(status: &str) -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// Refuses to start on an empty database while the kernel still holds addresses (the
@@ -1646,5 +1668,29 @@ fn reconnect_view(r: &crate::decide::ReconnectOutcome) -> ReconnectView {
             crate::decide::ReconnectResult::Applied => "applied".to_owned(),
             crate::decide::ReconnectResult::Refused(why) => format!("refused: {why}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_net_admin;
+
+    #[test]
+    fn net_admin_is_read_from_the_effective_capabilities() {
+        let status = |caps: &str| format!("Name:\tegressguard\nCapPrm:\t{caps}\nCapEff:\t{caps}\n");
+        assert!(has_net_admin(&status("000001ffffffffff")), "root");
+        assert!(
+            has_net_admin(&status("0000000000001000")),
+            "CAP_NET_ADMIN alone"
+        );
+        assert!(!has_net_admin(&status("0000000000000000")), "a user");
+        assert!(
+            !has_net_admin(&status("0000000000000400")),
+            "CAP_NET_BIND_SERVICE only"
+        );
+        assert!(
+            has_net_admin("Name:\tx\n"),
+            "no CapEff line: the kernel decides"
+        );
     }
 }

@@ -144,6 +144,39 @@ fn unreadable_file_is_a_clear_error() {
     );
 }
 
+/// With `--json`, an error is a JSON object on stdout (scripts parse stdout), the message on
+/// stderr as well: an unreadable policy for `check`, no agent for a control verb.
+#[test]
+fn json_errors_are_json_objects_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    for (args, exit, says) in [
+        (
+            vec!["check", "--json", "--policy", "/nonexistent/policy.yaml"],
+            1,
+            "/nonexistent/policy.yaml: cannot read the policy",
+        ),
+        (
+            vec!["status", "--json", "--socket", sock.to_str().unwrap()],
+            3,
+            "cannot reach the agent",
+        ),
+        (
+            vec!["list", "--json", "--socket", sock.to_str().unwrap()],
+            3,
+            "cannot reach the agent",
+        ),
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(exit), "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {out:?}"));
+        assert_eq!(v["result"], "error", "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{v}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says));
+    }
+}
+
 #[test]
 fn reconnects_without_a_running_agent_are_reported_unchecked() {
     let dir = tempfile::tempdir().unwrap();

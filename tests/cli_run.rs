@@ -124,6 +124,42 @@ fn refuses_to_start_with_a_broken_policy() {
 }
 
 #[test]
+fn run_as_a_user_says_permission_denied_and_touches_nothing() {
+    if sandbox("run_as_a_user_says_permission_denied_and_touches_nothing").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, GOOD).unwrap();
+    let state = dir.path().join("state");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(exe())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(dir.path().join("sock"))
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit status: a run-time failure: {err}"
+    );
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(err.contains("systemctl start egressguard"), "{err}");
+    assert!(!err.contains("database"), "blames the database: {err}");
+    assert!(!state.exists(), "a state directory was created");
+}
+
+#[test]
 fn control_socket_status_and_reload() {
     use std::os::unix::fs::PermissionsExt;
     let Some(ns) = sandbox("control_socket_status_and_reload") else {

@@ -54,7 +54,11 @@ pub fn run(args: &CheckArgs) -> Exit {
                 crate::policy::PolicyError::Read { source, .. } => source.to_string(),
                 other => other.to_string(),
             };
-            eprintln!("{}: cannot read the policy: {why}", args.policy.display());
+            let error = format!("{}: cannot read the policy: {why}", args.policy.display());
+            if args.json {
+                super::json_error(&error);
+            }
+            eprintln!("{error}");
             return Exit::InvalidPolicy;
         }
     };

@@ -256,20 +256,30 @@ pub(crate) fn ask(
         Ok(Reply::Ok { body }) => Ok(body),
         Ok(Reply::Error { error }) => {
             if args.json {
-                outln!(
-                    "{}",
-                    serde_json::json!({ "result": "error", "error": error })
-                );
+                json_error(&error);
             } else {
                 eprintln!("egressguard: {}", escape(&error));
             }
             Err(Exit::Refused)
         }
         Err(e) => {
-            eprintln!("egressguard: {}", crate::logging::error_chain(&e));
+            let error = crate::logging::error_chain(&e);
+            if args.json {
+                json_error(&error);
+            }
+            eprintln!("egressguard: {error}");
             Err(Exit::Failure)
         }
     }
+}
+
+/// Prints an error as the JSON object scripts read with `--json`:
+/// `{"result": "error", "error": "..."}`.
+pub(crate) fn json_error(error: &str) {
+    outln!(
+        "{}",
+        serde_json::json!({ "result": "error", "error": error })
+    );
 }
 
 /// Prints a body as JSON.

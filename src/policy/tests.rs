@@ -123,6 +123,31 @@ fn syntax_error_has_position() {
 }
 
 #[test]
+fn a_tab_in_the_indentation_gets_a_help_line_naming_it() {
+    let (p, diags) = check("version: 1\nnetworks:\n\t- prefix: 203.0.113.0/24\n");
+    assert!(p.is_none());
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    let d = &diags[0];
+    assert_eq!((d.line, d.column), (3, 1), "{d:?}");
+    assert!(
+        !d.message.contains("at line"),
+        "position said twice: {}",
+        d.message
+    );
+    assert_eq!(
+        d.help.as_deref(),
+        Some("line 3 is indented with a tab; YAML allows only spaces for indentation")
+    );
+    // A syntax error without a tab keeps its own help (none here).
+    let (_, diags) = check("version: 1\nnetworks:\n  - prefix: [1.2.3.0/24\n");
+    assert!(
+        diags
+            .iter()
+            .all(|d| !d.help.as_deref().unwrap_or("").contains("tab"))
+    );
+}
+
+#[test]
 fn unknown_field_names_line_and_the_allowed_names() {
     one_error(
         &format!("{BASE}  - prefx: 10.0.0.0/8\n"),

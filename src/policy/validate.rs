@@ -88,13 +88,12 @@ pub(super) fn validate(
                 .starts_with(locate::SYNTAX)
                 .then(|| serde_yaml::from_str::<serde::de::IgnoredAny>(text).err())
                 .flatten();
-            match libyaml {
-                Some(e) => {
-                    let (at, msg, help) = serde_diagnostic(&e);
-                    cx.push(Severity::Error, at, "", msg, help);
-                }
-                None => cx.push(Severity::Error, r.at, "", r.message, r.help),
-            }
+            let (at, msg, help) = match libyaml {
+                Some(e) => serde_diagnostic(&e),
+                None => (r.at, r.message, r.help),
+            };
+            let help = tab_help(text, at).or(help);
+            cx.push(Severity::Error, at, "", msg, help);
             return (None, cx.diags);
         }
     }
@@ -132,8 +131,21 @@ fn serde_diagnostic(e: &serde_yaml::Error) -> (Pos, String, Option<String>) {
         .unwrap_or(Pos::START);
     let suffix = format!(" at line {} column {}", at.line, at.column);
     let full = e.to_string();
-    let (msg, help) = explain_serde(full.strip_suffix(&suffix).unwrap_or(&full));
+    let (msg, help) = explain_serde(&full.replacen(&suffix, "", 1));
     (at, msg, help)
+}
+
+/// The hint for a syntax error on a line indented with a tab (YAML allows only spaces; the
+/// YAML library's own message does not say so).
+fn tab_help(text: &str, at: Pos) -> Option<String> {
+    let line = text.lines().nth(at.line.checked_sub(1)?)?;
+    let indent = &line[..line.len() - line.trim_start().len()];
+    indent.contains('\t').then(|| {
+        format!(
+            "line {} is indented with a tab; YAML allows only spaces for indentation",
+            at.line
+        )
+    })
 }
 
 /// Turns serde_yaml's message into ours: the position goes in front, a hint comes after.

@@ -39,7 +39,8 @@ pub enum StateError {
     /// The file could not be opened or read (permissions, a directory, a missing parent).
     #[error(
         "cannot open the state database {path}: check that it is a readable and writable file \
-         and that its directory exists (the agent runs as root)"
+         and that its directory exists and is writable by the agent (the package runs it as \
+         root with --state-dir /var/lib/egressguard)"
     )]
     Open {
         /// The database file.
