@@ -425,6 +425,7 @@ fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
 
 /// GoBGP with `auth` (e.g. `auth-password = "..."`) in the neighbour's config.
 fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
+    crate::common::require_tools("GoBGP", &["gobgpd", "gobgp"]);
     let conf = dir.join("gobgpd.toml");
     let mut afis = String::new();
     for f in [

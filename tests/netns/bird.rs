@@ -51,6 +51,7 @@ impl Bird {
 
     /// Starts (again) with the written configuration; returns once `birdc` answers.
     pub fn start(&mut self, ns: &Netns) {
+        crate::common::require_tools("BIRD", &["bird", "birdc"]);
         let conf = self.dir.path().join("bird.conf");
         let sock = self.sock();
         let _ = std::fs::remove_file(&sock);

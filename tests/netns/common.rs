@@ -19,6 +19,60 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// An outside tool a test drives: a program, or a Python module, and its Debian package.
+const TOOLS: &[(&str, &str)] = &[
+    ("nmap", "nmap"),
+    ("hping3", "hping3"),
+    ("hydra", "hydra"),
+    ("swaks", "swaks"),
+    ("sshd", "openssh-server"),
+    ("ssh-keygen", "openssh-client"),
+    ("bird", "bird2"),
+    ("birdc", "bird2"),
+    ("gobgpd", "gobgpd"),
+    ("gobgp", "gobgpd"),
+    ("curl", "curl"),
+    ("conntrack", "conntrack"),
+    ("setpriv", "util-linux"),
+    ("python3", "python3"),
+    ("python3:aiosmtpd", "python3-aiosmtpd"),
+];
+
+/// Whether `tool` (a program name, or `python3:<module>`) is installed.
+fn installed(tool: &str) -> bool {
+    if let Some(module) = tool.strip_prefix("python3:") {
+        // The tests run /usr/bin/python3 (Debian's, which the python3-* packages serve).
+        return std::process::Command::new("/usr/bin/python3")
+            .args(["-c", &format!("import {module}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    }
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(tool).exists())
+}
+
+/// Panics naming every missing tool of `tools` and its Debian package, so a test never
+/// times out on a server that could not start. (Root-only tests call it after
+/// [`require_root`]: a missing tool is a failure, in and outside CI.)
+pub fn require_tools(test: &str, tools: &[&str]) {
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|t| !installed(t))
+        .map(|t| {
+            let pkg = TOOLS.iter().find(|(n, _)| n == t).map_or("?", |(_, p)| p);
+            format!("{t} (apt-get install {pkg})")
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{test}: missing {}; scripts/install-prerequisites installs every tool the tests use",
+        missing.join(", ")
+    );
+}
+
 /// The built agent binary.
 pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_egressguard"))

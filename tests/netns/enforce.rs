@@ -597,6 +597,10 @@ fn counters_and_conntrack_work_for_customer_traffic() {
     if !require_root("counters_and_conntrack_work_for_customer_traffic") {
         return;
     }
+    crate::common::require_tools(
+        "counters_and_conntrack_work_for_customer_traffic",
+        &["conntrack"],
+    );
     let topo = topology(&[10], &[20]);
     let table = table_name();
     let (c, inet) = (&topo.customers[0], &topo.internet[0]);

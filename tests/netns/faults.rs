@@ -15,13 +15,11 @@ use crate::scenarios::{Attack, Lab, chosen, launch, probe_all, wait_held};
 const SCAN: &str = "nmap TCP SYN scan";
 const FLOOD: &str = "hping3 SYN flood";
 
-fn lab_with(names: &[&str]) -> Option<(Lab, Vec<Attack>)> {
-    if !crate::scenarios::tools_present() {
-        return None;
-    }
+fn lab_with(names: &[&str]) -> (Lab, Vec<Attack>) {
+    crate::scenarios::require_lab_tools("the fault lab");
     let lab = Lab::new();
     let attacks = chosen(&lab, names);
-    Some((lab, attacks))
+    (lab, attacks)
 }
 
 /// The targets `list --json` shows, each once.
@@ -46,9 +44,7 @@ fn fault_agent_killed_mid_incident_restarts_with_every_block_once() {
     if !require_root("fault_agent_killed_mid_incident_restarts_with_every_block_once") {
         return;
     }
-    let Some((mut lab, attacks)) = lab_with(&[SCAN, FLOOD]) else {
-        return;
-    };
+    let (mut lab, attacks) = lab_with(&[SCAN, FLOOD]);
     let (_running, started) = launch(&lab, &attacks);
     // Killed as soon as the scanner is held, while the flood is still going on.
     wait_held(
@@ -102,9 +98,7 @@ fn fault_table_deleted_by_hand_is_back_within_a_second() {
     if !require_root("fault_table_deleted_by_hand_is_back_within_a_second") {
         return;
     }
-    let Some((mut lab, attacks)) = lab_with(&[SCAN]) else {
-        return;
-    };
+    let (mut lab, attacks) = lab_with(&[SCAN]);
     let (_running, started) = launch(&lab, &attacks);
     wait_held(&mut lab, &attacks, &started, Duration::from_secs(60));
     lab.topo
@@ -132,9 +126,7 @@ fn fault_bird_restarted_gets_every_route_again() {
     if !require_root("fault_bird_restarted_gets_every_route_again") {
         return;
     }
-    let Some((mut lab, attacks)) = lab_with(&[SCAN, FLOOD]) else {
-        return;
-    };
+    let (mut lab, attacks) = lab_with(&[SCAN, FLOOD]);
     let (_running, started) = launch(&lab, &attacks);
     wait_held(&mut lab, &attacks, &started, Duration::from_secs(60));
     flowspec_of_all(&lab, &attacks, Duration::from_secs(10));
@@ -176,9 +168,7 @@ fn fault_broken_policy_reload_is_refused_and_the_old_one_keeps_working() {
     if !require_root("fault_broken_policy_reload_is_refused_and_the_old_one_keeps_working") {
         return;
     }
-    let Some((mut lab, attacks)) = lab_with(&[SCAN, "nmap TCP connect scan"]) else {
-        return;
-    };
+    let (mut lab, attacks) = lab_with(&[SCAN, "nmap TCP connect scan"]);
     let (_first, started) = launch(&lab, &attacks[..1]);
     wait_held(&mut lab, &attacks[..1], &started, Duration::from_secs(60));
     let status = |lab: &Lab| -> Json {

@@ -216,6 +216,7 @@ fn ping(cust: &Host, dst: IpAddr) {
 
 /// Deletes the customer's conntrack entries in the router: destroy events follow.
 fn destroy_flows(router: &Netns, src: IpAddr) {
+    crate::common::require_tools("destroy_flows", &["conntrack"]);
     let fam = if src.is_ipv6() { "ipv6" } else { "ipv4" };
     let _ = router.run(&["conntrack", "-D", "-f", fam, "-s", &src.to_string()]);
 }
@@ -550,6 +551,7 @@ fn event_flood_overflows_the_buffer_counts_loss_and_resyncs_by_dump() {
         }
     }
     drop(sink);
+    crate::common::require_tools("the flood comparison", &["conntrack"]);
     // What the kernel holds now: the customer's UDP flows to the flood ports.
     let table = topo
         .router

@@ -21,7 +21,7 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 use crate::bird::Bird;
-use crate::common::{agent_bin, repo, require_root, wait_for};
+use crate::common::{agent_bin, repo, require_root, require_tools, wait_for};
 
 /// The lab's changes to the example policy: its own addresses, the BIRD peers, the notify
 /// hook and reports, blackhole routes on. Thresholds stay the example's, except two that a
@@ -263,10 +263,11 @@ impl Lab {
         }
         let bird = Bird::start_with(&upstream, BIRD_CONF);
 
+        let dir = tempfile::tempdir().expect("tempdir");
         let servers = vec![
             web_server(&topo.internet[0].ns),
             web_server(&topo.internet[3].ns),
-            sshd(&topo.internet[1].ns),
+            sshd(&topo.internet[1].ns, dir.path()),
             quiet(
                 &topo.internet[1].ns,
                 &format!("/usr/bin/python3 -c \"{UDP_ECHO}\""),
@@ -274,7 +275,6 @@ impl Lab {
             quiet(mx, "/usr/bin/python3 -m aiosmtpd -n -l 0.0.0.0:25"),
         ];
 
-        let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("hooks")).expect("hooks dir");
         let mut agent = Agent::start(
             Some(&topo.router),
@@ -443,19 +443,17 @@ fn web_server(ns: &Netns) -> Proc {
     quiet(ns, "/usr/bin/python3 -m http.server 80 --bind ::")
 }
 
-fn sshd(ns: &Netns) -> Proc {
-    let dir = std::env::temp_dir().join(format!("egressguard-sshd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("sshd dir");
-    let key = dir.join("host_key");
-    if !key.exists() {
-        let ok = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", ""])
-            .arg("-f")
-            .arg(&key)
-            .status()
-            .expect("ssh-keygen");
-        assert!(ok.success());
-    }
+/// An sshd in `ns` with a fresh host key in `dir` (the test's temporary directory, removed
+/// with it).
+fn sshd(ns: &Netns, dir: &Path) -> Proc {
+    let key = dir.join("sshd_host_key");
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (openssh-client) runs");
+    assert!(ok.success(), "ssh-keygen failed");
     std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
     quiet(
         ns,
@@ -660,24 +658,24 @@ fn benign(lab: &Lab, log: &Path) -> Vec<Proc> {
     ]
 }
 
-fn tool(name: &str) -> bool {
-    let found = ["/usr/bin", "/usr/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).exists());
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "{name} is not installed (.ci/packages)"
+/// Every tool the scenario lab runs (attackers, servers, BIRD); panics naming a missing one.
+pub(crate) fn require_lab_tools(test: &str) {
+    require_tools(
+        test,
+        &[
+            "nmap",
+            "hping3",
+            "hydra",
+            "swaks",
+            "sshd",
+            "ssh-keygen",
+            "bird",
+            "birdc",
+            "curl",
+            "python3",
+            "python3:aiosmtpd",
+        ],
     );
-    if !found {
-        eprintln!("\n*** SKIPPED: {name} not installed ***\n");
-    }
-    found
-}
-
-pub(crate) fn tools_present() -> bool {
-    ["nmap", "hping3", "hydra", "swaks", "sshd", "bird", "birdc"]
-        .iter()
-        .all(|t| tool(t))
 }
 
 fn now_ns() -> u64 {
@@ -1062,11 +1060,11 @@ fn print_outcomes(outcomes: &[Outcome]) {
 
 #[test]
 fn every_attack_at_once_detected_enforced_announced_reported_and_reconnected() {
-    if !require_root("every_attack_at_once_detected_enforced_announced_reported_and_reconnected")
-        || !tools_present()
-    {
+    let test = "every_attack_at_once_detected_enforced_announced_reported_and_reconnected";
+    if !require_root(test) {
         return;
     }
+    require_lab_tools(test);
     let mut lab = Lab::new();
     let outcomes = attack_round(&mut lab);
     print_outcomes(&outcomes);
@@ -1107,9 +1105,10 @@ fn every_attack_at_once_detected_enforced_announced_reported_and_reconnected() {
 #[test]
 #[ignore = "measurement: sudo -E cargo test --release --test netns measure_detection_latency -- --ignored --nocapture"]
 fn measure_detection_latency() {
-    if !require_root("measure_detection_latency") || !tools_present() {
+    if !require_root("measure_detection_latency") {
         return;
     }
+    require_lab_tools("measure_detection_latency");
     let rounds: usize = std::env::var("EGD_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -217,7 +217,7 @@ fn conntrack_storm_from_spoofed_sources_while_a_real_scan_runs() {
     let nmap = Path::new("/usr/bin/nmap").exists();
     assert!(
         nmap || std::env::var_os("CI").is_none(),
-        "nmap is not installed (.ci/packages)"
+        "nmap is not installed (scripts/install-prerequisites)"
     );
     if !nmap {
         eprintln!("\n*** SKIPPED: nmap not installed ***\n");
