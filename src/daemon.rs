@@ -544,6 +544,13 @@ async fn serve(
     // The operator's side.
     let listener_sock = server::bind(&args.socket).map_err(DaemonError::Control)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let spoof_stats = Arc::new(crate::antispoof::SpoofStats::default());
+    let antispoof = tokio::spawn(crate::antispoof::run(
+        policy_tx.subscribe(),
+        tx.clone(),
+        stop_rx.clone(),
+        Arc::clone(&spoof_stats),
+    ));
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
     let control = tokio::spawn(server::serve(listener_sock, ctl_tx, stop_rx.clone()));
     let forward = {
@@ -607,6 +614,7 @@ async fn serve(
     // Shutdown, in the documented order.
     let _ = stop_tx.send(true);
     let _ = control.await;
+    let _ = antispoof.await;
     forward.abort();
     let _ = std::fs::remove_file(&args.socket);
     listener.stop();

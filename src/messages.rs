@@ -253,11 +253,25 @@ pub enum Category {
     NetworkScan,
     /// SMTP fan-out.
     Spam,
+    /// Packets sent with a source address bound to another server's MAC address (the
+    /// sender tried to get its neighbour held): detected by `antispoof`, not the engine.
+    Spoofing,
 }
 
 impl Category {
     /// All categories, in a fixed order.
-    pub const ALL: [Category; 5] = [
+    pub const ALL: [Category; 6] = [
+        Category::Flood,
+        Category::BruteForce,
+        Category::PortScan,
+        Category::NetworkScan,
+        Category::Spam,
+        Category::Spoofing,
+    ];
+
+    /// The categories the detection engine computes from flows and counters, in
+    /// [`Category::ALL`] order.
+    pub const DETECTED: [Category; 5] = [
         Category::Flood,
         Category::BruteForce,
         Category::PortScan,
@@ -273,6 +287,7 @@ impl Category {
             Category::PortScan => "port_scan",
             Category::NetworkScan => "network_scan",
             Category::Spam => "spam",
+            Category::Spoofing => "spoofing",
         }
     }
 }
@@ -341,6 +356,19 @@ pub struct Evidence {
     pub last_seen: Time,
     /// A bounded sample of the flows.
     pub sample: Vec<FlowSample>,
+    /// For a spoofing detection: the sender's MAC address and the source addresses it
+    /// forged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoofing: Option<SpoofEvidence>,
+}
+
+/// What a spoofing detection saw: who sent, and whose addresses it wrote as the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoofEvidence {
+    /// The sending MAC address (`02:00:00:00:00:0a`).
+    pub mac: String,
+    /// The forged source addresses with their dropped packets, most first (bounded).
+    pub spoofed_sources: Vec<Counted<IpAddr>>,
 }
 
 /// The detector's verdict on one source.

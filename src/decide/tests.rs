@@ -46,6 +46,7 @@ fn detection(src: &str, secs: u64) -> Detection {
             first_seen: t(secs),
             last_seen: t(secs),
             sample: vec![],
+            spoofing: None,
         },
     }
 }

@@ -13,6 +13,9 @@ fn describe(c: Category) -> &'static str {
         Category::PortScan => "a port scan of one server",
         Category::NetworkScan => "a network scan (one service probed across many addresses)",
         Category::Spam => "mail sent directly to many mail servers (spam)",
+        Category::Spoofing => {
+            "packets with forged source addresses: addresses of other servers on the same segment"
+        }
     }
 }
 
@@ -30,6 +33,7 @@ fn signal_text(s: &str) -> &str {
         "distinct_ports" => "distinct ports contacted on one server",
         "distinct_destinations" => "distinct destination addresses",
         "unanswered_ratio" => "share of connections not answered",
+        "spoofed_packets" => "packets with a forged source address",
         other => other,
     }
 }
@@ -99,6 +103,16 @@ impl fmt::Display for Evidence {
             writeln!(f, "  Measured in the window:")?;
             for (k, v) in &self.counts {
                 writeln!(f, "    {k}: {}", num(*v))?;
+            }
+        }
+        if let Some(sp) = &self.spoofing {
+            writeln!(
+                f,
+                "  Sent from MAC address {}; forged source addresses (packets dropped):",
+                sp.mac
+            )?;
+            for s in &sp.spoofed_sources {
+                writeln!(f, "    {:<39} {}", s.key.to_string(), s.count)?;
             }
         }
         if !self.top_destinations.is_empty() {

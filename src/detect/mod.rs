@@ -88,8 +88,7 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    FlowFacts, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr, cat_index,
-    target_view,
+    FlowFacts, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr, target_view,
 };
 
 /// Flow samples attached to one detection's evidence.
@@ -106,7 +105,7 @@ const PORT_SMTP: u8 = 4;
 struct Prepared {
     name: String,
     profile: Profile,
-    /// Window lengths in ns, [`Category::ALL`] order.
+    /// Window lengths in ns, [`Category::DETECTED`] order.
     windows: Windows,
     /// Bit i: category i enabled.
     enabled: u8,
@@ -128,9 +127,9 @@ impl Prepared {
         }
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         let mut enabled = 0u8;
-        for c in Category::ALL {
+        for (i, c) in Category::DETECTED.into_iter().enumerate() {
             if p.enabled(c) {
-                enabled |= 1 << cat_index(c);
+                enabled |= 1 << i;
             }
         }
         Prepared {
@@ -582,8 +581,7 @@ impl Engine {
         let Some(prep) = self.profiles.get(usize::from(st.profile)) else {
             return;
         };
-        for c in Category::ALL {
-            let i = cat_index(c);
+        for (i, c) in Category::DETECTED.into_iter().enumerate() {
             if prep.enabled & (1 << i) == 0 {
                 continue;
             }
@@ -674,6 +672,7 @@ impl Engine {
                 first_seen,
                 last_seen: Time(st.last_seen),
                 sample,
+                spoofing: None,
             },
         }
     }
@@ -755,9 +754,9 @@ impl Engine {
             recovered_flows: self.recovered,
             untracked_skipped: self.untracked_skipped,
             lost: self.lost,
-            detections_by_category: Category::ALL
-                .iter()
-                .map(|&c| (c, self.detections[cat_index(c)]))
+            detections_by_category: Category::DETECTED
+                .into_iter()
+                .zip(self.detections)
                 .collect(),
             held_down: self.held_down,
             memory_bytes: self.memory_bytes() as u64,
@@ -806,6 +805,8 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
     let p = &prep.profile;
     let w = &prep.windows;
     match c {
+        // Not from flows: `antispoof` sees the forged packets the kernel drops.
+        Category::Spoofing => None,
         Category::Flood => {
             let f = &p.flood;
             let v = st.flood_view(now, w[0]);

@@ -14,7 +14,6 @@ use super::sketch::{
     Bits, Keyed, SpaceSaving, Span, TwoEpochs, hash16, hash128, sliding, sliding_distinct,
     sliding_distinct_folded,
 };
-use crate::messages::Category;
 
 /// Number of per-target entries (heavy hitters) kept per source for brute force and port scan.
 pub const TARGETS: usize = 3;
@@ -353,7 +352,7 @@ pub struct SourceState {
     pub older: u32,
     /// More recently seen neighbour in the LRU list (toward the head).
     pub newer: u32,
-    /// Per category ([`Category::ALL`] order): no new detection before this, in whole
+    /// Per category ([`Category::DETECTED`] order): no new detection before this, in whole
     /// seconds since the epoch modulo 2^16 (holds are shorter than 9 hours; see `held`).
     pub hold_until: [u16; 5],
     /// Index of the profile in the engine's profile table.
@@ -376,18 +375,6 @@ pub struct SourceState {
     pub netscan: NetScan,
     /// Spam counters.
     pub spam: Spam,
-}
-
-/// Index of a category in [`Category::ALL`].
-#[inline]
-pub fn cat_index(c: Category) -> usize {
-    match c {
-        Category::Flood => 0,
-        Category::BruteForce => 1,
-        Category::PortScan => 2,
-        Category::NetworkScan => 3,
-        Category::Spam => 4,
-    }
 }
 
 impl SourceState {
@@ -442,7 +429,7 @@ pub struct FlowFacts {
     pub dport: u16,
 }
 
-/// Window lengths (ns) of the categories, in [`Category::ALL`] order.
+/// Window lengths (ns) of the categories, in [`Category::DETECTED`] order.
 pub type Windows = [u64; 5];
 
 impl SourceState {

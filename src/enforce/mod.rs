@@ -716,9 +716,14 @@ impl Enforcer {
             && gen_before == self.verified_gen
             && self.ticks_since_full < FULL_CHECK_TICKS
         {
-            // Nobody committed anything since the last verified listing.
+            // Nobody committed anything since the last verified listing. Before the first
+            // desired blocks `want` is empty (the kernel's blocks are adopted only from a
+            // listing): the routes stay as the last full sync left them, or a restart would
+            // withdraw every live hold's route until the decisions arrive.
             self.ticks_since_full += 1;
-            self.sync_routes(&want, trigger, &mut report).await?;
+            if !keep_blocks {
+                self.sync_routes(&want, trigger, &mut report).await?;
+            }
             self.finish(want, desired.as_deref(), started, trigger, &report);
             return Ok(report);
         }

@@ -14,7 +14,8 @@ fn report_type(c: Option<Category>) -> &'static str {
         Some(Category::BruteForce) => "login-attack",
         Some(Category::PortScan) | Some(Category::NetworkScan) => "portscan",
         Some(Category::Spam) => "spam",
-        None => "info",
+        // X-ARF has no spoofing schema: the report's text says what was forged.
+        Some(Category::Spoofing) | None => "info",
     }
 }
 

@@ -40,6 +40,7 @@ fn notification() -> Notification {
             first_seen: Time::from_secs(1_789_999_950),
             last_seen: Time::from_secs(1_790_000_000),
             sample: vec![],
+            spoofing: None,
         }),
     }
 }

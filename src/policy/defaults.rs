@@ -70,6 +70,22 @@ pub const BREAKER_MAX_NEW_BLOCKS_PER_MINUTE: u32 = 20;
 pub const BREAKER_MAX_BLOCKS_PER_NETWORK: u32 = 32;
 /// How long a tripped network entry takes no new automatic holds before it re-arms by itself.
 pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(600);
+/// Anti-spoofing: on. A source address bound to one MAC address, sent from another, is
+/// dropped before conntrack and counted against the sender.
+pub const ANTI_SPOOFING_ENABLED: bool = true;
+/// Anti-spoofing: bindings are learnt from the router's neighbour table.
+pub const ANTI_SPOOFING_LEARN: bool = true;
+/// A learnt binding moves to another MAC address only after its own MAC has not been seen
+/// with the address for this long (a moved or replaced server; a poisoner must outlast it).
+pub const ANTI_SPOOFING_REBIND_AFTER: Duration = Duration::from_secs(600);
+/// Forged packets from one MAC address within [`ANTI_SPOOFING_WINDOW`] that make a
+/// spoofing detection against the addresses bound to that MAC.
+pub const ANTI_SPOOFING_PACKETS: u64 = 10;
+/// The window [`ANTI_SPOOFING_PACKETS`] counts in.
+pub const ANTI_SPOOFING_WINDOW: Duration = Duration::from_secs(60);
+/// Most learnt bindings kept (the neighbour table of a large segment; each ~100 B).
+pub const ANTI_SPOOFING_MAX_BINDINGS: u32 = 65_536;
+
 /// Prefix length of one customer's allocation inside an IPv4 network entry: an address.
 pub const CUSTOMER_PREFIX_V4: u8 = 32;
 /// Prefix length of one customer's allocation inside an IPv6 network entry: a /64

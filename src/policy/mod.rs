@@ -60,6 +60,8 @@ pub struct Policy {
     pub enforcement: Enforcement,
     /// Circuit breaker limits.
     pub circuit_breaker: CircuitBreaker,
+    /// Source-address bindings on shared customer segments.
+    pub anti_spoofing: AntiSpoofing,
     /// BGP speaker, when configured.
     pub bgp: Option<Bgp>,
     /// Alerts.
@@ -136,6 +138,8 @@ impl Profile {
             Category::PortScan => self.port_scan.enabled,
             Category::NetworkScan => self.network_scan.enabled,
             Category::Spam => self.spam.enabled,
+            // Not a profile's: `anti_spoofing.enabled` turns it on and off.
+            Category::Spoofing => true,
         }
     }
 }
@@ -372,6 +376,44 @@ pub struct CircuitBreaker {
     /// How long a tripped entry takes no new automatic holds before it re-arms by itself.
     #[serde(serialize_with = "ser::duration")]
     pub cool_down: Duration,
+}
+
+/// Anti-spoofing: which MAC address may send with which customer source address.
+///
+/// An address with a binding (static, or learnt from the router's neighbour table) that
+/// arrives from another MAC address is dropped before conntrack sees it, so it never counts
+/// against its owner; the drops are counted per sending MAC, and the addresses bound to that
+/// MAC are detected as [`Category::Spoofing`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AntiSpoofing {
+    /// Bind, drop and detect at all.
+    pub enabled: bool,
+    /// Learn bindings from the router's neighbour table (ARP/NDP).
+    pub learn: bool,
+    /// Static bindings: the address may be sent only from this MAC; never relearnt.
+    pub bindings: Vec<Binding>,
+    /// Addresses never bound (floating addresses that move between servers: VRRP, keepalived).
+    pub exempt: Vec<IpNet>,
+    /// A learnt binding moves to another MAC only after its MAC has not been seen with the
+    /// address for this long.
+    #[serde(serialize_with = "ser::duration")]
+    pub rebind_after: Duration,
+    /// Forged packets from one MAC within `window` that make a detection.
+    pub packets: u64,
+    /// The window `packets` counts in.
+    #[serde(serialize_with = "ser::duration")]
+    pub window: Duration,
+    /// Most learnt bindings kept.
+    pub max_bindings: u32,
+}
+
+/// One static binding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Binding {
+    /// The customer address.
+    pub address: IpAddr,
+    /// The only MAC address it may be sent from (lower case, colon-separated).
+    pub mac: String,
 }
 
 /// BGP speaker settings.

@@ -75,6 +75,7 @@ pub struct RawPolicy {
     pub reconnect: Vec<RawReconnect>,
     pub enforcement: Option<RawEnforcement>,
     pub circuit_breaker: Option<RawBreaker>,
+    pub anti_spoofing: Option<RawAntiSpoofing>,
     pub bgp: Option<RawBgp>,
     pub notify: Option<RawNotify>,
     pub metrics: Option<RawMetrics>,
@@ -233,6 +234,28 @@ pub struct RawBreaker {
     pub max_new_blocks_per_minute: Option<Scalar>,
     pub max_blocks_per_network: Option<Scalar>,
     pub cool_down: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAntiSpoofing {
+    pub enabled: Option<bool>,
+    pub learn: Option<bool>,
+    #[serde(default)]
+    pub bindings: Vec<RawBinding>,
+    #[serde(default)]
+    pub exempt: Vec<Scalar>,
+    pub rebind_after: Option<Scalar>,
+    pub packets: Option<Scalar>,
+    pub window: Option<Scalar>,
+    pub max_bindings: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBinding {
+    pub address: Scalar,
+    pub mac: Scalar,
 }
 
 #[derive(Debug, Deserialize)]

@@ -102,6 +102,7 @@ fn default_yaml_matches_the_built_in_defaults() {
     assert_eq!(shipped.escalation, builtin.escalation);
     assert_eq!(shipped.enforcement, builtin.enforcement);
     assert_eq!(shipped.circuit_breaker, builtin.circuit_breaker);
+    assert_eq!(shipped.anti_spoofing, builtin.anti_spoofing);
     assert_eq!(shipped.detection, builtin.detection);
     assert_eq!(shipped.notify, builtin.notify);
     assert_eq!(shipped.reconnect_requires, builtin.reconnect_requires);
@@ -885,4 +886,52 @@ fn an_oversized_file_is_refused_without_reading_it_whole() {
     let e = Policy::load(&path).unwrap_err();
     let text = crate::logging::error_chain(&e);
     assert!(text.contains("larger than 2 MiB"), "{text}");
+}
+
+#[test]
+fn anti_spoofing_bindings_are_checked_each_at_its_line() {
+    let text = "version: 1
+networks:
+  - prefix: 203.0.113.0/24
+anti_spoofing:
+  bindings:
+    - {address: 203.0.113.7, mac: \"02:00:5E:10:00:07\"}
+    - {address: 198.51.100.7, mac: \"02:00:5e:10:00:08\"}
+    - {address: 203.0.113.8, mac: \"02:00:5e:10:00\"}
+    - {address: 203.0.113.7, mac: \"02:00:5e:10:00:09\"}
+    - {address: 203.0.113.900, mac: \"02:00:5e:10:00:0a\"}
+  exempt: [203.0.113.7]
+";
+    let errs = errors(text);
+    let at = |line: &str, what: &str| {
+        assert!(
+            errs.iter().any(|e| e.starts_with(line) && e.contains(what)),
+            "no error at {line} saying {what}: {errs:?}"
+        );
+    };
+    at("7:", "outside every customer network");
+    at("8:", "is not a MAC address");
+    at("9:", "bound twice");
+    at("10:", "is not an IP address");
+    at("11:", "has a static binding and is exempt");
+    let (p, _) = check(
+        &text
+            .replace(
+                "    - {address: 198.51.100.7",
+                "    # - {address: 198.51.100.7",
+            )
+            .lines()
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let p = p.expect("the first binding alone is valid");
+    assert_eq!(
+        p.anti_spoofing.bindings[0].mac, "02:00:5e:10:00:07",
+        "normalised"
+    );
+    assert!(
+        p.anti_spoofing.enabled && p.anti_spoofing.learn,
+        "on by default"
+    );
 }

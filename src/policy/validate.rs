@@ -199,6 +199,7 @@ fn build(cx: &mut Cx, raw: RawPolicy, text: &str) -> Policy {
         ipv6_width: enforcement.ipv6_block_prefix,
     };
     let bgp = raw.bgp.as_ref().and_then(|b| bgp(cx, b, learn));
+    let anti_spoofing = anti_spoofing(cx, raw.anti_spoofing.as_ref(), &networks);
     let actions = actions(cx, &raw.actions, &escalation, bgp.as_ref());
     let reconnect_requires = reconnect_requires(cx, raw.reconnect_requires.as_deref());
     let reconnect = reconnects(
@@ -226,6 +227,7 @@ fn build(cx: &mut Cx, raw: RawPolicy, text: &str) -> Policy {
         reconnect,
         enforcement,
         circuit_breaker: breaker(cx, raw.circuit_breaker.as_ref()),
+        anti_spoofing,
         bgp,
         notify: notify(cx, raw.notify.as_ref()),
         metrics: metrics(cx, raw.metrics.as_ref()),
@@ -1298,6 +1300,113 @@ fn breaker(cx: &mut Cx, raw: Option<&RawBreaker>) -> CircuitBreaker {
             "circuit_breaker.cool_down",
             raw.cool_down.as_ref(),
             d::BREAKER_COOL_DOWN,
+        ),
+    }
+}
+
+fn anti_spoofing(cx: &mut Cx, raw: Option<&RawAntiSpoofing>, networks: &[Network]) -> AntiSpoofing {
+    let empty = RawAntiSpoofing::default();
+    let raw = raw.unwrap_or(&empty);
+    let inside = |a: &IpNet| networks.iter().any(|n| n.prefix.contains(a));
+    let mut bindings: Vec<Binding> = Vec::new();
+    for (i, b) in raw.bindings.iter().enumerate() {
+        let at = format!("anti_spoofing.bindings[{i}]");
+        let address = match b.address.0.trim().parse::<IpAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                cx.err(
+                    &format!("{at}.address"),
+                    format!("`{}` is not an IP address", b.address.0.trim()),
+                    Some("a binding names one address, such as 203.0.113.7 or 2001:db8::7".into()),
+                );
+                continue;
+            }
+        };
+        if !inside(&IpNet::from(address)) {
+            cx.err(
+                &format!("{at}.address"),
+                format!("{address} is outside every customer network"),
+                Some("bind addresses of your customers only (`networks:`)".into()),
+            );
+            continue;
+        }
+        let Some(mac) = crate::antispoof::parse_mac(b.mac.0.trim()) else {
+            cx.err(
+                &format!("{at}.mac"),
+                format!("`{}` is not a MAC address", b.mac.0.trim()),
+                Some("write six hexadecimal bytes with colons: 02:00:5e:10:00:0a".into()),
+            );
+            continue;
+        };
+        let mac = crate::antispoof::format_mac(mac);
+        if let Some(prev) = bindings.iter().find(|p| p.address == address) {
+            if prev.mac != mac {
+                cx.err(
+                    &format!("{at}.address"),
+                    format!("{address} is bound twice, to {} and to {mac}", prev.mac),
+                    Some(
+                        "an address has one binding; list a floating address under `exempt:`"
+                            .into(),
+                    ),
+                );
+            }
+            continue;
+        }
+        bindings.push(Binding { address, mac });
+    }
+    let exempt: Vec<IpNet> = raw
+        .exempt
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| prefix(cx, &format!("anti_spoofing.exempt[{i}]"), s))
+        .collect();
+    for b in &bindings {
+        if exempt.iter().any(|e| e.contains(&b.address)) {
+            cx.err(
+                "anti_spoofing.exempt",
+                format!("{} has a static binding and is exempt", b.address),
+                Some("remove one of the two".into()),
+            );
+        }
+    }
+    let rebind_after = duration(
+        cx,
+        "anti_spoofing.rebind_after",
+        raw.rebind_after.as_ref(),
+        d::ANTI_SPOOFING_REBIND_AFTER,
+    );
+    let window = duration(
+        cx,
+        "anti_spoofing.window",
+        raw.window.as_ref(),
+        d::ANTI_SPOOFING_WINDOW,
+    );
+    if window.is_zero() {
+        cx.err(
+            "anti_spoofing.window",
+            "the window must be longer than zero",
+            Some("e.g. `window: 60s`".into()),
+        );
+    }
+    AntiSpoofing {
+        enabled: raw.enabled.unwrap_or(d::ANTI_SPOOFING_ENABLED),
+        learn: raw.learn.unwrap_or(d::ANTI_SPOOFING_LEARN),
+        bindings,
+        exempt,
+        rebind_after,
+        packets: count(
+            cx,
+            "anti_spoofing.packets",
+            raw.packets.as_ref(),
+            d::ANTI_SPOOFING_PACKETS,
+        )
+        .max(1),
+        window,
+        max_bindings: count32(
+            cx,
+            "anti_spoofing.max_bindings",
+            raw.max_bindings.as_ref(),
+            d::ANTI_SPOOFING_MAX_BINDINGS,
         ),
     }
 }

@@ -13,6 +13,7 @@ fn evidence() -> Evidence {
         first_seen: Time::from_secs(1),
         last_seen: Time::from_secs(2),
         sample: vec![],
+        spoofing: None,
     }
 }
 

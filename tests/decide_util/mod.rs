@@ -136,6 +136,7 @@ pub fn detection(addr: &str, category: Category, time: Time) -> Detection {
                 dport: 80,
                 answered: false,
             }],
+            spoofing: None,
         },
     }
 }

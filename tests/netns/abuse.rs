@@ -915,3 +915,170 @@ fn abuse_learnt_flowspec_is_bounded_and_source_only() {
         "the customer is still cut off"
     );
 }
+
+/// SYNs to 300 successive ports of the internet host .20 from `ns`, written with `forged`
+/// as the source (a port scan in the neighbour's name).
+fn forged_scan(ns: &Netns, forged: &str) {
+    let out = ns
+        .command(&[
+            "timeout",
+            "20",
+            "hping3",
+            "-S",
+            "-a",
+            forged,
+            "-p",
+            "++1",
+            "-c",
+            "300",
+            "-i",
+            "u2000",
+            "198.51.100.20",
+        ])
+        .output()
+        .expect("hping3");
+    assert!(!out.stderr.is_empty(), "hping3 did not run");
+}
+
+#[test]
+fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
+    if !require_root("abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour") {
+        return;
+    }
+    require_tools("spoofing test", &["hping3"]);
+    // Both customers share the router's bridge; a scan of 20 ports is enough to be held.
+    let policy = format!(
+        "{BASE}allow:\n  - 203.0.113.1\nprofiles:\n  default:\n    port_scan:\n      distinct_ports: 20\n      min_unanswered_ratio: 0.0\n"
+    );
+    let mut rig = Rig::new(&policy);
+    let spoofer = &rig.topo.customers[0].ns;
+    let neighbour = &rig.topo.customers[1].ns;
+    // The internet host counts what reaches it in the neighbour's name.
+    let inet = &rig.topo.internet[0].ns;
+    inet.run(&["nft", "add table inet probe"])
+        .expect("probe table");
+    inet.run(&[
+        "nft",
+        "add chain inet probe input { type filter hook input priority 0; }",
+    ])
+    .expect("probe chain");
+    inet.run(&[
+        "nft",
+        "add rule inet probe input ip saddr 203.0.113.11 tcp flags syn counter",
+    ])
+    .expect("probe rule");
+
+    // Both servers talk: the router's neighbour table binds each address to its MAC.
+    assert!(pings(spoofer, "198.51.100.20", None));
+    assert!(pings(neighbour, "198.51.100.20", None));
+    wait_for("both bindings learnt", Duration::from_secs(5), || {
+        let b = bind(&rig);
+        (b.contains("203.0.113.10 . ") && b.contains("203.0.113.11 . ")).then_some(())
+    });
+
+    // The attack: a port scan in the neighbour's name.
+    forged_scan(spoofer, "203.0.113.11");
+    wait_for("the spoofer held", Duration::from_secs(10), || {
+        rig.set("quarantine4")
+            .contains("203.0.113.10")
+            .then_some(())
+    });
+    let list = rig.json(&["list", "--json"]);
+    let held: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|h| h["target"].as_str())
+        .collect();
+    assert_eq!(held, ["203.0.113.10/32"], "{list}");
+    let show = rig.json(&["show", "203.0.113.10", "--json"]);
+    let text = show.to_string();
+    assert!(text.contains("\"spoofing\""), "category: {show}");
+    assert!(
+        text.contains("spoofed_sources") && text.contains("203.0.113.11"),
+        "evidence names the forged source: {show}"
+    );
+    // Not one forged SYN left the router, and the spoofed set counted them.
+    assert_eq!(
+        forged_arrived(&rig.topo.internet[0].ns),
+        0,
+        "forged packets reached the internet"
+    );
+    let spoofed = rig
+        .topo
+        .router
+        .run(&[
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "egressguard_spoof",
+            "spoofed4",
+        ])
+        .unwrap_or_default();
+    assert!(
+        spoofed.contains(". 203.0.113.11 counter packets"),
+        "{spoofed}"
+    );
+    // The neighbour is never held and its traffic never fails.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!rig.set("quarantine4").contains("203.0.113.11"));
+    assert!(!rig.set("blocked4").contains("203.0.113.11"));
+    assert!(
+        !rig.ok(&["list"]).contains("203.0.113.11"),
+        "the neighbour is listed"
+    );
+    assert!(
+        pings(neighbour, "198.51.100.20", None),
+        "the neighbour lost its traffic"
+    );
+
+    // A restart keeps the learnt bindings (from the kernel's table): the attack fails again
+    // at once, before the neighbour table has been read.
+    rig.ok(&["unblock", CUST, "--ticket", "T-1"]);
+    rig.restart(&[]);
+    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        forged_arrived(&rig.topo.internet[0].ns),
+        0,
+        "forged packets reached the internet after a restart"
+    );
+    assert!(!rig.ok(&["list"]).contains("203.0.113.11"));
+
+    // Control: with anti-spoofing off the same attack gets the neighbour held — the attack
+    // above was real — and the table is gone.
+    let off = format!("{policy}anti_spoofing:\n  enabled: false\n");
+    let r = rig.reload(&off);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    wait_for("the spoof table removed", Duration::from_secs(5), || {
+        bind(&rig).is_empty().then_some(())
+    });
+    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11");
+    wait_for("the framed neighbour held", Duration::from_secs(10), || {
+        rig.set("quarantine4")
+            .contains("203.0.113.11")
+            .then_some(())
+    });
+    rig.agent.drain();
+}
+
+/// How many forged SYNs (source .11) the internet host's probe counter saw.
+fn forged_arrived(inet: &Netns) -> u64 {
+    let r = inet
+        .run(&["nft", "list", "chain", "inet", "probe", "input"])
+        .unwrap_or_default();
+    r.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// The bindings of the agent's anti-spoofing table.
+fn bind(rig: &Rig) -> String {
+    rig.topo
+        .router
+        .run(&["nft", "list", "set", "inet", "egressguard_spoof", "bind4"])
+        .unwrap_or_default()
+}

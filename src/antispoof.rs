@@ -1,0 +1,997 @@
+//! Anti-spoofing on shared customer segments: a customer cannot get its neighbour held by
+//! writing the neighbour's address as the source of its own packets.
+//!
+//! Several customers share one bridge or VLAN behind the router (as in the demo). Each
+//! customer address is *bound* to the MAC address it is sent from: statically in the policy
+//! (`anti_spoofing.bindings`), or learnt from the router's neighbour table (ARP and NDP). A
+//! learnt binding is sticky: it moves to another MAC only after its own MAC has not been seen
+//! with the address for `rebind_after` (a replaced server; a poisoner of the neighbour table
+//! must outlast the real owner, who answers the router's probes).
+//!
+//! The agent's second table, `inet <enforcement.table>_spoof`, holds the bindings and one
+//! rule per family in a `prerouting` chain at priority `raw` (-300), before conntrack:
+//!
+//! ```text
+//! ip saddr @bound4 ip saddr . ether saddr != @bind4
+//!     update @spoofed4 { ether saddr . ip saddr counter } drop
+//! ```
+//!
+//! A forged packet never creates a conntrack entry and never reaches the per-source counters,
+//! so it cannot count against the address it names. Every second the task reads `spoofed4`
+//! and `spoofed6` (the sending MAC, the forged source, packets): when one MAC's forged packets
+//! within `window` reach `packets`, the addresses bound to that MAC — the sender — are
+//! detected as [`Category::Spoofing`] and go to the decision task like any detection. A MAC
+//! with no binding cannot be attributed; its packets are still dropped, and logged.
+//!
+//! Unbound addresses (never seen in the neighbour table: addresses routed behind a customer's
+//! own router, or exempted floating addresses) pass as before. In dry-run the rule counts and
+//! detects without dropping. The table outlives the agent like the main one; with
+//! `anti_spoofing.enabled: false` it is removed at start and reload.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::daemon::Event;
+use crate::messages::{Category, Counted, Detection, Evidence, SpoofEvidence, Time};
+use crate::policy::{AntiSpoofing, Policy};
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// How often the neighbour table and the drop counters are read.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// A learnt binding not seen in the neighbour table for this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Size of each `spoofedN` set (sending MAC × forged source pairs; elements expire after
+/// five minutes without a packet).
+pub const SPOOFED_SET_SIZE: u32 = 65_536;
+/// Most forged sources listed in one detection's evidence.
+const EVIDENCE_SOURCES: usize = 16;
+/// Most addresses of one sender detected at once.
+const MAX_SENDER_ADDRESSES: usize = 16;
+
+/// Parses `02:00:5e:10:00:0a` (or with `-`); `None` unless six hex bytes.
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// `02:00:5e:10:00:0a`.
+pub fn format_mac(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The name of the anti-spoofing table next to the agent's table `table`.
+pub fn table_name(table: &str) -> String {
+    format!("{table}_spoof")
+}
+
+/// Where a binding comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The policy's `anti_spoofing.bindings`: never relearnt.
+    Static,
+    /// The neighbour table (or the kernel's table at start).
+    Learnt,
+}
+
+#[derive(Clone, Debug)]
+struct Bound {
+    mac: Mac,
+    origin: Origin,
+    /// When the neighbour table last showed the address at `mac`.
+    seen: Instant,
+    /// When another MAC was last reported for the address (warned once per change).
+    conflict: Option<Mac>,
+}
+
+/// The bindings: which MAC each customer address may be sent from.
+#[derive(Debug)]
+pub struct Bindings {
+    cfg: AntiSpoofing,
+    networks: Vec<IpNet>,
+    map: BTreeMap<IpAddr, Bound>,
+    learnt: usize,
+    /// Set when the bindings changed since the table was last written.
+    dirty: bool,
+}
+
+impl Bindings {
+    /// The policy's bindings; nothing learnt yet.
+    pub fn new(policy: &Policy, now: Instant) -> Bindings {
+        let mut b = Bindings {
+            cfg: policy.anti_spoofing.clone(),
+            networks: Vec::new(),
+            map: BTreeMap::new(),
+            learnt: 0,
+            dirty: true,
+        };
+        b.set_policy(policy, now);
+        b
+    }
+
+    /// Applies a new policy: static bindings replace learnt ones, exempt and out-of-network
+    /// addresses lose theirs, the learnt rest stays.
+    pub fn set_policy(&mut self, policy: &Policy, now: Instant) {
+        self.cfg = policy.anti_spoofing.clone();
+        self.networks = policy.networks.iter().map(|n| n.prefix).collect();
+        let keep: Vec<(IpAddr, Bound)> = std::mem::take(&mut self.map)
+            .into_iter()
+            .filter(|(a, b)| b.origin == Origin::Learnt && self.learnable(*a))
+            .collect();
+        self.map = keep.into_iter().collect();
+        for s in &self.cfg.bindings {
+            if let Some(mac) = parse_mac(&s.mac) {
+                self.map.insert(
+                    s.address,
+                    Bound {
+                        mac,
+                        origin: Origin::Static,
+                        seen: now,
+                        conflict: None,
+                    },
+                );
+            }
+        }
+        self.learnt = self
+            .map
+            .values()
+            .filter(|b| b.origin == Origin::Learnt)
+            .count();
+        self.dirty = true;
+    }
+
+    fn learnable(&self, a: IpAddr) -> bool {
+        let net = IpNet::from(a);
+        self.networks.iter().any(|n| n.contains(&net))
+            && !self.cfg.exempt.iter().any(|e| e.contains(&net))
+            && !a.is_unspecified()
+            && !a.is_multicast()
+    }
+
+    /// Takes one entry of the neighbour table (or of the kernel's table at start): binds an
+    /// unbound customer address, refreshes a binding, or moves a learnt one whose MAC has
+    /// not been seen for `rebind_after`. Returns whether the bindings changed.
+    pub fn observe(&mut self, addr: IpAddr, mac: Mac, now: Instant) -> bool {
+        if !self.cfg.learn || !self.learnable(addr) || mac == [0; 6] {
+            return false;
+        }
+        match self.map.get_mut(&addr) {
+            None => {
+                if self.learnt >= self.cfg.max_bindings as usize {
+                    debug!(%addr, "anti-spoofing: binding table full, not learnt");
+                    return false;
+                }
+                info!(%addr, mac = %format_mac(mac), "anti-spoofing: binding learnt");
+                self.map.insert(
+                    addr,
+                    Bound {
+                        mac,
+                        origin: Origin::Learnt,
+                        seen: now,
+                        conflict: None,
+                    },
+                );
+                self.learnt += 1;
+                self.dirty = true;
+                true
+            }
+            Some(b) if b.mac == mac => {
+                b.seen = now;
+                b.conflict = None;
+                false
+            }
+            Some(b) => {
+                let quiet = now.saturating_duration_since(b.seen);
+                if b.origin == Origin::Learnt && quiet >= self.cfg.rebind_after {
+                    info!(%addr, from = %format_mac(b.mac), to = %format_mac(mac),
+                        quiet_secs = quiet.as_secs(), "anti-spoofing: binding moved");
+                    b.mac = mac;
+                    b.seen = now;
+                    b.conflict = None;
+                    self.dirty = true;
+                    return true;
+                }
+                if b.conflict != Some(mac) {
+                    b.conflict = Some(mac);
+                    warn!(%addr, bound = %format_mac(b.mac), claimed = %format_mac(mac),
+                        origin = ?b.origin,
+                        "anti-spoofing: the neighbour table shows another MAC for a bound \
+                         address (neighbour-table poisoning, or a moved server); the binding stays");
+                }
+                false
+            }
+        }
+    }
+
+    /// Forgets learnt bindings not seen for [`FORGET_AFTER`].
+    pub fn expire(&mut self, now: Instant) {
+        let before = self.map.len();
+        self.map.retain(|_, b| {
+            b.origin == Origin::Static || now.saturating_duration_since(b.seen) < FORGET_AFTER
+        });
+        if self.map.len() != before {
+            self.learnt -= before - self.map.len();
+            self.dirty = true;
+        }
+    }
+
+    /// The MAC `addr` is bound to.
+    pub fn mac_of(&self, addr: IpAddr) -> Option<Mac> {
+        self.map.get(&addr).map(|b| b.mac)
+    }
+
+    /// The addresses bound to `mac` (at most `limit`).
+    pub fn addresses_of(&self, mac: Mac, limit: usize) -> Vec<IpAddr> {
+        self.map
+            .iter()
+            .filter(|(_, b)| b.mac == mac)
+            .map(|(a, _)| *a)
+            .take(limit)
+            .collect()
+    }
+
+    /// How many bindings there are.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The nft script that makes the table hold exactly these bindings (one atomic
+    /// transaction; the drop counters in `spoofedN` are kept).
+    pub fn script(&self, table: &str, drop: bool) -> String {
+        let t = format!("inet {table}");
+        let mut s = format!(
+            "add table {t}\n\
+             add set {t} bound4 {{ type ipv4_addr; }}\n\
+             add set {t} bound6 {{ type ipv6_addr; }}\n\
+             add set {t} bind4 {{ type ipv4_addr . ether_addr; }}\n\
+             add set {t} bind6 {{ type ipv6_addr . ether_addr; }}\n\
+             add set {t} spoofed4 {{ type ether_addr . ipv4_addr; size {SPOOFED_SET_SIZE}; flags dynamic,timeout; timeout 5m; }}\n\
+             add set {t} spoofed6 {{ type ether_addr . ipv6_addr; size {SPOOFED_SET_SIZE}; flags dynamic,timeout; timeout 5m; }}\n\
+             add chain {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}\n\
+             flush chain {t} prerouting\n"
+        );
+        let verdict = if drop { " drop" } else { "" };
+        for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+            s.push_str(&format!(
+                "add rule {t} prerouting {ip} saddr @bound{n} {ip} saddr . ether saddr != @bind{n} \
+                 update @spoofed{n} {{ ether saddr . {ip} saddr counter }}{verdict} \
+                 comment \"egressguard:spoofed-from{n}\"\n"
+            ));
+        }
+        for n in ["bound4", "bound6", "bind4", "bind6"] {
+            s.push_str(&format!("flush set {t} {n}\n"));
+        }
+        let (mut b4, mut b6, mut p4, mut p6) = (vec![], vec![], vec![], vec![]);
+        for (a, b) in &self.map {
+            let pair = format!("{a} . {}", format_mac(b.mac));
+            match a {
+                IpAddr::V4(_) => {
+                    b4.push(a.to_string());
+                    p4.push(pair);
+                }
+                IpAddr::V6(_) => {
+                    b6.push(a.to_string());
+                    p6.push(pair);
+                }
+            }
+        }
+        for (set, elems) in [("bound4", b4), ("bound6", b6), ("bind4", p4), ("bind6", p6)] {
+            for chunk in elems.chunks(4096) {
+                s.push_str(&format!(
+                    "add element {t} {set} {{ {} }}\n",
+                    chunk.join(", ")
+                ));
+            }
+        }
+        s
+    }
+}
+
+/// One reading of a `spoofedN` element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpoofReading {
+    /// The sending MAC.
+    pub mac: Mac,
+    /// The forged source.
+    pub source: IpAddr,
+    /// Packets dropped so far.
+    pub packets: u64,
+}
+
+/// Parses `nft -j list set inet T spoofedN`; elements of other shapes are skipped.
+pub fn parse_spoofed(json: &[u8]) -> Result<Vec<SpoofReading>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .ok_or("no `nftables` array")?;
+    let mut out = Vec::new();
+    for it in items {
+        let Some(elems) = it
+            .get("set")
+            .and_then(|s| s.get("elem"))
+            .and_then(|e| e.as_array())
+        else {
+            continue;
+        };
+        for e in elems {
+            let inner = e.get("elem").unwrap_or(e);
+            let Some(parts) = inner
+                .get("val")
+                .and_then(|v| v.get("concat"))
+                .and_then(|c| c.as_array())
+            else {
+                continue;
+            };
+            let (Some(mac), Some(source)) = (
+                parts.first().and_then(|m| m.as_str()).and_then(parse_mac),
+                parts
+                    .get(1)
+                    .and_then(|a| a.as_str())
+                    .and_then(|a| a.parse().ok()),
+            ) else {
+                continue;
+            };
+            let packets = inner
+                .get("counter")
+                .and_then(|c| c.get("packets"))
+                .and_then(|p| p.as_u64())
+                .unwrap_or(0);
+            out.push(SpoofReading {
+                mac,
+                source,
+                packets,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Turns readings into per-MAC forged packet counts over the window, and detections.
+#[derive(Debug, Default)]
+pub struct SpoofCounter {
+    last: HashMap<(Mac, IpAddr), u64>,
+    /// Per MAC: (when, forged source, packets) within the window.
+    recent: HashMap<Mac, VecDeque<(Instant, IpAddr, u64)>>,
+    /// Per MAC: no new detection before this.
+    quiet_until: HashMap<Mac, Instant>,
+    /// Unattributable MACs already logged (cleared with the window).
+    warned: HashMap<Mac, Instant>,
+    /// Forged packets dropped in total.
+    pub dropped: u64,
+}
+
+impl SpoofCounter {
+    /// Takes one snapshot of both sets; returns the MACs whose forged packets in the window
+    /// reached the threshold, each with its forged sources (most packets first).
+    pub fn update(
+        &mut self,
+        readings: &[SpoofReading],
+        cfg: &AntiSpoofing,
+        now: Instant,
+    ) -> Vec<(Mac, Vec<Counted<IpAddr>>)> {
+        let mut seen = HashMap::with_capacity(readings.len());
+        for r in readings {
+            let key = (r.mac, r.source);
+            let before = self.last.get(&key).copied().unwrap_or(0);
+            let delta = if r.packets >= before {
+                r.packets - before
+            } else {
+                r.packets
+            };
+            seen.insert(key, r.packets);
+            if delta > 0 {
+                self.dropped += delta;
+                self.recent
+                    .entry(r.mac)
+                    .or_default()
+                    .push_back((now, r.source, delta));
+            }
+        }
+        self.last = seen;
+        let mut out = Vec::new();
+        self.recent.retain(|_, q| {
+            while q
+                .front()
+                .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) >= cfg.window)
+            {
+                q.pop_front();
+            }
+            !q.is_empty()
+        });
+        self.quiet_until.retain(|_, t| *t > now);
+        self.warned
+            .retain(|_, t| now.saturating_duration_since(*t) < cfg.window);
+        for (mac, q) in &self.recent {
+            let total: u64 = q.iter().map(|x| x.2).sum();
+            if total < cfg.packets || self.quiet_until.contains_key(mac) {
+                continue;
+            }
+            let mut by: BTreeMap<IpAddr, u64> = BTreeMap::new();
+            for (_, src, n) in q {
+                *by.entry(*src).or_default() += n;
+            }
+            let mut list: Vec<Counted<IpAddr>> = by
+                .into_iter()
+                .map(|(key, count)| Counted { key, count })
+                .collect();
+            list.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+            list.truncate(EVIDENCE_SOURCES);
+            out.push((*mac, list));
+        }
+        out
+    }
+
+    /// No new detection for `mac` within the window.
+    pub fn detected(&mut self, mac: Mac, cfg: &AntiSpoofing, now: Instant) {
+        self.quiet_until.insert(mac, now + cfg.window);
+    }
+
+    /// Whether an unattributable `mac` should be logged now (once per window).
+    pub fn should_warn(&mut self, mac: Mac, now: Instant) -> bool {
+        if self.warned.contains_key(&mac) {
+            return false;
+        }
+        self.warned.insert(mac, now);
+        true
+    }
+}
+
+/// The detections for one sender: each address bound to its MAC (its IPv6 ones widened to
+/// the policy's block prefix, once each).
+pub fn detections(
+    policy: &Policy,
+    bindings: &Bindings,
+    mac: Mac,
+    sources: &[Counted<IpAddr>],
+    window: Duration,
+    now: Time,
+) -> Vec<Detection> {
+    let packets: u64 = sources.iter().map(|s| s.count).sum();
+    let mut targets: Vec<IpNet> = Vec::new();
+    for a in bindings.addresses_of(mac, MAX_SENDER_ADDRESSES) {
+        let net = match a {
+            IpAddr::V4(_) => IpNet::from(a),
+            IpAddr::V6(_) => IpNet::new(a, policy.enforcement.ipv6_block_prefix)
+                .map(|n| n.trunc())
+                .unwrap_or_else(|_| IpNet::from(a)),
+        };
+        if !targets.contains(&net) {
+            targets.push(net);
+        }
+    }
+    let start = Time(
+        now.as_nanos()
+            .saturating_sub(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)),
+    );
+    targets
+        .into_iter()
+        .filter_map(|net| {
+            let profile = policy.network_of(net.addr())?.profile.clone();
+            Some(Detection {
+                time: now,
+                source: net,
+                category: Category::Spoofing,
+                profile,
+                evidence: Evidence {
+                    window_start: start,
+                    window_end: now,
+                    crossed: vec![crate::messages::Crossed {
+                        signal: "spoofed_packets".into(),
+                        value: packets as f64,
+                        threshold: policy.anti_spoofing.packets as f64,
+                    }],
+                    counts: [("spoofed_packets".to_owned(), packets as f64)]
+                        .into_iter()
+                        .collect(),
+                    top_destinations: Vec::new(),
+                    top_ports: Vec::new(),
+                    first_seen: start,
+                    last_seen: now,
+                    sample: Vec::new(),
+                    spoofing: Some(SpoofEvidence {
+                        mac: format_mac(mac),
+                        spoofed_sources: sources.to_vec(),
+                    }),
+                },
+            })
+        })
+        .collect()
+}
+
+async fn nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, String> {
+    let mut cmd = tokio::process::Command::new("nft");
+    cmd.args(args)
+        .env("LC_ALL", "C")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run nft: {e}"))?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes())
+            .await
+            .map_err(|e| format!("writing to nft: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// Writes the bindings; a table some other hand changed incompatibly is replaced.
+async fn write(table: &str, bindings: &Bindings, drop: bool) -> Result<(), String> {
+    let script = bindings.script(table, drop);
+    if nft(&["-f", "-"], Some(&script)).await.is_ok() {
+        return Ok(());
+    }
+    let _ = nft(&["delete", "table", "inet", table], None).await;
+    nft(&["-f", "-"], Some(&script)).await.map(|_| ())
+}
+
+/// The bindings the kernel's table holds (kept from the last run, so a restart does not
+/// hand a poisoner a fresh start).
+async fn kernel_bindings(table: &str) -> Vec<(IpAddr, Mac)> {
+    let mut out = Vec::new();
+    for set in ["bind4", "bind6"] {
+        let Ok(json) = nft(&["-j", "list", "set", "inet", table, set], None).await else {
+            continue;
+        };
+        // The same shape as the spoofed sets, with the address first.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json) else {
+            continue;
+        };
+        let elems = v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|it| it["set"]["elem"].as_array())
+            .flatten();
+        for e in elems {
+            let parts = e["concat"].as_array();
+            let Some(parts) = parts else { continue };
+            if let (Some(a), Some(m)) = (
+                parts.first().and_then(|a| a.as_str()?.parse().ok()),
+                parts.get(1).and_then(|m| parse_mac(m.as_str()?)),
+            ) {
+                out.push((a, m));
+            }
+        }
+    }
+    out
+}
+
+/// One dump of the neighbour table: usable entries (address, MAC).
+async fn neighbours(handle: &rtnetlink::Handle) -> Result<Vec<(IpAddr, Mac)>, String> {
+    let msgs: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| format!("neighbour table dump: {e}"))?;
+    Ok(msgs.iter().filter_map(neighbour_entry).collect())
+}
+
+fn neighbour_entry(m: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
+    if !matches!(
+        m.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    ) {
+        return None;
+    }
+    let mut addr = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                addr = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                addr = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                mac = <Mac>::try_from(b.as_slice()).ok()
+            }
+            _ => {}
+        }
+    }
+    Some((addr?, mac?))
+}
+
+/// Counters of the anti-spoofing task, for `status` and metrics.
+#[derive(Debug, Default)]
+pub struct SpoofStats {
+    /// Bindings held.
+    pub bindings: std::sync::atomic::AtomicU64,
+    /// Forged packets dropped (counted) since start.
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// Spoofing detections sent.
+    pub detections: std::sync::atomic::AtomicU64,
+}
+
+/// The task: learns bindings, keeps the table in step, reads the drops, sends detections.
+/// Ends when `stop` turns true or the decision task is gone.
+pub async fn run(
+    mut policy_rx: watch::Receiver<Arc<Policy>>,
+    tx: mpsc::Sender<Event>,
+    mut stop: watch::Receiver<bool>,
+    stats: Arc<SpoofStats>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut policy = Arc::clone(&policy_rx.borrow_and_update());
+    let table = table_name(&policy.enforcement.table);
+    let handle = match rtnetlink::new_connection() {
+        Ok((conn, handle, _)) => {
+            tokio::spawn(conn);
+            Some(handle)
+        }
+        Err(e) => {
+            warn!(error = %e, "anti-spoofing: no netlink connection; only static bindings apply");
+            None
+        }
+    };
+    let now = Instant::now();
+    let mut bindings = Bindings::new(&policy, now);
+    for (a, m) in kernel_bindings(&table).await {
+        bindings.observe(a, m, now);
+    }
+    let mut counter = SpoofCounter::default();
+    let mut written = false;
+    let mut write_failed = false;
+    let mut removed = false;
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = policy_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                policy = Arc::clone(&policy_rx.borrow_and_update());
+                bindings.set_policy(&policy, Instant::now());
+            }
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+        if !policy.anti_spoofing.enabled {
+            if !removed {
+                match nft(&["delete", "table", "inet", &table], None).await {
+                    Ok(_) => info!(%table, "anti-spoofing off: its table removed"),
+                    Err(e) if e.contains("No such file") => {}
+                    Err(e) => {
+                        warn!(%table, error = %e, "anti-spoofing off: cannot remove its table")
+                    }
+                }
+                removed = true;
+                written = false;
+            }
+            continue;
+        }
+        removed = false;
+        let now = Instant::now();
+        if let Some(h) = &handle {
+            match neighbours(h).await {
+                Ok(entries) => {
+                    for (a, m) in entries {
+                        bindings.observe(a, m, now);
+                    }
+                }
+                Err(e) => debug!(error = %e, "anti-spoofing: neighbour table not read"),
+            }
+        }
+        bindings.expire(now);
+        stats.bindings.store(bindings.len() as u64, Relaxed);
+        let mut readings = Vec::new();
+        let mut gone = false;
+        for set in ["spoofed4", "spoofed6"] {
+            match nft(&["-j", "list", "set", "inet", &table, set], None).await {
+                Ok(json) => match parse_spoofed(&json) {
+                    Ok(r) => readings.extend(r),
+                    Err(e) => {
+                        warn!(%table, set, error = %e, "anti-spoofing: unreadable drop counters")
+                    }
+                },
+                Err(_) => gone = true,
+            }
+        }
+        if bindings.dirty || gone || !written {
+            match write(&table, &bindings, policy.enforcing()).await {
+                Ok(()) => {
+                    if !written || gone {
+                        info!(%table, bindings = bindings.len(), enforcing = policy.enforcing(),
+                            "anti-spoofing table written");
+                    }
+                    bindings.dirty = false;
+                    written = true;
+                    write_failed = false;
+                }
+                Err(e) => {
+                    if !write_failed {
+                        warn!(%table, error = %e, "anti-spoofing: cannot write its table; retrying every second");
+                    }
+                    write_failed = true;
+                    continue;
+                }
+            }
+        }
+        let senders = counter.update(&readings, &policy.anti_spoofing, now);
+        stats.dropped.store(counter.dropped, Relaxed);
+        let mut out = Vec::new();
+        for (mac, sources) in senders {
+            let found = detections(
+                &policy,
+                &bindings,
+                mac,
+                &sources,
+                policy.anti_spoofing.window,
+                Time::now(),
+            );
+            if found.is_empty() {
+                if counter.should_warn(mac, now) {
+                    let forged: Vec<String> = sources
+                        .iter()
+                        .map(|s| format!("{}×{}", s.key, s.count))
+                        .collect();
+                    warn!(mac = %format_mac(mac), forged = %forged.join(" "),
+                        "anti-spoofing: forged source addresses from a MAC with no binding: \
+                         dropped, but no address to hold");
+                }
+                continue;
+            }
+            counter.detected(mac, &policy.anti_spoofing, now);
+            for d in &found {
+                warn!(source = %d.source, mac = %format_mac(mac), forged = sources.len(),
+                    "anti-spoofing: forged source addresses; the sender is detected");
+            }
+            stats.detections.fetch_add(found.len() as u64, Relaxed);
+            out.extend(found);
+        }
+        if !out.is_empty() && tx.send(Event::Detections(out)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = [2, 0, 0, 0, 0, 0x0a];
+    const B: Mac = [2, 0, 0, 0, 0, 0x0b];
+
+    fn policy(extra: &str) -> Policy {
+        let text = format!(
+            "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\n  - prefix: 2001:db8:c::/64\nanti_spoofing:\n  rebind_after: 10m\n  packets: 10\n  window: 60s\n{extra}"
+        );
+        Policy::from_text(&text, std::path::Path::new("p.yaml")).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn macs_parse_in_both_spellings_and_nothing_else() {
+        assert_eq!(
+            parse_mac("02:00:5E:10:00:0a"),
+            Some([2, 0, 0x5e, 0x10, 0, 0x0a])
+        );
+        assert_eq!(
+            parse_mac("02-00-5e-10-00-0a"),
+            Some([2, 0, 0x5e, 0x10, 0, 0x0a])
+        );
+        for bad in [
+            "",
+            "02:00:5e:10:00",
+            "02:00:5e:10:00:0a:01",
+            "02:00:5e:10:00:zz",
+            "020:0:5e:10:00:0a",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert_eq!(format_mac([2, 0, 0x5e, 0x10, 0, 0x0a]), "02:00:5e:10:00:0a");
+    }
+
+    #[test]
+    fn a_poisoned_neighbour_entry_does_not_move_a_binding_while_its_owner_is_seen() {
+        let p = policy("");
+        let t0 = Instant::now();
+        let mut b = Bindings::new(&p, t0);
+        assert!(b.observe(ip("203.0.113.11"), B, t0), "first seen: learnt");
+        // The poisoner claims .11 for an hour, while the owner keeps answering.
+        for m in 1..60 {
+            let t = t0 + Duration::from_secs(60 * m);
+            assert!(!b.observe(ip("203.0.113.11"), A, t), "moved at minute {m}");
+            b.observe(ip("203.0.113.11"), B, t + Duration::from_secs(1));
+        }
+        assert_eq!(b.mac_of(ip("203.0.113.11")), Some(B));
+        // The owner is gone (replaced server): after rebind_after the new MAC takes it.
+        let t = t0 + Duration::from_secs(3600 + 601);
+        assert!(b.observe(ip("203.0.113.11"), A, t));
+        assert_eq!(b.mac_of(ip("203.0.113.11")), Some(A));
+    }
+
+    #[test]
+    fn static_exempt_and_foreign_addresses_are_never_learnt() {
+        let p = policy(
+            "  bindings:\n    - {address: 203.0.113.7, mac: \"02:00:00:00:00:0b\"}\n  exempt: [203.0.113.100/30]\n",
+        );
+        let t0 = Instant::now();
+        let mut b = Bindings::new(&p, t0);
+        let late = t0 + Duration::from_secs(86_000);
+        assert!(
+            !b.observe(ip("203.0.113.7"), A, late),
+            "a static binding never moves"
+        );
+        assert_eq!(b.mac_of(ip("203.0.113.7")), Some(B));
+        assert!(!b.observe(ip("203.0.113.101"), A, t0), "exempt");
+        assert!(
+            !b.observe(ip("198.51.100.1"), A, t0),
+            "outside the networks"
+        );
+        assert!(!b.observe(ip("203.0.113.12"), [0; 6], t0), "no MAC");
+        assert!(b.observe(ip("2001:db8:c::12"), A, t0), "IPv6 too");
+        assert_eq!(b.addresses_of(A, 8), vec![ip("2001:db8:c::12")]);
+        // Forgotten after a day unseen; the static one stays.
+        b.expire(t0 + FORGET_AFTER + Duration::from_secs(1));
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.mac_of(ip("203.0.113.7")), Some(B));
+    }
+
+    #[test]
+    fn learning_stops_at_max_bindings() {
+        let p = policy("  max_bindings: 2\n");
+        let t0 = Instant::now();
+        let mut b = Bindings::new(&p, t0);
+        assert!(b.observe(ip("203.0.113.1"), A, t0));
+        assert!(b.observe(ip("203.0.113.2"), A, t0));
+        assert!(!b.observe(ip("203.0.113.3"), A, t0));
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn the_script_binds_every_address_and_drops_only_when_enforcing() {
+        let p = policy("");
+        let t0 = Instant::now();
+        let mut b = Bindings::new(&p, t0);
+        b.observe(ip("203.0.113.10"), A, t0);
+        b.observe(ip("2001:db8:c::11"), B, t0);
+        let s = b.script("egressguard_spoof", true);
+        assert!(
+            s.contains(
+                "add element inet egressguard_spoof bind4 { 203.0.113.10 . 02:00:00:00:00:0a }"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("add element inet egressguard_spoof bound6 { 2001:db8:c::11 }"),
+            "{s}"
+        );
+        assert!(s.contains("priority raw"), "before conntrack: {s}");
+        assert_eq!(s.matches(" drop comment").count(), 2, "{s}");
+        assert_eq!(
+            b.script("egressguard_spoof", false)
+                .matches(" drop ")
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn forged_packets_from_one_mac_over_the_threshold_detect_its_own_addresses() {
+        let p = policy("");
+        let cfg = &p.anti_spoofing;
+        let t0 = Instant::now();
+        let mut b = Bindings::new(&p, t0);
+        b.observe(ip("203.0.113.10"), A, t0);
+        b.observe(ip("203.0.113.11"), B, t0);
+        let mut c = SpoofCounter::default();
+        let r = |packets| SpoofReading {
+            mac: A,
+            source: ip("203.0.113.11"),
+            packets,
+        };
+        assert!(c.update(&[r(4)], cfg, t0).is_empty());
+        let hit = c.update(&[r(12)], cfg, t0 + Duration::from_secs(1));
+        assert_eq!(hit.len(), 1);
+        assert_eq!(hit[0].0, A);
+        assert_eq!(
+            hit[0].1,
+            vec![Counted {
+                key: ip("203.0.113.11"),
+                count: 12
+            }]
+        );
+        let d = detections(&p, &b, A, &hit[0].1, cfg.window, Time(5_000_000_000_000));
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].source,
+            "203.0.113.10/32".parse::<IpNet>().unwrap(),
+            "the sender"
+        );
+        assert_eq!(d[0].category, Category::Spoofing);
+        let ev = d[0].evidence.spoofing.as_ref().unwrap();
+        assert_eq!(ev.mac, "02:00:00:00:00:0a");
+        c.detected(A, cfg, t0 + Duration::from_secs(1));
+        assert!(
+            c.update(&[r(30)], cfg, t0 + Duration::from_secs(2))
+                .is_empty(),
+            "quiet in the window"
+        );
+        // Below the threshold once the window has passed: slow drips are not detected.
+        let later = t0 + Duration::from_secs(200);
+        assert!(c.update(&[r(35)], cfg, later).is_empty());
+        assert_eq!(c.dropped, 35);
+        // An element that expired and came back counts from zero.
+        assert!(
+            c.update(&[r(3)], cfg, later + Duration::from_secs(1))
+                .is_empty()
+        );
+        assert_eq!(c.dropped, 38);
+    }
+
+    #[test]
+    fn the_spoofed_set_listing_parses_and_garbage_is_an_error_not_a_panic() {
+        let json = br#"{"nftables":[{"metainfo":{"version":"1.0.6"}},{"set":{"family":"inet","name":"spoofed4","table":"t","type":["ether_addr","ipv4_addr"],"elem":[{"elem":{"val":{"concat":["36:e7:6a:b4:0a:4c","203.0.113.11"]},"expires":296,"counter":{"packets":5,"bytes":200}}},{"elem":{"val":{"concat":["zz","203.0.113.11"]}}},"odd"]}}]}"#;
+        let r = parse_spoofed(json).unwrap();
+        assert_eq!(
+            r,
+            vec![SpoofReading {
+                mac: [0x36, 0xe7, 0x6a, 0xb4, 0x0a, 0x4c],
+                source: ip("203.0.113.11"),
+                packets: 5
+            }]
+        );
+        assert!(parse_spoofed(b"{not json").is_err());
+        assert!(parse_spoofed(b"{}").is_err());
+        assert!(parse_spoofed(br#"{"nftables":[]}"#).unwrap().is_empty());
+    }
+}
