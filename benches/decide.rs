@@ -66,6 +66,7 @@ fn detection(n: u64) -> Detection {
             first_seen: Time::from_secs(T0 + n - 60),
             last_seen: time,
             sample: Vec::new(),
+            spoofing: None,
         },
     }
 }

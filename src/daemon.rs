@@ -51,9 +51,9 @@ use crate::bgp::flowspec::{self, Refusal};
 use crate::bgp::{LearnedRules, PeerStats, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView, LearntView,
-    NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView, Reply, Request,
-    StatusView,
+    AntiSpoofView, AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView,
+    LearntView, NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView, Reply,
+    Request, StatusView,
 };
 use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{BlockScope, DecideError, DecideStatus, Decider, InfraSet, Protection};
@@ -482,6 +482,8 @@ struct Observed {
     engine: watch::Receiver<EngineStats>,
     /// Time of the last flow event (ns since epoch), 0 when none yet.
     last_event: Arc<AtomicU64>,
+    /// The anti-spoofing task's counters.
+    spoof: Arc<crate::antispoof::SpoofStats>,
 }
 
 async fn serve(
@@ -539,17 +541,17 @@ async fn serve(
         counters: counters.stats(),
         engine: engine_rx,
         last_event,
+        spoof: Arc::new(crate::antispoof::SpoofStats::default()),
     };
 
     // The operator's side.
     let listener_sock = server::bind(&args.socket).map_err(DaemonError::Control)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let spoof_stats = Arc::new(crate::antispoof::SpoofStats::default());
     let antispoof = tokio::spawn(crate::antispoof::run(
         policy_tx.subscribe(),
         tx.clone(),
         stop_rx.clone(),
-        Arc::clone(&spoof_stats),
+        Arc::clone(&observed.spoof),
     ));
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
     let control = tokio::spawn(server::serve(listener_sock, ctl_tx, stop_rx.clone()));
@@ -1254,6 +1256,15 @@ impl Agent {
                         suppressed: n.suppressed,
                     })
                     .collect(),
+            },
+            anti_spoofing: {
+                let s = &self.observed.spoof;
+                AntiSpoofView {
+                    enabled: p.anti_spoofing.enabled,
+                    bindings: s.bindings.load(Ordering::Relaxed),
+                    forged_packets: s.dropped.load(Ordering::Relaxed),
+                    detections: s.detections.load(Ordering::Relaxed),
+                }
             },
             bgp: self
                 .speaker

@@ -66,6 +66,21 @@ pub fn run(args: &ClientArgs) -> Exit {
     } else {
         outln!("breaker     closed");
     }
+    if s.anti_spoofing.enabled {
+        outln!(
+            "spoofing    {} bindings, {} forged packets {}, {} senders detected",
+            s.anti_spoofing.bindings,
+            s.anti_spoofing.forged_packets,
+            if s.mode == "enforce" {
+                "dropped"
+            } else {
+                "counted (dry-run)"
+            },
+            s.anti_spoofing.detections
+        );
+    } else {
+        outln!("spoofing    off (anti_spoofing.enabled: false)");
+    }
     for p in &s.bgp {
         outln!(
             "bgp         {} {} {}{} ({} routes announced){}",

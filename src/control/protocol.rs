@@ -163,6 +163,9 @@ pub struct StatusView {
     pub suspended: u64,
     /// Circuit breaker.
     pub breaker: BreakerView,
+    /// Anti-spoofing on shared segments.
+    #[serde(default)]
+    pub anti_spoofing: AntiSpoofView,
     /// BGP sessions.
     pub bgp: Vec<PeerView>,
     /// Flowspec rules learnt from `accept_flowspec` peers, by peer and source.
@@ -175,6 +178,19 @@ pub struct StatusView {
     pub reconnects: Vec<ReconnectView>,
     /// Things the operator should look at (no events seen, breaker tripped, ...).
     pub warnings: Vec<String>,
+}
+
+/// Anti-spoofing counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AntiSpoofView {
+    /// Whether `anti_spoofing.enabled` is on.
+    pub enabled: bool,
+    /// Address–MAC bindings in force (static and learnt).
+    pub bindings: u64,
+    /// Packets with a forged bound source dropped (counted, in dry-run) since start.
+    pub forged_packets: u64,
+    /// Spoofing detections sent to the decisions since start.
+    pub detections: u64,
 }
 
 /// Circuit breaker state.

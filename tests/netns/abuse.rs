@@ -1020,6 +1020,19 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
         spoofed.contains(". 203.0.113.11 counter packets"),
         "{spoofed}"
     );
+    wait_for(
+        "status counts the forged packets",
+        Duration::from_secs(5),
+        || {
+            let a = rig.json(&["status", "--json"])["anti_spoofing"].clone();
+            (a["enabled"] == true
+                && a["bindings"].as_u64()? >= 2
+                && a["forged_packets"].as_u64()? >= 300
+                && a["detections"].as_u64()? >= 1)
+                .then_some(())
+        },
+    );
+    assert!(rig.ok(&["status"]).contains("forged packets dropped"));
     // The neighbour is never held and its traffic never fails.
     std::thread::sleep(Duration::from_secs(3));
     assert!(!rig.set("quarantine4").contains("203.0.113.11"));
