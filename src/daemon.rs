@@ -40,7 +40,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -681,6 +681,48 @@ async fn detect_task(
     }
 }
 
+/// Retry pacing for a step that keeps failing (the state database on a full disk): the pause
+/// doubles from 100 ms to 30 s, and only some failures are logged (the first three, then
+/// each power of two, then one every ten at the longest pause: about every five minutes).
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(30);
+
+    /// How long to wait before the next try (zero when not failing).
+    fn wait(&self) -> Duration {
+        self.until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Records a failure: the count, the pause before the next try, and whether to log it.
+    fn failed(&mut self) -> (u32, Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let pause = Self::FIRST
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(Self::MAX);
+        self.until = Some(Instant::now() + pause);
+        let n = self.failures;
+        let log = n <= 3
+            || (pause < Self::MAX && n.is_power_of_two())
+            || (pause == Self::MAX && n % 10 == 0);
+        (n, pause, log)
+    }
+
+    /// Records a success; the failures before it, if there were any.
+    fn succeeded(&mut self) -> Option<u32> {
+        self.until = None;
+        let n = std::mem::take(&mut self.failures);
+        (n > 0).then_some(n)
+    }
+}
+
 /// The decision task: the one owner of the policy and of every decision.
 struct Agent {
     policy_path: PathBuf,
@@ -730,12 +772,16 @@ impl Agent {
 
     async fn run(&mut self, mut rx: mpsc::Receiver<Event>) {
         let mut learned_rx = self.speaker.as_ref().map(SpeakerHandle::learned);
+        let mut tick_retry = Backoff::default();
         loop {
-            let next = self
+            let mut next = self
                 .decider
                 .next_timer()
                 .map(|t| t.since(Time::now()).min(Duration::from_secs(60)))
                 .unwrap_or(Duration::from_secs(60));
+            // A failed expiry (disk full) is retried after a growing pause, not at once: the
+            // hold stays due, and retrying it in a loop burnt a core and flooded the log.
+            next = next.max(tick_retry.wait());
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
@@ -768,8 +814,20 @@ impl Agent {
                 }
                 _ = tokio::time::sleep(next) => {
                     match self.decider.on_tick(Time::now()) {
-                        Ok(decisions) => self.publish(decisions, &[]),
-                        Err(e) => error!(error = %error_chain(&e), "expiry check failed"),
+                        Ok(decisions) => {
+                            if let Some(failures) = tick_retry.succeeded() {
+                                info!(failures, "expiry check recorded again; the held-back expiries are done");
+                            }
+                            self.publish(decisions, &[]);
+                        }
+                        Err(e) => {
+                            let (failures, pause, log) = tick_retry.failed();
+                            if log {
+                                error!(error = %error_chain(&e), failures,
+                                    retry_in_ms = pause.as_millis() as u64,
+                                    "expiry check failed; nothing is lifted until it is recorded (retrying with back-off)");
+                            }
+                        }
                     }
                 }
                 changed = async {
@@ -1711,5 +1769,26 @@ mod tests {
             has_net_admin("Name:\tx\n"),
             "no CapEff line: the kernel decides"
         );
+    }
+
+    #[test]
+    fn a_failing_step_backs_off_to_thirty_seconds_and_logs_rarely() {
+        let mut b = super::Backoff::default();
+        assert_eq!(b.wait(), std::time::Duration::ZERO);
+        let mut logged = 0;
+        let mut pauses = Vec::new();
+        for _ in 0..100 {
+            let (_, pause, log) = b.failed();
+            pauses.push(pause.as_millis());
+            logged += u32::from(log);
+        }
+        assert_eq!(&pauses[..4], &[100, 200, 400, 800]);
+        assert_eq!(*pauses.last().unwrap(), 30_000);
+        assert!(b.wait() > std::time::Duration::from_secs(29));
+        // 100 failures (~45 minutes at the longest pause) make about 17 lines.
+        assert!(logged <= 20, "{logged} lines");
+        assert_eq!(b.succeeded(), Some(100));
+        assert_eq!(b.succeeded(), None);
+        assert_eq!(b.wait(), std::time::Duration::ZERO);
     }
 }

@@ -299,3 +299,90 @@ fn reload_refuses_restart_only_settings_and_applies_notify() {
     );
     drop(agent);
 }
+
+/// Unmounts the tmpfs on drop (also when the test fails).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The agent's CPU time so far (user + system), from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn a_full_disk_backs_off_and_the_expiry_is_recorded_once_space_returns() {
+    let Some(ns) = sandbox("a_full_disk_backs_off_and_the_expiry_is_recorded_once_space_returns")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _mounted = Mounted(dir.path().to_owned());
+    let (mut agent, _) = start(&ns, dir.path(), GOOD);
+    let (code, out, err) = cli(
+        &agent,
+        &["block", "203.0.113.9", "--reason", "r", "--for", "3s"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // The disk fills up before the hold is due.
+    let fill = dir.path().join("fill");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    agent
+        .wait_for(&["expiry check failed"], Duration::from_secs(8))
+        .expect("the expiry fails on the full disk");
+    let cpu = cpu_time(agent.pid());
+    std::thread::sleep(Duration::from_secs(4));
+    let spent = cpu_time(agent.pid()) - cpu;
+    assert!(
+        spent < Duration::from_millis(400),
+        "the agent spent {spent:?} of CPU in 4 s retrying"
+    );
+    agent.drain();
+    let failures = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("expiry check failed"))
+        .count();
+    assert!(
+        failures <= 6,
+        "{failures} error lines in ~5 s:\n{}",
+        agent.log()
+    );
+    // Still held in the records: nothing was decided that was not recorded.
+    let (_, list, _) = cli(&agent, &["list"]);
+    assert!(list.contains("203.0.113.9"), "{list}");
+    // Space returns: the expiry is recorded without a restart.
+    std::fs::remove_file(&fill).unwrap();
+    agent
+        .wait_for(&["expiry check recorded again"], Duration::from_secs(15))
+        .expect("recovered");
+    let (_, list, _) = cli(&agent, &["list"]);
+    assert!(!list.contains("203.0.113.9"), "{list}");
+    let (_, show, _) = cli(&agent, &["show", "203.0.113.9", "--json"]);
+    assert!(show.contains("expired"), "{show}");
+    signal(&agent, Signal::SIGTERM);
+    let _ = agent.stop(WAIT);
+}
