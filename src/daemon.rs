@@ -711,7 +711,7 @@ impl Backoff {
         let n = self.failures;
         let log = n <= 3
             || (pause < Self::MAX && n.is_power_of_two())
-            || (pause == Self::MAX && n % 10 == 0);
+            || (pause == Self::MAX && n.is_multiple_of(10));
         (n, pause, log)
     }
 
