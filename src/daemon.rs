@@ -68,6 +68,9 @@ use crate::observe::{
 use crate::policy::{LearnBounds, Policy, PolicyError};
 use crate::state::{AuditEntry, Change, StateError, Store, actions};
 
+/// File name of the state database inside the state directory (`run --state-dir`).
+pub const STATE_DB: &str = "state.db";
+
 /// Batches of observations that may wait for the detector (see where the channel is made).
 const OBSERVATION_BATCHES: usize = 16;
 
@@ -274,7 +277,7 @@ fn start(args: &RunArgs) -> Result<(), DaemonError> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o750));
     }
-    let db = args.state_dir.join("state.db");
+    let db = args.state_dir.join(STATE_DB);
     let mut store = Store::open(&db).map_err(DaemonError::State)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

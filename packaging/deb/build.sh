@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the Debian package: release binary, then the man page and shell completions generated
-# from the binary's own clap definitions (so they can never disagree with it), then
-# `cargo deb --no-build`. Prints the path of the .deb as the last line on stdout.
+# Builds the Debian package: release binary, then the man pages egressguard(8) (generated from
+# the binary's own clap definitions, so it can never disagree with it) and egressguard-policy(5)
+# and the shell completions, then `cargo deb --no-build`. Prints the path of the .deb as the
+# last line on stdout.
 #
 # Needs: cargo-deb (`cargo install cargo-deb --locked`), dpkg-dev (dpkg-shlibdeps, for the
 # $auto dependencies), binutils (objcopy, for the separate debug symbols).
@@ -35,11 +36,11 @@ rm -rf "$assets"
 mkdir -p "$assets"
 "$target_dir/release/egressguard" generate-man "$assets" >&2
 "$target_dir/release/egressguard" generate-completions "$assets" >&2
-for f in egressguard.8 egressguard.bash _egressguard; do
+for f in egressguard.8 egressguard-policy.5 egressguard.bash _egressguard; do
     [ -s "$assets/$f" ] || { echo "build.sh: generator did not write $assets/$f" >&2; exit 1; }
 done
 
-# cargo-deb gzips the man page and the changelog itself (zopfli, no timestamp: reproducible).
+# cargo-deb gzips the man pages and the changelog itself (zopfli, no timestamp: reproducible).
 # Debug symbols go to a separate egressguard-dbgsym_*.ddeb (zlib: readable by Rust backtraces).
 deb="$(cargo deb --no-build --locked --dbgsym --compress-debug-symbols=zlib "$@" | tail -n 1)"
 

@@ -122,6 +122,7 @@ apt-get install -y -q --no-install-recommends "$DEB" >"$work/apt.log" 2>&1 \
 check "package installed" installed
 for f in /usr/sbin/egressguard "$POLICY" "$UNIT" \
     /usr/share/man/man8/egressguard.8.gz \
+    /usr/share/man/man5/egressguard-policy.5.gz \
     /usr/share/bash-completion/completions/egressguard \
     /usr/share/zsh/vendor-completions/_egressguard \
     /usr/share/doc/egressguard/copyright /usr/share/doc/egressguard/changelog.Debian.gz \
@@ -132,7 +133,8 @@ for f in /usr/sbin/egressguard "$POLICY" "$UNIT" \
 done
 check "binary is executable" test -x /usr/sbin/egressguard
 check "binary runs" /usr/sbin/egressguard --version
-check "man page is gzipped roff egressguard(8)" sh -c 'zcat /usr/share/man/man8/egressguard.8.gz | grep -q "^\.TH egressguard 8"'
+check "man page is gzipped roff egressguard(8)" sh -c 'zcat /usr/share/man/man8/egressguard.8.gz | grep -q "^\.TH EGRESSGUARD 8"'
+check "man page is gzipped roff egressguard-policy(5)" sh -c 'zcat /usr/share/man/man5/egressguard-policy.5.gz | grep -q "^\.TH EGRESSGUARD\\\\-POLICY 5"'
 check "man page documents the check verb" sh -c 'zcat /usr/share/man/man8/egressguard.8.gz | grep -qi "egressguard check"'
 check "bash completion loads and completes the verbs" bash -c '
     source /usr/share/bash-completion/completions/egressguard

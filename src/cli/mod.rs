@@ -62,7 +62,7 @@ impl From<Exit> for std::process::ExitCode {
 
 /// egressguard: cuts compromised customer servers off the network.
 ///
-/// It watches conntrack events and nftables counters on an edge router, detects outgoing
+/// The agent watches conntrack events and nftables counters on an edge router, detects outgoing
 /// abuse (floods, brute force, port and network scans, spam) by the thresholds of a YAML
 /// policy, and enforces with nftables sets, blackhole routes and BGP announcements until the
 /// abuse desk authorises the reconnect.
@@ -75,7 +75,13 @@ impl From<Exit> for std::process::ExitCode {
 )]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormat::Plain
+    )]
     pub log_format: LogFormat,
 
     /// What to do.
@@ -107,7 +113,8 @@ pub enum Command {
     /// Circuit breakers: `breaker reset [NETWORK]` re-arms a tripped one (audited).
     #[command(subcommand)]
     Breaker(BreakerCommand),
-    /// Write the man page egressguard(8) into a directory (used by packaging).
+    /// Write the man pages egressguard(8) and egressguard-policy(5) into a directory (used by
+    /// packaging).
     #[command(hide = true)]
     GenerateMan {
         /// Output directory.
@@ -163,7 +170,7 @@ pub struct CheckArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Seconds to pause between the steps, to read along.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub pause: f64,
 }
 
@@ -195,7 +202,7 @@ pub struct BlockArgs {
     #[arg(value_parser = parse_target)]
     pub addr: ipnet::IpNet,
     /// Why: goes to the audit trail and the notification.
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     pub reason: String,
     /// How long, e.g. 30m, 12h, 7d.
     #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
