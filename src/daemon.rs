@@ -684,6 +684,9 @@ async fn detect_task(
     }
 }
 
+/// The decision task wakes at least this often, and then takes in a step of the system clock.
+const CLOCK_CHECK: Duration = Duration::from_secs(10);
+
 /// Retry pacing for a step that keeps failing (the state database on a full disk): the pause
 /// doubles from 100 ms to 30 s, and only some failures are logged (the first three, then
 /// each power of two, then one every ten at the longest pause: about every five minutes).
@@ -777,11 +780,12 @@ impl Agent {
         let mut learned_rx = self.speaker.as_ref().map(SpeakerHandle::learned);
         let mut tick_retry = Backoff::default();
         loop {
+            self.check_clock();
             let mut next = self
                 .decider
                 .next_timer()
-                .map(|t| t.since(Time::now()).min(Duration::from_secs(60)))
-                .unwrap_or(Duration::from_secs(60));
+                .map(|t| t.since(Time::now()).min(CLOCK_CHECK))
+                .unwrap_or(CLOCK_CHECK);
             // A failed expiry (disk full) is retried after a growing pause, not at once: the
             // hold stays due, and retrying it in a loop burnt a core and flooded the log.
             next = next.max(tick_retry.wait());
@@ -816,6 +820,8 @@ impl Agent {
                     }
                 }
                 _ = tokio::time::sleep(next) => {
+                    // A step while sleeping must move the expiries before they are judged.
+                    self.check_clock();
                     match self.decider.on_tick(Time::now()) {
                         Ok(decisions) => {
                             if let Some(failures) = tick_retry.succeeded() {
@@ -881,6 +887,23 @@ impl Agent {
     }
 
     /// After a batch of decisions: notify, then hand the new desired state to the writers.
+    /// Takes a step of the system clock into the agent's time ([`crate::time::resync`]) and
+    /// moves the hold expiries with it, when there was one.
+    fn check_clock(&mut self) {
+        let Some(delta) = crate::time::resync() else {
+            return;
+        };
+        warn!(
+            delta_ms = delta / 1_000_000,
+            "the wall clock stepped; hold expiries move with it (their remaining time is kept)"
+        );
+        match self.decider.clock_stepped(delta, Time::now()) {
+            Ok(d) => self.publish(d, &[]),
+            Err(e) => error!(error = %error_chain(&e),
+                "the clock step could not be recorded; hold expiries keep their wall times"),
+        }
+    }
+
     fn publish(&mut self, decisions: Vec<crate::messages::Decision>, detections: &[Detection]) {
         for d in decisions {
             let evidence = detections

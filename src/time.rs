@@ -5,9 +5,51 @@
 //! nanoseconds since the UNIX epoch: `Copy`, 8 bytes, cheap on the hot path.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+/// Steps smaller than this are drift or scheduling noise: [`resync`] leaves them alone.
+pub const STEP_THRESHOLD: Duration = Duration::from_secs(2);
+
+/// The process's clock: the wall time at a fixed monotonic instant (ns since the epoch,
+/// moved only by [`resync`]) and that instant.
+fn anchor() -> (&'static AtomicU64, Instant) {
+    static ANCHOR: OnceLock<(AtomicU64, Instant)> = OnceLock::new();
+    let (base, mono) = ANCHOR.get_or_init(|| {
+        let mono = Instant::now();
+        (AtomicU64::new(Time::from(SystemTime::now()).0), mono)
+    });
+    (base, *mono)
+}
+
+/// The step between the system clock and [`Time::now`] (positive: the system clock is
+/// ahead), if it is at least [`STEP_THRESHOLD`].
+pub fn step_between(system: Time, ours: Time) -> Option<i64> {
+    let d = (i128::from(system.0) - i128::from(ours.0))
+        .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    (d.unsigned_abs() >= STEP_THRESHOLD.as_nanos() as u64).then_some(d)
+}
+
+/// Takes a step of the system clock into [`Time::now`], returning it (ns, positive:
+/// forward), when there was one. The one caller is the decision task, which moves every hold
+/// expiry by the same amount at the same moment, so hold durations stay monotonic.
+pub fn resync() -> Option<i64> {
+    let ours = Time::now();
+    let step = step_between(Time::from(SystemTime::now()), ours)?;
+    let (base, _) = anchor();
+    let moved = if step >= 0 {
+        base.load(Ordering::Relaxed)
+            .saturating_add(step.unsigned_abs())
+    } else {
+        base.load(Ordering::Relaxed)
+            .saturating_sub(step.unsigned_abs())
+    };
+    base.store(moved, Ordering::Relaxed);
+    Some(step)
+}
 
 /// A point in time: nanoseconds since 1970-01-01T00:00:00Z.
 #[derive(
@@ -20,9 +62,15 @@ impl Time {
     /// The UNIX epoch.
     pub const EPOCH: Time = Time(0);
 
-    /// The current wall-clock time. Only `observe`, timers and the CLI may call this.
+    /// The current wall-clock time, advanced by the monotonic clock: a step of the system
+    /// clock (NTP setting the time, `date -s`) does not show here until [`resync`] takes it
+    /// in, so every duration measured in `Time` is monotonic between resyncs. Only
+    /// `observe`, timers and the CLI may call this.
     pub fn now() -> Time {
-        Time::from(SystemTime::now())
+        let (base, mono) = anchor();
+        let wall = base.load(Ordering::Relaxed);
+        let elapsed = u64::try_from(mono.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Time(wall.saturating_add(elapsed))
     }
 
     /// From whole seconds since the epoch.
@@ -97,6 +145,38 @@ impl fmt::Display for Time {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_step_is_two_seconds_or_more_either_way() {
+        let t = Time::from_secs(1_800_000_000);
+        assert_eq!(
+            step_between(t.saturating_add(Duration::from_millis(1999)), t),
+            None
+        );
+        assert_eq!(
+            step_between(t.saturating_add(Duration::from_secs(3600)), t),
+            Some(3_600_000_000_000)
+        );
+        assert_eq!(
+            step_between(t.saturating_sub(Duration::from_secs(60)), t),
+            Some(-60_000_000_000)
+        );
+        assert_eq!(step_between(t, t), None);
+    }
+
+    #[test]
+    fn now_follows_the_system_clock_and_never_goes_back() {
+        let a = Time::now();
+        let sys = Time::from(SystemTime::now());
+        assert!(
+            step_between(sys, a).is_none(),
+            "anchored near the system clock"
+        );
+        assert_eq!(resync(), None, "nothing stepped");
+        let b = Time::now();
+        assert!(b >= a);
+    }
+
     use super::*;
 
     #[test]

@@ -372,7 +372,10 @@ fn allowlisted_and_infrastructure_addresses_are_never_blocked() {
         }
     }
     assert!(d.desired().blocks.is_empty());
-    assert_eq!(d.status().counters.protected, 10);
+    assert_eq!(
+        d.status().counters.protected,
+        2 * Category::ALL.len() as u64
+    );
     let err = d
         .on_operator_block(net("203.0.113.250"), "r", None, "alice", at(20))
         .unwrap_err();
@@ -408,7 +411,7 @@ fn allowlisted_and_infrastructure_addresses_are_never_blocked() {
         }
     ));
     let audit = d.store().audit(Some(net("203.0.113.250")), 100).unwrap();
-    assert_eq!(audit.len(), 5);
+    assert_eq!(audit.len(), Category::ALL.len());
     assert!(audit.iter().all(|a| a.entry.action == actions::PROTECTED));
 }
 
@@ -952,4 +955,102 @@ fn decisions_are_deterministic() {
     let first = run();
     assert!(first.0.len() > 100);
     assert_eq!(first, run());
+}
+
+#[test]
+fn a_forward_clock_step_lifts_no_hold_early() {
+    let mut d = decider(policy(""));
+    let q = one(d
+        .on_detection(&detection(A, Category::PortScan, at(10)))
+        .unwrap());
+    assert_eq!(q.expires, Some(at(10 + HOUR)));
+    // Ten minutes later the wall clock jumps a day ahead; the agent takes the step in.
+    let step = i64::try_from(DAY).unwrap() * 1_000_000_000;
+    assert!(d.clock_stepped(step, at(600 + DAY)).unwrap().is_empty());
+    assert!(
+        d.on_tick(at(600 + DAY)).unwrap().is_empty(),
+        "lifted at the step"
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Quarantine));
+    assert_eq!(
+        d.desired().blocks[&net(A)].expires,
+        Some(at(10 + HOUR + DAY)),
+        "50 minutes left, as before the step"
+    );
+    let e = one(d.on_tick(at(10 + HOUR + DAY)).unwrap());
+    assert_eq!(e.cause, Cause::Expiry);
+    let h = d.history(net(A)).unwrap();
+    assert!(
+        h.audit
+            .iter()
+            .any(|a| a.entry.action == actions::CLOCK_STEP),
+        "the step is audited"
+    );
+}
+
+#[test]
+fn a_backward_clock_step_extends_no_hold_and_reopens_no_authorisation() {
+    let mut d = decider(policy(""));
+    one(d
+        .on_detection(&detection(A, Category::PortScan, at(3 * HOUR)))
+        .unwrap());
+    // Back by two hours: the hold still has its 1 h, not 3 h.
+    let step = -2 * i64::try_from(HOUR).unwrap() * 1_000_000_000;
+    d.clock_stepped(step, at(HOUR + 10)).unwrap();
+    assert_eq!(d.desired().blocks[&net(A)].expires, Some(at(2 * HOUR)));
+    one(d.on_tick(at(2 * HOUR)).unwrap());
+    assert_eq!(held(&d, A), None);
+}
+
+#[test]
+fn an_expired_authorisation_stays_expired_after_the_clock_goes_back() {
+    let mut d = decider(policy(""));
+    climb_to_block(&mut d);
+    // The ticket expired an hour ago by the agent's clock.
+    let expiry = at(3 * HOUR).to_string();
+    let p = with_reconnects(&[reconnect_entry(A, "LATE", ALL_CONDITIONS, &expiry, false)]);
+    let out = d.on_policy(Arc::clone(&p), at(4 * HOUR)).unwrap();
+    assert!(
+        matches!(
+            out.reconnects[0].result,
+            ReconnectResult::Refused(Refusal::Expired { .. })
+        ),
+        "{:?}",
+        out.reconnects
+    );
+    // The wall clock is set back a day and the policy reloaded: still expired, still held.
+    let out = d
+        .on_policy(p, at(4 * HOUR).saturating_sub(Duration::from_secs(DAY)))
+        .unwrap();
+    assert!(
+        matches!(
+            out.reconnects[0].result,
+            ReconnectResult::Refused(Refusal::Expired { .. })
+        ),
+        "re-opened by the clock: {:?}",
+        out.reconnects
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
+}
+
+#[test]
+fn a_ticket_seen_before_a_hold_stays_before_it_whatever_the_clock_says() {
+    let mut d = decider(policy(""));
+    let p = with_reconnects(&[reconnect_entry(A, "EARLY", ALL_CONDITIONS, FAR, false)]);
+    d.on_policy(Arc::clone(&p), at(10 * HOUR)).unwrap();
+    // The clock goes back five hours before the detection: by wall times the hold would
+    // begin before the ticket was seen, and the old ticket would lift it.
+    one(d
+        .on_detection(&detection(A, Category::NetworkScan, at(5 * HOUR)))
+        .unwrap());
+    let out = d.on_policy(p, at(5 * HOUR + 60)).unwrap();
+    assert!(
+        matches!(
+            out.reconnects[0].result,
+            ReconnectResult::Refused(Refusal::PredatesBlock { .. })
+        ),
+        "{:?}",
+        out.reconnects
+    );
+    assert_eq!(held(&d, A), Some(BlockKind::Block));
 }

@@ -558,6 +558,8 @@ pub struct Decider {
     outcomes: Vec<ReconnectOutcome>,
     startup: Vec<Decision>,
     now: Time,
+    /// The latest ordering stamp handed out or recorded ([`Decider::stamp`]).
+    last_stamp: Time,
     next_prune: Time,
 }
 
@@ -599,6 +601,7 @@ impl Decider {
             outcomes: Vec::new(),
             startup: Vec::new(),
             now,
+            last_stamp: Time::EPOCH,
             next_prune: now,
         };
         d.load(now)?;
@@ -667,6 +670,11 @@ impl Decider {
 
     /// Rebuilds the in-memory state from the database.
     fn load(&mut self, now: Time) -> Result<(), StateError> {
+        // The high-water time survives restarts: the latest time the records hold.
+        if let Some(latest) = self.store.latest_time()? {
+            self.tick_time(latest);
+            self.last_stamp = self.last_stamp.max(latest);
+        }
         self.holds = holds::Holds::from_records(&self.policy, self.store.blocks()?);
         self.used = self
             .store
@@ -725,6 +733,20 @@ impl Decider {
 
     fn dry(&self) -> bool {
         !self.policy.enforcing()
+    }
+
+    /// A time for ordering — a hold's start, a ticket's first sighting — after everything
+    /// recorded before: `now`, or just after the high-water time when the wall clock is
+    /// behind it (stepped back). So a ticket seen before a hold stays before it.
+    fn stamp(&mut self, now: Time) -> Time {
+        let t = if now > self.last_stamp {
+            now
+        } else {
+            Time(self.last_stamp.0.saturating_add(1))
+        };
+        self.last_stamp = t;
+        self.tick_time(t);
+        t
     }
 
     fn tick_time(&mut self, now: Time) {
@@ -921,10 +943,11 @@ impl Decider {
             time: now,
             dry_run: dry,
         });
+        let since = self.stamp(now);
         let block = BlockRecord {
             target,
             kind: rung.kind,
-            since: now,
+            since,
             expires,
             offense: number,
             category: Some(d.category),
@@ -1141,6 +1164,63 @@ impl Decider {
         self.finish(b, snapshot, now)
     }
 
+    /// The wall clock stepped by `delta_ns` (positive: forward) at `now`, as the daemon's
+    /// monotonic clock tells. Hold durations are monotonic — the kernel's timeouts are
+    /// relative — so every hold's expiry moves by the same amount: a forward step lifts
+    /// nothing early, a backward one extends nothing. Recorded and audited as one batch.
+    pub fn clock_stepped(
+        &mut self,
+        delta_ns: i64,
+        now: Time,
+    ) -> Result<Vec<Decision>, DecideError> {
+        let shift = |t: Time| {
+            Time(if delta_ns >= 0 {
+                t.0.saturating_add(delta_ns.unsigned_abs())
+            } else {
+                t.0.saturating_sub(delta_ns.unsigned_abs())
+            })
+        };
+        let moved: Vec<BlockRecord> = self
+            .holds
+            .values()
+            .filter(|h| h.expires.is_some())
+            .map(|h| BlockRecord {
+                expires: h.expires.map(shift),
+                ..h.clone()
+            })
+            .collect();
+        let snapshot = self.breaker.clone();
+        let mut b = Batch::default();
+        let secs = delta_ns as f64 / 1e9;
+        let when = now.max(self.now);
+        for h in &moved {
+            b.changes.push(Change::PutBlock(h.clone()));
+            b.audit(
+                when,
+                AGENT,
+                actions::CLOCK_STEP,
+                Some(h.target),
+                format!(
+                    "the wall clock stepped {} by {:.1} s; the hold's expiry moved with it to {} (its remaining time is unchanged)",
+                    if delta_ns >= 0 { "forward" } else { "back" },
+                    secs.abs(),
+                    h.expires.map(|t| t.to_string()).unwrap_or_default()
+                ),
+                h.dry_run,
+                serde_json::json!({ "delta_ns": delta_ns }),
+            );
+            self.holds.insert(&self.policy, h.clone());
+        }
+        b.dirty = !moved.is_empty();
+        info!(
+            delta_ms = delta_ns / 1_000_000,
+            holds = moved.len(),
+            "hold expiries moved with the clock step"
+        );
+        self.tick_time(now);
+        self.finish(b, snapshot, now)
+    }
+
     /// The earliest expiry of any hold.
     pub fn next_expiry(&self) -> Option<Time> {
         self.holds.values().filter_map(|h| h.expires).min()
@@ -1252,7 +1332,7 @@ impl Decider {
                 0,
                 None,
                 Service::default(),
-                now,
+                self.stamp(now),
             ),
         };
         // In dry-run mode an operator block is a would-be hold like any other: recorded,
@@ -1595,11 +1675,12 @@ impl Decider {
         b: &mut Batch,
     ) -> Result<BlockRecord, Refusal> {
         if !self.used.contains_key(&r.ticket) && !self.seen.contains_key(&r.ticket) {
-            self.seen.insert(r.ticket.clone(), now);
+            let stamp = self.stamp(now);
+            self.seen.insert(r.ticket.clone(), stamp);
             b.changes.push(Change::TicketSeen {
                 ticket: r.ticket.clone(),
                 target: r.address,
-                time: now,
+                time: stamp,
             });
         }
         self.evaluate(&self.policy, r, now).cloned()
@@ -1618,9 +1699,12 @@ impl Decider {
                 address: u.target,
             });
         }
-        // A ticket not seen yet would be seen now.
-        let seen = self.seen.get(&r.ticket).copied().unwrap_or(now);
-        if now > r.expires {
+        // A ticket not seen yet would be seen now. Both are judged by the agent's high-water
+        // time: a wall clock stepped back re-opens no authorisation that had expired, and
+        // cannot order a ticket after a hold it preceded.
+        let hwm = now.max(self.now);
+        let seen = self.seen.get(&r.ticket).copied().unwrap_or(hwm);
+        if hwm > r.expires {
             return Err(Refusal::Expired { expires: r.expires });
         }
         let missing: Vec<String> = policy

@@ -293,6 +293,8 @@ pub mod actions {
     pub const SUPPRESSED: &str = "suppressed";
     /// The circuit breaker tripped.
     pub const BREAKER_TRIPPED: &str = "breaker_tripped";
+    /// The wall clock stepped; every hold's expiry moved with it (remaining time kept).
+    pub const CLOCK_STEP: &str = "clock_step";
     /// The circuit breaker was reset.
     pub const BREAKER_RESET: &str = "breaker_reset";
     /// A tripped circuit breaker re-armed by itself after its cool-down.
@@ -740,6 +742,22 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// The latest time the records hold (audit entries, holds, first sightings of tickets):
+    /// the agent's high-water time across restarts.
+    pub fn latest_time(&self) -> Result<Option<Time>, StateError> {
+        let t: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MAX(t) FROM (SELECT MAX(time) AS t FROM audit \
+                 UNION ALL SELECT MAX(since) FROM blocks \
+                 UNION ALL SELECT MAX(first_seen) FROM tickets_seen)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.classify("reading the latest time", e))?;
+        Ok(t.map(i2t))
     }
 
     /// `(ticket, first seen)` of every ticket ever read from a policy.
