@@ -9,12 +9,15 @@
 //! must outlast the real owner, who answers the router's probes).
 //!
 //! The agent's second table, `inet <enforcement.table>_spoof`, holds the bindings and one
-//! rule per family in a `prerouting` chain at priority `raw` (-300), before conntrack:
+//! two rules per family in a `prerouting` chain at priority `raw` (-300), before conntrack:
 //!
 //! ```text
-//! ip saddr @bound4 ip saddr . ether saddr != @bind4
-//!     update @spoofed4 { ether saddr . ip saddr counter } drop
+//! ip saddr @bound4 ip saddr . ether saddr != @bind4 update @spoofed4 { ether saddr . ip saddr counter }
+//! ip saddr @bound4 ip saddr . ether saddr != @bind4 counter drop
 //! ```
+//!
+//! (Two rules: when `spoofed4` is full its `update` fails and ends the rule; the drop must
+//! not depend on it.)
 //!
 //! A forged packet never creates a conntrack entry and never reaches the per-source counters,
 //! so it cannot count against the address it names. Every second the task reads `spoofed4`
@@ -279,13 +282,19 @@ impl Bindings {
              add chain {t} prerouting {{ type filter hook prerouting priority raw; policy accept; }}\n\
              flush chain {t} prerouting\n"
         );
-        let verdict = if drop { " drop" } else { "" };
+        // Counting and dropping are two rules: when `spoofedN` is full the `update` fails
+        // and ends its rule, and a drop in the same rule would be skipped.
         for (ip, n) in [("ip", "4"), ("ip6", "6")] {
+            let forged = format!("{ip} saddr @bound{n} {ip} saddr . ether saddr != @bind{n}");
             s.push_str(&format!(
-                "add rule {t} prerouting {ip} saddr @bound{n} {ip} saddr . ether saddr != @bind{n} \
-                 update @spoofed{n} {{ ether saddr . {ip} saddr counter }}{verdict} \
-                 comment \"egressguard:spoofed-from{n}\"\n"
+                "add rule {t} prerouting {forged} update @spoofed{n} {{ ether saddr . {ip} saddr counter }} \
+                 comment \"egressguard:spoofed-count{n}\"\n"
             ));
+            if drop {
+                s.push_str(&format!(
+                    "add rule {t} prerouting {forged} counter drop comment \"egressguard:spoofed-drop{n}\"\n"
+                ));
+            }
         }
         for n in ["bound4", "bound6", "bind4", "bind6"] {
             s.push_str(&format!("flush set {t} {n}\n"));
@@ -377,30 +386,63 @@ pub fn parse_spoofed(json: &[u8]) -> Result<Vec<SpoofReading>, String> {
     Ok(out)
 }
 
-/// Turns readings into per-MAC forged packet counts over the window, and detections.
+/// Most MACs without a binding reported per reading (and remembered as already logged).
+const UNBOUND_REPORTED: usize = 8;
+const UNBOUND_REMEMBERED: usize = 4096;
+
+/// What one snapshot of the drop counters showed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SpoofUpdate {
+    /// MACs with a binding whose forged packets within the window reached the threshold,
+    /// each with its forged sources (most packets first).
+    pub senders: Vec<(Mac, Vec<Counted<IpAddr>>)>,
+    /// MACs without a binding that forged packets in this snapshot, not logged within the
+    /// window yet (at most [`UNBOUND_REPORTED`]).
+    pub unbound: Vec<(Mac, Vec<Counted<IpAddr>>)>,
+}
+
+/// One snapshot's forged packets from one MAC: when, how many, the biggest sources.
+type Snapshot = (Instant, u64, Vec<Counted<IpAddr>>);
+
+/// Turns readings into per-MAC forged packet counts over the window. Memory is bounded:
+/// readings come from sets of at most [`SPOOFED_SET_SIZE`] elements, only MACs with a
+/// binding (real servers) are tracked over the window, one entry per snapshot each, with
+/// at most [`EVIDENCE_SOURCES`] sources.
 #[derive(Debug, Default)]
 pub struct SpoofCounter {
     last: HashMap<(Mac, IpAddr), u64>,
-    /// Per MAC: (when, forged source, packets) within the window.
-    recent: HashMap<Mac, VecDeque<(Instant, IpAddr, u64)>>,
+    /// Per bound MAC: (when, packets, forged sources) of each snapshot within the window.
+    recent: HashMap<Mac, VecDeque<Snapshot>>,
     /// Per MAC: no new detection before this.
     quiet_until: HashMap<Mac, Instant>,
-    /// Unattributable MACs already logged (cleared with the window).
+    /// Unbound MACs already logged, and when.
     warned: HashMap<Mac, Instant>,
     /// Forged packets dropped in total.
     pub dropped: u64,
 }
 
+/// The `limit` biggest of `by`, most first.
+fn top(by: HashMap<IpAddr, u64>, limit: usize) -> Vec<Counted<IpAddr>> {
+    let mut list: Vec<Counted<IpAddr>> = by
+        .into_iter()
+        .map(|(key, count)| Counted { key, count })
+        .collect();
+    list.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
+    list.truncate(limit);
+    list
+}
+
 impl SpoofCounter {
-    /// Takes one snapshot of both sets; returns the MACs whose forged packets in the window
-    /// reached the threshold, each with its forged sources (most packets first).
+    /// Takes one snapshot of both sets; `bound` says whether a MAC has a binding.
     pub fn update(
         &mut self,
         readings: &[SpoofReading],
         cfg: &AntiSpoofing,
         now: Instant,
-    ) -> Vec<(Mac, Vec<Counted<IpAddr>>)> {
+        bound: impl Fn(Mac) -> bool,
+    ) -> SpoofUpdate {
         let mut seen = HashMap::with_capacity(readings.len());
+        let mut this: HashMap<Mac, HashMap<IpAddr, u64>> = HashMap::new();
         for r in readings {
             let key = (r.mac, r.source);
             let before = self.last.get(&key).copied().unwrap_or(0);
@@ -412,42 +454,51 @@ impl SpoofCounter {
             seen.insert(key, r.packets);
             if delta > 0 {
                 self.dropped += delta;
-                self.recent
-                    .entry(r.mac)
-                    .or_default()
-                    .push_back((now, r.source, delta));
+                *this.entry(r.mac).or_default().entry(r.source).or_default() += delta;
             }
         }
         self.last = seen;
-        let mut out = Vec::new();
-        self.recent.retain(|_, q| {
+        self.warned
+            .retain(|_, t| now.saturating_duration_since(*t) < cfg.window);
+        let mut out = SpoofUpdate::default();
+        for (mac, by) in this {
+            let total: u64 = by.values().sum();
+            if bound(mac) {
+                self.recent.entry(mac).or_default().push_back((
+                    now,
+                    total,
+                    top(by, EVIDENCE_SOURCES),
+                ));
+            } else if out.unbound.len() < UNBOUND_REPORTED && !self.warned.contains_key(&mac) {
+                if self.warned.len() >= UNBOUND_REMEMBERED {
+                    self.warned.clear();
+                }
+                self.warned.insert(mac, now);
+                out.unbound.push((mac, top(by, EVIDENCE_SOURCES)));
+            }
+        }
+        self.recent.retain(|mac, q| {
             while q
                 .front()
                 .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) >= cfg.window)
             {
                 q.pop_front();
             }
-            !q.is_empty()
+            !q.is_empty() && bound(*mac)
         });
         self.quiet_until.retain(|_, t| *t > now);
-        self.warned
-            .retain(|_, t| now.saturating_duration_since(*t) < cfg.window);
         for (mac, q) in &self.recent {
-            let total: u64 = q.iter().map(|x| x.2).sum();
+            let total: u64 = q.iter().map(|x| x.1).sum();
             if total < cfg.packets || self.quiet_until.contains_key(mac) {
                 continue;
             }
-            let mut by: BTreeMap<IpAddr, u64> = BTreeMap::new();
-            for (_, src, n) in q {
-                *by.entry(*src).or_default() += n;
+            let mut by: HashMap<IpAddr, u64> = HashMap::new();
+            for (_, _, sources) in q {
+                for c in sources {
+                    *by.entry(c.key).or_default() += c.count;
+                }
             }
-            let mut list: Vec<Counted<IpAddr>> = by
-                .into_iter()
-                .map(|(key, count)| Counted { key, count })
-                .collect();
-            list.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
-            list.truncate(EVIDENCE_SOURCES);
-            out.push((*mac, list));
+            out.senders.push((*mac, top(by, EVIDENCE_SOURCES)));
         }
         out
     }
@@ -455,15 +506,6 @@ impl SpoofCounter {
     /// No new detection for `mac` within the window.
     pub fn detected(&mut self, mac: Mac, cfg: &AntiSpoofing, now: Instant) {
         self.quiet_until.insert(mac, now + cfg.window);
-    }
-
-    /// Whether an unattributable `mac` should be logged now (once per window).
-    pub fn should_warn(&mut self, mac: Mac, now: Instant) -> bool {
-        if self.warned.contains_key(&mac) {
-            return false;
-        }
-        self.warned.insert(mac, now);
-        true
     }
 }
 
@@ -573,31 +615,32 @@ async fn write(table: &str, bindings: &Bindings, drop: bool) -> Result<(), Strin
 async fn kernel_bindings(table: &str) -> Vec<(IpAddr, Mac)> {
     let mut out = Vec::new();
     for set in ["bind4", "bind6"] {
-        let Ok(json) = nft(&["-j", "list", "set", "inet", table, set], None).await else {
-            continue;
-        };
-        // The same shape as the spoofed sets, with the address first.
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json) else {
-            continue;
-        };
-        let elems = v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|it| it["set"]["elem"].as_array())
-            .flatten();
-        for e in elems {
-            let parts = e["concat"].as_array();
-            let Some(parts) = parts else { continue };
-            if let (Some(a), Some(m)) = (
-                parts.first().and_then(|a| a.as_str()?.parse().ok()),
-                parts.get(1).and_then(|m| parse_mac(m.as_str()?)),
-            ) {
-                out.push((a, m));
-            }
+        if let Ok(json) = nft(&["-j", "list", "set", "inet", table, set], None).await {
+            out.extend(parse_bindings(&json));
         }
     }
     out
+}
+
+/// The (address, MAC) pairs of `nft -j list set inet T bindN`; anything else is skipped.
+pub fn parse_bindings(json: &[u8]) -> Vec<(IpAddr, Mac)> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|it| it["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            let parts = e["concat"].as_array()?;
+            Some((
+                parts.first()?.as_str()?.parse().ok()?,
+                parse_mac(parts.get(1)?.as_str()?)?,
+            ))
+        })
+        .collect()
 }
 
 /// One dump of the neighbour table: usable entries (address, MAC).
@@ -762,10 +805,21 @@ pub async fn run(
                 }
             }
         }
-        let senders = counter.update(&readings, &policy.anti_spoofing, now);
+        let update = counter.update(&readings, &policy.anti_spoofing, now, |m| {
+            !bindings.addresses_of(m, 1).is_empty()
+        });
         stats.dropped.store(counter.dropped, Relaxed);
+        for (mac, sources) in &update.unbound {
+            let forged: Vec<String> = sources
+                .iter()
+                .map(|s| format!("{}×{}", s.key, s.count))
+                .collect();
+            warn!(mac = %format_mac(*mac), forged = %forged.join(" "),
+                "anti-spoofing: forged source addresses from a MAC with no binding: \
+                 dropped, but no address to hold");
+        }
         let mut out = Vec::new();
-        for (mac, sources) in senders {
+        for (mac, sources) in update.senders {
             let found = detections(
                 &policy,
                 &bindings,
@@ -774,18 +828,6 @@ pub async fn run(
                 policy.anti_spoofing.window,
                 Time::now(),
             );
-            if found.is_empty() {
-                if counter.should_warn(mac, now) {
-                    let forged: Vec<String> = sources
-                        .iter()
-                        .map(|s| format!("{}×{}", s.key, s.count))
-                        .collect();
-                    warn!(mac = %format_mac(mac), forged = %forged.join(" "),
-                        "anti-spoofing: forged source addresses from a MAC with no binding: \
-                         dropped, but no address to hold");
-                }
-                continue;
-            }
             counter.detected(mac, &policy.anti_spoofing, now);
             for d in &found {
                 warn!(source = %d.source, mac = %format_mac(mac), forged = sources.len(),
@@ -916,7 +958,12 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("priority raw"), "before conntrack: {s}");
-        assert_eq!(s.matches(" drop comment").count(), 2, "{s}");
+        assert_eq!(s.matches(" counter drop comment").count(), 2, "{s}");
+        assert_eq!(
+            s.matches("counter } comment").count(),
+            2,
+            "count rules: {s}"
+        );
         assert_eq!(
             b.script("egressguard_spoof", false)
                 .matches(" drop ")
@@ -939,8 +986,11 @@ mod tests {
             source: ip("203.0.113.11"),
             packets,
         };
-        assert!(c.update(&[r(4)], cfg, t0).is_empty());
-        let hit = c.update(&[r(12)], cfg, t0 + Duration::from_secs(1));
+        let bound = |m: Mac| !b.addresses_of(m, 1).is_empty();
+        assert!(c.update(&[r(4)], cfg, t0, bound).senders.is_empty());
+        let hit = c
+            .update(&[r(12)], cfg, t0 + Duration::from_secs(1), bound)
+            .senders;
         assert_eq!(hit.len(), 1);
         assert_eq!(hit[0].0, A);
         assert_eq!(
@@ -962,20 +1012,62 @@ mod tests {
         assert_eq!(ev.mac, "02:00:00:00:00:0a");
         c.detected(A, cfg, t0 + Duration::from_secs(1));
         assert!(
-            c.update(&[r(30)], cfg, t0 + Duration::from_secs(2))
+            c.update(&[r(30)], cfg, t0 + Duration::from_secs(2), bound)
+                .senders
                 .is_empty(),
             "quiet in the window"
         );
         // Below the threshold once the window has passed: slow drips are not detected.
         let later = t0 + Duration::from_secs(200);
-        assert!(c.update(&[r(35)], cfg, later).is_empty());
+        assert!(c.update(&[r(35)], cfg, later, bound).senders.is_empty());
         assert_eq!(c.dropped, 35);
         // An element that expired and came back counts from zero.
         assert!(
-            c.update(&[r(3)], cfg, later + Duration::from_secs(1))
+            c.update(&[r(3)], cfg, later + Duration::from_secs(1), bound)
+                .senders
                 .is_empty()
         );
         assert_eq!(c.dropped, 38);
+    }
+
+    #[test]
+    fn unbound_senders_are_reported_once_per_window_and_never_tracked() {
+        let p = policy("");
+        let cfg = &p.anti_spoofing;
+        let t0 = Instant::now();
+        let mut c = SpoofCounter::default();
+        // A flood from 10,000 random MACs, none bound.
+        let readings: Vec<SpoofReading> = (0..10_000u32)
+            .map(|i| {
+                let [a, b, c2, d] = i.to_be_bytes();
+                SpoofReading {
+                    mac: [2, a, b, c2, d, 1],
+                    source: ip("203.0.113.11"),
+                    packets: 100,
+                }
+            })
+            .collect();
+        let u = c.update(&readings, cfg, t0, |_| false);
+        assert!(u.senders.is_empty());
+        assert_eq!(u.unbound.len(), UNBOUND_REPORTED, "bounded report");
+        assert!(c.recent.is_empty(), "unbound MACs are not tracked");
+        assert_eq!(c.dropped, 1_000_000);
+        let more: Vec<SpoofReading> = readings
+            .iter()
+            .map(|r| SpoofReading { packets: 200, ..*r })
+            .collect();
+        let again = c.update(&more, cfg, t0 + Duration::from_secs(1), |_| false);
+        assert_eq!(
+            again.unbound.len(),
+            UNBOUND_REPORTED,
+            "others, not the same again"
+        );
+        assert!(
+            again
+                .unbound
+                .iter()
+                .all(|(m, _)| !u.unbound.iter().any(|(n, _)| n == m))
+        );
     }
 
     #[test]
@@ -991,6 +1083,12 @@ mod tests {
             }]
         );
         assert!(parse_spoofed(b"{not json").is_err());
+        let binds = br#"{"nftables":[{"set":{"name":"bind4","type":["ipv4_addr","ether_addr"],"elem":[{"concat":["203.0.113.10","36:e7:6a:b4:0a:4c"]},{"concat":["x","36:e7:6a:b4:0a:4c"]},{"concat":["203.0.113.11"]}]}}]}"#;
+        assert_eq!(
+            parse_bindings(binds),
+            vec![(ip("203.0.113.10"), [0x36, 0xe7, 0x6a, 0xb4, 0x0a, 0x4c])]
+        );
+        assert!(parse_bindings(b"garbage").is_empty());
         assert!(parse_spoofed(b"{}").is_err());
         assert!(parse_spoofed(br#"{"nftables":[]}"#).unwrap().is_empty());
     }

@@ -286,13 +286,18 @@ fn reload_refuses_restart_only_settings_and_applies_notify() {
         ],
     );
     assert_eq!(code, 0, "{err}");
+    // The hook creates the file before it writes it: wait for the whole report.
     let new = dir.path().join("new.json");
     let deadline = std::time::Instant::now() + WAIT;
-    while !new.exists() && std::time::Instant::now() < deadline {
+    let mut body = String::new();
+    while !body.contains("203.0.113.7") && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
+        body = std::fs::read_to_string(&new).unwrap_or_default();
     }
-    let body = std::fs::read_to_string(&new).expect("the reloaded notify.command never ran");
-    assert!(body.contains("203.0.113.7"), "{body}");
+    assert!(
+        body.contains("203.0.113.7"),
+        "the reloaded notify.command never reported the block: {body:?}"
+    );
     assert!(
         !dir.path().join("old.json").exists(),
         "the notify.command of the old policy ran after the reload"
