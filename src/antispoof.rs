@@ -20,7 +20,7 @@
 //! not depend on it.)
 //!
 //! A forged packet never creates a conntrack entry and never reaches the per-source counters,
-//! so it cannot count against the address it names. Every second the task reads `spoofed4`
+//! so it cannot count against the address it names. Every two seconds the task reads `spoofed4`
 //! and `spoofed6` (the sending MAC, the forged source, packets): when one MAC's forged packets
 //! within `window` reach `packets`, the addresses bound to that MAC — the sender — are
 //! detected as [`Category::Spoofing`] and go to the decision task like any detection. A MAC
@@ -53,8 +53,9 @@ use crate::policy::{AntiSpoofing, Policy};
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-/// How often the neighbour table and the drop counters are read.
-pub const INTERVAL: Duration = Duration::from_secs(1);
+/// How often the neighbour table and the drop counters are read (one `nft` run each time:
+/// forged packets are dropped at once, only the detection of their sender waits for this).
+pub const INTERVAL: Duration = Duration::from_secs(2);
 /// A learnt binding not seen in the neighbour table for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Size of each `spoofedN` set (sending MAC × forged source pairs; elements expire after
@@ -346,11 +347,15 @@ pub fn parse_spoofed(json: &[u8]) -> Result<Vec<SpoofReading>, String> {
         .ok_or("no `nftables` array")?;
     let mut out = Vec::new();
     for it in items {
-        let Some(elems) = it
-            .get("set")
-            .and_then(|s| s.get("elem"))
-            .and_then(|e| e.as_array())
-        else {
+        let Some(set) = it.get("set") else { continue };
+        if !set
+            .get("name")
+            .and_then(|n| n.as_str())
+            .is_some_and(|n| n.starts_with("spoofed"))
+        {
+            continue;
+        }
+        let Some(elems) = set.get("elem").and_then(|e| e.as_array()) else {
             continue;
         };
         for e in elems {
@@ -772,18 +777,15 @@ pub async fn run(
         }
         bindings.expire(now);
         stats.bindings.store(bindings.len() as u64, Relaxed);
+        // One listing of the table's sets gives both drop counters.
         let mut readings = Vec::new();
         let mut gone = false;
-        for set in ["spoofed4", "spoofed6"] {
-            match nft(&["-j", "list", "set", "inet", &table, set], None).await {
-                Ok(json) => match parse_spoofed(&json) {
-                    Ok(r) => readings.extend(r),
-                    Err(e) => {
-                        warn!(%table, set, error = %e, "anti-spoofing: unreadable drop counters")
-                    }
-                },
-                Err(_) => gone = true,
-            }
+        match nft(&["-j", "list", "sets", "table", "inet", &table], None).await {
+            Ok(json) => match parse_spoofed(&json) {
+                Ok(r) => readings = r,
+                Err(e) => warn!(%table, error = %e, "anti-spoofing: unreadable drop counters"),
+            },
+            Err(_) => gone = true,
         }
         if bindings.dirty || gone || !written {
             match write(&table, &bindings, policy.enforcing()).await {
