@@ -9,18 +9,20 @@
 //! must outlast the real owner, who answers the router's probes).
 //!
 //! The agent's second table, `inet <enforcement.table>_spoof`, holds the bindings and one
-//! two rules per family in a `prerouting` chain at priority `raw` (-300), before conntrack:
+//! three rules per family in a `prerouting` chain at priority `raw` (-300), before conntrack:
 //!
 //! ```text
 //! ip saddr @bound4 ip saddr . ether saddr != @bind4 update @spoofed4 { ether saddr . ip saddr counter }
+//! ip saddr @bound4 ip saddr . ether saddr != @bind4 limit rate 2/second log group 17735
 //! ip saddr @bound4 ip saddr . ether saddr != @bind4 counter drop
 //! ```
 //!
-//! (Two rules: when `spoofed4` is full its `update` fails and ends the rule; the drop must
-//! not depend on it.)
+//! (Separate rules: when `spoofed4` is full its `update` fails and ends the rule, and a
+//! `limit` over its rate ends its rule too; the drop must depend on neither.)
 //!
 //! A forged packet never creates a conntrack entry and never reaches the per-source counters,
-//! so it cannot count against the address it names. Every two seconds the task reads `spoofed4`
+//! so it cannot count against the address it names. When a forged packet is logged (NFLOG group
+//! [`NFLOG_GROUP`], at most twice a second), the task reads `spoofed4`
 //! and `spoofed6` (the sending MAC, the forged source, packets): when one MAC's forged packets
 //! within `window` reach `packets`, the addresses bound to that MAC — the sender — are
 //! detected as [`Category::Spoofing`] and go to the decision task like any detection. A MAC
@@ -42,7 +44,6 @@ use ipnet::IpNet;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -290,6 +291,10 @@ impl Bindings {
             s.push_str(&format!(
                 "add rule {t} prerouting {forged} update @spoofed{n} {{ ether saddr . {ip} saddr counter }} \
                  comment \"egressguard:spoofed-count{n}\"\n"
+            ));
+            s.push_str(&format!(
+                "add rule {t} prerouting {forged} limit rate 2/second log group {NFLOG_GROUP} \
+                 comment \"egressguard:spoofed-log{n}\"\n"
             ));
             if drop {
                 s.push_str(&format!(
@@ -577,27 +582,23 @@ pub fn detections(
 }
 
 async fn nft(args: &[&str], stdin: Option<&str>) -> Result<Vec<u8>, String> {
-    let mut cmd = tokio::process::Command::new("nft");
+    // Run synchronously on this thread (its own; the runtime only carries the neighbour dumps).
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("nft");
     cmd.args(args)
-        .env("LC_ALL", "C")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("cannot run nft: {e}"))?;
     if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
         w.write_all(text.as_bytes())
-            .await
             .map_err(|e| format!("writing to nft: {e}"))?;
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
     if out.status.success() {
         Ok(out.stdout)
     } else {
@@ -690,6 +691,151 @@ fn neighbour_entry(m: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
     Some((addr?, mac?))
 }
 
+/// The NFLOG group the anti-spoofing rules log to (at most twice a second per family): the
+/// agent reads the drop counters when one arrives, instead of listing them on a timer.
+pub const NFLOG_GROUP: u16 = 17_735;
+
+const NFNL_SUBSYS_ULOG: u16 = 4;
+const NFULNL_MSG_CONFIG: u16 = 1;
+const NFULA_CFG_CMD: u16 = 1;
+const NFULA_CFG_MODE: u16 = 2;
+const NFULNL_CFG_CMD_BIND: u8 = 1;
+const NFULNL_COPY_NONE: u8 = 0;
+
+/// The `NFULNL_MSG_CONFIG` request binding `group` with copy mode "none" (the message is
+/// only a signal; the counters say who and how much).
+pub fn nflog_bind_request(group: u16, seq: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(40);
+    let flags: u16 = 0x1 | 0x4; // NLM_F_REQUEST | NLM_F_ACK
+    b.extend_from_slice(&0u32.to_ne_bytes()); // length, below
+    b.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&[0, 0]); // nfgenmsg: AF_UNSPEC, NFNETLINK_V0
+    b.extend_from_slice(&group.to_be_bytes());
+    // NFULA_CFG_CMD { u8 command }, padded to 4.
+    b.extend_from_slice(&5u16.to_ne_bytes());
+    b.extend_from_slice(&NFULA_CFG_CMD.to_ne_bytes());
+    b.extend_from_slice(&[NFULNL_CFG_CMD_BIND, 0, 0, 0]);
+    // NFULA_CFG_MODE { be32 copy_range, u8 copy_mode, u8 pad }, padded to 4.
+    b.extend_from_slice(&10u16.to_ne_bytes());
+    b.extend_from_slice(&NFULA_CFG_MODE.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_be_bytes());
+    b.extend_from_slice(&[NFULNL_COPY_NONE, 0, 0, 0]);
+    let len = b.len() as u32;
+    b[0..4].copy_from_slice(&len.to_ne_bytes());
+    b
+}
+
+/// The error code of an `NLMSG_ERROR` acknowledgement for `seq` (0: success), if `buf`
+/// holds one.
+fn ack_error(buf: &[u8], seq: u32) -> Option<i32> {
+    let mut off = 0;
+    while off + 20 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().ok()?);
+        let s = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().ok()?);
+        if len < 16 || off + len > buf.len() {
+            return None;
+        }
+        if kind == 2 && s == seq {
+            return Some(i32::from_ne_bytes(buf[off + 16..off + 20].try_into().ok()?));
+        }
+        off += (len + 3) & !3;
+    }
+    None
+}
+
+/// The `NFT_MSG_GETTABLE` request for `inet <table>` (with an acknowledgement).
+pub fn get_table_request(table: &str, seq: u32) -> Vec<u8> {
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NFPROTO_INET: u8 = 1;
+    const NFTA_TABLE_NAME: u16 = 1;
+    let mut b = Vec::with_capacity(32 + table.len());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    b.extend_from_slice(&(0x1u16 | 0x4).to_ne_bytes()); // NLM_F_REQUEST | NLM_F_ACK
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
+    let name_len = table.len() + 1;
+    b.extend_from_slice(&((4 + name_len) as u16).to_ne_bytes());
+    b.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
+    b.extend_from_slice(table.as_bytes());
+    b.push(0);
+    while b.len() % 4 != 0 {
+        b.push(0);
+    }
+    let len = b.len() as u32;
+    b[0..4].copy_from_slice(&len.to_ne_bytes());
+    b
+}
+
+/// Asks the kernel whether `inet <table>` exists: one netlink round trip, no `nft` run and
+/// no listing. `None` when the answer could not be read.
+async fn table_exists(
+    sock: &mut rtnetlink::sys::TokioSocket,
+    table: &str,
+    seq: u32,
+) -> Option<bool> {
+    use rtnetlink::sys::AsyncSocketExt;
+    sock.send(&get_table_request(table, seq)).await.ok()?;
+    for _ in 0..8 {
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        sock.recv(&mut buf).await.ok()?;
+        if let Some(e) = ack_error(&buf, seq) {
+            return Some(e == 0);
+        }
+    }
+    None
+}
+
+fn nfnl_socket() -> std::io::Result<rtnetlink::sys::TokioSocket> {
+    use rtnetlink::sys::protocols::NETLINK_NETFILTER;
+    use rtnetlink::sys::{AsyncSocket, SocketAddr, TokioSocket};
+    let mut sock = TokioSocket::new(NETLINK_NETFILTER)?;
+    sock.socket_mut().bind_auto()?;
+    sock.socket_mut().connect(&SocketAddr::new(0, 0))?;
+    Ok(sock)
+}
+
+/// A socket bound to [`NFLOG_GROUP`]: readable when a forged packet was logged.
+struct Nflog {
+    sock: rtnetlink::sys::TokioSocket,
+}
+
+impl Nflog {
+    async fn open(group: u16) -> std::io::Result<Nflog> {
+        use rtnetlink::sys::AsyncSocketExt;
+        let sock = nfnl_socket()?;
+        sock.send(&nflog_bind_request(group, 1)).await?;
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        sock.recv(&mut buf).await?;
+        match ack_error(&buf, 1) {
+            Some(0) => Ok(Nflog { sock }),
+            Some(e) => Err(std::io::Error::from_raw_os_error(-e)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no acknowledgement of the NFLOG bind",
+            )),
+        }
+    }
+
+    /// Waits until something was logged (one datagram per logged packet, at most a few
+    /// per second; an overrun also means something was logged).
+    async fn logged(&mut self) -> std::io::Result<()> {
+        use rtnetlink::sys::AsyncSocketExt;
+        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        match self.sock.recv(&mut buf).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Counters of the anti-spoofing task, for `status` and metrics.
 #[derive(Debug, Default)]
 pub struct SpoofStats {
@@ -699,6 +845,23 @@ pub struct SpoofStats {
     pub dropped: std::sync::atomic::AtomicU64,
     /// Spoofing detections sent.
     pub detections: std::sync::atomic::AtomicU64,
+}
+
+/// Runs [`run`] on a thread of its own (`egd-antispoof`, like the counter reader's), with a
+/// one-thread runtime: its `nft` children and neighbour dumps stay off the workers that
+/// carry the detector.
+pub fn spawn(
+    policy_rx: watch::Receiver<Arc<Policy>>,
+    tx: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
+    stats: Arc<SpoofStats>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("egd-antispoof".into())
+        .spawn(move || rt.block_on(run(policy_rx, tx, stop, stats)))
 }
 
 /// The task: learns bindings, keeps the table in step, reads the drops, sends detections.
@@ -731,11 +894,40 @@ pub async fn run(
     let mut written = false;
     let mut write_failed = false;
     let mut removed = false;
+    // The drop counters are listed (an `nft` run) only when a forged packet was logged, or
+    // when the ruleset generation moved (someone committed: the table may be gone); an idle
+    // or flooded router pays one netlink round trip per tick. Without NFLOG or the
+    // generation id, they are listed every tick.
+    let mut nflog = match Nflog::open(NFLOG_GROUP).await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            warn!(group = NFLOG_GROUP, error = %e,
+                "anti-spoofing: cannot bind the NFLOG group; the drop counters are listed every tick");
+            None
+        }
+    };
+    let mut genw = crate::enforce::genid::GenWatch::open().ok();
+    let mut verified_gen: Option<u32> = None;
+    let mut probe = nfnl_socket().ok();
+    let mut seq: u32 = 0x5000;
+    let mut pending = false;
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            logged = async {
+                match nflog.as_mut() {
+                    Some(n) => n.logged().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = logged {
+                    debug!(error = %e, "anti-spoofing: NFLOG read failed");
+                }
+                pending = true;
+                continue;
+            }
             changed = policy_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -777,15 +969,37 @@ pub async fn run(
         }
         bindings.expire(now);
         stats.bindings.store(bindings.len() as u64, Relaxed);
-        // One listing of the table's sets gives both drop counters.
-        let mut readings = Vec::new();
+        // Someone committed (the generation moved): is the table still there? A netlink
+        // question, not a listing: listing the table every time the enforcer commits cost
+        // the agent ~150 MiB of RSS under a conntrack storm (measured, not understood).
+        let current_gen = match genw.as_mut() {
+            Some(g) => g.get().await.ok(),
+            None => None,
+        };
         let mut gone = false;
-        match nft(&["-j", "list", "sets", "table", "inet", &table], None).await {
-            Ok(json) => match parse_spoofed(&json) {
-                Ok(r) => readings = r,
-                Err(e) => warn!(%table, error = %e, "anti-spoofing: unreadable drop counters"),
-            },
-            Err(_) => gone = true,
+        if written && (current_gen.is_none() || current_gen != verified_gen) {
+            seq = seq.wrapping_add(1);
+            let exists = match probe.as_mut() {
+                Some(p) => table_exists(p, &table, seq).await,
+                None => None,
+            };
+            match exists {
+                Some(false) => gone = true,
+                Some(true) => verified_gen = current_gen,
+                None => {}
+            }
+        }
+        // The drop counters: when a forged packet was logged (or every tick without NFLOG).
+        let mut readings = Vec::new();
+        if (pending || nflog.is_none()) && written && !gone {
+            pending = false;
+            match nft(&["-j", "list", "sets", "table", "inet", &table], None).await {
+                Ok(json) => match parse_spoofed(&json) {
+                    Ok(r) => readings = r,
+                    Err(e) => warn!(%table, error = %e, "anti-spoofing: unreadable drop counters"),
+                },
+                Err(_) => gone = true,
+            }
         }
         if bindings.dirty || gone || !written {
             match write(&table, &bindings, policy.enforcing()).await {
@@ -860,6 +1074,43 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn netlink_requests_are_well_formed_and_acks_are_read() {
+        let b = nflog_bind_request(17_735, 9);
+        assert_eq!(b.len(), 40);
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
+            b.len()
+        );
+        assert_eq!(u16::from_ne_bytes(b[4..6].try_into().unwrap()), 0x0401);
+        assert_eq!(&b[18..20], &17_735u16.to_be_bytes());
+        let t = get_table_request("egressguard_spoof", 3);
+        assert_eq!(t.len() % 4, 0);
+        assert_eq!(u16::from_ne_bytes(t[4..6].try_into().unwrap()), 0x0a01);
+        assert!(t.windows(18).any(|w| w == b"egressguard_spoof\0"));
+        // An NLMSG_ERROR for seq 3 with -ENOENT, after an unrelated message.
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&0x0a00u16.to_ne_bytes());
+        m.extend_from_slice(&[0, 0]);
+        m.extend_from_slice(&3u32.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&2u16.to_ne_bytes());
+        m.extend_from_slice(&[0, 0]);
+        m.extend_from_slice(&3u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&(-2i32).to_ne_bytes());
+        m.extend_from_slice(&[0; 16]);
+        assert_eq!(ack_error(&m, 3), Some(-2));
+        assert_eq!(ack_error(&m, 4), None);
+        assert_eq!(
+            ack_error(&m[..10], 3),
+            None,
+            "truncated: no answer, no panic"
+        );
     }
 
     #[test]

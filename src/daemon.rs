@@ -55,6 +55,7 @@ use crate::control::protocol::{
     LearntView, NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView, Reply,
     Request, StatusView,
 };
+use crate::control::protocol::{DEFAULT_PAGE, MAX_PAGE};
 use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{BlockScope, DecideError, DecideStatus, Decider, InfraSet, Protection};
 use crate::detect::{Engine, EngineStats};
@@ -70,6 +71,22 @@ use crate::state::{AuditEntry, Change, StateError, Store, actions};
 
 /// File name of the state database inside the state directory (`run --state-dir`).
 pub const STATE_DB: &str = "state.db";
+
+/// File descriptors the agent may need at once: the control socket's and the metrics
+/// listener's connection bounds, and a reserve for its own work (the database, netlink
+/// sockets, nft and notify children with their pipes, BGP sessions). The unit's
+/// `LimitNOFILE=` is above it (test `unit_limit_nofile_covers_the_budget`); at start the
+/// agent warns when its limit is below.
+pub const FD_BUDGET: u64 = (server::MAX_CONNECTIONS + crate::metrics::MAX_CONNECTIONS) as u64 + 224;
+
+/// The soft `RLIMIT_NOFILE` from `/proc/self/limits` (readable under `ProtectProc=`).
+fn open_files_limit(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+}
 
 /// Batches of observations that may wait for the detector (see where the channel is made).
 const OBSERVATION_BATCHES: usize = 16;
@@ -146,6 +163,9 @@ pub enum DaemonError {
     /// The policy did not validate.
     #[error("cannot start")]
     Policy(#[source] PolicyError),
+    /// The anti-spoofing thread could not start.
+    #[error("cannot start the anti-spoofing thread")]
+    AntiSpoof(#[source] std::io::Error),
     /// Started without CAP_NET_ADMIN (not root, no capability granted).
     #[error(
         "permission denied: `egressguard run` is the agent and needs root (or CAP_NET_ADMIN) \
@@ -548,16 +568,35 @@ async fn serve(
     };
 
     // The operator's side.
-    let listener_sock = server::bind(&args.socket).map_err(DaemonError::Control)?;
+    if let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .as_deref()
+        .and_then(open_files_limit)
+        && limit < FD_BUDGET
+    {
+        warn!(
+            limit,
+            needed = FD_BUDGET,
+            "the open files limit (RLIMIT_NOFILE) is below what the agent may need: raise LimitNOFILE= of the unit"
+        );
+    }
+    let access = server::Access::of_group(&args.socket_group);
+    let listener_sock = server::bind(&args.socket, &access).map_err(DaemonError::Control)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let antispoof = tokio::spawn(crate::antispoof::run(
+    let antispoof = crate::antispoof::spawn(
         policy_tx.subscribe(),
         tx.clone(),
         stop_rx.clone(),
         Arc::clone(&observed.spoof),
-    ));
+    )
+    .map_err(DaemonError::AntiSpoof)?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(16);
-    let control = tokio::spawn(server::serve(listener_sock, ctl_tx, stop_rx.clone()));
+    let control = tokio::spawn(server::serve(
+        listener_sock,
+        access,
+        ctl_tx,
+        stop_rx.clone(),
+    ));
     let forward = {
         let tx = tx.clone();
         let reads = Arc::new(tokio::sync::Semaphore::new(PREVIEW_READS));
@@ -619,7 +658,7 @@ async fn serve(
     // Shutdown, in the documented order.
     let _ = stop_tx.send(true);
     let _ = control.await;
-    let _ = antispoof.await;
+    let _ = tokio::task::spawn_blocking(move || antispoof.join()).await;
     forward.abort();
     let _ = std::fs::remove_file(&args.socket);
     listener.stop();
@@ -1098,43 +1137,56 @@ impl Agent {
                         .collect(),
                 ),
             },
-            Request::Show { addr } => match self.decider.history(addr) {
-                Ok(h) => Reply::Ok {
-                    body: Body::Show(Box::new(HistoryView {
-                        target: h.target,
-                        current: h.hold.as_ref().map(|b| block_view(b, &self.decider)),
-                        offenses: h
-                            .offenses
-                            .iter()
-                            .map(|o| OffenseView {
-                                time: o.time,
-                                number: o.number,
-                                category: o.category,
-                                decision: format!(
-                                    "{}{}{}",
-                                    o.kind,
-                                    o.expires.map(|t| format!(" until {t}")).unwrap_or_default(),
-                                    if o.dry_run { " (dry-run)" } else { "" }
-                                ),
-                                evidence: Some(o.evidence.clone()),
-                            })
-                            .collect(),
-                        audit: h
-                            .audit
-                            .iter()
-                            .map(|a| AuditView {
-                                time: a.entry.time,
-                                actor: a.entry.actor.clone(),
-                                action: a.entry.action.clone(),
-                                detail: a.entry.reason.clone(),
-                            })
-                            .collect(),
-                    })),
-                },
-                Err(e) => Reply::Error {
-                    error: error_chain(&e),
-                },
-            },
+            Request::Show {
+                addr,
+                limit,
+                offset,
+            } => {
+                let limit = limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+                match self.decider.history_page(addr, Some(limit), limit, offset) {
+                    Ok(h) => Reply::Ok {
+                        body: Body::Show(Box::new(HistoryView {
+                            offenses_omitted: h
+                                .offenses_total
+                                .saturating_sub(h.offenses.len() as u64),
+                            audit_omitted: h.audit_total.saturating_sub(h.audit.len() as u64),
+                            target: h.target,
+                            current: h.hold.as_ref().map(|b| block_view(b, &self.decider)),
+                            offenses: h
+                                .offenses
+                                .iter()
+                                .map(|o| OffenseView {
+                                    time: o.time,
+                                    number: o.number,
+                                    category: o.category,
+                                    decision: format!(
+                                        "{}{}{}",
+                                        o.kind,
+                                        o.expires
+                                            .map(|t| format!(" until {t}"))
+                                            .unwrap_or_default(),
+                                        if o.dry_run { " (dry-run)" } else { "" }
+                                    ),
+                                    evidence: Some(o.evidence.clone()),
+                                })
+                                .collect(),
+                            audit: h
+                                .audit
+                                .iter()
+                                .map(|a| AuditView {
+                                    time: a.entry.time,
+                                    actor: a.entry.actor.clone(),
+                                    action: a.entry.action.clone(),
+                                    detail: a.entry.reason.clone(),
+                                })
+                                .collect(),
+                        })),
+                    },
+                    Err(e) => Reply::Error {
+                        error: error_chain(&e),
+                    },
+                }
+            }
             Request::Block {
                 addr,
                 reason,
@@ -1776,7 +1828,27 @@ fn reconnect_view(r: &crate::decide::ReconnectOutcome) -> ReconnectView {
 
 #[cfg(test)]
 mod tests {
-    use super::has_net_admin;
+    use super::{FD_BUDGET, has_net_admin, open_files_limit};
+
+    #[test]
+    fn unit_limit_nofile_covers_the_budget() {
+        let unit = include_str!("../packaging/deb/egressguard.service");
+        let limit: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .expect("the unit sets LimitNOFILE=")
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            limit >= 2 * FD_BUDGET,
+            "LimitNOFILE={limit} leaves too little above the agent's budget of {FD_BUDGET}"
+        );
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(limits), Some(1024));
+        assert_eq!(open_files_limit("Max cpu time unlimited\n"), None);
+    }
 
     #[test]
     fn net_admin_is_read_from_the_effective_capabilities() {

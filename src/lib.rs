@@ -10,6 +10,7 @@
 //! Every message between stages lives in [`messages`] and derives `Serialize`, so a stream
 //! can be recorded and replayed through the pure stages in tests.
 
+pub mod accept;
 pub mod antispoof;
 pub mod bgp;
 pub mod cli;

@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// Path of the control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Group whose members may use the control socket besides root (the socket file gets
+    /// this group; without such a group only root gets in).
+    #[arg(long, value_name = "GROUP", default_value = crate::control::server::GROUP)]
+    pub socket_group: String,
     /// Start although the state database is empty or missing while the agent's nft table
     /// still holds blocked or quarantined addresses: those holds are dropped (audited as
     /// `fresh_state`). Without it the agent refuses to start, so that losing the database
@@ -191,8 +195,30 @@ pub struct ShowArgs {
     /// The address, or the prefix `list` shows for an aggregated IPv6 block (2001:db8:c:1::/64).
     #[arg(value_parser = parse_target)]
     pub addr: ipnet::IpNet,
+    /// Offenses and audit entries to show, the newest ones (at most 100 a page).
+    #[arg(long, value_name = "N", default_value_t = crate::control::protocol::DEFAULT_PAGE,
+          value_parser = parse_page, conflicts_with = "all")]
+    pub limit: usize,
+    /// Skip the N newest offenses and audit entries (the next page is `--offset` plus
+    /// `--limit`).
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "all")]
+    pub offset: usize,
+    /// Every offense and audit entry on record (asked for page after page).
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// A page size: 1 to [`crate::control::protocol::MAX_PAGE`].
+fn parse_page(s: &str) -> Result<usize, String> {
+    let max = crate::control::protocol::MAX_PAGE;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a page size: give 1 to {max} (--all shows every entry)"
+        )),
+    }
 }
 
 /// `egressguard block`.

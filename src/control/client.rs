@@ -35,6 +35,13 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The agent closed the connection without a word (it refuses connections beyond its
+    /// bound, and drops a client that is too slow to send its request or read its reply).
+    #[error("the agent at {} closed the connection without answering (busy, or too slow a client?); try again, and see its log", path.display())]
+    Closed {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The agent's answer is not a reply of this protocol (a different version?).
     #[error("the agent's answer is not understood (is it the same version as this CLI?)")]
     Protocol(#[source] serde_json::Error),
@@ -62,5 +69,10 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, Clie
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    if answer.is_empty() {
+        return Err(ClientError::Closed {
+            path: path.to_owned(),
+        });
+    }
     serde_json::from_str(answer.trim_end()).map_err(ClientError::Protocol)
 }

@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::messages::{BlockKind, Category, Evidence, Time};
 
+/// Offenses (and audit entries) in one `show` reply when the request names no limit.
+pub const DEFAULT_PAGE: usize = 20;
+/// The most offenses (and audit entries) one `show` reply carries, whatever is asked: an
+/// offense with its evidence is a few KiB, so a page stays well under a MiB. `show --all`
+/// asks page after page.
+pub const MAX_PAGE: usize = 100;
+
 /// A request from the CLI.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case")]
@@ -17,10 +24,17 @@ pub enum Request {
     Status,
     /// Active blocks.
     List,
-    /// Offense history of one address.
+    /// Offense history of one address, one page of it: the newest `limit` offenses and
+    /// audit entries after skipping the `offset` newest.
     Show {
         /// The address, or the held prefix (an IPv6 aggregate such as a /64).
         addr: IpNet,
+        /// Entries per page; [`DEFAULT_PAGE`] when absent, at most [`MAX_PAGE`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+        /// How many of the newest entries to skip (the pages before this one).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        offset: usize,
     },
     /// Manual block.
     Block {
@@ -61,6 +75,10 @@ pub enum Request {
         /// Its path, for error positions.
         path: String,
     },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// An address (`203.0.113.7`, held as its host prefix) or a prefix (`203.0.113.0/28`).
@@ -384,8 +402,15 @@ pub struct HistoryView {
     pub target: IpNet,
     /// Its current hold, if any.
     pub current: Option<BlockView>,
-    /// Offenses, oldest first.
+    /// Offenses of this page, oldest first.
     pub offenses: Vec<OffenseView>,
-    /// Audit entries, oldest first.
+    /// Offenses on record that are not in `offenses` (older ones beyond the page, and the
+    /// `offset` newest skipped).
+    #[serde(default)]
+    pub offenses_omitted: u64,
+    /// Audit entries of this page, oldest first.
     pub audit: Vec<AuditView>,
+    /// Audit entries on record that are not in `audit` (likewise).
+    #[serde(default)]
+    pub audit_omitted: u64,
 }

@@ -435,6 +435,10 @@ pub struct History {
     pub reconnects: Vec<ReconnectRecord>,
     /// Its last audit entries, oldest first.
     pub audit: Vec<AuditRecord>,
+    /// Offenses on record for it, `offenses` or not.
+    pub offenses_total: u64,
+    /// Audit entries on record about it, `audit` or not.
+    pub audit_total: u64,
 }
 
 /// What a policy load changed.
@@ -1888,12 +1892,26 @@ impl Decider {
 
     /// Offenses, hold, reconnects and audit of one target (for `show ADDR`).
     pub fn history(&self, target: IpNet) -> Result<History, DecideError> {
+        self.history_page(target, None, 100, 0)
+    }
+
+    /// One page of the history of `target` (`show`): at most `limit` offenses (all when
+    /// `None`) and `audit_limit` audit entries, after skipping the `offset` newest of each.
+    pub fn history_page(
+        &self,
+        target: IpNet,
+        limit: Option<usize>,
+        audit_limit: usize,
+        offset: usize,
+    ) -> Result<History, DecideError> {
         let target = self.target_of(target);
         Ok(History {
             target,
             hold: self.holds.get(&target).cloned(),
             counted_offenses: self.counted_offenses(&target, self.now),
-            offenses: self.store.offenses(target)?,
+            offenses: self.store.offenses_page(target, limit, offset)?,
+            offenses_total: self.store.offense_count_of(target)?,
+            audit_total: self.store.audit_count_of(target)?,
             terminations: self
                 .store
                 .terminations()?
@@ -1906,7 +1924,7 @@ impl Decider {
                 .filter(|r| r.target == target)
                 .cloned()
                 .collect(),
-            audit: self.store.audit(Some(target), 100)?,
+            audit: self.store.audit_page(Some(target), audit_limit, offset)?,
         })
     }
 

@@ -626,15 +626,31 @@ impl Store {
 
     /// Every offense of `target` with its evidence, oldest first (for `show ADDR`).
     pub fn offenses(&self, target: IpNet) -> Result<Vec<OffenseRecord>, StateError> {
+        self.offenses_page(target, None, 0)
+    }
+
+    /// The offenses of `target`, oldest first, of one page: at most `limit` (all when
+    /// `None`) after skipping the `offset` newest.
+    pub fn offenses_page(
+        &self,
+        target: IpNet,
+        limit: Option<usize>,
+        offset: usize,
+    ) -> Result<Vec<OffenseRecord>, StateError> {
+        // SQLite: a negative LIMIT is no limit.
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT time, number, category, profile, kind, expires, dry_run, evidence
-                 FROM offenses WHERE target = ?1 ORDER BY time, id",
+                "SELECT time, number, category, profile, kind, expires, dry_run, evidence FROM
+                 (SELECT id, time, number, category, profile, kind, expires, dry_run, evidence
+                  FROM offenses WHERE target = ?1 ORDER BY time DESC, id DESC LIMIT ?2 OFFSET ?3)
+                 ORDER BY time, id",
             )
             .map_err(|e| self.classify("reading offenses", e))?;
         let rows = st
-            .query_map([target.to_string()], |r| {
+            .query_map(params![target.to_string(), limit, offset], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
@@ -664,6 +680,32 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Number of offenses recorded for `target`.
+    pub fn offense_count_of(&self, target: IpNet) -> Result<u64, StateError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM offenses WHERE target = ?1",
+                [target.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.classify("counting offenses", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Number of audit entries about `target`.
+    pub fn audit_count_of(&self, target: IpNet) -> Result<u64, StateError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM audit WHERE target = ?1",
+                [target.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.classify("counting audit entries", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Number of offenses recorded (all addresses, all time).
@@ -784,20 +826,31 @@ impl Store {
         target: Option<IpNet>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StateError> {
+        self.audit_page(target, limit, 0)
+    }
+
+    /// Like [`Store::audit`], after skipping the `offset` newest entries.
+    pub fn audit_page(
+        &self,
+        target: Option<IpNet>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<AuditRecord>, StateError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
         let sql = if target.is_some() {
             "SELECT id, time, actor, action, target, reason, dry_run, detail FROM audit
-             WHERE target = ?1 ORDER BY id DESC LIMIT ?2"
+             WHERE target = ?1 ORDER BY id DESC LIMIT ?2 OFFSET ?3"
         } else {
             "SELECT id, time, actor, action, target, reason, dry_run, detail FROM audit
-             WHERE ?1 IS NULL ORDER BY id DESC LIMIT ?2"
+             WHERE ?1 IS NULL ORDER BY id DESC LIMIT ?2 OFFSET ?3"
         };
         let mut st = self
             .conn
             .prepare_cached(sql)
             .map_err(|e| self.classify("reading the audit trail", e))?;
         let rows = st
-            .query_map(params![target.map(|t| t.to_string()), limit], |r| {
+            .query_map(params![target.map(|t| t.to_string()), limit, offset], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,

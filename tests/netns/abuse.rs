@@ -1033,6 +1033,12 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
         },
     );
     assert!(rig.ok(&["status"]).contains("forged packets dropped"));
+    rig.agent.drain();
+    assert!(
+        !rig.agent.log().contains("cannot bind the NFLOG group"),
+        "the drop counters are read on NFLOG, not by listing every tick:\n{}",
+        rig.agent.log()
+    );
     // The neighbour is never held and its traffic never fails.
     std::thread::sleep(Duration::from_secs(3));
     assert!(!rig.set("quarantine4").contains("203.0.113.11"));
@@ -1045,6 +1051,16 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
         pings(neighbour, "198.51.100.20", None),
         "the neighbour lost its traffic"
     );
+
+    // The table deleted by hand is back, bindings and all, within seconds.
+    rig.topo
+        .router
+        .run(&["nft", "delete", "table", "inet", "egressguard_spoof"])
+        .expect("delete the spoof table");
+    wait_for("the spoof table back", Duration::from_secs(6), || {
+        let b = bind(&rig);
+        (b.contains("203.0.113.10 . ") && b.contains("203.0.113.11 . ")).then_some(())
+    });
 
     // A restart keeps the learnt bindings (from the kernel's table): the attack fails again
     // at once, before the neighbour table has been read.

@@ -16,6 +16,7 @@ mod demo;
 mod enforce;
 mod faults;
 mod flowgen;
+mod hostile;
 mod observe;
 mod scenarios;
 mod topology;
