@@ -997,10 +997,9 @@ fn attack_round(lab: &mut Lab) -> Vec<Outcome> {
             .contains("203.0.113.1"))
         .then_some(())
     });
-    assert!(
-        !lab.blackholes().contains("203.0.113."),
-        "blackhole routes left"
-    );
+    wait_for("blackhole routes removed", Duration::from_secs(5), || {
+        (!lab.blackholes().contains("203.0.113.")).then_some(())
+    });
     wait_for("reconnect notifications", Duration::from_secs(10), || {
         let n = lab.notifications();
         attacks
