@@ -60,7 +60,7 @@ use crate::control::server::{self, ControlError, ControlRequest};
 use crate::decide::{BlockScope, DecideError, DecideStatus, Decider, InfraSet, Protection};
 use crate::detect::{Engine, EngineStats};
 use crate::enforce::{EnforceError, EnforceStats, EnforceStatsReader, Enforcer, EnforcerHandle};
-use crate::messages::{BlockKind, DesiredBlocks, Detection, Observation, Time};
+use crate::messages::{BlockKind, DesiredBlocks, Detection, HoldChange, Observation, Time};
 use crate::notify::{BreakerNotification, Notification, Notifier};
 use crate::observe::{
     ConntrackListener, CounterReader, CustomerFilter, FilterHandle, ListenerOptions, ObserveError,
@@ -551,8 +551,19 @@ async fn serve(
     let (engine_tx, engine_rx) = watch::channel(EngineStats::default());
     let (policy_tx, policy_rx) = watch::channel(Arc::clone(&policy));
     let last_event = Arc::new(AtomicU64::new(0));
+    // The holds restored from the state database are in force: the detector knows them from
+    // the start (their counter samples are what the holds drop).
+    let mut engine = Engine::new(Arc::clone(&policy));
+    for h in decider.list().iter().filter(|h| !h.dry_run) {
+        engine.on_hold_change(&HoldChange::Held {
+            target: h.target,
+            since: h.since,
+        });
+    }
+    let (holds_tx, holds_rx) = mpsc::unbounded_channel::<Vec<HoldChange>>();
     let detect = tokio::spawn(detect_task(
-        Engine::new(Arc::clone(&policy)),
+        engine,
+        holds_rx,
         obs_rx,
         policy_rx,
         tx.clone(),
@@ -642,6 +653,7 @@ async fn serve(
         notifier,
         filter,
         policy_tx,
+        holds_tx,
         status_tx,
         observed,
         learned: Arc::new(LearnedRules::new()),
@@ -674,6 +686,7 @@ async fn serve(
 /// The detect task: feeds every observation to the engine and evaluates on the interval.
 async fn detect_task(
     mut engine: Engine,
+    mut holds: mpsc::UnboundedReceiver<Vec<HoldChange>>,
     mut rx: mpsc::Receiver<Vec<Observation>>,
     mut policy_rx: watch::Receiver<Arc<Policy>>,
     tx: mpsc::Sender<Event>,
@@ -689,6 +702,13 @@ async fn detect_task(
     let mut out: Vec<Detection> = Vec::new();
     loop {
         tokio::select! {
+            // Hold changes first: the observations queued behind one are judged with it.
+            biased;
+            Some(changes) = holds.recv() => {
+                for c in &changes {
+                    engine.on_hold_change(c);
+                }
+            }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
                 let mut last = 0;
@@ -780,6 +800,8 @@ struct Agent {
     notifier: Notifier,
     filter: Arc<FilterHandle>,
     policy_tx: watch::Sender<Arc<Policy>>,
+    /// Holds begun and lifted, to the detect task (it starts afresh for those sources).
+    holds_tx: mpsc::UnboundedSender<Vec<HoldChange>>,
     status_tx: watch::Sender<DecideStatus>,
     observed: Observed,
     learned: Arc<LearnedRules>,
@@ -944,6 +966,11 @@ impl Agent {
     }
 
     fn publish(&mut self, decisions: Vec<crate::messages::Decision>, detections: &[Detection]) {
+        let changes: Vec<HoldChange> = decisions.iter().filter_map(HoldChange::of).collect();
+        if !changes.is_empty() {
+            // The detect task has stopped only at shutdown.
+            let _ = self.holds_tx.send(changes);
+        }
         for d in decisions {
             let evidence = detections
                 .iter()

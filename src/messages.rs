@@ -386,6 +386,45 @@ pub struct Detection {
     pub evidence: Evidence,
 }
 
+/// decide → detect: a hold began or ended (not sent for dry-run holds, which drop nothing).
+/// The detector starts afresh for every source of the target: see
+/// `detect::Engine::on_hold_change`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "change")]
+pub enum HoldChange {
+    /// The target is held (quarantined, blocked or terminated) from `since` on.
+    Held {
+        /// The held address or prefix.
+        target: IpNet,
+        /// When the hold began (the decision's time).
+        since: Time,
+    },
+    /// The hold of the target was lifted (unblock, reconnect, expiry) at `time`.
+    Lifted {
+        /// The address or prefix no longer held.
+        target: IpNet,
+        /// When it was lifted.
+        time: Time,
+    },
+}
+
+impl HoldChange {
+    /// What a decision means for the detector, if anything.
+    pub fn of(d: &Decision) -> Option<HoldChange> {
+        match d.kind {
+            Some(_) if d.dry_run => None,
+            Some(_) => Some(HoldChange::Held {
+                target: d.target,
+                since: d.time,
+            }),
+            None => Some(HoldChange::Lifted {
+                target: d.target,
+                time: d.time,
+            }),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // decide → enforce
 // ---------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ pub mod ring;
 pub mod sketch;
 pub mod source;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -79,8 +79,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::messages::{
-    Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind, Observation,
-    TcpState, Time, ct_status, proto,
+    Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind, HoldChange,
+    Observation, TcpState, Time, ct_status, proto,
 };
 use crate::policy::{Policy, Profile};
 
@@ -88,7 +88,8 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    FlowFacts, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr, target_view,
+    FRESH, FlowFacts, HELD, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr,
+    target_view,
 };
 
 /// Flow samples attached to one detection's evidence.
@@ -182,6 +183,13 @@ pub struct EngineStats {
     pub held_down: u64,
     /// Bytes held by the engine's tables (slab, index, touch list, sample ring).
     pub memory_bytes: u64,
+    /// Holds in force that the engine knows of (from the decision task).
+    pub holds: u64,
+    /// Counter samples of held sources, not charged: they count traffic the hold drops.
+    pub held_samples: u64,
+    /// Flow events from before their source started afresh (a hold began or was lifted),
+    /// not charged.
+    pub stale_events: u64,
 }
 
 /// The detection engine. See the module documentation.
@@ -212,6 +220,16 @@ pub struct Engine {
     blind_from: u64,
     held_down: u64,
     detections: [u64; 5],
+    /// Holds in force (target → since, ns), as the decision task reported them.
+    holds: HashMap<IpNet, u64>,
+    /// Prefix lengths present in `holds`: bit n of `[v4, v6]` for a /n.
+    hold_lens: [u128; 2],
+    /// Sources that started afresh recently (slot → time, ns; flag [`FRESH`]): their events
+    /// from before that time are not charged and their evidence windows start no earlier.
+    /// Bounded by the holds begun and lifted within the longest window.
+    fresh: HashMap<u32, u64>,
+    held_samples: u64,
+    stale_events: u64,
 }
 
 /// How far before a loss a dumped flow may have started and still count as new: the events
@@ -260,6 +278,11 @@ impl Engine {
             blind_from: 0,
             held_down: 0,
             detections: [0; 5],
+            holds: HashMap::new(),
+            hold_lens: [0; 2],
+            fresh: HashMap::new(),
+            held_samples: 0,
+            stale_events: 0,
             policy,
         };
         e.prepare();
@@ -366,9 +389,111 @@ impl Engine {
     }
 
     fn init_slot(&mut self, s: u32, profile: u16, t: u64) {
+        if !self.fresh.is_empty() {
+            // A recycled slot: its previous source's reset time is not this one's.
+            self.fresh.remove(&s);
+        }
+        let held = self.hold_covering(&self.table.slots[s as usize].key);
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
         st.last_seen = t;
+        if let Some(since) = held {
+            // A held source seen anew: charged only from the hold's start, like one tracked
+            // when the hold began.
+            st.flags |= HELD | FRESH;
+            self.fresh.insert(s, since.max(1));
+        }
+    }
+
+    /// The start of the hold in force that covers the whole of source `key`, if any.
+    fn hold_covering(&self, key: &SrcKey) -> Option<u64> {
+        let lens = self.hold_lens[usize::from(key.v6)];
+        if lens == 0 {
+            return None;
+        }
+        let net = key.net();
+        (0..=key.len)
+            .rev()
+            .filter(|&l| lens & (1u128 << l) != 0)
+            .find_map(|l| {
+                let n = IpNet::new(net.addr(), l).ok()?.trunc();
+                self.holds.get(&n).copied()
+            })
+    }
+
+    /// Takes in a hold that began or was lifted (from the decision task). Either way every
+    /// tracked source inside (or containing) the target starts afresh at once: its windows,
+    /// distinct sets and per-category hold-downs are cleared, and its events from before the
+    /// change are not charged. So a hold's own effect is never new evidence (what it drops
+    /// still passes the counter rule, and the flows of the moments before it are what the
+    /// first offense was for), and after a reconnect or an unblock a re-offense is detected
+    /// within the category's normal latency instead of after its window. While held, a
+    /// source's counter samples are not charged at all; its new flows are (the kernel reports
+    /// only flows whose first packet passed the router: for a quarantine, those to the walled
+    /// garden). Dry-run holds drop nothing and are not reported here.
+    pub fn on_hold_change(&mut self, change: &HoldChange) {
+        let (target, at, held) = match *change {
+            HoldChange::Held { target, since } => (target, since.as_nanos(), true),
+            HoldChange::Lifted { target, time } => (target, time.as_nanos(), false),
+        };
+        let target = target.trunc();
+        let fam = usize::from(matches!(target, IpNet::V6(_)));
+        if held {
+            self.holds.insert(target, at);
+            self.hold_lens[fam] |= 1u128 << target.prefix_len();
+        } else if self.holds.remove(&target).is_some() {
+            let len = target.prefix_len();
+            if !self
+                .holds
+                .keys()
+                .any(|n| n.prefix_len() == len && matches!(n, IpNet::V6(_)) == (fam == 1))
+            {
+                self.hold_lens[fam] &= !(1u128 << len);
+            }
+        }
+        let slots: Vec<u32> = self.table.occupied().collect();
+        for s in slots {
+            let key = self.table.slots[s as usize].key;
+            let net = key.net();
+            if !(target.contains(&net) || net.contains(&target)) {
+                continue;
+            }
+            let covered = self.hold_covering(&key).is_some();
+            let st = &mut self.table.slots[s as usize];
+            st.start_afresh();
+            st.flags = (st.flags & !HELD) | if covered { HELD } else { 0 } | FRESH;
+            self.fresh.insert(s, at.max(1));
+        }
+    }
+
+    /// The time source `slot` started afresh, if recently.
+    #[inline]
+    fn fresh_at(&self, slot: u32) -> Option<u64> {
+        if self.table.slots[slot as usize].flags & FRESH == 0 {
+            return None;
+        }
+        self.fresh.get(&slot).copied()
+    }
+
+    /// Forgets the reset times older than the longest window: no window reaches back to them.
+    fn prune_fresh(&mut self, now: u64) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let longest = self
+            .profiles
+            .iter()
+            .flat_map(|p| p.windows)
+            .max()
+            .unwrap_or(0);
+        let slots = &mut self.table.slots;
+        self.fresh.retain(|&s, &mut at| {
+            let keep = now.saturating_sub(at) <= longest.saturating_mul(2);
+            if !keep && let Some(st) = slots.get_mut(s as usize) {
+                st.flags &= !FRESH;
+            }
+            keep
+        });
     }
 
     /// Takes one observation into account. Allocation-free once the source table has grown
@@ -390,6 +515,15 @@ impl Engine {
                 self.counter_samples += 1;
                 let w = self.profiles[usize::from(profile)].windows;
                 let slot = self.slot_of(&key, profile, t);
+                if self.table.slots[slot as usize].flags & HELD != 0 {
+                    // Counted by the rule before the hold's drop: what the hold drops.
+                    self.held_samples += 1;
+                    return;
+                }
+                if self.fresh_at(slot).is_some_and(|at| c.time.as_nanos() < at) {
+                    self.stale_events += 1;
+                    return;
+                }
                 self.table.slots[slot as usize].on_counters(
                     c.time.as_nanos(),
                     c.packets,
@@ -532,6 +666,11 @@ impl Engine {
         let windows = prep.windows;
         let enabled = prep.enabled;
         let slot = self.slot_of(&key, profile, t);
+        if self.fresh_at(slot).is_some_and(|at| t < at) {
+            // From before the source started afresh (queued while the hold began or ended).
+            self.stale_events += 1;
+            return;
+        }
         let st = &mut self.table.slots[slot as usize];
         // (Were the networks of one IPv6 aggregate under different profiles, the profile of
         // the address that first created the source applies; windows are those of the
@@ -574,6 +713,7 @@ impl Engine {
         }
         self.touched = touched;
         self.touched.clear();
+        self.prune_fresh(now);
     }
 
     fn evaluate_slot(&mut self, slot: u32, now: u64, out: &mut Vec<Detection>) {
@@ -588,6 +728,14 @@ impl Engine {
             let Some(finding) = check(c, &st, prep, now) else {
                 continue;
             };
+            // A source that crosses both in one evaluation is scanning: its authentication
+            // attempts are part of the sweep, not a login attack.
+            if c == Category::BruteForce
+                && prep.enabled & (1 << 2) != 0
+                && check(Category::PortScan, &st, prep, now).is_some()
+            {
+                continue;
+            }
             if self.table.slots[slot as usize].is_held(i, now) {
                 self.held_down += 1;
                 continue;
@@ -595,7 +743,8 @@ impl Engine {
             let window = prep.windows[i];
             self.table.slots[slot as usize].hold(i, now, window);
             self.detections[i] += 1;
-            out.push(self.detection(&st, prep, c, finding, now, window));
+            let fresh = self.fresh_at(slot).unwrap_or(0);
+            out.push(self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now))));
         }
     }
 
@@ -608,6 +757,8 @@ impl Engine {
         now: u64,
         window: u64,
     ) -> Detection {
+        // `window` is the category's, shortened to begin no earlier than the source's fresh
+        // start: the evidence covers only what is charged.
         let window_start = Time(now.saturating_sub(window));
         let tw = prep.windows[2];
         let mut targets: Vec<(source::Target, f64)> = st
@@ -760,6 +911,9 @@ impl Engine {
                 .collect(),
             held_down: self.held_down,
             memory_bytes: self.memory_bytes() as u64,
+            holds: self.holds.len() as u64,
+            held_samples: self.held_samples,
+            stale_events: self.stale_events,
         }
     }
 
@@ -884,8 +1038,18 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
             let mut best: Option<(source::Target, f64, f64, f64, f64)> = None;
             for e in st.targets.entries.iter().filter(|e| e.occupied()) {
                 let v = target_view(e, st.targets.epoch, &st.tspan, now, w[2]);
-                let attempts = v.3 * scale;
-                if attempts >= f64::from(b.attempts) && best.is_none_or(|b| attempts > b.3 * scale)
+                let (_, flows, _, auth, ports) = v;
+                let attempts = auth * scale;
+                // Brute force is repeated attempts at authentication ports dominating the
+                // traffic to the target: at least half its flows, more attempts than ports
+                // touched, and no wider sweep of its ports (a scan that passes 22 and 3389 on
+                // its way through 1000 ports is a port scan, whatever the windows' scaling).
+                let dominant = auth * 2.0 >= flows
+                    && auth > ports.round()
+                    && ports.round() < f64::from(p.port_scan.distinct_ports);
+                if dominant
+                    && attempts >= f64::from(b.attempts)
+                    && best.is_none_or(|b| attempts > b.3 * scale)
                 {
                     best = Some(v);
                 }

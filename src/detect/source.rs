@@ -340,6 +340,12 @@ impl Keyed for PortEntry {
 pub const OCCUPIED: u8 = 1;
 /// Flag: the source saw an event since the last evaluation.
 pub const TOUCHED: u8 = 2;
+/// Flag: the source is held (quarantined, blocked, terminated) by the decision task: its
+/// counter samples are not charged (what they count is traffic the hold drops).
+pub const HELD: u8 = 4;
+/// Flag: the source started afresh recently (the engine's `fresh` map has the time): events
+/// from before that time are not charged.
+pub const FRESH: u8 = 8;
 
 /// Everything known about one source. Fixed size: see the `size_of` test.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -378,6 +384,20 @@ pub struct SourceState {
 }
 
 impl SourceState {
+    /// Forgets every count, sample mark and hold-down of the source: it keeps only its
+    /// identity, its place in the table and its flags.
+    pub fn start_afresh(&mut self) {
+        *self = SourceState {
+            key: self.key,
+            last_seen: self.last_seen,
+            older: self.older,
+            newer: self.newer,
+            profile: self.profile,
+            flags: self.flags,
+            ..SourceState::default()
+        };
+    }
+
     /// Whether category `i` is held down at `now_ns` (clears an expired hold).
     #[inline]
     pub fn is_held(&mut self, i: usize, now_ns: u64) -> bool {

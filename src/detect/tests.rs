@@ -1268,3 +1268,159 @@ fn arbitrary_streams_never_panic_and_respect_the_cap() {
         serde_json::to_string(d).unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// holds: the detector starts afresh when a hold begins or is lifted
+// ---------------------------------------------------------------------------------------------
+
+fn held(ms: u64) -> HoldChange {
+    HoldChange::Held {
+        target: "203.0.113.7/32".parse().unwrap(),
+        since: Time(T0 + ms * MS),
+    }
+}
+
+fn lifted(ms: u64) -> HoldChange {
+    HoldChange::Lifted {
+        target: "203.0.113.7/32".parse().unwrap(),
+        time: Time(T0 + ms * MS),
+    }
+}
+
+/// A packet flood by counters: `pps` packets per second of samples from `from_ms` for `secs`,
+/// with the unanswered flows that make counter rates count.
+fn counter_flood(from_ms: u64, secs: u64, pps: u64) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    for s in 0..secs {
+        let ms = from_ms + s * 1000;
+        obs.push(syn(ms, BOT, ip("198.51.100.10"), 1024 + s as u16, 80));
+        obs.push(counters(ms + 500, BOT, pps, pps * 1000));
+    }
+    obs
+}
+
+#[test]
+fn a_flood_continuing_into_its_hold_is_not_charged_again() {
+    let mut e = Engine::new(policy());
+    let mut d = drive(&mut e, &counter_flood(0, 5, 200_000), 0);
+    let first = of(&d, Category::Flood);
+    assert_eq!(first.len(), 1, "{d:#?}");
+    let since = first[0].time.as_nanos() / MS - T0 / MS;
+    e.on_hold_change(&held(since));
+    // The counter rule counts before the hold's drop: the flood goes on in the samples for
+    // 20 s more (what the hold drops), and no flow passes.
+    let mut rest: Vec<Observation> = (0..20)
+        .map(|s| counters(since + 500 + s * 1000, BOT, 200_000, 200_000_000))
+        .collect();
+    // A sample taken before the hold, queued behind it.
+    rest.insert(0, counters(since - 100, BOT, 200_000, 200_000_000));
+    d = drive(&mut e, &rest, 1_000);
+    assert!(d.is_empty(), "charged again while held: {d:#?}");
+    let st = e.stats();
+    assert_eq!(st.held_samples, 21, "{st:?}");
+    assert_eq!(st.holds, 1);
+}
+
+#[test]
+fn flows_from_before_the_hold_are_not_charged() {
+    let mut e = Engine::new(policy());
+    // 60 of a port scan's probes seen, then the hold (a quarantine), then 60 more probes that
+    // happened before it arrive late: nothing crosses 100 ports.
+    let scan = port_scan(120, 100);
+    let (before, late): (Vec<_>, Vec<_>) = scan
+        .into_iter()
+        .partition(|o| o.time().as_nanos() < T0 + 600 * MS);
+    drive(&mut e, &before, 0);
+    e.on_hold_change(&held(1_300));
+    let d = drive(&mut e, &late, 500);
+    assert!(d.is_empty(), "{d:#?}");
+    assert!(e.stats().stale_events > 0);
+}
+
+#[test]
+fn abuse_through_the_quarantine_is_a_new_offense_with_its_own_window() {
+    let mut e = Engine::new(policy());
+    e.on_hold_change(&held(0));
+    // After the hold began: a scan of the walled garden's host passes the quarantine.
+    let d = drive(&mut e, &port_scan(1_000, 500), 500);
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "{d:#?}");
+    // The evidence window begins no earlier than the hold: the decision may count it.
+    assert!(
+        p[0].evidence.window_start >= Time(T0),
+        "{:?}",
+        p[0].evidence
+    );
+}
+
+#[test]
+fn after_a_lift_a_re_offense_is_detected_at_once() {
+    let mut e = Engine::new(policy());
+    let d = drive(&mut e, &port_scan(1_000, 500), 0);
+    assert_eq!(of(&d, Category::PortScan).len(), 1);
+    e.on_hold_change(&held(2_100));
+    // Reconnected 10 s later, well inside the 60 s port-scan window and its hold-down.
+    e.on_hold_change(&lifted(12_000));
+    let again: Vec<Observation> = port_scan(1_000, 500)
+        .into_iter()
+        .map(|o| match o {
+            Observation::Flow(mut f) => {
+                f.time = Time(f.time.as_nanos() + 13_000 * MS);
+                Observation::Flow(f)
+            }
+            o => o,
+        })
+        .collect();
+    let d = drive(&mut e, &again, 500);
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "re-offense not detected: {d:#?}");
+    // Within the normal latency: ~100 ports at 500/s, the next evaluation.
+    assert!(p[0].time <= Time(T0 + 13_500 * MS), "{:?}", p[0].time);
+    assert!(p[0].evidence.window_start >= Time(T0 + 12_000 * MS));
+    // Counter samples count again.
+    assert_eq!(e.stats().holds, 0);
+}
+
+#[test]
+fn a_hold_known_at_start_covers_sources_seen_later() {
+    let mut e = Engine::new(policy());
+    e.on_hold_change(&HoldChange::Held {
+        target: "203.0.113.0/28".parse().unwrap(),
+        since: Time(T0),
+    });
+    let d = drive(&mut e, &counter_flood(1_000, 10, 200_000), 500);
+    // The flows (they passed) count; the counter samples (dropped) do not.
+    assert!(of(&d, Category::Flood).is_empty(), "{d:#?}");
+    assert_eq!(e.stats().held_samples, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// category: a scan that touches auth ports is a scan
+// ---------------------------------------------------------------------------------------------
+
+const SHORT_SCAN_WINDOW: &str = "\
+version: 1
+networks:
+  - prefix: 203.0.113.0/24
+profiles:
+  default:
+    port_scan:
+      window: 2s
+";
+
+#[test]
+fn a_port_sweep_through_auth_ports_is_a_port_scan_not_brute_force() {
+    let mut e = Engine::new(policy_from(SHORT_SCAN_WINDOW));
+    // Ports 1-1000 at 500/s: 21, 22, 23, 110, 143, 445 among them (×30 when scaled from the
+    // 2 s table to the 60 s brute-force window).
+    let d = drive(&mut e, &port_scan(1_000, 500), 1_000);
+    assert!(of(&d, Category::BruteForce).is_empty(), "{d:#?}");
+    assert_eq!(of(&d, Category::PortScan).len(), 1, "{d:#?}");
+}
+
+#[test]
+fn brute_force_with_a_short_scan_window_is_still_brute_force() {
+    let mut e = Engine::new(policy_from(SHORT_SCAN_WINDOW));
+    let d = drive(&mut e, &ssh_attempts(40, 100), 1_000);
+    assert_eq!(of(&d, Category::BruteForce).len(), 1, "{d:#?}");
+}
