@@ -19,7 +19,14 @@
 //!   an evidence window starting at or after the quarantine began (so not the same traffic
 //!   that caused it) escalates to the next rung when that rung is harsher than quarantine.
 //!   A target held by `block` or `terminate` reaches nothing; a detection then is an
-//!   artefact and never escalates.
+//!   artefact and never escalates. A hold's own effect is never new evidence: the daemon
+//!   tells the detector of every hold begun and lifted ([`HoldChange`]), and the detector
+//!   starts afresh for the target, charging neither the traffic from before the hold nor,
+//!   while held, the packet counters (counted before the hold's drop: what it drops); so a
+//!   detection of a quarantined target is abuse that passed the quarantine, with an
+//!   evidence window starting after the hold began.
+//!
+//! [`HoldChange`]: crate::messages::HoldChange
 //! * **Termination.** A terminated target stays blocked whatever the reconnect list says;
 //!   only a reconnect with `override_termination: true` lifts it (or the target becoming
 //!   protected, below). Operator `unblock` refuses a terminated target.

@@ -38,12 +38,19 @@
 //! within one evaluation interval. After a detection, the source is held down for that
 //! category until the category's window has fully rolled over, then re-armed.
 //!
+//! Holds ([`Engine::on_hold_change`], from the decision task): when a hold begins or is
+//! lifted, every tracked source of the target starts afresh (windows, distinct sets and
+//! hold-downs cleared; events from before the change not charged; evidence windows begin no
+//! earlier). While held, a source's counter samples are not charged: the counting rule comes
+//! before the hold's drop. So a hold's own effect is never evidence, and after a reconnect a
+//! re-offense is detected within the category's usual latency.
+//!
 //! What each category looks at (all thresholds from the source's policy profile):
 //!
 //! | category | fires when (in the category's window) |
 //! | --- | --- |
 //! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
-//! | brute force | new flows to `ports` of one destination ≥ `attempts` (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
+//! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
 //! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
 //! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
 //! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
