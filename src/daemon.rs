@@ -558,6 +558,7 @@ async fn serve(
         engine.on_hold_change(&HoldChange::Held {
             target: h.target,
             since: h.since,
+            kind: h.kind,
         });
     }
     let (holds_tx, holds_rx) = mpsc::unbounded_channel::<Vec<HoldChange>>();

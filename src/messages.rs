@@ -398,6 +398,8 @@ pub enum HoldChange {
         target: IpNet,
         /// When the hold began (the decision's time).
         since: Time,
+        /// How: a quarantine lets flows to the walled garden pass, the others nothing.
+        kind: BlockKind,
     },
     /// The hold of the target was lifted (unblock, reconnect, expiry) at `time`.
     Lifted {
@@ -413,9 +415,10 @@ impl HoldChange {
     pub fn of(d: &Decision) -> Option<HoldChange> {
         match d.kind {
             Some(_) if d.dry_run => None,
-            Some(_) => Some(HoldChange::Held {
+            Some(kind) => Some(HoldChange::Held {
                 target: d.target,
                 since: d.time,
+                kind,
             }),
             None => Some(HoldChange::Lifted {
                 target: d.target,

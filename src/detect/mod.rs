@@ -86,8 +86,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::messages::{
-    Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind, HoldChange,
-    Observation, TcpState, Time, ct_status, proto,
+    BlockKind, Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind,
+    HoldChange, Observation, TcpState, Time, ct_status, proto,
 };
 use crate::policy::{Policy, Profile};
 
@@ -95,8 +95,8 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    FRESH, FlowFacts, HELD, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits, bits_addr,
-    target_view,
+    FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits,
+    bits_addr, target_view,
 };
 
 /// Flow samples attached to one detection's evidence.
@@ -195,7 +195,8 @@ pub struct EngineStats {
     /// Counter samples of held sources, not charged: they count traffic the hold drops.
     pub held_samples: u64,
     /// Flow events from before their source started afresh (a hold began or was lifted),
-    /// not charged.
+    /// and flows of held sources the hold does not let pass (seen before the hold reached
+    /// the kernel), not charged.
     pub stale_events: u64,
 }
 
@@ -227,8 +228,10 @@ pub struct Engine {
     blind_from: u64,
     held_down: u64,
     detections: [u64; 5],
-    /// Holds in force (target → since, ns), as the decision task reported them.
-    holds: HashMap<IpNet, u64>,
+    /// Holds in force (target → since in ns, kind), as the decision task reported them.
+    holds: HashMap<IpNet, (u64, BlockKind)>,
+    /// The walled garden: where a quarantined source's flows may still go.
+    garden: Vec<IpNet>,
     /// Prefix lengths present in `holds`: bit n of `[v4, v6]` for a /n.
     hold_lens: [u128; 2],
     /// Sources that started afresh recently (slot → time, ns; flag [`FRESH`]): their events
@@ -237,6 +240,15 @@ pub struct Engine {
     fresh: HashMap<u32, u64>,
     held_samples: u64,
     stale_events: u64,
+}
+
+/// The [`HELD_ALL`] flag of a hold of `kind`.
+fn held_all(kind: BlockKind) -> u8 {
+    if kind == BlockKind::Quarantine {
+        0
+    } else {
+        HELD_ALL
+    }
 }
 
 /// How far before a loss a dumped flow may have started and still count as new: the events
@@ -286,6 +298,7 @@ impl Engine {
             held_down: 0,
             detections: [0; 5],
             holds: HashMap::new(),
+            garden: Vec::new(),
             hold_lens: [0; 2],
             fresh: HashMap::new(),
             held_samples: 0,
@@ -332,6 +345,7 @@ impl Engine {
             }
         }
         self.v6_prefix = p.enforcement.ipv6_block_prefix;
+        self.garden = p.enforcement.walled_garden.clone();
     }
 
     /// The profile index and the source key of a customer address.
@@ -404,16 +418,16 @@ impl Engine {
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
         st.last_seen = t;
-        if let Some(since) = held {
+        if let Some((since, kind)) = held {
             // A held source seen anew: charged only from the hold's start, like one tracked
             // when the hold began.
-            st.flags |= HELD | FRESH;
+            st.flags |= HELD | FRESH | held_all(kind);
             self.fresh.insert(s, since.max(1));
         }
     }
 
-    /// The start of the hold in force that covers the whole of source `key`, if any.
-    fn hold_covering(&self, key: &SrcKey) -> Option<u64> {
+    /// The hold in force that covers the whole of source `key`, if any: since, kind.
+    fn hold_covering(&self, key: &SrcKey) -> Option<(u64, BlockKind)> {
         let lens = self.hold_lens[usize::from(key.v6)];
         if lens == 0 {
             return None;
@@ -440,13 +454,17 @@ impl Engine {
     /// garden). Dry-run holds drop nothing and are not reported here.
     pub fn on_hold_change(&mut self, change: &HoldChange) {
         let (target, at, held) = match *change {
-            HoldChange::Held { target, since } => (target, since.as_nanos(), true),
-            HoldChange::Lifted { target, time } => (target, time.as_nanos(), false),
+            HoldChange::Held {
+                target,
+                since,
+                kind,
+            } => (target, since.as_nanos(), Some(kind)),
+            HoldChange::Lifted { target, time } => (target, time.as_nanos(), None),
         };
         let target = target.trunc();
         let fam = usize::from(matches!(target, IpNet::V6(_)));
-        if held {
-            self.holds.insert(target, at);
+        if let Some(kind) = held {
+            self.holds.insert(target, (at, kind));
             self.hold_lens[fam] |= 1u128 << target.prefix_len();
         } else if self.holds.remove(&target).is_some() {
             let len = target.prefix_len();
@@ -465,10 +483,12 @@ impl Engine {
             if !(target.contains(&net) || net.contains(&target)) {
                 continue;
             }
-            let covered = self.hold_covering(&key).is_some();
+            let covered = self
+                .hold_covering(&key)
+                .map_or(0, |(_, kind)| HELD | held_all(kind));
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
-            st.flags = (st.flags & !HELD) | if covered { HELD } else { 0 } | FRESH;
+            st.flags = (st.flags & !(HELD | HELD_ALL)) | covered | FRESH;
             self.fresh.insert(s, at.max(1));
         }
     }
@@ -675,6 +695,16 @@ impl Engine {
         let slot = self.slot_of(&key, profile, t);
         if self.fresh_at(slot).is_some_and(|at| t < at) {
             // From before the source started afresh (queued while the hold began or ended).
+            self.stale_events += 1;
+            return;
+        }
+        let flags = self.table.slots[slot as usize].flags;
+        if flags & HELD != 0
+            && (flags & HELD_ALL != 0 || !self.garden.iter().any(|g| g.contains(&e.dst)))
+        {
+            // A flow the hold does not let pass, so it passed before the hold reached the
+            // kernel (the decision is a few hundred ms ahead of the drop): the first
+            // offense's traffic, not a new one.
             self.stale_events += 1;
             return;
         }

@@ -346,6 +346,8 @@ pub const HELD: u8 = 4;
 /// Flag: the source started afresh recently (the engine's `fresh` map has the time): events
 /// from before that time are not charged.
 pub const FRESH: u8 = 8;
+/// Flag: the hold is a block or a termination: nothing of the source passes the router.
+pub const HELD_ALL: u8 = 16;
 
 /// Everything known about one source. Fixed size: see the `size_of` test.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

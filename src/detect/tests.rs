@@ -1277,6 +1277,7 @@ fn held(ms: u64) -> HoldChange {
     HoldChange::Held {
         target: "203.0.113.7/32".parse().unwrap(),
         since: Time(T0 + ms * MS),
+        kind: BlockKind::Quarantine,
     }
 }
 
@@ -1339,9 +1340,10 @@ fn flows_from_before_the_hold_are_not_charged() {
 
 #[test]
 fn abuse_through_the_quarantine_is_a_new_offense_with_its_own_window() {
-    let mut e = Engine::new(policy());
+    let garden = format!("{POLICY}  walled_garden: [198.51.100.33]\n");
+    let mut e = Engine::new(policy_from(&garden));
     e.on_hold_change(&held(0));
-    // After the hold began: a scan of the walled garden's host passes the quarantine.
+    // A scan of the abuse portal (in the walled garden) passes the quarantine.
     let d = drive(&mut e, &port_scan(1_000, 500), 500);
     let p = of(&d, Category::PortScan);
     assert_eq!(p.len(), 1, "{d:#?}");
@@ -1387,6 +1389,7 @@ fn a_hold_known_at_start_covers_sources_seen_later() {
     e.on_hold_change(&HoldChange::Held {
         target: "203.0.113.0/28".parse().unwrap(),
         since: Time(T0),
+        kind: BlockKind::Quarantine,
     });
     let d = drive(&mut e, &counter_flood(1_000, 10, 200_000), 500);
     // The flows (they passed) count; the counter samples (dropped) do not.
