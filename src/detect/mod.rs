@@ -73,6 +73,7 @@
 //! [`FlowEventKind::Existing`]: crate::messages::FlowEventKind::Existing
 
 mod evidence;
+pub mod exact;
 pub mod index;
 pub mod ring;
 pub mod sketch;
@@ -95,8 +96,8 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows, addr_bits,
-    bits_addr, target_view,
+    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows,
+    addr_bits, bits_addr, target_view,
 };
 
 /// Flow samples attached to one detection's evidence.
@@ -240,6 +241,8 @@ pub struct Engine {
     fresh: HashMap<u32, u64>,
     held_samples: u64,
     stale_events: u64,
+    /// Exact port sets of the destinations that look scanned (evidence).
+    exact: exact::Pool,
 }
 
 /// The [`HELD_ALL`] flag of a hold of `kind`.
@@ -303,6 +306,7 @@ impl Engine {
             fresh: HashMap::new(),
             held_samples: 0,
             stale_events: 0,
+            exact: exact::Pool::default(),
             policy,
         };
         e.prepare();
@@ -414,6 +418,9 @@ impl Engine {
             // A recycled slot: its previous source's reset time is not this one's.
             self.fresh.remove(&s);
         }
+        if self.table.slots[s as usize].flags & EXACT != 0 {
+            self.exact.drop_slot(s);
+        }
         let held = self.hold_covering(&self.table.slots[s as usize].key);
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
@@ -486,11 +493,47 @@ impl Engine {
             let covered = self
                 .hold_covering(&key)
                 .map_or(0, |(_, kind)| HELD | held_all(kind));
+            self.exact.drop_slot(s);
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
-            st.flags = (st.flags & !(HELD | HELD_ALL)) | covered | FRESH;
+            st.flags = (st.flags & !(HELD | HELD_ALL | EXACT)) | covered | FRESH;
             self.fresh.insert(s, at.max(1));
         }
+    }
+
+    /// Keeps the exact port set of (source, destination) of a new flow, attaching one when
+    /// the destination reaches [`exact::ATTACH_AT`] distinct ports.
+    #[inline]
+    fn exact_ports(&mut self, slot: u32, f: &FlowFacts, tw: u64) {
+        let st = &self.table.slots[slot as usize];
+        let dst = source::split4(f.dst);
+        let epoch = st.targets.epoch;
+        if st.flags & EXACT != 0
+            && let Some(tr) = self.exact.get_mut(slot, dst)
+        {
+            tr.insert(epoch, f.dport);
+            return;
+        }
+        let Some(e) = st
+            .targets
+            .entries
+            .iter()
+            .find(|e| e.occupied() && e.addr == dst)
+        else {
+            return;
+        };
+        let ones = 128 - e.ports.zeros();
+        if ones != exact::ATTACH_AT {
+            return;
+        }
+        // Seed with this destination's ports in the source's samples of both epochs.
+        let since = u64::from(epoch.saturating_sub(1)).saturating_mul(tw);
+        let mut seed = vec![f.dport];
+        self.ring
+            .ports_to(st.key.hash() | 1, source::split(f.dst), since, &mut seed);
+        let complete = seed.len() as u32 >= ones;
+        self.exact.attach(slot, dst, epoch, &seed, complete);
+        self.table.slots[slot as usize].flags |= EXACT;
     }
 
     /// The time source `slot` started afresh, if recently.
@@ -717,6 +760,10 @@ impl Engine {
         if st.targets.epoch != epoch {
             st.samples = 0;
         }
+        if f.new {
+            self.exact_ports(slot, &f, windows[2]);
+        }
+        let st = &mut self.table.slots[slot as usize];
         if (f.new || f.answer) && st.samples < ring::PER_SOURCE_EPOCH {
             st.samples += 1;
             self.ring.push(Sample {
@@ -781,7 +828,55 @@ impl Engine {
             self.table.slots[slot as usize].hold(i, now, window);
             self.detections[i] += 1;
             let fresh = self.fresh_at(slot).unwrap_or(0);
-            out.push(self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now))));
+            let mut det =
+                self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now)));
+            self.exact_evidence(slot, &st, prep, &mut det, now);
+            out.push(det);
+        }
+    }
+
+    /// Replaces the estimated distinct ports of the detection's focus destination with the
+    /// exact count when a tracker has it (a lower bound, `distinct_ports_at_least`, when the
+    /// tracker attached after ports it could not recover).
+    fn exact_evidence(
+        &self,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        det: &mut Detection,
+        now: u64,
+    ) {
+        if st.flags & EXACT == 0
+            || !matches!(det.category, Category::PortScan | Category::BruteForce)
+        {
+            return;
+        }
+        let Some(focus) = det.evidence.top_destinations.first() else {
+            return;
+        };
+        let dst = source::split4(addr_bits(focus.key));
+        let Some(tr) = self.exact.get(slot, dst) else {
+            return;
+        };
+        let n = tr.count(sketch::epoch_of(now, prep.windows[2])) as f64;
+        let ev = &mut det.evidence;
+        for key in ["distinct_ports", "distinct_ports_on_target"] {
+            let Some(v) = ev.counts.get_mut(key) else {
+                continue;
+            };
+            if tr.complete {
+                *v = n;
+                if let Some(c) = ev
+                    .crossed
+                    .iter_mut()
+                    .find(|c| c.signal == "distinct_ports" && n >= c.threshold)
+                {
+                    c.value = n;
+                }
+            } else {
+                ev.counts.insert("distinct_ports_at_least".to_owned(), n);
+                break;
+            }
         }
     }
 
@@ -958,6 +1053,7 @@ impl Engine {
     /// index, touch list) plus the fixed sample ring and the per-profile port maps.
     pub fn memory_bytes(&self) -> usize {
         self.table.memory_bytes()
+            + self.exact.memory_bytes()
             + self.touched.capacity() * 4
             + self.ring.memory_bytes()
             + self.profiles.len() * 65_536

@@ -101,4 +101,19 @@ impl Ring {
         out.sort_by_key(|f| f.time);
         out
     }
+
+    /// The destination ports of `source`'s samples to `dst` since `since` (ns), appended to
+    /// `out` once each.
+    pub fn ports_to(&self, source: u64, dst: [u64; 2], since: u64, out: &mut Vec<u16>) {
+        for s in &self.buf {
+            if s.source == source
+                && s.source != 0
+                && s.dst == dst
+                && s.time >= since
+                && !out.contains(&s.dport)
+            {
+                out.push(s.dport);
+            }
+        }
+    }
 }

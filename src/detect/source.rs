@@ -348,6 +348,8 @@ pub const HELD: u8 = 4;
 pub const FRESH: u8 = 8;
 /// Flag: the hold is a block or a termination: nothing of the source passes the router.
 pub const HELD_ALL: u8 = 16;
+/// Flag: the source has an exact port tracker ([`super::exact`]).
+pub const EXACT: u8 = 32;
 
 /// Everything known about one source. Fixed size: see the `size_of` test.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

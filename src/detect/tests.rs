@@ -1427,3 +1427,52 @@ fn brute_force_with_a_short_scan_window_is_still_brute_force() {
     let d = drive(&mut e, &ssh_attempts(40, 100), 1_000);
     assert_eq!(of(&d, Category::BruteForce).len(), 1, "{d:#?}");
 }
+
+#[test]
+fn port_scan_evidence_counts_every_port_seen_exactly() {
+    // 1000 ports in 200 ms: all seen by the first evaluation after the crossing. The
+    // 128-bit bitmap that drives the threshold saturates near 620; the evidence is exact.
+    let d = run(&port_scan(1_000, 5_000));
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "{d:#?}");
+    let ev = &p[0].evidence;
+    assert_eq!(ev.counts["distinct_ports"], 1000.0, "{:?}", ev.counts);
+    assert!(!ev.counts.contains_key("distinct_ports_at_least"));
+    assert_eq!(crossed_value(p[0], "distinct_ports"), 1000.0);
+    // Mid-scan, the count is what was seen so far, exactly: ports 1..=124 by 250 ms.
+    let d = run(&port_scan(1_000, 500));
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p[0].evidence.counts["distinct_ports"], 124.0);
+    assert_eq!(p[0].evidence.counts["flows_to_target"], 124.0);
+}
+
+#[test]
+fn top_port_counts_are_never_inflated() {
+    // One port hit 50 times, then a scan of 500 others once each, over an epoch boundary.
+    let target = ip("198.51.100.33");
+    let mut obs = Vec::new();
+    for i in 0..50u64 {
+        obs.push(syn(59_000 + i, BOT, target, 40_000 + i as u16, 443));
+    }
+    for p in 1..=500u16 {
+        obs.push(syn(
+            59_100 + u64::from(p) * 2,
+            BOT,
+            target,
+            61_000,
+            1000 + p,
+        ));
+    }
+    let d = run(&sorted(obs));
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "{d:#?}");
+    for c in &p[0].evidence.top_ports {
+        let truth = if c.key == 443 { 50 } else { 1 };
+        assert!(
+            c.count <= truth,
+            "port {} reported {} (saw {truth})",
+            c.key,
+            c.count
+        );
+    }
+}

@@ -117,6 +117,11 @@ fn merge(base: &mut Yaml, over: Yaml) {
 /// The example policy with the lab's changes, the notify hook writing into `dir`, and
 /// `reconnects` (address, ticket) authorised.
 fn policy(dir: &Path, reconnects: &[(String, String)]) -> String {
+    policy_with(dir, reconnects, "")
+}
+
+/// [`policy`] with `extra` (YAML) merged over it.
+fn policy_with(dir: &Path, reconnects: &[(String, String)], extra: &str) -> String {
     let example = std::fs::read_to_string(repo().join("policies/examples/isp-edge.yaml"))
         .expect("example policy");
     let mut p: Yaml = serde_yaml::from_str(&example).expect("example parses");
@@ -146,6 +151,12 @@ fn policy(dir: &Path, reconnects: &[(String, String)]) -> String {
         merge(
             &mut p,
             serde_yaml::from_str(&text).expect("reconnects parse"),
+        );
+    }
+    if !extra.is_empty() {
+        merge(
+            &mut p,
+            serde_yaml::from_str(extra).expect("extra overrides parse"),
         );
     }
     serde_yaml::to_string(&p).expect("policy serialises")
@@ -198,6 +209,11 @@ const BENIGN: [usize; 2] = [9, 10];
 
 impl Lab {
     pub(crate) fn new() -> Lab {
+        Lab::with("")
+    }
+
+    /// The lab with `extra` (YAML) merged over its policy.
+    pub(crate) fn with(extra: &str) -> Lab {
         let mut topo = Topology::new().expect("topology");
         for h in ATTACKERS {
             topo.add_customer(h).expect("customer");
@@ -280,7 +296,7 @@ impl Lab {
             Some(&topo.router),
             &agent_bin(),
             dir.path(),
-            &policy(dir.path(), &[]),
+            &policy_with(dir.path(), &[], extra),
             false,
         )
         .expect("agent starts");
@@ -1148,4 +1164,175 @@ fn measure_detection_latency() {
             q(&mut d, 0.99)
         );
     }
+}
+
+/// The lab's policy for `holds_are_not_evidence_and_a_lift_re_arms_at_once`: a flood's first
+/// offense is a quarantine (the example blocks it at once), and a short port-scan window
+/// (the one with which a scan through the auth ports used to be held as brute force).
+const HOLD_LAB: &str = "
+actions:
+  flood:
+    start_at: 1
+profiles:
+  default:
+    port_scan:
+      window: 2s
+";
+
+/// The agent's offenses of `target` (`show --json`).
+fn offenses(lab: &Lab, target: &str) -> Vec<Json> {
+    let show: Json =
+        serde_json::from_str(&lab.cli(&["show", target, "--json"])).expect("show --json");
+    show["offenses"].as_array().cloned().unwrap_or_default()
+}
+
+/// Packets dropped so far by the forward chain's rule for quarantined senders.
+fn quarantine_drops(lab: &Lab) -> u64 {
+    let text = lab
+        .topo
+        .router
+        .run(&["nft", "list", "chain", "inet", "egressguard", "forward"])
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("ip saddr @quarantine4") && l.contains("drop"))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "packets")?;
+            w.get(i + 1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Waits until `element` is in one of `sets`; the time it took.
+fn wait_in_sets(lab: &mut Lab, element: &str, sets: &[&str], limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let now = lab.sets();
+        if sets
+            .iter()
+            .any(|s| now.get(*s).is_some_and(|e| e.contains(element)))
+        {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            lab.agent.drain();
+            panic!(
+                "{element} not in {sets:?} within {limit:?}: {now:?}\nlog:\n{}",
+                lab.agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 17, items 3, 4 and 5: a flood continuing into its quarantine stays at the first
+/// offense (what the hold drops is not charged: the drop counters show it); a scan of 1000
+/// ports that passes 21, 22, 23, 110, 143 and 445 is held as a port scan, not brute force,
+/// even with a 2 s port-scan window; after `egressguard unblock` a new scan is held again
+/// within seconds (not after the window and hold-down roll over).
+#[test]
+fn holds_are_not_evidence_and_a_lift_re_arms_at_once() {
+    let test = "holds_are_not_evidence_and_a_lift_re_arms_at_once";
+    if !require_root(test) {
+        return;
+    }
+    require_lab_tools(test);
+    let mut lab = Lab::with(HOLD_LAB);
+
+    // (3) A SYN flood of ~10,000/s for up to 40 s; held as quarantine, then 20 s more.
+    let flood = lab.topo.customers[4]
+        .ns
+        .spawn(&[
+            "bash",
+            "-c",
+            "exec timeout 40 hping3 -q -S -p 80 -i u100 -c 400000 198.51.100.99 >/dev/null 2>&1",
+        ])
+        .expect("hping3 starts");
+    let took = wait_in_sets(
+        &mut lab,
+        "203.0.113.14",
+        &["quarantine4"],
+        Duration::from_secs(25),
+    );
+    eprintln!("flood quarantined after {took:?}");
+    let dropped_at_hold = quarantine_drops(&lab);
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        let sets = lab.sets();
+        assert!(
+            !sets
+                .get("blocked4")
+                .is_some_and(|s| s.contains("203.0.113.14")),
+            "the flood continuing into its quarantine was escalated to a block: {:?}",
+            offenses(&lab, "203.0.113.14/32")
+        );
+        assert!(
+            sets.get("quarantine4")
+                .is_some_and(|s| s.contains("203.0.113.14")),
+            "quarantine lifted: {sets:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let dropped = quarantine_drops(&lab) - dropped_at_hold;
+    drop(flood);
+    let off = offenses(&lab, "203.0.113.14/32");
+    assert_eq!(off.len(), 1, "one offense only: {off:#?}");
+    assert_eq!(off[0]["category"], "flood");
+    // The attempts the hold dropped are in its counters: the flood went on.
+    assert!(
+        dropped > 20_000,
+        "the quarantine's drop rule counted only {dropped} packets in 20 s"
+    );
+    eprintln!("20 s of flood into the quarantine: {dropped} packets dropped, one offense");
+
+    // (5) A 1000-port SYN scan through the auth ports, with a 2 s port-scan window.
+    let scan = "exec timeout 30 nmap -Pn -n --max-retries 0 -sS -T4 -p 1-1000 198.51.100.21 \
+                >/dev/null 2>&1";
+    let s1 = lab.topo.customers[0]
+        .ns
+        .spawn(&["bash", "-c", scan])
+        .expect("nmap starts");
+    wait_in_sets(
+        &mut lab,
+        "203.0.113.10",
+        &["quarantine4"],
+        Duration::from_secs(20),
+    );
+    drop(s1);
+    let off = offenses(&lab, "203.0.113.10/32");
+    assert_eq!(off.len(), 1, "{off:#?}");
+    assert_eq!(
+        off[0]["category"], "port_scan",
+        "a scan through the auth ports held as {}: {:#}",
+        off[0]["category"], off[0]["evidence"]
+    );
+
+    // (4) The desk unblocks it; a new scan right after is held again within seconds.
+    lab.cli(&["unblock", "203.0.113.10", "--ticket", "T-17"]);
+    wait_for("unblocked", Duration::from_secs(5), || {
+        let sets = lab.sets();
+        (!["quarantine4", "blocked4"]
+            .iter()
+            .any(|n| sets.get(*n).is_some_and(|s| s.contains("203.0.113.10"))))
+        .then_some(())
+    });
+    let s2 = lab.topo.customers[0]
+        .ns
+        .spawn(&["bash", "-c", scan])
+        .expect("nmap starts again");
+    let again = wait_in_sets(
+        &mut lab,
+        "203.0.113.10",
+        &["quarantine4", "blocked4"],
+        Duration::from_secs(10),
+    );
+    drop(s2);
+    eprintln!("re-offense after unblock held in {again:?}");
+    assert!(
+        again < Duration::from_secs(5),
+        "re-offense after unblock held only after {again:?}"
+    );
+    let off = offenses(&lab, "203.0.113.10/32");
+    assert_eq!(off.len(), 2, "{off:#?}");
+    assert!(off.iter().all(|o| o["category"] == "port_scan"), "{off:#?}");
 }
