@@ -29,7 +29,11 @@
 //! counts combine the epochs' bitmaps the same way. So a steady rate is measured exactly and
 //! an attack that began late in the previous epoch is counted in full (no lag at the epoch
 //! boundary). Distinct counts are linear-counting estimates: about ±5–7 % (one standard
-//! deviation) around the default thresholds; counts of flows and attempts are exact.
+//! deviation) around the default thresholds; counts of flows and attempts are exact. The
+//! threshold uses the estimates; the evidence of a port scan or brute force reports the
+//! exact distinct ports of its destination from an [`exact`] tracker (attached at 8 ports;
+//! `distinct_ports_at_least` when it could not be seeded with every earlier port). Top-port
+//! counts are Space-Saving counts less their inherited error: never above what was seen.
 //!
 //! A threshold can only be crossed by an observation (time passing only lowers the windowed
 //! counts; counter rates change with the next sample, itself an observation), so `evaluate`

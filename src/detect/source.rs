@@ -328,7 +328,13 @@ impl Keyed for PortEntry {
         }
     }
     fn roll(&mut self, gap: u32) {
-        self.flows = if gap == 1 { [0, self.flows[0]] } else { [0, 0] };
+        // The previous epoch keeps what the entry surely saw, not the weight it inherited:
+        // top-port counts are never above the truth.
+        self.flows = if gap == 1 {
+            [0, self.flows[0].saturating_sub(self.err)]
+        } else {
+            [0, 0]
+        };
         self.err = 0;
     }
     fn occupied(&self) -> bool {
@@ -695,11 +701,11 @@ impl SourceState {
             .iter()
             .filter(|e| e.occupied())
             .map(|e| {
-                let (c, p) = shift(e.flows, &v);
-                let est = (sliding(c, p, v.prev_weight)
-                    - f64::from(if v.same { e.err } else { 0 }))
-                .max(0.0);
-                (e.port, est)
+                // Only what the entry surely saw: its flows less the weight it inherited
+                // (in the current epoch; a roll keeps only the sure part, see `roll`).
+                let sure = [e.flows[0].saturating_sub(e.err), e.flows[1]];
+                let (c, p) = shift(sure, &v);
+                (e.port, sliding(c, p, v.prev_weight))
             })
             .filter(|(_, n)| *n > 0.0)
             .collect();

@@ -1288,6 +1288,19 @@ fn holds_are_not_evidence_and_a_lift_re_arms_at_once() {
     // (5) A 1000-port SYN scan through the auth ports, with a 2 s port-scan window.
     let scan = "exec timeout 30 nmap -Pn -n --max-retries 0 -sS -T4 -p 1-1000 198.51.100.21 \
                 >/dev/null 2>&1";
+    // What the target received: its own count of the SYNs' distinct ports from the scanner
+    // (a table in the target's namespace, which the test made).
+    let victim = &lab.topo.internet[1].ns;
+    victim
+        .run(&[
+            "nft",
+            "add table inet seen; \
+             add set inet seen ports { type inet_service; size 65536; flags dynamic; }; \
+             add chain inet seen in { type filter hook input priority 0; }; \
+             add rule inet seen in ip saddr 203.0.113.10 tcp flags & (syn|ack) == syn \
+             add @ports { tcp dport }",
+        ])
+        .expect("counting table in the target");
     let s1 = lab.topo.customers[0]
         .ns
         .spawn(&["bash", "-c", scan])
@@ -1301,6 +1314,31 @@ fn holds_are_not_evidence_and_a_lift_re_arms_at_once() {
     drop(s1);
     let off = offenses(&lab, "203.0.113.10/32");
     assert_eq!(off.len(), 1, "{off:#?}");
+    let seen: Json = serde_json::from_str(
+        &lab.topo.internet[1]
+            .ns
+            .run(&["nft", "-j", "list", "set", "inet", "seen", "ports"])
+            .expect("list the target's count"),
+    )
+    .expect("nft JSON");
+    let received = seen["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("set"))
+        .map(|s| s["elem"].as_array().map_or(0, Vec::len))
+        .sum::<usize>() as f64;
+    let counts = &off[0]["evidence"]["counts"];
+    eprintln!("scan: the target received {received} distinct ports; evidence: {counts}");
+    // Exact for what the agent saw: every port the target received passed the router before
+    // the drop (nmap's 1000 ports take well under the detection's quarter second).
+    assert_eq!(
+        counts["distinct_ports"].as_f64(),
+        Some(received),
+        "evidence distinct ports vs the target's count: {counts}"
+    );
+    assert!(counts.get("distinct_ports_at_least").is_none(), "{counts}");
+    assert_eq!(received, 1000.0, "the scan was cut short: {counts}");
     assert_eq!(
         off[0]["category"], "port_scan",
         "a scan through the auth ports held as {}: {:#}",
