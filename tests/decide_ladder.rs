@@ -1054,3 +1054,100 @@ fn a_ticket_seen_before_a_hold_stays_before_it_whatever_the_clock_says() {
     );
     assert_eq!(held(&d, A), Some(BlockKind::Block));
 }
+
+/// Detector and decider wired as in the daemon: every decision's [`HoldChange`] goes back to
+/// the engine. A SYN and packet flood that goes on into its quarantine for 30 s (the counter
+/// rule counts what the hold drops; no flow passes) stays one offense; after an unblock the
+/// same flood is a second offense within a second, not after the window rolls over.
+#[test]
+fn a_hold_is_never_its_own_evidence_and_an_unblock_re_arms_the_detector() {
+    use egressguard::detect::Engine;
+    use egressguard::messages::{
+        CounterSample, FlowEvent, FlowEventKind, HoldChange, Observation, TcpState, Time,
+    };
+    let p = policy("");
+    let mut d = decider(Arc::clone(&p));
+    let mut e = Engine::new(p);
+    let src: std::net::IpAddr = A.parse().unwrap();
+    let dst: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    let mut decisions: Vec<Decision> = Vec::new();
+    let mut flows_pass = true;
+    let mut step = |e: &mut Engine, d: &mut Decider, ms: u64, flows_pass: bool| {
+        let t = Time(at(0).as_nanos() + ms * 1_000_000);
+        if ms % 1000 == 0 {
+            e.observe(&Observation::Counters(CounterSample {
+                time: t,
+                addr: src,
+                packets: 2_000_000,
+                bytes: 2_000_000_000,
+                interval_ns: 1_000_000_000,
+            }));
+        }
+        if flows_pass {
+            for i in 0..300u16 {
+                e.observe(&Observation::Flow(FlowEvent {
+                    time: t,
+                    kind: FlowEventKind::New,
+                    src,
+                    dst,
+                    proto: proto::TCP,
+                    sport: 1024 + (ms as u16 % 50) * 300 + i,
+                    dport: 80,
+                    icmp: None,
+                    status: 0,
+                    tcp_state: Some(TcpState::SynSent),
+                    orig_packets: None,
+                    orig_bytes: None,
+                    reply_packets: None,
+                    reply_bytes: None,
+                    start: None,
+                    stop: None,
+                }));
+            }
+        }
+        let mut out = Vec::new();
+        e.evaluate(t, &mut out);
+        let ds = d.on_detections(&out).unwrap();
+        for x in &ds {
+            if let Some(c) = HoldChange::of(x) {
+                e.on_hold_change(&c);
+            }
+        }
+        ds
+    };
+    // The flood, every 250 ms, until quarantined; then 30 s more of it in the counters.
+    let mut ms = 0;
+    while ms <= 40_000 {
+        let ds = step(&mut e, &mut d, ms, flows_pass);
+        if ds.iter().any(|x| x.kind == Some(BlockKind::Quarantine)) {
+            flows_pass = false;
+        }
+        decisions.extend(ds);
+        ms += 250;
+    }
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0].kind, Some(BlockKind::Quarantine));
+    let quarantined_at = decisions[0].time;
+    assert!(quarantined_at <= at(10), "{quarantined_at}");
+    assert!(e.stats().held_samples >= 30, "{:?}", e.stats());
+    // Unblocked at 41 s; the flood goes on and passes again: held again within a second.
+    for x in d
+        .on_operator_unblock(net(A), "T-17", "alice", at(41))
+        .unwrap()
+    {
+        if let Some(c) = HoldChange::of(&x) {
+            e.on_hold_change(&c);
+        }
+    }
+    let mut again = None;
+    let mut ms = 41_000;
+    while ms <= 50_000 && again.is_none() {
+        again = step(&mut e, &mut d, ms, true)
+            .into_iter()
+            .find(|x| x.kind.is_some());
+        ms += 250;
+    }
+    let again = again.expect("the re-offense after the unblock is detected");
+    assert_eq!((again.kind, again.offense), (Some(BlockKind::Block), 2));
+    assert!(again.time <= at(42), "{}", again.time);
+}
