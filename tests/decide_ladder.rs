@@ -1072,9 +1072,9 @@ fn a_hold_is_never_its_own_evidence_and_an_unblock_re_arms_the_detector() {
     let dst: std::net::IpAddr = "198.51.100.10".parse().unwrap();
     let mut decisions: Vec<Decision> = Vec::new();
     let mut flows_pass = true;
-    let mut step = |e: &mut Engine, d: &mut Decider, ms: u64, flows_pass: bool| {
+    let step = |e: &mut Engine, d: &mut Decider, ms: u64, flows_pass: bool| {
         let t = Time(at(0).as_nanos() + ms * 1_000_000);
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             e.observe(&Observation::Counters(CounterSample {
                 time: t,
                 addr: src,
