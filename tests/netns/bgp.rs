@@ -1076,3 +1076,137 @@ fn bgp_bird_collision_with_an_established_session() {
     assert_eq!(s.resets, 1, "{s:?}");
     rt.block_on(h.shutdown());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flowspec validation at the receiving router (README, "Flowspec validation")
+// ---------------------------------------------------------------------------------------------
+
+/// BIRD as a route reflector/upstream would run it: `validate` on the flowspec channels as
+/// `validation` says, the import filter of README's example when `filtered`.
+fn bird_validating(validation: &str, filtered: bool) -> String {
+    let filter = if filtered {
+        r#"
+filter egressguard_flow4 {
+  if net.src ~ [ 203.0.113.0/24{32,32} ] then accept;
+  reject;
+}
+filter egressguard_flow6 {
+  if net.src ~ [ 2001:db8:c::/48{64,128} ] then accept;
+  reject;
+}
+"#
+    } else {
+        "filter egressguard_flow4 { accept; }\nfilter egressguard_flow6 { accept; }\n"
+    };
+    format!(
+        r#"
+router id {PEER_V4};
+log "{{log}}" all;
+flow4 table flowtab4;
+flow6 table flowtab6;
+ipv4 table master4 {{ trie on; }};
+ipv6 table master6 {{ trie on; }};
+protocol device {{ }}
+{filter}
+protocol static base4 {{ ipv4; route 203.0.113.0/24 unreachable; }}
+protocol static base6 {{ ipv6; route 2001:db8:c::/48 unreachable; }}
+protocol bgp agent {{
+  local {PEER_V4} as 65002;
+  neighbor {AGENT_V4} as 65001;
+  passive on;
+  hold time 9;
+  ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
+  flow4 {{ table flowtab4; base table master4; {validation} import filter egressguard_flow4; import keep filtered on; export none; }};
+  flow6 {{ table flowtab6; base table master6; {validation} import filter egressguard_flow6; import keep filtered on; export none; }};
+}}
+"#
+    )
+}
+
+#[test]
+fn bgp_bird_flowspec_validation_as_documented() {
+    if !require_root("bgp_bird_flowspec_validation_as_documented") {
+        return;
+    }
+    let l = link();
+    // RFC 8955 section 6 validation on (what a careful upstream may run by default): our
+    // source-only rules have no destination prefix, so they are invalid there.
+    let b = Bird::start_with(&l.upstream, &bird_validating("validate on;", false));
+    let (rt, tx, h) = speaker(
+        &l,
+        policy(65002, 179, ""),
+        Arc::new(DesiredBlocks::default()),
+    );
+    wait_for("session with BIRD", Duration::from_secs(20), || {
+        established(&h).then_some(())
+    });
+    let outside = block("198.51.100.9/32", &[Announce::Flowspec], None);
+    let mut set = (*standard_blocks()).clone();
+    set.blocks.insert(outside.0, outside.1);
+    tx.send(Arc::new(set)).unwrap();
+    let v4 = "flow4 { src 203.0.113.8/32; }";
+    let out = wait_for("flowspec route in BIRD", Duration::from_secs(10), || {
+        let o = b.birdc("show route table flowtab4 all");
+        if std::env::var_os("BGP_DEBUG").is_some() {
+            eprintln!("{o}\n{}", b.log());
+        }
+        o.contains(v4).then_some(o)
+    });
+    // BIRD marks a flowspec route that fails validation "unreachable": it is neither used
+    // nor exported further. Every one of ours fails (no destination prefix).
+    let flow_lines = |o: &str| -> Vec<String> {
+        o.lines()
+            .filter(|l| l.starts_with("flow4 ") || l.starts_with("flow6 "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let v6 = "flow6 { src 2001:db8:c:1::/64; next header 17; }";
+    let out6 = wait_for(
+        "IPv6 flowspec route in BIRD",
+        Duration::from_secs(10),
+        || {
+            let o = b.birdc("show route table flowtab6 all");
+            o.contains(v6).then_some(o)
+        },
+    );
+    let invalid: Vec<String> = flow_lines(&out)
+        .into_iter()
+        .chain(flow_lines(&out6))
+        .collect();
+    assert_eq!(invalid.len(), 4, "{out}{out6}");
+    for l in &invalid {
+        assert!(
+            l.contains("unreachable"),
+            "validated rule not marked invalid: {l}"
+        );
+    }
+
+    // As README prescribes: validation off for this session, an import filter that takes
+    // only rules whose source lies in the customer aggregates behind this router.
+    b.reconfigure(&bird_validating("validate off;", true));
+    let (out, out6) = wait_for(
+        "rules valid under the prescribed configuration",
+        Duration::from_secs(20),
+        || {
+            let o = b.birdc("show route table flowtab4 all");
+            let o6 = b.birdc("show route table flowtab6 all");
+            let lines: Vec<String> = flow_lines(&o).into_iter().chain(flow_lines(&o6)).collect();
+            (lines.len() == 3 && lines.iter().all(|l| !l.contains("unreachable")))
+                .then_some((o, o6))
+        },
+    );
+    for want in [v4, "flow4 { src 203.0.113.7/32; proto 6; dport 25,587; }"] {
+        assert!(out.contains(want), "{want} missing:\n{out}");
+    }
+    assert!(out6.contains(v6), "{out6}");
+    // The import filter is what stands in for validation: a rule for an address that is not
+    // this customer's is refused (shown as filtered, never used).
+    assert!(
+        !out.contains("198.51.100.9"),
+        "rule outside the aggregate accepted:\n{out}"
+    );
+    let filtered = b.birdc("show route table flowtab4 filtered");
+    assert!(filtered.contains("src 198.51.100.9/32"), "{filtered}");
+    rt.block_on(h.shutdown());
+}

@@ -37,11 +37,16 @@ impl Bird {
     }
 
     /// Replaces the configuration with `conf` and applies it (`birdc configure`): sessions
-    /// stay up, changed routes are announced or withdrawn.
+    /// stay up unless a changed channel option needs a restart, changed routes are announced
+    /// or withdrawn.
     pub fn reconfigure(&self, conf: &str) {
         self.write_conf(conf);
         let out = self.birdc("configure");
-        assert!(out.contains("Reconfigured"), "birdc configure: {out}");
+        // "Reconfiguration in progress" when a protocol must restart to apply it.
+        assert!(
+            out.contains("Reconfigured") || out.contains("Reconfiguration in progress"),
+            "birdc configure: {out}"
+        );
     }
 
     /// The control socket.
