@@ -335,12 +335,22 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
     assert_eq!(s.routes_announced, 5, "{s:?}");
     assert!(s.uptime_secs.is_some());
 
-    // Shutdown sends CEASE: BIRD says so.
+    // Shutdown with graceful restart negotiated (BIRD 2 is a helper by default, `graceful
+    // restart aware`): the TCP closes without a NOTIFICATION, BIRD keeps the routes as
+    // stale, seconds later still.
     rt.block_on(h.shutdown());
-    wait_for("BIRD sees the CEASE", Duration::from_secs(10), || {
+    wait_for("BIRD in graceful restart", Duration::from_secs(10), || {
         let o = b.birdc("show protocols all agent");
-        (o.contains("Cease") || o.contains("Administrative shutdown")).then_some(())
+        o.contains("Neighbor graceful restart active").then_some(())
     });
+    std::thread::sleep(Duration::from_secs(3));
+    let o = bird_flow4(&b);
+    assert!(o.contains(v4) && o.contains(v4b), "routes dropped on shutdown:\n{o}");
+    assert!(
+        !b.log().contains("Received: Administrative shutdown"),
+        "{}",
+        b.log()
+    );
 }
 
 #[test]
