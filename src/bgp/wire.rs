@@ -407,8 +407,8 @@ pub fn encode_open(
 }
 
 /// [`encode_open`] with the Graceful Restart (and, with a long-lived stale time, the
-/// Long-Lived Graceful Restart) capability for every family; bgpkit-parser's encoder
-/// cannot set the Forwarding State bits' companions (LLGR), so both go in as raw values.
+/// Long-Lived Graceful Restart) capability for every family; bgpkit-parser has no LLGR
+/// encoder, so both are written here as raw capability values.
 pub fn encode_open_gr(
     local_as: u32,
     hold_time: u16,

@@ -345,7 +345,10 @@ fn bgp_bird_flowspec_rtbh_withdraw_and_reannounce() {
     });
     std::thread::sleep(Duration::from_secs(3));
     let o = bird_flow4(&b);
-    assert!(o.contains(v4) && o.contains(v4b), "routes dropped on shutdown:\n{o}");
+    assert!(
+        o.contains(v4) && o.contains(v4b),
+        "routes dropped on shutdown:\n{o}"
+    );
     assert!(
         !b.log().contains("Received: Administrative shutdown"),
         "{}",
