@@ -1030,11 +1030,12 @@ fn bgp_bird_collision_with_an_established_session() {
     l.agent
         .run(&["nft", "add rule inet colltest in tcp sport 179 drop"])
         .expect("nft rule");
-    let (rt, _tx, h) = speaker(
-        &l,
-        listening(policy(65002, 179, ""), false),
-        flowspec_only_block(),
-    );
+    // Without graceful restart: with it, BIRD takes a new OPEN from the agent while the
+    // session is Established for the agent's restart (RFC 4724 section 4.2) and ends the old
+    // session itself, so the RFC 4271 collision rule is not what decides.
+    let mut p = listening(policy(65002, 179, ""), false);
+    p.graceful_restart.restart_time = 0;
+    let (rt, _tx, h) = speaker(&l, p, flowspec_only_block());
     wait_for(
         "the agent's connect in flight",
         Duration::from_secs(5),
