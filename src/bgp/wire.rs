@@ -357,7 +357,7 @@ pub fn long_lived_value(stale_time: u32, families: &[Family]) -> Vec<u8> {
 /// it had not been sent).
 pub fn parse_graceful_restart(v: &[u8]) -> Option<PeerGr> {
     let (head, rest) = v.split_first_chunk::<2>()?;
-    if rest.len() % 4 != 0 {
+    if !rest.len().is_multiple_of(4) {
         return None;
     }
     let word = u16::from_be_bytes(*head);
@@ -378,7 +378,7 @@ pub fn parse_graceful_restart(v: &[u8]) -> Option<PeerGr> {
 
 /// Parses a Long-Lived Graceful Restart capability's value; `None` when malformed.
 pub fn parse_long_lived(v: &[u8]) -> Option<BTreeMap<(u16, u8), (bool, u32)>> {
-    if v.len() % 7 != 0 {
+    if !v.len().is_multiple_of(7) {
         return None;
     }
     Some(
