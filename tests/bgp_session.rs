@@ -84,7 +84,11 @@ fn bgp_policy(port: u16) -> egressguard::policy::Bgp {
 }
 
 fn speaker(port: u16) -> (SpeakerHandle, watch::Sender<Arc<DesiredBlocks>>) {
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    // Generation 1, as the daemon's first desired set: End-of-RIB waits for it.
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks {
+        generation: 1,
+        ..DesiredBlocks::default()
+    }));
     (Speaker::spawn(bgp_policy(port), rx), tx)
 }
 
@@ -215,7 +219,10 @@ async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
     // Peer 127.0.0.2 > speaker 127.0.0.1: the peer-initiated connection (B) survives, the
     // speaker's own (A) gets CEASE / Connection Collision Resolution.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks {
+        generation: 1,
+        ..DesiredBlocks::default()
+    }));
     let h = Speaker::spawn(listening_policy(l.local_addr().unwrap().port()), rx);
     let (mut a, mut b) = collide(&l, &h, "127.0.0.2").await;
     assert_eq!(notification(&mut a).await, (6, 7));
@@ -277,7 +284,10 @@ async fn collision_the_lower_peer_identifier_loses_its_connection() {
     // Peer 10.0.0.1 < speaker 127.0.0.1: the speaker's connection (A) survives, the peer's
     // (B) is closed.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks {
+        generation: 1,
+        ..DesiredBlocks::default()
+    }));
     let h = Speaker::spawn(listening_policy(l.local_addr().unwrap().port()), rx);
     let (mut a, mut b) = collide(&l, &h, "10.0.0.1").await;
     assert_eq!(notification(&mut b).await, (6, 7));
@@ -295,7 +305,10 @@ async fn the_listener_refuses_unconfigured_sources() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);
-    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let (_tx, rx) = watch::channel(Arc::new(DesiredBlocks {
+        generation: 1,
+        ..DesiredBlocks::default()
+    }));
     let h = Speaker::spawn(listening_policy(port), rx);
     let lport = listener_port(&h).await;
     // From 127.0.0.2: not a configured peer -> closed without a word, counted.
@@ -322,4 +335,104 @@ async fn the_listener_refuses_unconfigured_sources() {
     assert!(h.stats()[0].inbound);
     assert_eq!(h.listener_stats().accepted, 1);
     h.shutdown().await;
+}
+
+/// The capability `code`'s value in an OPEN (whole message), if present.
+fn capability(open: &[u8], code: u8) -> Option<Vec<u8>> {
+    let params = &open[29..];
+    let mut i = 0;
+    while i + 2 <= params.len() {
+        let (t, l) = (params[i], usize::from(params[i + 1]));
+        let p = params.get(i + 2..i + 2 + l)?;
+        if t == 2 {
+            let mut j = 0;
+            while j + 2 <= p.len() {
+                let (c, cl) = (p[j], usize::from(p[j + 1]));
+                if c == code {
+                    return p.get(j + 2..j + 2 + cl).map(<[u8]>::to_vec);
+                }
+                j += 2 + cl;
+            }
+        }
+        i += 2 + l;
+    }
+    None
+}
+
+#[tokio::test]
+async fn graceful_restart_capability_end_of_rib_after_the_first_set_and_a_quiet_close() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    // Generation 0: the daemon has not restored its holds yet.
+    let (tx, rx) = watch::channel(Arc::new(DesiredBlocks::default()));
+    let h = Speaker::spawn(bgp_policy(port), rx);
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let open = read_msg(&mut s).await.expect("OPEN");
+    // RFC 4724: Restart State set (first session since start), restart time 120 s (the
+    // default), IPv4 flowspec with Forwarding State.
+    assert_eq!(
+        capability(&open, 64).expect("GR capability"),
+        [0x80, 120, 0, 1, 133, 0x80]
+    );
+    // RFC 9494: IPv4 flowspec, Forwarding State, long-lived stale time 3600 s.
+    assert_eq!(
+        capability(&open, 71).expect("LLGR capability"),
+        [0, 1, 133, 0x80, 0, 0x0e, 0x10]
+    );
+    // The peer is a graceful-restart helper (restart time 0, no families of its own).
+    let peer = wire::encode_open_gr(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &[Family::Ipv4Flowspec],
+        Some(wire::GrOffer {
+            restart_time: 1,
+            restarted: false,
+            long_lived_stale_time: 0,
+        }),
+    );
+    assert!(wire::decode_open(&peer).unwrap().graceful_restart.is_some());
+    s.write_all(&peer).await.unwrap();
+    s.write_all(&wire::encode_keepalive()).await.unwrap();
+    // No End-of-RIB while the desired set is generation 0 (only KEEPALIVEs for 2 s).
+    let quiet = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let m = read_msg(&mut s).await.expect("message");
+            if m[18] != msg::KEEPALIVE {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "sent before the first desired set: {quiet:?}"
+    );
+    tx.send(Arc::new(DesiredBlocks {
+        generation: 1,
+        ..DesiredBlocks::default()
+    }))
+    .unwrap();
+    loop {
+        let m = read_msg(&mut s).await.expect("End-of-RIB");
+        if m[18] == msg::UPDATE {
+            assert_eq!(
+                wire::decode_update(&m, true).unwrap().end_of_rib,
+                Some((1, 133))
+            );
+            break;
+        }
+    }
+    // The agent stops: no NOTIFICATION (that would end graceful restart), the TCP closes.
+    h.shutdown().await;
+    loop {
+        match read_msg(&mut s).await {
+            None => break,
+            Some(m) => assert_eq!(m[18], msg::KEEPALIVE, "{m:?}"),
+        }
+    }
+    assert_eq!(h.stats().len(), 0);
 }

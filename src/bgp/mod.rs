@@ -66,7 +66,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 pub use flowspec::{LearnedAction, LearnedRule};
 
 use crate::messages::DesiredBlocks;
-use crate::policy::{Bgp, Family, LearnBounds, Peer};
+use crate::policy::{Bgp, Family, GracefulRestart, LearnBounds, Peer};
 use session::{PeerCmd, PeerTask};
 
 /// RFC 4271 session states.
@@ -282,6 +282,7 @@ impl Speaker {
             stats: stats.clone(),
             learned: Arc::new(learned_tx),
             bounds: watch::channel(LearnBounds::default()).0,
+            gr: watch::channel(GracefulRestart::default()).0,
             listener: None,
             listener_stats: listener.clone(),
             accepted_tx,
@@ -360,6 +361,9 @@ struct Supervisor {
     learned: Arc<watch::Sender<Arc<LearnedRules>>>,
     /// The bounds of learnt rules, updated on reload without resetting sessions.
     bounds: watch::Sender<LearnBounds>,
+    /// Graceful restart as advertised in the next OPENs (a reload changes it without
+    /// resetting sessions).
+    gr: watch::Sender<GracefulRestart>,
     listener: Option<Listening>,
     listener_stats: Arc<Mutex<ListenerStats>>,
     accepted_tx: mpsc::Sender<(TcpStream, SocketAddr)>,
@@ -390,7 +394,7 @@ impl Supervisor {
                     self.listener = None;
                     let all: Vec<IpAddr> = self.peers.keys().copied().collect();
                     for a in all {
-                        self.stop(a, wire::err::CEASE_SHUTDOWN).await;
+                        self.shutdown_peer(a).await;
                     }
                     self.publish();
                     let _ = done.send(());
@@ -518,6 +522,16 @@ impl Supervisor {
         self.listener_stat(|l| l.last_error = errors.pop());
     }
 
+    /// Agent shutdown: a session with graceful restart negotiated closes without a
+    /// NOTIFICATION (RFC 4724: a NOTIFICATION ends graceful restart, and BIRD 2.0 has no
+    /// RFC 8538), so the peer keeps our routes; others get CEASE.
+    async fn shutdown_peer(&mut self, addr: IpAddr) {
+        if let Some(r) = self.peers.remove(&addr) {
+            let _ = r.cmd.send(PeerCmd::Close).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), r.task).await;
+        }
+    }
+
     async fn stop(&mut self, addr: IpAddr, sub: u8) {
         if let Some(r) = self.peers.remove(&addr) {
             let _ = r.cmd.send(PeerCmd::Stop(sub)).await;
@@ -533,6 +547,7 @@ impl Supervisor {
 
     async fn apply(&mut self, policy: Bgp) {
         self.bounds.send_replace(policy.learn.clone());
+        self.gr.send_replace(policy.graceful_restart);
         let wanted: BTreeMap<IpAddr, (u32, std::net::Ipv4Addr, Peer)> = policy
             .peers
             .iter()
@@ -567,6 +582,8 @@ impl Supervisor {
                 stats: stats.clone(),
                 learned: self.learned.clone(),
                 bounds: self.bounds.subscribe(),
+                gr: self.gr.subscribe(),
+                restarted: true,
                 cmd: cmd_rx,
             };
             let span = info_span!("bgp", peer = %w.2.name, addr = %a);

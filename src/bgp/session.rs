@@ -29,7 +29,7 @@ use super::routes::{self, RouteKey, RouteSet, RouteVal};
 use super::wire::{self, Notification, PathCtx, err, msg};
 use super::{LearnedKey, LearnedRules, PeerStats, SessionState};
 use crate::messages::DesiredBlocks;
-use crate::policy::{Family, LearnBounds, Peer};
+use crate::policy::{Family, GracefulRestart, LearnBounds, Peer};
 use ipnet::IpNet;
 
 /// At most one WARN line a minute per peer about refused flowspec rules.
@@ -41,6 +41,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const OPEN_HOLD: Duration = Duration::from_secs(240);
 /// First retry delay; doubled after each failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest wait for the first desired set (generation 1) before End-of-RIB is sent anyway.
+const FIRST_SET_WAIT: Duration = Duration::from_secs(30);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A session up this long resets the backoff (a flapping one keeps backing off).
@@ -51,6 +53,9 @@ const STABLE: Duration = Duration::from_secs(60);
 pub(crate) enum PeerCmd {
     /// Send CEASE with this sub-code and stop.
     Stop(u8),
+    /// The agent stops: close without a NOTIFICATION when graceful restart is negotiated
+    /// (the peer keeps our routes), with CEASE / administrative shutdown otherwise.
+    Close,
     /// An inbound connection from the peer's address, accepted by the listener.
     Inbound(TcpStream),
 }
@@ -64,6 +69,11 @@ pub(crate) struct PeerTask {
     pub stats: Arc<Mutex<PeerStats>>,
     pub learned: Arc<watch::Sender<Arc<LearnedRules>>>,
     pub bounds: watch::Receiver<LearnBounds>,
+    /// Graceful restart to advertise.
+    pub gr: watch::Receiver<GracefulRestart>,
+    /// No session has been established since the agent started: the Restart State bit is
+    /// set in our OPEN (RFC 4724 section 3).
+    pub restarted: bool,
     pub cmd: mpsc::Receiver<PeerCmd>,
 }
 
@@ -158,12 +168,20 @@ impl PeerTask {
 
     fn handshake_ctx(&self) -> HandshakeCtx {
         HandshakeCtx {
-            open: wire::encode_open(
-                self.local_as,
-                self.peer.hold_time,
-                self.router_id,
-                &self.peer.families,
-            ),
+            open: {
+                let gr = *self.gr.borrow();
+                wire::encode_open_gr(
+                    self.local_as,
+                    self.peer.hold_time,
+                    self.router_id,
+                    &self.peer.families,
+                    gr.enabled().then_some(wire::GrOffer {
+                        restart_time: gr.restart_time,
+                        restarted: self.restarted,
+                        long_lived_stale_time: gr.long_lived_stale_time,
+                    }),
+                )
+            },
             local_as: self.local_as,
             router_id: self.router_id,
             remote_as: self.peer.remote_as,
@@ -286,7 +304,7 @@ impl PeerTask {
             tokio::select! {
                 c = self.cmd.recv() => match c {
                     Some(PeerCmd::Inbound(s)) => self.accept(&mut hs, s),
-                    Some(PeerCmd::Stop(_)) | None => {
+                    Some(PeerCmd::Stop(_) | PeerCmd::Close) | None => {
                         hs.shutdown().await;
                         self.set_state(SessionState::Idle);
                         return;
@@ -590,6 +608,13 @@ impl PeerTask {
         }
         let mut sent = RouteSet::new();
         let mut eor_sent = false;
+        // Graceful restart negotiated: both OPENs carry the capability (ours when enabled).
+        let gr_negotiated = self.gr.borrow().enabled() && o.graceful_restart.is_some();
+        // After a restart the decision task restores the holds from the state store before
+        // its first desired set (generation 1). End-of-RIB for the empty generation 0 would
+        // make a graceful-restart peer flush every stale route of ours: wait for the first
+        // real set, at most FIRST_SET_WAIT.
+        let first_set_deadline = tokio::time::Instant::now() + FIRST_SET_WAIT;
 
         loop {
             let established = state == SessionState::Established;
@@ -604,8 +629,16 @@ impl PeerTask {
                         None => std::future::pending::<()>().await,
                     }
                 };
+                let waiting_first = established && !eor_sent;
                 let blocks_changed = async {
                     if !established || blocks.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let first_set_wait = async {
+                    if waiting_first {
+                        tokio::time::sleep_until(first_set_deadline).await;
+                    } else {
                         std::future::pending::<()>().await;
                     }
                 };
@@ -627,12 +660,19 @@ impl PeerTask {
                     _ = hold_timer => Ev::Hold,
                     _ = tick => Ev::Tick,
                     _ = blocks_changed => Ev::Blocks,
+                    _ = first_set_wait => Ev::Blocks,
                     m = rx.recv() => Ev::Msg(m),
                     a = handshakes => Ev::Handshake(a),
                 }
             };
             match ev {
                 Ev::Cmd(Some(PeerCmd::Inbound(s))) => self.accept(hs, s),
+                Ev::Cmd(Some(PeerCmd::Close)) if gr_negotiated => {
+                    info!(peer = %self.peer.name, "bgp session closed without NOTIFICATION: graceful restart is negotiated, the peer keeps our routes as stale until we are back");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
+                    hs.shutdown().await;
+                    return End::Stop;
+                }
                 Ev::Cmd(c) => {
                     let sub = match c {
                         Some(PeerCmd::Stop(s)) => s,
@@ -686,6 +726,13 @@ impl PeerTask {
                     }
                 }
                 Ev::Blocks => {
+                    if !eor_sent
+                        && self.blocks.borrow().generation == 0
+                        && tokio::time::Instant::now() < first_set_deadline
+                    {
+                        debug!(peer = %self.peer.name, "bgp End-of-RIB held back until the first desired set");
+                        continue;
+                    }
                     if self
                         .sync(&mut wr, &ctx, &families, &mut sent, &mut eor_sent)
                         .await
@@ -722,6 +769,7 @@ impl PeerTask {
                             msg::KEEPALIVE => {
                                 state = SessionState::Established;
                                 self.set_state(state);
+                                self.restarted = false;
                                 info!(peer = %self.peer.name, families = ?families, hold = hold.as_secs(), inbound = !outbound, "bgp session established");
                                 self.blocks.mark_changed();
                                 Ok(())

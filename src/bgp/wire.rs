@@ -17,7 +17,7 @@
 //!
 //! These workarounds belong upstream in bgpkit-parser.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use bgpkit_parser::models::{
@@ -281,6 +281,119 @@ pub struct PeerOpen {
     pub four_octet: bool,
     /// It understands ROUTE-REFRESH.
     pub route_refresh: bool,
+    /// Its Graceful Restart capability (RFC 4724), when it sent one.
+    pub graceful_restart: Option<PeerGr>,
+    /// Its Long-Lived Graceful Restart capability (RFC 9494): per `(AFI, SAFI)`, the
+    /// Forwarding State bit and the long-lived stale time in seconds.
+    pub long_lived: BTreeMap<(u16, u8), (bool, u32)>,
+}
+
+/// A peer's Graceful Restart capability (RFC 4724 section 3).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerGr {
+    /// Restart State (R): the peer has just restarted.
+    pub restarted: bool,
+    /// Restart time in seconds.
+    pub restart_time: u16,
+    /// Families whose routes it keeps across its restart: `(AFI, SAFI)` → Forwarding State.
+    pub families: BTreeMap<(u16, u8), bool>,
+}
+
+/// Graceful restart as we advertise it in our OPEN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrOffer {
+    /// Restart time in seconds (at most 4095).
+    pub restart_time: u16,
+    /// Set the Restart State bit: the first session since the agent started.
+    pub restarted: bool,
+    /// Long-lived stale time in seconds (0: no LLGR capability).
+    pub long_lived_stale_time: u32,
+}
+
+/// Capability codes bgpkit-parser has no encoder for that we write by hand.
+pub mod cap {
+    /// Graceful Restart (RFC 4724).
+    pub const GRACEFUL_RESTART: u8 = 64;
+    /// Long-Lived Graceful Restart (RFC 9494).
+    pub const LONG_LIVED_GR: u8 = 71;
+    /// Restart State bit of the Restart Flags.
+    pub const RESTART_STATE: u16 = 0x8000;
+    /// Forwarding State bit of an address family's flags.
+    pub const FORWARDING_STATE: u8 = 0x80;
+}
+
+/// The Graceful Restart capability's value: flags and restart time, then each family with
+/// the Forwarding State bit set (the agent's blocks outlive it, in the kernel and in its
+/// database).
+pub fn graceful_restart_value(gr: &GrOffer, families: &[Family]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + 4 * families.len());
+    let flags = if gr.restarted { cap::RESTART_STATE } else { 0 };
+    v.extend_from_slice(&(flags | (gr.restart_time & 0x0fff)).to_be_bytes());
+    for f in families {
+        let (afi, safi) = family_code(*f);
+        v.extend_from_slice(&afi.to_be_bytes());
+        v.push(safi);
+        v.push(cap::FORWARDING_STATE);
+    }
+    v
+}
+
+/// The Long-Lived Graceful Restart capability's value (RFC 9494 section 3): each family
+/// with the Forwarding State bit and the 24-bit long-lived stale time.
+pub fn long_lived_value(stale_time: u32, families: &[Family]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(7 * families.len());
+    let t = stale_time.min(0xff_ffff).to_be_bytes();
+    for f in families {
+        let (afi, safi) = family_code(*f);
+        v.extend_from_slice(&afi.to_be_bytes());
+        v.push(safi);
+        v.push(cap::FORWARDING_STATE);
+        v.extend_from_slice(&t[1..]);
+    }
+    v
+}
+
+/// Parses a Graceful Restart capability's value; `None` when malformed (ignored then, as if
+/// it had not been sent).
+pub fn parse_graceful_restart(v: &[u8]) -> Option<PeerGr> {
+    let (head, rest) = v.split_first_chunk::<2>()?;
+    if !rest.len().is_multiple_of(4) {
+        return None;
+    }
+    let word = u16::from_be_bytes(*head);
+    Some(PeerGr {
+        restarted: word & cap::RESTART_STATE != 0,
+        restart_time: word & 0x0fff,
+        families: rest
+            .chunks_exact(4)
+            .map(|c| {
+                (
+                    (u16::from_be_bytes([c[0], c[1]]), c[2]),
+                    c[3] & cap::FORWARDING_STATE != 0,
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Parses a Long-Lived Graceful Restart capability's value; `None` when malformed.
+pub fn parse_long_lived(v: &[u8]) -> Option<BTreeMap<(u16, u8), (bool, u32)>> {
+    if !v.len().is_multiple_of(7) {
+        return None;
+    }
+    Some(
+        v.chunks_exact(7)
+            .map(|c| {
+                (
+                    (u16::from_be_bytes([c[0], c[1]]), c[2]),
+                    (
+                        c[3] & cap::FORWARDING_STATE != 0,
+                        u32::from_be_bytes([0, c[4], c[5], c[6]]),
+                    ),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Encodes our OPEN (bgpkit-parser), with AS_TRANS in the 2-octet field for a 4-octet AS.
@@ -289,6 +402,19 @@ pub fn encode_open(
     hold_time: u16,
     router_id: Ipv4Addr,
     families: &[Family],
+) -> Vec<u8> {
+    encode_open_gr(local_as, hold_time, router_id, families, None)
+}
+
+/// [`encode_open`] with the Graceful Restart (and, with a long-lived stale time, the
+/// Long-Lived Graceful Restart) capability for every family; bgpkit-parser has no LLGR
+/// encoder, so both are written here as raw capability values.
+pub fn encode_open_gr(
+    local_as: u32,
+    hold_time: u16,
+    router_id: Ipv4Addr,
+    families: &[Family],
+    gr: Option<GrOffer>,
 ) -> Vec<u8> {
     let mut caps: Vec<Capability> = families
         .iter()
@@ -316,6 +442,18 @@ pub fn encode_open(
         ty: BgpCapabilityType::SUPPORT_FOR_4_OCTET_AS_NUMBER_CAPABILITY,
         value: CapabilityValue::FourOctetAs(FourOctetAsCapability { asn: local_as }),
     });
+    if let Some(gr) = gr.filter(|g| g.restart_time > 0) {
+        caps.push(Capability {
+            ty: BgpCapabilityType::GRACEFUL_RESTART_CAPABILITY,
+            value: CapabilityValue::Raw(graceful_restart_value(&gr, families)),
+        });
+        if gr.long_lived_stale_time > 0 {
+            caps.push(Capability {
+                ty: BgpCapabilityType::LONG_LIVED_GRACEFUL_RESTART_CAPABILITY,
+                value: CapabilityValue::Raw(long_lived_value(gr.long_lived_stale_time, families)),
+            });
+        }
+    }
     // Workaround: bgpkit-parser writes `u16::from(asn)`, truncating a 4-octet AS.
     let two_octet = u16::try_from(local_as).unwrap_or(AS_TRANS);
     let open = BgpOpenMessage {
@@ -370,6 +508,8 @@ pub fn decode_open(m: &[u8]) -> Result<PeerOpen, Notification> {
         families: BTreeSet::new(),
         four_octet: false,
         route_refresh: false,
+        graceful_restart: None,
+        long_lived: BTreeMap::new(),
     };
     for p in &open.opt_params {
         match &p.param_value {
@@ -384,6 +524,28 @@ pub fn decode_open(m: &[u8]) -> Result<PeerOpen, Notification> {
                             out.asn = f.asn;
                         }
                         CapabilityValue::RouteRefresh(_) => out.route_refresh = true,
+                        CapabilityValue::GracefulRestart(g) => {
+                            out.graceful_restart = Some(PeerGr {
+                                restarted: g.restart_state,
+                                restart_time: g.restart_time,
+                                families: g
+                                    .address_families
+                                    .iter()
+                                    .map(|f| ((f.afi as u16, f.safi as u8), f.forwarding_state))
+                                    .collect(),
+                            });
+                        }
+                        CapabilityValue::Raw(raw)
+                            if c.ty == BgpCapabilityType::GRACEFUL_RESTART_CAPABILITY =>
+                        {
+                            out.graceful_restart = parse_graceful_restart(raw);
+                        }
+                        CapabilityValue::Raw(raw)
+                            if c.ty
+                                == BgpCapabilityType::LONG_LIVED_GRACEFUL_RESTART_CAPABILITY =>
+                        {
+                            out.long_lived = parse_long_lived(raw).unwrap_or_default();
+                        }
                         CapabilityValue::Raw(raw)
                             if c.ty == BgpCapabilityType::MULTIPROTOCOL_EXTENSIONS_FOR_BGP_4
                                 && raw.len() == 4 =>

@@ -97,6 +97,16 @@ pub const BGP_PORT: u16 = 179;
 pub const BGP_HOLD_TIME: u16 = 90;
 /// Flowspec rules in force from one `accept_flowspec` peer; more are refused and counted.
 pub const MAX_LEARNED: u32 = 1000;
+/// Graceful restart (RFC 4724): how long a peer keeps our routes after the session drops
+/// (the agent restarting or crashing) before it removes them.
+pub const GR_RESTART_TIME: Duration = Duration::from_secs(120);
+/// Long-lived graceful restart (RFC 9494): how much longer a peer that supports it keeps
+/// them, as long-lived stale routes, once the restart time is over.
+pub const GR_LONG_LIVED_STALE_TIME: Duration = Duration::from_secs(3600);
+/// Largest restart time: the capability has 12 bits for it.
+pub const GR_RESTART_TIME_MAX: u64 = 4095;
+/// Largest long-lived stale time: 24 bits.
+pub const GR_LONG_LIVED_STALE_TIME_MAX: u64 = 0xff_ffff;
 
 // notify
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -430,6 +430,35 @@ pub struct Bgp {
     /// What a learnt flowspec rule may cover, derived from `networks:` and the block widths
     /// (not written in the `bgp:` section).
     pub learn: LearnBounds,
+    /// Graceful restart advertised to every peer (`bgp.graceful_restart:`).
+    pub graceful_restart: GracefulRestart,
+}
+
+/// Graceful restart as the restarting speaker (RFC 4724) and long-lived graceful restart
+/// (RFC 9494): how long peers keep the agent's routes when its sessions drop without a
+/// NOTIFICATION (restart, crash, `systemctl stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GracefulRestart {
+    /// Restart time in seconds advertised (0: graceful restart off, and with it LLGR).
+    pub restart_time: u16,
+    /// Long-lived stale time in seconds advertised (0: LLGR off).
+    pub long_lived_stale_time: u32,
+}
+
+impl GracefulRestart {
+    /// Graceful restart is advertised.
+    pub fn enabled(&self) -> bool {
+        self.restart_time > 0
+    }
+}
+
+impl Default for GracefulRestart {
+    fn default() -> GracefulRestart {
+        GracefulRestart {
+            restart_time: defaults::GR_RESTART_TIME.as_secs() as u16,
+            long_lived_stale_time: defaults::GR_LONG_LIVED_STALE_TIME.as_secs() as u32,
+        }
+    }
 }
 
 /// The bounds of learnt flowspec rules: a source inside one of `networks` and no wider than

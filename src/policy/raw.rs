@@ -266,6 +266,15 @@ pub struct RawBgp {
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     pub listen: Option<Scalar>,
+    pub graceful_restart: Option<RawGracefulRestart>,
+}
+
+/// `bgp.graceful_restart:` (RFC 4724, RFC 9494).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGracefulRestart {
+    pub restart_time: Option<Scalar>,
+    pub long_lived_stale_time: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

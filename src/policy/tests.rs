@@ -935,3 +935,25 @@ anti_spoofing:
         "on by default"
     );
 }
+
+#[test]
+fn bgp_graceful_restart_settings() {
+    let base = "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nbgp:\n  local_as: 65001\n  router_id: 192.0.2.1\n  peers: []\n";
+    let gr = |extra: &str| {
+        Policy::from_text(&format!("{base}{extra}"), Path::new("p.yaml"))
+            .map(|p| p.bgp.unwrap().graceful_restart)
+    };
+    assert_eq!(gr("").unwrap(), GracefulRestart::default());
+    assert_eq!(GracefulRestart::default().restart_time, 120);
+    let g =
+        gr("  graceful_restart:\n    restart_time: 30s\n    long_lived_stale_time: 2h\n").unwrap();
+    assert_eq!((g.restart_time, g.long_lived_stale_time), (30, 7200));
+    let off = gr("  graceful_restart:\n    restart_time: false\n").unwrap();
+    assert_eq!((off.restart_time, off.long_lived_stale_time), (0, 0));
+    let no_ll = gr("  graceful_restart:\n    long_lived_stale_time: 0\n").unwrap();
+    assert_eq!((no_ll.restart_time, no_ll.long_lived_stale_time), (120, 0));
+    let e = gr("  graceful_restart:\n    restart_time: 2h\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("p.yaml:9:") && e.contains("4095"), "{e}");
+}

@@ -1673,13 +1673,77 @@ fn bgp(cx: &mut Cx, raw: &RawBgp, learn: LearnBounds) -> Option<Bgp> {
             }
         }
     }
+    let graceful_restart = graceful_restart(cx, raw.graceful_restart.as_ref());
     Some(Bgp {
         local_as: local_as?,
         router_id: router_id?,
         peers,
         listen,
         learn,
+        graceful_restart,
     })
+}
+
+/// `bgp.graceful_restart:`: each time a duration, or `0` / `false` for off.
+fn graceful_restart(cx: &mut Cx, raw: Option<&RawGracefulRestart>) -> GracefulRestart {
+    let empty = RawGracefulRestart::default();
+    let raw = raw.unwrap_or(&empty);
+    let restart_time = gr_seconds(
+        cx,
+        "bgp.graceful_restart.restart_time",
+        raw.restart_time.as_ref(),
+        d::GR_RESTART_TIME,
+        d::GR_RESTART_TIME_MAX,
+    ) as u16;
+    let long_lived_stale_time = gr_seconds(
+        cx,
+        "bgp.graceful_restart.long_lived_stale_time",
+        raw.long_lived_stale_time.as_ref(),
+        d::GR_LONG_LIVED_STALE_TIME,
+        d::GR_LONG_LIVED_STALE_TIME_MAX,
+    ) as u32;
+    if restart_time == 0 && long_lived_stale_time > 0 && raw.long_lived_stale_time.is_some() {
+        cx.warn(
+            "bgp.graceful_restart.long_lived_stale_time",
+            "long-lived graceful restart needs graceful restart, which `restart_time` turns off; it is not advertised either",
+            Some("set `restart_time:` (e.g. 120s), or `long_lived_stale_time: 0`".into()),
+        );
+    }
+    GracefulRestart {
+        restart_time,
+        long_lived_stale_time: if restart_time == 0 {
+            0
+        } else {
+            long_lived_stale_time
+        },
+    }
+}
+
+/// Whole seconds of a graceful-restart time: a duration up to `max` seconds, `0` or `false`
+/// for off.
+fn gr_seconds(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: Duration, max: u64) -> u64 {
+    let Some(s) = s else {
+        return default.as_secs();
+    };
+    let t = s.0.trim();
+    if t == "0" || t == "false" {
+        return 0;
+    }
+    if t == "true" {
+        return default.as_secs();
+    }
+    let v = duration(cx, path, Some(s), default);
+    if v.subsec_nanos() != 0 || v.as_secs() > max {
+        cx.err(
+            path,
+            format!("`{t}` is not a whole number of seconds up to {max}s"),
+            Some(format!(
+                "write whole seconds up to {max}s (the capability's field), or 0 to turn it off"
+            )),
+        );
+        return default.as_secs();
+    }
+    v.as_secs()
 }
 
 fn notify(cx: &mut Cx, raw: Option<&RawNotify>) -> Notify {
