@@ -50,6 +50,12 @@ pub const SPAM_PORTS: &[u16] = &[25];
 // escalation
 pub const FORGET_AFTER: Duration = Duration::from_secs(180 * 86_400);
 pub const FIRST_QUARANTINE: Duration = Duration::from_secs(3_600);
+/// Whether the holds of a rung are announced to the BGP peers, by the rung's action: a
+/// quarantine is enforced on this router only (its walled garden stays reachable there), a
+/// block and a termination are announced as `actions:` (or `operator_blocks:`) say.
+pub const fn rung_announce(kind: crate::messages::BlockKind) -> bool {
+    !matches!(kind, crate::messages::BlockKind::Quarantine)
+}
 
 // reconnect
 pub const RECONNECT_REQUIRES: &[&str] = &["fee_paid", "reinstalled", "acknowledged"];
@@ -97,6 +103,10 @@ pub const BGP_PORT: u16 = 179;
 pub const BGP_HOLD_TIME: u16 = 90;
 /// Flowspec rules in force from one `accept_flowspec` peer; more are refused and counted.
 pub const MAX_LEARNED: u32 = 1000;
+/// Most communities in one of a peer's community lists (`rtbh_communities`,
+/// `flowspec_communities`): 64 large communities are 768 bytes, which keeps every UPDATE
+/// within 4096 bytes.
+pub const MAX_COMMUNITIES: usize = 64;
 
 // notify
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
