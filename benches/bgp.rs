@@ -64,10 +64,18 @@ fn bench(c: &mut Criterion) {
         .map(|t| block_nlri(t, Some(6), &[25, 587]).encode().expect("nlri"))
         .collect();
     c.bench_function("bgp/flow_announce_10k_rules", |bn| {
-        bn.iter(|| wire::flow_announce(&ctx, Afi::Ipv4, traffic_rate(0, 0.0), black_box(&nlris)))
+        bn.iter(|| {
+            wire::flow_announce(
+                &ctx,
+                Afi::Ipv4,
+                traffic_rate(0, 0.0),
+                &[],
+                black_box(&nlris),
+            )
+        })
     });
 
-    let full = wire::flow_announce(&ctx, Afi::Ipv4, traffic_rate(0, 0.0), &nlris[..1000])
+    let full = wire::flow_announce(&ctx, Afi::Ipv4, traffic_rate(0, 0.0), &[], &nlris[..1000])
         .expect("updates")
         .remove(0);
     c.bench_function("bgp/decode_full_flowspec_update", |bn| {

@@ -732,7 +732,11 @@ fn operator_block_in_dry_run_is_recorded_as_dry_run() {
 
 #[test]
 fn desired_blocks_carry_announcements_and_flowspec_scope() {
-    let mut d = decider(policy(""));
+    // The first rung (a quarantine) announces nothing by default; announced here, its holds
+    // carry what each category's `actions:` say.
+    let mut p = (*policy("")).clone();
+    p.escalation.ladder[0].announce = true;
+    let mut d = decider(Arc::new(p));
     d.on_detection(&detection("203.0.113.20", Category::Spam, at(1)))
         .unwrap();
     d.on_detection(&detection("203.0.113.21", Category::Flood, at(2)))

@@ -1011,7 +1011,13 @@ impl PeerTask {
         let asn16 = u16::try_from(self.local_as).unwrap_or(0);
         for ((afi, rate), ns) in &flow_a {
             push(
-                wire::flow_announce(ctx, *afi, flowspec::traffic_rate(asn16, *rate as f32), ns),
+                wire::flow_announce(
+                    ctx,
+                    *afi,
+                    flowspec::traffic_rate(asn16, *rate as f32),
+                    &self.peer.flowspec_communities,
+                    ns,
+                ),
                 &mut out,
             );
         }

@@ -906,19 +906,7 @@ impl PathCtx {
     }
 
     fn encode_attrs(&self, values: Vec<AttributeValue>) -> Result<BytesMut, WireError> {
-        let attrs: Attributes = values
-            .into_iter()
-            .map(|value| {
-                let mut a = Attribute::from(value);
-                if matches!(
-                    a.value,
-                    AttributeValue::MpReachNlri(_) | AttributeValue::MpUnreachNlri(_)
-                ) {
-                    a.flag |= AttrFlags::EXTENDED;
-                }
-                a
-            })
-            .collect();
+        let attrs: Attributes = values.into_iter().map(attribute).collect();
         let mut buf = BytesMut::new();
         attrs
             .encode_to(self.asn_len(), &mut buf)
@@ -939,6 +927,23 @@ pub enum WireError {
     /// One route does not fit a message.
     #[error("a route of {0} bytes does not fit one UPDATE")]
     TooBig(usize),
+}
+
+/// An attribute with the extended-length flag where its value may pass 255 bytes (the
+/// multiprotocol NLRIs, and community lists): bgpkit-parser refuses to encode a longer value
+/// without it.
+fn attribute(value: AttributeValue) -> Attribute {
+    let long = match &value {
+        AttributeValue::MpReachNlri(_) | AttributeValue::MpUnreachNlri(_) => true,
+        AttributeValue::Communities(c) => c.len() * 4 > 255,
+        AttributeValue::LargeCommunities(c) => c.len() * 12 > 255,
+        _ => false,
+    };
+    let mut a = Attribute::from(value);
+    if long {
+        a.flag |= AttrFlags::EXTENDED;
+    }
+    a
 }
 
 fn update_body(withdrawn: &[u8], attrs: &[u8], nlri: &[u8]) -> Vec<u8> {
@@ -980,7 +985,8 @@ fn pack(nlris: &[Vec<u8>], room: usize) -> Result<Vec<&[Vec<u8>]>, WireError> {
     Ok(groups)
 }
 
-/// UPDATEs announcing flowspec NLRIs (already encoded) with one traffic-rate action.
+/// UPDATEs announcing flowspec NLRIs (already encoded) with one traffic-rate action and the
+/// peer's `communities` (standard and large, bgpkit-parser encodes them).
 ///
 /// By hand around bgpkit-parser: MP_REACH with a zero-length next hop and the 0x8006
 /// extended community (see the module doc).
@@ -988,13 +994,18 @@ pub fn flow_announce(
     ctx: &PathCtx,
     afi: Afi,
     traffic_rate: [u8; 8],
+    communities: &[Community],
     nlris: &[Vec<u8>],
 ) -> Result<Vec<Vec<u8>>, WireError> {
-    let mut attrs = ctx.encode_attrs(ctx.common())?.to_vec();
+    let mut values = ctx.common();
+    values.extend(community_attrs(Vec::new(), communities));
+    let mut attrs = ctx.encode_attrs(values)?.to_vec();
     // EXTENDED_COMMUNITIES: optional transitive.
     put_attr(&mut attrs, 0xc0, attr::EXT_COMMUNITIES, &traffic_rate);
     // MP_REACH header: flags, code, 2-byte length, AFI, SAFI, next-hop length 0, reserved.
-    let room = MAX_MESSAGE - HEADER_LEN - 4 - attrs.len() - 4 - 5;
+    let room = (MAX_MESSAGE - HEADER_LEN - 4 - 4 - 5)
+        .checked_sub(attrs.len())
+        .ok_or(WireError::TooBig(attrs.len()))?;
     let mut out = Vec::new();
     for group in pack(nlris, room)? {
         let mut value = Vec::with_capacity(room + 5);
@@ -1035,11 +1046,9 @@ pub fn flow_withdraw(afi: Afi, nlris: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, WireEr
 const RTBH_CHUNK_V4: usize = 200;
 const RTBH_CHUNK_V6: usize = 150;
 
-fn communities(list: &[Community]) -> Vec<AttributeValue> {
-    let mut std = vec![
-        KCommunity::Custom(65535u32.into(), 666), // BLACKHOLE (RFC 7999)
-        KCommunity::NoExport,
-    ];
+/// The COMMUNITIES (`std` first, then the standard ones of `list`) and LARGE_COMMUNITIES
+/// attributes, each only when it has an entry.
+fn community_attrs(mut std: Vec<KCommunity>, list: &[Community]) -> Vec<AttributeValue> {
     let mut large = Vec::new();
     for c in list {
         match *c {
@@ -1047,7 +1056,10 @@ fn communities(list: &[Community]) -> Vec<AttributeValue> {
             Community::Large(g, l1, l2) => large.push(LargeCommunity::new(g, [l1, l2])),
         }
     }
-    let mut v = vec![AttributeValue::Communities(std)];
+    let mut v = Vec::new();
+    if !std.is_empty() {
+        v.push(AttributeValue::Communities(std));
+    }
     if !large.is_empty() {
         v.push(AttributeValue::LargeCommunities(large));
     }
@@ -1066,13 +1078,19 @@ pub fn rtbh_announce(
     for chunk in prefixes.chunks(if v6 { RTBH_CHUNK_V6 } else { RTBH_CHUNK_V4 }) {
         let p: Vec<NetworkPrefix> = chunk.iter().map(|n| NetworkPrefix::new(*n, None)).collect();
         let mut values = ctx.common();
-        values.extend(communities(extra));
+        values.extend(community_attrs(
+            vec![
+                KCommunity::Custom(65535u32.into(), 666), // BLACKHOLE (RFC 7999)
+                KCommunity::NoExport,
+            ],
+            extra,
+        ));
         let msg = match next_hop {
             IpAddr::V4(_) => {
                 values.push(AttributeValue::NextHop(next_hop));
                 BgpUpdateMessage {
                     withdrawn_prefixes: vec![],
-                    attributes: Attributes::from_iter(values),
+                    attributes: Attributes::from_iter(values.into_iter().map(attribute)),
                     announced_prefixes: p,
                 }
             }
@@ -1088,13 +1106,7 @@ pub fn rtbh_announce(
                 }));
                 BgpUpdateMessage {
                     withdrawn_prefixes: vec![],
-                    attributes: Attributes::from_iter(values.into_iter().map(|v| {
-                        let mut a = Attribute::from(v);
-                        if matches!(a.value, AttributeValue::MpReachNlri(_)) {
-                            a.flag |= AttrFlags::EXTENDED;
-                        }
-                        a
-                    })),
+                    attributes: Attributes::from_iter(values.into_iter().map(attribute)),
                     announced_prefixes: vec![],
                 }
             }

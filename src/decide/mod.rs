@@ -1821,25 +1821,56 @@ impl Decider {
         b.dirty = true;
     }
 
+    /// Whether `h` is announced at all: by its rung's `announce:` (a hold whose kind no
+    /// longer matches its rung, after a reload or an operator's escalation, by its kind's
+    /// default); an operator's own hold (no category) is a block, announced.
+    fn announced(&self, h: &BlockRecord) -> bool {
+        let default = crate::policy::defaults::rung_announce(h.kind);
+        match h.category {
+            Some(c) if h.offense > 0 => {
+                let rung = self
+                    .policy
+                    .escalation
+                    .rung(h.offense, self.policy.action(c).start_at);
+                if rung.kind == h.kind {
+                    rung.announce
+                } else {
+                    default
+                }
+            }
+            _ => default,
+        }
+    }
+
     fn desired_block(&self, h: &BlockRecord) -> DesiredBlock {
-        let (announce, flowspec) = match h.category {
+        // What to announce and how narrowly: the category's action, or for an operator's
+        // hold the `operator_blocks:` setting (the whole source: it names no service).
+        let (announce, proto, dports, rate) = match h.category {
             Some(c) => {
                 let a = self.policy.action(c);
-                let flowspec = a.announce.contains(&Announce::Flowspec).then(|| {
-                    let (proto, dports) = match a.flowspec_match {
-                        FlowspecMatch::Source => (None, Vec::new()),
-                        FlowspecMatch::Service => (h.service.proto, h.service.dports.clone()),
-                    };
-                    FlowspecScope {
-                        proto,
-                        dports,
-                        rate_bytes_per_sec: a.rate_limit,
-                    }
-                });
-                (a.announce.clone(), flowspec)
+                let (proto, dports) = match a.flowspec_match {
+                    FlowspecMatch::Source => (None, Vec::new()),
+                    FlowspecMatch::Service => (h.service.proto, h.service.dports.clone()),
+                };
+                (&a.announce, proto, dports, a.rate_limit)
             }
-            None => (Vec::new(), None),
+            None => {
+                let o = &self.policy.operator_blocks;
+                (&o.announce, None, Vec::new(), o.rate_limit)
+            }
         };
+        let announce = if self.announced(h) {
+            announce.clone()
+        } else {
+            Vec::new()
+        };
+        let flowspec = announce
+            .contains(&Announce::Flowspec)
+            .then_some(FlowspecScope {
+                proto,
+                dports,
+                rate_bytes_per_sec: rate,
+            });
         let except = self.exceptions(&h.target);
         // A hold with protected addresses inside is enforced here only: a BGP announcement
         // or a blackhole route of the whole target would cut them off elsewhere.

@@ -176,3 +176,90 @@ fn refusals_read_well() {
     assert_eq!(json["result"]["result"], "refused");
     assert_eq!(json["result"]["reason"]["refusal"], "not_blocked");
 }
+
+/// A policy whose port scans announce flowspec and RTBH to one peer; `extra` is appended.
+fn bgp_decider(extra: &str) -> Decider {
+    let text = format!(
+        "{POLICY}actions:\n  port_scan:\n    announce: [flowspec, rtbh]\nbgp:\n  local_as: 65001\n  router_id: 192.0.2.1\n  peers:\n    - address: 192.0.2.2\n      remote_as: 65002\n      families: [ipv4-flowspec, ipv6-flowspec, ipv4-unicast, ipv6-unicast]\n      announce: [flowspec, rtbh]\n      rtbh_next_hop_v4: 192.0.2.66\n      rtbh_next_hop_v6: 100::1\n{extra}"
+    );
+    let p = Arc::new(Policy::from_text(&text, Path::new("t.yaml")).unwrap());
+    Decider::new(
+        p,
+        Store::open_in_memory().unwrap(),
+        InfraSet::default(),
+        t(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn operator_blocks_announce_like_the_strictest_category_v4_and_v6() {
+    let mut d = bgp_decider("");
+    let both = vec![Announce::Flowspec, Announce::Rtbh];
+    d.on_operator_block(net("203.0.113.9/32"), "ticket 1", None, "op", t(1))
+        .unwrap();
+    d.on_operator_block(net("2001:db8:0:5::7/128"), "ticket 2", None, "op", t(1))
+        .unwrap();
+    let want = d.desired();
+    for target in ["203.0.113.9/32", "2001:db8:0:5::/64"] {
+        let b = &want.blocks[&net(target)];
+        assert_eq!(b.announce, both, "{target}");
+        assert_eq!(
+            b.flowspec,
+            Some(FlowspecScope {
+                proto: None,
+                dports: vec![],
+                rate_bytes_per_sec: 0
+            }),
+            "{target}: a whole-source discard"
+        );
+    }
+    // `operator_blocks:` narrows it.
+    let mut d = bgp_decider("operator_blocks:\n  announce: [flowspec]\n  rate_limit: 1000\n");
+    d.on_operator_block(net("203.0.113.9/32"), "ticket 1", None, "op", t(1))
+        .unwrap();
+    let b = &d.desired().blocks[&net("203.0.113.9/32")];
+    assert_eq!(b.announce, vec![Announce::Flowspec]);
+    assert_eq!(b.flowspec.as_ref().unwrap().rate_bytes_per_sec, 1000);
+}
+
+#[test]
+fn an_operator_block_with_the_routers_address_inside_is_not_announced() {
+    let mut d = bgp_decider("");
+    d.set_infra(InfraSet::new([net("2001:db8:0:5::1/128")]), t(0))
+        .unwrap();
+    d.on_operator_block(net("2001:db8:0:5::7/128"), "ticket", None, "op", t(1))
+        .unwrap();
+    let b = &d.desired().blocks[&net("2001:db8:0:5::/64")];
+    assert!(!b.except.is_empty());
+    assert!(b.announce.is_empty() && b.flowspec.is_none(), "{b:?}");
+}
+
+#[test]
+fn a_quarantine_is_not_announced_by_default_and_its_escalation_is() {
+    let mut d = bgp_decider("");
+    d.on_detection(&detection("203.0.113.7/32", 5)).unwrap();
+    let b = &d.desired().blocks[&net("203.0.113.7/32")];
+    assert_eq!(b.kind, BlockKind::Quarantine);
+    assert!(b.announce.is_empty() && b.flowspec.is_none(), "{b:?}");
+    // The second offense (after the quarantine) climbs to a block: announced.
+    d.on_detection(&detection("203.0.113.7/32", 4000)).unwrap();
+    let b = &d.desired().blocks[&net("203.0.113.7/32")];
+    assert_eq!(b.kind, BlockKind::Block);
+    assert_eq!(b.announce, vec![Announce::Flowspec, Announce::Rtbh]);
+    // A rung may ask for its quarantines to be announced.
+    let mut d = bgp_decider(
+        "escalation:\n  ladder:\n    - action: quarantine\n      for: 1h\n      announce: true\n    - action: block\n      until: reconnect\n      announce: false\n",
+    );
+    d.on_detection(&detection("203.0.113.7/32", 5)).unwrap();
+    assert_eq!(
+        d.desired().blocks[&net("203.0.113.7/32")].announce,
+        vec![Announce::Flowspec, Announce::Rtbh]
+    );
+    d.on_detection(&detection("203.0.113.7/32", 4000)).unwrap();
+    assert!(
+        d.desired().blocks[&net("203.0.113.7/32")]
+            .announce
+            .is_empty()
+    );
+}

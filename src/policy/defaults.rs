@@ -50,6 +50,12 @@ pub const SPAM_PORTS: &[u16] = &[25];
 // escalation
 pub const FORGET_AFTER: Duration = Duration::from_secs(180 * 86_400);
 pub const FIRST_QUARANTINE: Duration = Duration::from_secs(3_600);
+/// Whether the holds of a rung are announced to the BGP peers, by the rung's action: a
+/// quarantine is enforced on this router only (its walled garden stays reachable there), a
+/// block and a termination are announced as `actions:` (or `operator_blocks:`) say.
+pub const fn rung_announce(kind: crate::messages::BlockKind) -> bool {
+    !matches!(kind, crate::messages::BlockKind::Quarantine)
+}
 
 // reconnect
 pub const RECONNECT_REQUIRES: &[&str] = &["fee_paid", "reinstalled", "acknowledged"];
@@ -107,6 +113,10 @@ pub const GR_LONG_LIVED_STALE_TIME: Duration = Duration::from_secs(3600);
 pub const GR_RESTART_TIME_MAX: u64 = 4095;
 /// Largest long-lived stale time: 24 bits.
 pub const GR_LONG_LIVED_STALE_TIME_MAX: u64 = 0xff_ffff;
+/// Most communities in one of a peer's community lists (`rtbh_communities`,
+/// `flowspec_communities`): 64 large communities are 768 bytes, which keeps every UPDATE
+/// within 4096 bytes.
+pub const MAX_COMMUNITIES: usize = 64;
 
 // notify
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);

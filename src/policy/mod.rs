@@ -50,6 +50,8 @@ pub struct Policy {
     pub protect_infrastructure: bool,
     /// Per-category actions.
     pub actions: BTreeMap<Category, CategoryAction>,
+    /// What the holds an operator makes are announced as.
+    pub operator_blocks: OperatorBlocks,
     /// The escalation ladder.
     pub escalation: Escalation,
     /// Conditions every reconnect authorisation must attest.
@@ -240,6 +242,16 @@ pub struct CategoryAction {
     pub rate_limit: u32,
 }
 
+/// What to announce for a hold an operator made (`egressguard block`), which has no category.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OperatorBlocks {
+    /// BGP announcements; by default every kind any category announces (the strictest).
+    pub announce: Vec<Announce>,
+    /// Flowspec rate limit in bytes per second; 0 discards. The rule matches the whole
+    /// source (an operator block names no service).
+    pub rate_limit: u32,
+}
+
 /// The escalation ladder.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Escalation {
@@ -265,6 +277,9 @@ pub struct Rung {
     pub kind: BlockKind,
     /// How long.
     pub hold: Hold,
+    /// Whether its holds are announced to the BGP peers (as `actions:` say for the hold's
+    /// category); default [`defaults::rung_announce`].
+    pub announce: bool,
 }
 
 /// How long a rung holds.
@@ -527,6 +542,8 @@ pub struct Peer {
     pub announce: Vec<Announce>,
     /// Extra communities on RTBH routes (65535:666 and NO_EXPORT are always added).
     pub rtbh_communities: Vec<Community>,
+    /// Communities on flowspec routes (none by default).
+    pub flowspec_communities: Vec<Community>,
     /// Next hop of IPv4 RTBH routes.
     pub rtbh_next_hop_v4: Option<Ipv4Addr>,
     /// Next hop of IPv6 RTBH routes.

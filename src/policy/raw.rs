@@ -69,6 +69,7 @@ pub struct RawPolicy {
     pub protect_infrastructure: Option<bool>,
     #[serde(default)]
     pub actions: BTreeMap<Category, RawAction>,
+    pub operator_blocks: Option<RawOperatorBlocks>,
     pub escalation: Option<RawEscalation>,
     pub reconnect_requires: Option<Vec<String>>,
     #[serde(default)]
@@ -162,6 +163,14 @@ pub struct RawAction {
     pub rate_limit: Option<Scalar>,
 }
 
+/// What to announce for the holds an operator makes (`egressguard block`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperatorBlocks {
+    pub announce: Option<Vec<Announce>>,
+    pub rate_limit: Option<Scalar>,
+}
+
 /// How narrowly a flowspec rule matches the offender's traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -186,6 +195,7 @@ pub struct RawRung {
     #[serde(rename = "for")]
     pub for_: Option<Scalar>,
     pub until: Option<String>,
+    pub announce: Option<bool>,
 }
 
 /// The action of a ladder rung.
@@ -290,6 +300,8 @@ pub struct RawPeer {
     pub announce: Option<Vec<Announce>>,
     #[serde(default)]
     pub rtbh_communities: Vec<Scalar>,
+    #[serde(default)]
+    pub flowspec_communities: Vec<Scalar>,
     pub rtbh_next_hop_v4: Option<Scalar>,
     pub rtbh_next_hop_v6: Option<Scalar>,
     pub accept_flowspec: Option<bool>,

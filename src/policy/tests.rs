@@ -957,3 +957,86 @@ fn bgp_graceful_restart_settings() {
         .to_string();
     assert!(e.contains("p.yaml:9:") && e.contains("4095"), "{e}");
 }
+
+#[test]
+fn operator_blocks_default_to_the_strictest_category_and_are_validated() {
+    let (p, _) = check(&format!("{BASE}{BGP}"));
+    let p = p.unwrap();
+    assert!(
+        p.operator_blocks.announce.is_empty(),
+        "no category announces"
+    );
+    assert_eq!(p.operator_blocks.rate_limit, 0);
+    let (p, _) = check(&format!(
+        "{BASE}{BGP}actions:\n  spam:\n    announce: [flowspec]\n"
+    ));
+    assert_eq!(
+        p.unwrap().operator_blocks.announce,
+        vec![Announce::Flowspec]
+    );
+    let (p, _) = check(&format!(
+        "{BASE}{BGP}operator_blocks:\n  announce: [flowspec]\n  rate_limit: 10k\n"
+    ));
+    let o = p.unwrap().operator_blocks;
+    assert_eq!(
+        (o.announce, o.rate_limit),
+        (vec![Announce::Flowspec], 10_000)
+    );
+    // A kind no peer takes is an error at its entry (the peer announces flowspec only).
+    one_error(
+        &format!("{BASE}{BGP}operator_blocks:\n  announce: [flowspec, rtbh]\n"),
+        "13:",
+        "rtbh announcements are asked for, but no BGP peer takes them",
+    );
+    one_error(
+        &format!("{BASE}operator_blocks:\n  announce: [flowspec]\n"),
+        "7:",
+        "flowspec announcements are asked for, but no BGP peer takes them",
+    );
+}
+
+#[test]
+fn rungs_announce_by_their_action_unless_told() {
+    let (p, _) = check(BASE);
+    let l = p.unwrap().escalation.ladder;
+    assert_eq!(
+        l.iter().map(|r| r.announce).collect::<Vec<_>>(),
+        vec![false, true, true]
+    );
+    let (p, _) = check(&format!(
+        "{BASE}escalation:\n  ladder:\n    - action: quarantine\n      for: 1h\n      announce: true\n    - action: block\n      until: reconnect\n"
+    ));
+    let l = p.unwrap().escalation.ladder;
+    assert_eq!(
+        l.iter().map(|r| r.announce).collect::<Vec<_>>(),
+        vec![true, true]
+    );
+}
+
+#[test]
+fn flowspec_communities_are_read_and_bounded() {
+    let (p, _) = check(&format!(
+        "{BASE}{BGP}      flowspec_communities: [\"64500:100\", \"64500:1:2\"]\n"
+    ));
+    assert_eq!(
+        p.unwrap().bgp.unwrap().peers[0].flowspec_communities,
+        vec![
+            Community::Standard(64500, 100),
+            Community::Large(64500, 1, 2)
+        ]
+    );
+    one_error(
+        &format!("{BASE}{BGP}      flowspec_communities: [\"64500:100\", \"1:2:3:4\"]\n"),
+        "12:",
+        "`1:2:3:4` is not a BGP community",
+    );
+    let many: Vec<String> = (0..65).map(|i| format!("\"64500:{i}\"")).collect();
+    one_error(
+        &format!(
+            "{BASE}{BGP}      flowspec_communities: [{}]\n",
+            many.join(", ")
+        ),
+        "12:",
+        "65 communities are listed, more than the 64",
+    );
+}

@@ -201,6 +201,7 @@ fn build(cx: &mut Cx, raw: RawPolicy, text: &str) -> Policy {
     let bgp = raw.bgp.as_ref().and_then(|b| bgp(cx, b, learn));
     let anti_spoofing = anti_spoofing(cx, raw.anti_spoofing.as_ref(), &networks);
     let actions = actions(cx, &raw.actions, &escalation, bgp.as_ref());
+    let operator_blocks = operator_blocks(cx, raw.operator_blocks.as_ref(), &actions, bgp.as_ref());
     let reconnect_requires = reconnect_requires(cx, raw.reconnect_requires.as_deref());
     let reconnect = reconnects(
         cx,
@@ -222,6 +223,7 @@ fn build(cx: &mut Cx, raw: RawPolicy, text: &str) -> Policy {
         allow,
         protect_infrastructure: raw.protect_infrastructure.unwrap_or(true),
         actions,
+        operator_blocks,
         escalation,
         reconnect_requires,
         reconnect,
@@ -834,20 +836,17 @@ fn customer_prefix(cx: &mut Cx, at: &str, net: IpNet, raw: Option<&Scalar>) -> u
 }
 
 fn escalation(cx: &mut Cx, raw: Option<&RawEscalation>) -> Escalation {
-    let default_ladder = vec![
-        Rung {
-            kind: BlockKind::Quarantine,
-            hold: Hold::For(d::FIRST_QUARANTINE),
-        },
-        Rung {
-            kind: BlockKind::Block,
-            hold: Hold::UntilReconnect,
-        },
-        Rung {
-            kind: BlockKind::Terminate,
-            hold: Hold::Forever,
-        },
-    ];
+    let default_ladder = [
+        (BlockKind::Quarantine, Hold::For(d::FIRST_QUARANTINE)),
+        (BlockKind::Block, Hold::UntilReconnect),
+        (BlockKind::Terminate, Hold::Forever),
+    ]
+    .map(|(kind, hold)| Rung {
+        kind,
+        hold,
+        announce: d::rung_announce(kind),
+    })
+    .to_vec();
     let Some(raw) = raw else {
         return Escalation {
             forget_after: d::FORGET_AFTER,
@@ -934,7 +933,11 @@ fn escalation(cx: &mut Cx, raw: Option<&RawEscalation>) -> Escalation {
                 Some("move `action: terminate` to the end of the ladder".into()),
             );
         }
-        ladder.push(Rung { kind, hold });
+        ladder.push(Rung {
+            kind,
+            hold,
+            announce: r.announce.unwrap_or(d::rung_announce(kind)),
+        });
     }
     Escalation {
         forget_after,
@@ -978,52 +981,89 @@ fn actions(
                 }
             }
             if let Some(ann) = &r.announce {
-                let mut v = ann.clone();
-                v.sort();
-                v.dedup();
-                for (i, kind) in v.iter().enumerate() {
-                    let wants: &[Family] = match kind {
-                        Announce::Flowspec => &[Family::Ipv4Flowspec, Family::Ipv6Flowspec],
-                        Announce::Rtbh => &[Family::Ipv4Unicast, Family::Ipv6Unicast],
-                    };
-                    let served = bgp.is_some_and(|b| {
-                        b.peers.iter().any(|p| {
-                            p.announce.contains(kind)
-                                && p.families.iter().any(|f| wants.contains(f))
-                        })
-                    });
-                    if !served {
-                        let name = if *kind == Announce::Flowspec {
-                            "flowspec"
-                        } else {
-                            "rtbh"
-                        };
-                        cx.err(
-                            &format!("{at}.announce[{i}]"),
-                            format!("{name} announcements are asked for, but no BGP peer takes them"),
-                            Some(format!(
-                                "add a peer under `bgp.peers` with `announce: [{name}]` and a matching family, or remove `{name}` here"
-                            )),
-                        );
-                    }
-                }
-                a.announce = v;
+                a.announce = announce_list(cx, &at, ann, bgp);
             }
             if let Some(m) = r.flowspec_match {
                 a.flowspec_match = m;
             }
             if let Some(rl) = &r.rate_limit {
-                let t = rl.0.trim();
-                if t == "0" {
-                    a.rate_limit = 0;
-                } else {
-                    a.rate_limit = count32(cx, &format!("{at}.rate_limit"), Some(rl), 0);
-                }
+                a.rate_limit = rate_limit(cx, &at, rl);
             }
         }
         out.insert(c, a);
     }
     out
+}
+
+/// An `announce:` list at `at`, sorted and deduplicated; a kind no BGP peer takes is an
+/// error at its entry.
+fn announce_list(cx: &mut Cx, at: &str, ann: &[Announce], bgp: Option<&Bgp>) -> Vec<Announce> {
+    let mut v = ann.to_vec();
+    v.sort();
+    v.dedup();
+    for kind in &v {
+        let wants: &[Family] = match kind {
+            Announce::Flowspec => &[Family::Ipv4Flowspec, Family::Ipv6Flowspec],
+            Announce::Rtbh => &[Family::Ipv4Unicast, Family::Ipv6Unicast],
+        };
+        let served = bgp.is_some_and(|b| {
+            b.peers
+                .iter()
+                .any(|p| p.announce.contains(kind) && p.families.iter().any(|f| wants.contains(f)))
+        });
+        if !served {
+            let name = if *kind == Announce::Flowspec {
+                "flowspec"
+            } else {
+                "rtbh"
+            };
+            let i = ann.iter().position(|k| k == kind).unwrap_or(0);
+            cx.err(
+                &format!("{at}.announce[{i}]"),
+                format!("{name} announcements are asked for, but no BGP peer takes them"),
+                Some(format!(
+                    "add a peer under `bgp.peers` with `announce: [{name}]` and a matching family, or remove `{name}` here"
+                )),
+            );
+        }
+    }
+    v
+}
+
+/// A flowspec `rate_limit:` in bytes per second at `at`.
+fn rate_limit(cx: &mut Cx, at: &str, rl: &Scalar) -> u32 {
+    if rl.0.trim() == "0" {
+        0
+    } else {
+        count32(cx, &format!("{at}.rate_limit"), Some(rl), 0)
+    }
+}
+
+/// `operator_blocks:`. Without `announce:`, an operator block announces every kind that any
+/// category announces (the strictest category), with a whole-source discard.
+fn operator_blocks(
+    cx: &mut Cx,
+    raw: Option<&RawOperatorBlocks>,
+    actions: &BTreeMap<Category, CategoryAction>,
+    bgp: Option<&Bgp>,
+) -> OperatorBlocks {
+    let strictest: BTreeSet<Announce> = actions
+        .values()
+        .flat_map(|a| a.announce.iter().copied())
+        .collect();
+    let mut o = OperatorBlocks {
+        announce: strictest.into_iter().collect(),
+        rate_limit: 0,
+    };
+    if let Some(r) = raw {
+        if let Some(ann) = &r.announce {
+            o.announce = announce_list(cx, "operator_blocks", ann, bgp);
+        }
+        if let Some(rl) = &r.rate_limit {
+            o.rate_limit = rate_limit(cx, "operator_blocks", rl);
+        }
+    }
+    o
 }
 
 fn reconnect_requires(cx: &mut Cx, raw: Option<&[String]>) -> BTreeSet<String> {
@@ -1454,6 +1494,33 @@ fn community(cx: &mut Cx, path: &str, s: &Scalar) -> Option<Community> {
     c
 }
 
+/// A peer's community list `name` (at `at`), at most [`d::MAX_COMMUNITIES`] of them.
+fn communities(cx: &mut Cx, at: &str, name: &str, raw: &[Scalar]) -> Vec<Community> {
+    if raw.len() > d::MAX_COMMUNITIES {
+        cx.err(
+            &format!("{at}.{name}"),
+            format!(
+                "{} communities are listed, more than the {} one route may carry here",
+                raw.len(),
+                d::MAX_COMMUNITIES
+            ),
+            Some(format!(
+                "list at most {} (more would not fit one UPDATE message)",
+                d::MAX_COMMUNITIES
+            )),
+        );
+    }
+    let mut v: Vec<Community> = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(j, s)| community(cx, &format!("{at}.{name}[{j}]"), s))
+        .take(d::MAX_COMMUNITIES)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 fn bgp(cx: &mut Cx, raw: &RawBgp, learn: LearnBounds) -> Option<Bgp> {
     let local_as = asn(cx, "bgp.local_as", &raw.local_as);
     let router_id = match raw.router_id.0.trim().parse::<Ipv4Addr>() {
@@ -1604,12 +1671,9 @@ fn bgp(cx: &mut Cx, raw: &RawBgp, learn: LearnBounds) -> Option<Bgp> {
                 );
             }
         }
-        let rtbh_communities = p
-            .rtbh_communities
-            .iter()
-            .enumerate()
-            .filter_map(|(j, s)| community(cx, &format!("{at}.rtbh_communities[{j}]"), s))
-            .collect();
+        let rtbh_communities = communities(cx, &at, "rtbh_communities", &p.rtbh_communities);
+        let flowspec_communities =
+            communities(cx, &at, "flowspec_communities", &p.flowspec_communities);
         let local_address = p
             .local_address
             .as_ref()
@@ -1634,6 +1698,7 @@ fn bgp(cx: &mut Cx, raw: &RawBgp, learn: LearnBounds) -> Option<Bgp> {
             families,
             announce,
             rtbh_communities,
+            flowspec_communities,
             rtbh_next_hop_v4: v4_nh,
             rtbh_next_hop_v6: v6_nh,
             accept_flowspec: p.accept_flowspec.unwrap_or(false),

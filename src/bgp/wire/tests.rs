@@ -105,6 +105,7 @@ fn flowspec_update_bytes() {
         &ctx(true),
         Afi::Ipv4,
         traffic_rate(0, 0.0),
+        &[],
         std::slice::from_ref(&nlri),
     )
     .unwrap();
@@ -150,7 +151,7 @@ fn ebgp_flowspec_has_our_as_in_the_path() {
     let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), None, &[])
         .encode()
         .unwrap();
-    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[nlri]).unwrap()[0];
+    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[], &[nlri]).unwrap()[0];
     // AS_SEQUENCE of one 4-octet AS 65001.
     let asp = [0x40, 2, 6, 2, 1, 0, 0, 0xfd, 0xe9];
     assert!(m.windows(asp.len()).any(|w| w == asp));
@@ -167,7 +168,7 @@ fn many_flow_routes_are_packed_below_4096() {
                 .unwrap()
         })
         .collect();
-    let ms = flow_announce(&ctx(true), Afi::Ipv4, traffic_rate(0, 0.0), &nlris).unwrap();
+    let ms = flow_announce(&ctx(true), Afi::Ipv4, traffic_rate(0, 0.0), &[], &nlris).unwrap();
     assert!(ms.len() > 1);
     let mut total = 0;
     for m in &ms {
@@ -221,6 +222,93 @@ fn rtbh_update_bytes() {
     assert_eq!(&w[19..], &[0, 5, 32, 203, 0, 113, 7, 0, 0]);
     let w6 = &rtbh_withdraw(&[p6]).unwrap()[0];
     assert_eq!(decode_update(w6, true).unwrap().unicast, 1);
+}
+
+#[test]
+fn flow_routes_carry_the_peers_communities() {
+    let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), None, &[])
+        .encode()
+        .unwrap();
+    let ms = flow_announce(
+        &ctx(false),
+        Afi::Ipv4,
+        traffic_rate(0, 0.0),
+        &[
+            Community::Standard(65001, 777),
+            Community::Large(65001, 3, 4),
+        ],
+        std::slice::from_ref(&nlri),
+    )
+    .unwrap();
+    let m = &ms[0];
+    // COMMUNITIES: only the peer's (no BLACKHOLE, no NO_EXPORT on a flowspec route).
+    let comm = [0xc0, 8, 4, 0xfd, 0xe9, 0x03, 0x09];
+    assert!(m.windows(comm.len()).any(|w| w == comm), "{m:02x?}");
+    let large = [0xc0, 32, 12, 0, 0, 0xfd, 0xe9, 0, 0, 0, 3, 0, 0, 0, 4];
+    assert!(m.windows(large.len()).any(|w| w == large), "{m:02x?}");
+    let u = decode_update(m, true).unwrap();
+    assert_eq!(u.flow_reach.len(), 1);
+    assert_eq!(u.ext_communities, vec![traffic_rate(0, 0.0)]);
+    // Without communities neither attribute is there.
+    let plain = &flow_announce(
+        &ctx(false),
+        Afi::Ipv4,
+        traffic_rate(0, 0.0),
+        &[],
+        std::slice::from_ref(&nlri),
+    )
+    .unwrap()[0];
+    assert!(!plain.windows(2).any(|w| w == [0xc0, 8] || w == [0xc0, 32]));
+}
+
+/// The most communities the policy accepts ([`crate::policy::defaults::MAX_COMMUNITIES`],
+/// all large: the biggest attribute) still leave every UPDATE within 4096 bytes, flowspec
+/// and RTBH, IPv4 and IPv6, with many routes.
+#[test]
+fn updates_with_the_most_communities_stay_within_4096() {
+    let most: Vec<Community> = (0..crate::policy::defaults::MAX_COMMUNITIES as u32)
+        .map(|i| Community::Large(4_200_000_000, i, i))
+        .collect();
+    let nlris: Vec<Vec<u8>> = (0..3000u32)
+        .map(|i| {
+            let t = IpNet::new(std::net::Ipv4Addr::from(0xc612_0000 + i).into(), 32).unwrap();
+            block_nlri(&t, Some(6), &[25, 587]).encode().unwrap()
+        })
+        .collect();
+    let ms = flow_announce(&ctx(true), Afi::Ipv4, traffic_rate(0, 0.0), &most, &nlris).unwrap();
+    assert!(ms.iter().all(|m| m.len() <= MAX_MESSAGE));
+    let total: usize = ms
+        .iter()
+        .map(|m| decode_update(m, true).unwrap().flow_reach.len())
+        .sum();
+    assert_eq!(total, 3000);
+    let v4: Vec<IpNet> = (0..1000u32)
+        .map(|i| IpNet::new(std::net::Ipv4Addr::from(0xc612_0000 + i).into(), 32).unwrap())
+        .collect();
+    let v6: Vec<IpNet> = (0..1000u32)
+        .map(|i| format!("2001:db8:{i:x}::/64").parse().unwrap())
+        .collect();
+    for (ps, nh) in [(v4, "192.0.2.66"), (v6, "100::1")] {
+        let ms = rtbh_announce(&ctx(false), &ps, nh.parse().unwrap(), &most).unwrap();
+        assert!(ms.iter().all(|m| m.len() <= MAX_MESSAGE), "{nh}");
+        let n: usize = ms
+            .iter()
+            .map(|m| decode_update(m, true).unwrap().unicast)
+            .sum();
+        assert_eq!(n, 1000);
+    }
+    // More than fits is an error, never a panic or an oversized message.
+    let far_too_many: Vec<Community> = (0..400).map(|i| Community::Large(1, i, i)).collect();
+    assert!(matches!(
+        flow_announce(
+            &ctx(true),
+            Afi::Ipv4,
+            traffic_rate(0, 0.0),
+            &far_too_many,
+            &nlris[..1]
+        ),
+        Err(WireError::TooBig(_))
+    ));
 }
 
 #[test]
@@ -639,7 +727,7 @@ fn bgpkit_gap_received_flowspec_nlri_not_decoded() {
     let nlri = block_nlri(&"203.0.113.7/32".parse().unwrap(), Some(6), &[25])
         .encode()
         .unwrap();
-    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[nlri]).unwrap()[0];
+    let m = &flow_announce(&ctx(false), Afi::Ipv4, traffic_rate(0, 0.0), &[], &[nlri]).unwrap()[0];
     let mut b = Bytes::copy_from_slice(m);
     let parsed =
         bgpkit_parser::parser::bgp::messages::parse_bgp_message(&mut b, false, &AsnLength::Bits32);
