@@ -2,6 +2,8 @@
 //! reconnect authorisations, termination, allowlist and infrastructure, the circuit breaker,
 //! dry run, operator commands and the desired set.
 
+#[path = "../benches/support/stream.rs"]
+mod stream;
 #[path = "decide_util/mod.rs"]
 mod util;
 
@@ -1066,9 +1068,7 @@ fn a_ticket_seen_before_a_hold_stays_before_it_whatever_the_clock_says() {
 #[test]
 fn a_hold_is_never_its_own_evidence_and_an_unblock_re_arms_the_detector() {
     use egressguard::detect::Engine;
-    use egressguard::messages::{
-        CounterSample, FlowEvent, FlowEventKind, HoldChange, Observation, TcpState, Time,
-    };
+    use egressguard::messages::{CounterSample, HoldChange, Observation, Time};
     let p = policy("");
     let mut d = decider(Arc::clone(&p));
     let mut e = Engine::new(p);
@@ -1089,24 +1089,8 @@ fn a_hold_is_never_its_own_evidence_and_an_unblock_re_arms_the_detector() {
         }
         if flows_pass {
             for i in 0..300u16 {
-                e.observe(&Observation::Flow(FlowEvent {
-                    time: t,
-                    kind: FlowEventKind::New,
-                    src,
-                    dst,
-                    proto: proto::TCP,
-                    sport: 1024 + (ms as u16 % 50) * 300 + i,
-                    dport: 80,
-                    icmp: None,
-                    status: 0,
-                    tcp_state: Some(TcpState::SynSent),
-                    orig_packets: None,
-                    orig_bytes: None,
-                    reply_packets: None,
-                    reply_bytes: None,
-                    start: None,
-                    stop: None,
-                }));
+                let sport = 1024 + (ms as u16 % 50) * 300 + i;
+                e.observe(&stream::ev(t.0, stream::syn(src, dst, sport, 80)));
             }
         }
         let mut out = Vec::new();
