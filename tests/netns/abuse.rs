@@ -495,25 +495,7 @@ metrics:
     // The attack: scans in the names of six neighbours of pool-a, from one customer.
     for i in 0..6 {
         let src = format!("203.0.113.{}", 30 + i);
-        let out = spoofer
-            .command(&[
-                "timeout",
-                "20",
-                "hping3",
-                "-S",
-                "-a",
-                &src,
-                "-p",
-                "++1",
-                "-c",
-                "40",
-                "-i",
-                "u2000",
-                "198.51.100.20",
-            ])
-            .output()
-            .expect("hping3");
-        assert!(!out.stderr.is_empty(), "hping3 did not run");
+        forged_scan(spoofer, &src, 40);
     }
     wait_for("pool-a's breaker tripped", Duration::from_secs(15), || {
         let s = rig.json(&["status", "--json"]);
@@ -918,7 +900,10 @@ fn abuse_learnt_flowspec_is_bounded_and_source_only() {
 
 /// SYNs to 300 successive ports of the internet host .20 from `ns`, written with `forged`
 /// as the source (a port scan in the neighbour's name).
-fn forged_scan(ns: &Netns, forged: &str) {
+/// A SYN scan (ports 1, 2, ...) of 198.51.100.20 in the name of `forged`, `count` probes 2 ms
+/// apart, bounded by a 20 s timeout.
+fn forged_scan(ns: &Netns, forged: &str, count: u32) {
+    let count = count.to_string();
     let out = ns
         .command(&[
             "timeout",
@@ -930,7 +915,7 @@ fn forged_scan(ns: &Netns, forged: &str) {
             "-p",
             "++1",
             "-c",
-            "300",
+            &count,
             "-i",
             "u2000",
             "198.51.100.20",
@@ -977,7 +962,7 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
     });
 
     // The attack: a port scan in the neighbour's name.
-    forged_scan(spoofer, "203.0.113.11");
+    forged_scan(spoofer, "203.0.113.11", 300);
     wait_for("the spoofer held", Duration::from_secs(10), || {
         rig.set("quarantine4")
             .contains("203.0.113.10")
@@ -1066,7 +1051,7 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
     // at once, before the neighbour table has been read.
     rig.ok(&["unblock", CUST, "--ticket", "T-1"]);
     rig.restart(&[]);
-    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11");
+    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11", 300);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         forged_arrived(&rig.topo.internet[0].ns),
@@ -1083,7 +1068,7 @@ fn abuse_spoofing_a_neighbour_holds_the_spoofer_never_the_neighbour() {
     wait_for("the spoof table removed", Duration::from_secs(5), || {
         bind(&rig).is_empty().then_some(())
     });
-    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11");
+    forged_scan(&rig.topo.customers[0].ns, "203.0.113.11", 300);
     wait_for("the framed neighbour held", Duration::from_secs(10), || {
         rig.set("quarantine4")
             .contains("203.0.113.11")
