@@ -1059,11 +1059,12 @@ impl Engine {
         self.policy = policy;
         self.prepare();
         let cap = self.policy.detection.max_sources as usize;
+        // A rebuilt table moves sources to other slots, away from their rate trackers.
+        let mut flood_window_changed = cap != self.table.cap();
         if cap != self.table.cap() {
             self.evictions += self.table.resize(cap) as u64;
         }
         let slots: Vec<u32> = self.table.occupied().collect();
-        let mut flood_window_changed = cap != self.table.cap();
         for s in slots {
             let st = self.table.slots[s as usize];
             let addr = bits_addr(source::join4(st.key.addr), st.key.v6);
@@ -1102,7 +1103,6 @@ impl Engine {
             }
         }
         if flood_window_changed {
-            // (Or the table was rebuilt, which moves sources to other slots.)
             self.rates.clear();
         }
         // Rebuild the touch list from the flags (the table may have been rebuilt).

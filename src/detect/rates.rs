@@ -11,7 +11,8 @@
 //! window crosses a threshold had samples far above a quarter of it, so it has a tracker by
 //! then. When every tracker is taken, a newcomer takes the one with the lowest rate, and
 //! only when its own sample is faster: the fastest senders, the floods among them, keep
-//! theirs. The memory is fixed (at most [`TRACKERS`] × 64 bytes plus the index), whatever the
+//! theirs (at most [`TAKEN_PER_READ`] are taken in one read of the counters, each costing a
+//! pass over the trackers; a flood that found none takes one at a later read). The memory is fixed (at most [`TRACKERS`] × 64 bytes plus the index), whatever the
 //! number of sources; the trackers carry the source's key, so a slot reused by another source
 //! never inherits a rate.
 
@@ -86,7 +87,16 @@ pub struct Pool {
     index: HashMap<u32, u16>,
     /// Samples that found every tracker taken by a faster source.
     pub refused: u64,
+    /// The slowest tracker as of one read of the counters: (sample time, index, rate),
+    /// found by one pass over the trackers, not one per sample of the read.
+    slowest: Option<(u64, usize, f64)>,
+    /// Trackers taken from slower sources in one read: (its sample time, how many).
+    taken: (u64, u32),
 }
+
+/// Trackers taken from slower sources in one read of the counters at most: each costs a
+/// pass over the trackers, so a read of 65,536 samples costs at most this many passes.
+pub const TAKEN_PER_READ: u32 = 16;
 
 /// One counter sample's share for the pool.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +143,27 @@ impl Pool {
     pub fn clear(&mut self) {
         self.trackers.clear();
         self.index.clear();
+        self.slowest = None;
+    }
+
+    /// The slowest tracker at `t`: index and rate.
+    fn slowest_at(&mut self, t: u64, len: u64) -> Option<(usize, f64)> {
+        if let Some((at, i, r)) = self.slowest
+            && at == t
+        {
+            return Some((i, r));
+        }
+        let (i, r) = self
+            .trackers
+            .iter()
+            .enumerate()
+            .map(|(i, tr)| {
+                let v = tr.view(t, len);
+                (i, v.udp_pps.max(v.echo_pps))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        self.slowest = Some((t, i, r));
+        Some((i, r))
     }
 
     /// Charges one sample of `key` (in `slot`), attaching a tracker when the sample asks for
@@ -188,18 +219,16 @@ impl Pool {
         } else {
             let secs = (c.interval_ns as f64 / 1e9).max(1e-3);
             let rate = (c.udp.max(c.echo)) as f64 / secs;
-            let (i, slowest) = self
-                .trackers
-                .iter()
-                .enumerate()
-                .map(|(i, tr)| {
-                    let v = tr.view(c.t, len);
-                    (i, v.udp_pps.max(v.echo_pps))
-                })
-                .min_by(|a, b| a.1.total_cmp(&b.1))?;
-            if slowest >= rate {
+            let (i, slowest) = self.slowest_at(c.t, len)?;
+            if self.taken.0 != c.t {
+                self.taken = (c.t, 0);
+            }
+            if slowest >= rate || self.taken.1 >= TAKEN_PER_READ {
                 return None;
             }
+            self.taken.1 += 1;
+            // Found again on the next sample of this read that needs one.
+            self.slowest = None;
             let old = self.trackers[i].slot;
             self.index.remove(&old);
             i
@@ -281,5 +310,14 @@ mod tests {
         assert!(p.view(0, &key(0), t0, LEN).is_none());
         assert_eq!(p.len(), TRACKERS);
         assert!(p.trackers.capacity() <= TRACKERS);
+        // One read takes at most TAKEN_PER_READ trackers from slower sources.
+        let t1 = t0 + 1_000_000_000;
+        for i in 0..100u32 {
+            p.charge(9000 + i, &key(9000 + i), charge(t1, 60_000, 0, true), LEN);
+        }
+        let taken = (0..100u32)
+            .filter(|&i| p.view(9000 + i, &key(9000 + i), t1, LEN).is_some())
+            .count();
+        assert_eq!(taken, TAKEN_PER_READ as usize);
     }
 }

@@ -1626,3 +1626,28 @@ fn top_port_counts_are_never_inflated() {
         );
     }
 }
+
+#[test]
+fn a_reload_keeps_the_flood_rates_and_applies_new_rate_thresholds() {
+    let mut e = Engine::new(policy());
+    let target = ip("198.51.100.98");
+    // 4k echo requests/s: under the shipped 5k.
+    let mut obs = vec![ping(0, BOT, target, 77)];
+    for s in 1..=3 {
+        obs.push(class_counters(s * 1000, BOT, 4_000, 0, 4_000));
+    }
+    assert!(drive(&mut e, &obs, 0).is_empty());
+    // The same policy again, then one with `icmp_pps: 3k`: the rates go on.
+    e.set_policy(policy_from(&format!("{POLICY}# reloaded\n")));
+    e.set_policy(policy_from(&POLICY.replace(
+        "profiles:\n",
+        "profiles:\n  default:\n    flood:\n      icmp_pps: 3k\n",
+    )));
+    let later = vec![class_counters(4_000, BOT, 4_000, 0, 4_000)];
+    let d = drive(&mut e, &later, 500);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("icmp_flood"));
+    // Averaged over the four seconds, not only the one after the reload.
+    assert_eq!(f[0].evidence.counts["icmp_pps"], 4_000.0);
+}
