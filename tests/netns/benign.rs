@@ -709,6 +709,43 @@ fn single_flow_udp_flood_is_held_by_default() {
 }
 
 #[test]
+fn hping3_single_flow_udp_flood_is_held_by_default() {
+    if !require_root("hping3_single_flow_udp_flood_is_held_by_default") {
+        return;
+    }
+    require_tools(
+        "hping3_single_flow_udp_flood_is_held_by_default",
+        &["hping3"],
+    );
+    let lab = Lab::new(&[10], &[20]);
+    let (cust, target) = (
+        lab.cust().v4.to_string(),
+        lab.topo.internet[0].v4.to_string(),
+    );
+    // The real tool, one flow (`-k` keeps the source port), as fast as it goes (`--flood`:
+    // 50–60k pps on the shared VM; `-i u20` gives 13–25k there), bounded by time.
+    let before = lab.counters(&cust);
+    let start = Instant::now();
+    let _flood = lab
+        .cust()
+        .ns
+        .spawn(&[
+            "timeout", "15", "hping3", "--udp", "-k", "-s", "40000", "-p", "9", "--flood", "-q",
+            "-c", "1000000", &target,
+        ])
+        .expect("hping3");
+    let took = lab.wait_held(&cust, start, Duration::from_secs(12));
+    let after = lab.counters(&cust);
+    eprintln!(
+        "hping3 udp flood: start → held in {:.2} s, {:.0} unanswered-UDP pps until then",
+        took.as_secs_f64(),
+        (after[1] - before[1]) as f64 / took.as_secs_f64()
+    );
+    let off = flood_offense(&lab, &cust);
+    assert_eq!(off["evidence"]["pattern"], "udp_flood", "{off}");
+}
+
+#[test]
 fn ping_flood_is_held_by_default() {
     if !require_root("ping_flood_is_held_by_default") {
         return;
