@@ -173,6 +173,12 @@ pub struct CounterSample {
     pub bytes: u64,
     /// Length of the interval in nanoseconds.
     pub interval_ns: u64,
+    /// Of `packets`, UDP packets of flows that saw no reply (`ct state new`).
+    #[serde(default)]
+    pub udp_packets: u64,
+    /// Of `packets`, ICMP and ICMPv6 echo requests.
+    #[serde(default)]
+    pub echo_packets: u64,
 }
 
 impl CounterSample {
@@ -360,6 +366,10 @@ pub struct Evidence {
     /// forged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoofing: Option<SpoofEvidence>,
+    /// The pattern a detection's signals name, when one does: `icmp_flood` (echo requests
+    /// crossed `flood.icmp_pps`), `udp_flood` (unanswered UDP crossed `flood.udp_pps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
 }
 
 /// What a spoofing detection saw: who sent, and whose addresses it wrote as the source.
@@ -648,6 +658,8 @@ mod tests {
             packets: 500,
             bytes: 1_000,
             interval_ns: 500_000_000,
+            udp_packets: 0,
+            echo_packets: 0,
         };
         assert_eq!(s.pps(), 1000.0);
         assert_eq!(s.bps(), 16_000.0);

@@ -1085,6 +1085,8 @@ fn a_hold_is_never_its_own_evidence_and_an_unblock_re_arms_the_detector() {
                 packets: 2_000_000,
                 bytes: 2_000_000_000,
                 interval_ns: 1_000_000_000,
+                udp_packets: 0,
+                echo_packets: 0,
             }));
         }
         if flows_pass {

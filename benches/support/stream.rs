@@ -103,6 +103,8 @@ pub fn mixed_stream(n: usize) -> Vec<Observation> {
                     packets: 1_000 + r.next() % 5_000,
                     bytes: 1_000_000 + r.next() % 5_000_000,
                     interval_ns: 250_000_000,
+                    udp_packets: 0,
+                    echo_packets: 0,
                 }));
             }
             next_counter += 250_000_000;

@@ -29,6 +29,8 @@ fn signal_text(s: &str) -> &str {
         }
         "pps" => "packets per second",
         "bps" => "bits per second",
+        "udp_pps" => "UDP packets per second that were never answered",
+        "icmp_pps" => "ping (ICMP echo) requests per second",
         "attempts" => "connections to login services of one server",
         "distinct_ports" => "distinct ports contacted on one server",
         "distinct_destinations" => "distinct destination addresses",
@@ -88,6 +90,12 @@ impl fmt::Display for Evidence {
             Ms(self.first_seen),
             Ms(self.last_seen)
         )?;
+        match self.pattern.as_deref() {
+            Some("udp_flood") => writeln!(f, "  Pattern: UDP flood (udp_flood)")?,
+            Some("icmp_flood") => writeln!(f, "  Pattern: ping flood (icmp_flood)")?,
+            Some(other) => writeln!(f, "  Pattern: {other}")?,
+            None => {}
+        }
         writeln!(f, "  Limits exceeded:")?;
         for c in &self.crossed {
             writeln!(

@@ -53,7 +53,7 @@
 //!
 //! | category | fires when (in the category's window) |
 //! | --- | --- |
-//! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
+//! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered; or unanswered-UDP packets/s less new flows/s ≥ `udp_pps`, or echo requests/s ≥ `icmp_pps` (from the class counters, kept in [`rates`]; evidence `pattern` `udp_flood` / `icmp_flood`) |
 //! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
 //! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
 //! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
@@ -79,6 +79,7 @@
 mod evidence;
 pub mod exact;
 pub mod index;
+pub mod rates;
 pub mod ring;
 pub mod sketch;
 pub mod source;
@@ -91,8 +92,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::messages::{
-    BlockKind, Category, Counted, Crossed, Detection, Evidence, FlowEvent, FlowEventKind,
-    HoldChange, Observation, TcpState, Time, ct_status, proto,
+    BlockKind, Category, Counted, CounterSample, Crossed, Detection, Evidence, FlowEvent,
+    FlowEventKind, HoldChange, Observation, TcpState, Time, ct_status, proto,
 };
 use crate::policy::{Policy, Profile};
 
@@ -247,6 +248,8 @@ pub struct Engine {
     stale_events: u64,
     /// Exact port sets of the destinations that look scanned (evidence).
     exact: exact::Pool,
+    /// Unanswered-UDP and echo-request rates of the few sources sending them fast.
+    rates: rates::Pool,
 }
 
 /// The [`HELD_ALL`] flag of a hold of `kind`.
@@ -311,6 +314,7 @@ impl Engine {
             held_samples: 0,
             stale_events: 0,
             exact: exact::Pool::default(),
+            rates: rates::Pool::default(),
             policy,
         };
         e.prepare();
@@ -498,6 +502,7 @@ impl Engine {
                 .hold_covering(&key)
                 .map_or(0, |(_, kind)| HELD | held_all(kind));
             self.exact.drop_slot(s);
+            self.rates.drop_slot(s);
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
             st.flags = (st.flags & !(HELD | HELD_ALL | EXACT)) | covered | FRESH;
@@ -605,6 +610,9 @@ impl Engine {
                     c.interval_ns,
                     &w,
                 );
+                if c.udp_packets > 0 || c.echo_packets > 0 {
+                    self.charge_rates(slot, &key, profile, c);
+                }
             }
             Observation::Tick { .. } => {}
             Observation::Lost { time } => {
@@ -782,6 +790,78 @@ impl Engine {
         }
     }
 
+    /// Charges a sample's unanswered-UDP and echo-request packets to the source's rate
+    /// tracker ([`rates`]), attaching one when the sample is fast enough to matter.
+    fn charge_rates(&mut self, slot: u32, key: &SrcKey, profile: u16, c: &CounterSample) {
+        let prep = &self.profiles[usize::from(profile)];
+        let f = &prep.profile.flood;
+        let secs = (c.interval_ns as f64 / 1e9).max(1e-3);
+        let share = rates::ATTACH_SHARE;
+        // An IPv6 aggregate's addresses each have their own sample: rotating addresses must
+        // not keep every one below the share.
+        let attach = (key.v6 && key.len < 128)
+            || c.udp_packets as f64 / secs >= f.udp_pps as f64 * share
+            || c.echo_packets as f64 / secs >= f.icmp_pps as f64 * share;
+        let charge = rates::Charge {
+            t: c.time.as_nanos(),
+            udp: c.udp_packets,
+            echo: c.echo_packets,
+            interval_ns: c.interval_ns,
+            attach,
+        };
+        self.rates.charge(slot, key, charge, prep.windows[0]);
+    }
+
+    /// [`check`], and for a flood the rates of unanswered UDP and echo requests too.
+    fn check_source(
+        &self,
+        c: Category,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+    ) -> Option<Finding> {
+        let found = check(c, st, prep, now);
+        if c != Category::Flood {
+            return found;
+        }
+        let Some(r) = self.rates.view(slot, &st.key, now, prep.windows[0]) else {
+            return found;
+        };
+        let f = &prep.profile.flood;
+        // Each flow's first packet is unanswered until its reply: a resolver's queries are
+        // not a flood. What is left is packets of flows that go on without an answer. (The
+        // new flows of the window over the seconds the rates cover: at the start of the
+        // tracker, that takes back more than the first packets, never less.)
+        let secs = r.secs.clamp(1.0, prep.windows[0] as f64 / 1e9);
+        let new_rate = st.flood_view(now, prep.windows[0]).new / secs;
+        let udp = (r.udp_pps - new_rate).max(0.0);
+        let c_udp = udp >= f.udp_pps as f64;
+        let c_icmp = r.echo_pps >= f.icmp_pps as f64;
+        if !(c_udp || c_icmp) {
+            return found;
+        }
+        let mut finding = found.unwrap_or_else(|| Finding {
+            crossed: Vec::new(),
+            counts: flood_counts(st, prep, now),
+            focus: None,
+        });
+        if c_udp {
+            finding
+                .crossed
+                .push(crossed("udp_pps", udp, f.udp_pps as f64));
+        }
+        if c_icmp {
+            finding
+                .crossed
+                .push(crossed("icmp_pps", r.echo_pps, f.icmp_pps as f64));
+        }
+        finding.counts.push(("udp_unanswered_pps", r.udp_pps));
+        finding.counts.push(("udp_pps", udp));
+        finding.counts.push(("icmp_pps", r.echo_pps));
+        Some(finding)
+    }
+
     /// Evaluates every source that saw events since the last call, at `now`, and appends
     /// the detections to `out`. Call it every `detection.evaluation_interval`.
     pub fn evaluate(&mut self, now: Time, out: &mut Vec<Detection>) {
@@ -813,7 +893,7 @@ impl Engine {
             if prep.enabled & (1 << i) == 0 {
                 continue;
             }
-            let Some(finding) = check(c, &st, prep, now) else {
+            let Some(finding) = self.check_source(c, slot, &st, prep, now) else {
                 continue;
             };
             // A source that crosses both in one evaluation is scanning: its authentication
@@ -835,6 +915,7 @@ impl Engine {
             let mut det =
                 self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now)));
             self.exact_evidence(slot, &st, prep, &mut det, now);
+            flood_pattern(&mut det);
             out.push(det);
         }
     }
@@ -960,6 +1041,7 @@ impl Engine {
                 last_seen: Time(st.last_seen),
                 sample,
                 spoofing: None,
+                pattern: None,
             },
         }
     }
@@ -977,6 +1059,8 @@ impl Engine {
         self.policy = policy;
         self.prepare();
         let cap = self.policy.detection.max_sources as usize;
+        // A rebuilt table moves sources to other slots, away from their rate trackers.
+        let mut flood_window_changed = cap != self.table.cap();
         if cap != self.table.cap() {
             self.evictions += self.table.resize(cap) as u64;
         }
@@ -1005,6 +1089,7 @@ impl Engine {
             x.profile = p;
             if old_w[0] != new_w[0] {
                 x.flood = Default::default();
+                flood_window_changed = true;
             }
             if old_w[2] != new_w[2] {
                 x.targets = Default::default();
@@ -1016,6 +1101,9 @@ impl Engine {
             if old_w[4] != new_w[4] {
                 x.spam = Default::default();
             }
+        }
+        if flood_window_changed {
+            self.rates.clear();
         }
         // Rebuild the touch list from the flags (the table may have been rebuilt).
         self.touched.clear();
@@ -1058,6 +1146,7 @@ impl Engine {
     pub fn memory_bytes(&self) -> usize {
         self.table.memory_bytes()
             + self.exact.memory_bytes()
+            + self.rates.memory_bytes()
             + self.touched.capacity() * 4
             + self.ring.memory_bytes()
             + self.profiles.len() * 65_536
@@ -1068,6 +1157,23 @@ impl Engine {
         self.customer(addr)
             .is_some_and(|(_, k)| self.table.get(&k).is_some())
     }
+}
+
+/// Names a flood's pattern in its evidence when a per-protocol rate crossed: the echo
+/// requests of a ping flood, the unanswered UDP of a single-flow flood.
+fn flood_pattern(det: &mut Detection) {
+    if det.category != Category::Flood {
+        return;
+    }
+    let ev = &mut det.evidence;
+    let has = |s: &str| ev.crossed.iter().any(|c| c.signal == s);
+    ev.pattern = if has("icmp_pps") {
+        Some("icmp_flood".to_owned())
+    } else if has("udp_pps") {
+        Some("udp_flood".to_owned())
+    } else {
+        ev.pattern.take()
+    };
 }
 
 fn round2(v: f64) -> f64 {
@@ -1089,6 +1195,31 @@ fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
         value: round2(value),
         threshold,
     }
+}
+
+/// The flood measures of a source for the evidence.
+fn flood_counts(st: &SourceState, prep: &Prepared, now: u64) -> Vec<(&'static str, f64)> {
+    let w = prep.windows[0];
+    let v = st.flood_view(now, w);
+    let secs = w as f64 / 1e9;
+    let share = if v.new > 0.0 {
+        v.unanswered / v.new
+    } else {
+        0.0
+    };
+    vec![
+        ("new_flows", v.new),
+        ("new_flows_per_sec", v.new / secs),
+        ("unanswered_flows", v.unanswered),
+        ("unanswered_ratio", share),
+        ("tcp_syn", v.syn),
+        ("unreplied_syn_per_sec", v.syn_unanswered / secs),
+        ("amplification_flows", v.amp),
+        ("amplification_flows_per_sec", v.amp_unanswered / secs),
+        ("distinct_destinations", v.targets.round()),
+        ("pps", v.pps),
+        ("bps", v.bps),
+    ]
 }
 
 /// Checks one category. Allocation-free unless something crossed.
@@ -1151,19 +1282,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
             }
             Some(Finding {
                 crossed: x,
-                counts: vec![
-                    ("new_flows", v.new),
-                    ("new_flows_per_sec", new_rate),
-                    ("unanswered_flows", v.unanswered),
-                    ("unanswered_ratio", share),
-                    ("tcp_syn", v.syn),
-                    ("unreplied_syn_per_sec", syn_rate),
-                    ("amplification_flows", v.amp),
-                    ("amplification_flows_per_sec", amp_rate),
-                    ("distinct_destinations", targets),
-                    ("pps", v.pps),
-                    ("bps", v.bps),
-                ],
+                counts: flood_counts(st, prep, now),
                 focus: None,
             })
         }

@@ -169,6 +169,8 @@ fn counters(ms: u64, addr: &str, packets: u64, bytes: u64) -> Observation {
         packets,
         bytes,
         interval_ns: 1_000 * MS,
+        udp_packets: 0,
+        echo_packets: 0,
     })
 }
 
@@ -424,6 +426,152 @@ fn dns_resolver_is_not_flagged() {
         obs.push(udp_reply(ms + 20, src, dst, sport, 53));
     }
     let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// A counter sample with its unanswered-UDP and echo-request shares.
+fn class_counters(ms: u64, addr: &str, packets: u64, udp: u64, echo: u64) -> Observation {
+    Observation::Counters(CounterSample {
+        time: Time(T0 + ms * MS),
+        addr: ip(addr),
+        packets,
+        bytes: packets * 100,
+        interval_ns: 1_000 * MS,
+        udp_packets: udp,
+        echo_packets: echo,
+    })
+}
+
+fn ping(ms: u64, src: &str, dst: IpAddr, id: u16) -> Observation {
+    flow(
+        ms,
+        FlowEventKind::New,
+        src,
+        dst,
+        proto::ICMP,
+        id,
+        0,
+        0,
+        None,
+    )
+}
+
+#[test]
+fn single_flow_udp_flood_is_a_udp_flood() {
+    // hping3 --udp -k: one flow, never answered, 50k pps (a third of `pps`).
+    let target = ip("198.51.100.99");
+    let mut obs = vec![udp(0, BOT, target, 5555, 9999)];
+    for s in 1..=8 {
+        obs.push(class_counters(s * 1000, BOT, 50_000, 50_000, 0));
+    }
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert!((crossed_value(f[0], "udp_pps") - 50_000.0).abs() <= 1.0);
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("udp_flood"));
+    assert_eq!(f[0].evidence.top_destinations[0].key, target);
+    // The first sample already averages 50k: the next evaluation reports it.
+    assert_eq!(f[0].time, Time(T0 + 1_250 * MS));
+}
+
+#[test]
+fn ping_flood_answered_echo_by_echo_is_an_icmp_flood() {
+    // `ping -f`: one ICMP flow, every echo answered, 30k echo requests/s.
+    let target = ip("198.51.100.98");
+    let mut obs = vec![ping(0, BOT, target, 77)];
+    obs.push(flow(
+        1,
+        FlowEventKind::Update,
+        BOT,
+        target,
+        proto::ICMP,
+        77,
+        0,
+        ct_status::SEEN_REPLY,
+        None,
+    ));
+    for s in 1..=8 {
+        obs.push(class_counters(s * 1000, BOT, 30_000, 0, 30_000));
+    }
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(crossed_value(f[0], "icmp_pps"), 30_000.0);
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("icmp_flood"));
+    assert_eq!(f[0].evidence.top_destinations[0].key, target);
+}
+
+#[test]
+fn udp_and_echo_rates_just_under_their_thresholds_are_not() {
+    let mut obs = vec![udp(0, BOT, ip("198.51.100.99"), 5555, 9999)];
+    obs.push(ping(0, BOT, ip("198.51.100.98"), 77));
+    for s in 1..=30 {
+        obs.push(class_counters(s * 1000, BOT, 24_998, 19_999, 4_999));
+    }
+    let d = run(&obs);
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn resolver_queries_are_not_unanswered_udp() {
+    // 25k queries/s, each a new flow whose first packet is unanswered until its reply:
+    // the nft class counter sees 25k pps, the new flows take them back.
+    let src = "203.0.113.53";
+    let mut obs = Vec::new();
+    for i in 0..250_000u64 {
+        let ms = i / 25;
+        let dst = internet((i % 5_000) as u32);
+        let sport = 1024 + (i % 60_000) as u16;
+        obs.push(udp(ms, src, dst, sport, 53));
+        obs.push(udp_reply(ms + 20, src, dst, sport, 53));
+    }
+    for s in 1..=10 {
+        obs.push(class_counters(s * 1000 - 1, src, 50_000, 25_000, 0));
+    }
+    let d = run(&sorted(obs));
+    assert!(of(&d, Category::Flood).is_empty(), "{d:#?}");
+}
+
+#[test]
+fn ipv6_echo_spread_over_addresses_of_one_64_is_one_flood() {
+    // 16 addresses of one /64, each 1,000 echo requests/s (under a quarter of the
+    // threshold each): one source, 16k/s.
+    let mut obs = vec![ping(0, "2001:db8:1:5::1", ip("2001:db8:ffff::1"), 9)];
+    for s in 1..=8u64 {
+        for a in 1..=16 {
+            obs.push(class_counters(
+                s * 1000,
+                &format!("2001:db8:1:5::{a:x}"),
+                1_000,
+                0,
+                1_000,
+            ));
+        }
+    }
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("icmp_flood"));
+}
+
+#[test]
+fn a_held_source_is_not_charged_its_echo_requests() {
+    let mut e = Engine::new(policy());
+    let mut obs = vec![ping(0, BOT, ip("198.51.100.98"), 77)];
+    for s in 1..=3 {
+        obs.push(class_counters(s * 1000, BOT, 30_000, 0, 30_000));
+    }
+    let d = drive(&mut e, &obs, 0);
+    assert_eq!(of(&d, Category::Flood).len(), 1);
+    e.on_hold_change(&HoldChange::Held {
+        target: "203.0.113.7/32".parse().unwrap(),
+        since: Time(T0 + 3_500 * MS),
+        kind: BlockKind::Quarantine,
+    });
+    let later: Vec<_> = (4..=40)
+        .map(|s| class_counters(s * 1000, BOT, 30_000, 0, 30_000))
+        .collect();
+    let d = drive(&mut e, &later, 1_000);
     assert!(d.is_empty(), "{d:#?}");
 }
 
@@ -1222,6 +1370,8 @@ fn arbitrary_streams_never_panic_and_respect_the_cap() {
                 packets: next(),
                 bytes: next(),
                 interval_ns: next() % 3,
+                udp_packets: 0,
+                echo_packets: 0,
             }),
             1 => Observation::Tick { time },
             2 => Observation::Lost { time },
@@ -1475,4 +1625,29 @@ fn top_port_counts_are_never_inflated() {
             c.count
         );
     }
+}
+
+#[test]
+fn a_reload_keeps_the_flood_rates_and_applies_new_rate_thresholds() {
+    let mut e = Engine::new(policy());
+    let target = ip("198.51.100.98");
+    // 4k echo requests/s: under the shipped 5k.
+    let mut obs = vec![ping(0, BOT, target, 77)];
+    for s in 1..=3 {
+        obs.push(class_counters(s * 1000, BOT, 4_000, 0, 4_000));
+    }
+    assert!(drive(&mut e, &obs, 0).is_empty());
+    // The same policy again, then one with `icmp_pps: 3k`: the rates go on.
+    e.set_policy(policy_from(&format!("{POLICY}# reloaded\n")));
+    e.set_policy(policy_from(&POLICY.replace(
+        "profiles:\n",
+        "profiles:\n  default:\n    flood:\n      icmp_pps: 3k\n",
+    )));
+    let later = vec![class_counters(4_000, BOT, 4_000, 0, 4_000)];
+    let d = drive(&mut e, &later, 500);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("icmp_flood"));
+    // Averaged over the four seconds, not only the one after the reload.
+    assert_eq!(f[0].evidence.counts["icmp_pps"], 4_000.0);
 }

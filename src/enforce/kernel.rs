@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::layout::{ElemKey, Role, SetId};
+use super::layout::{ElemKey, SetId};
 
 /// Why a listing could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +111,7 @@ struct SetNoElems {
 pub fn parse_table(text: &str, table: &str) -> Result<KernelTable, ParseError> {
     let root: Listing<'_> = serde_json::from_str(text).map_err(ParseError::Json)?;
     let counters: Vec<&str> = SetId::all()
-        .filter(|s| s.role == Role::Counters)
+        .filter(|s| s.role.counting())
         .map(SetId::name)
         .collect();
     let mut out = KernelTable::default();

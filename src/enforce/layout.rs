@@ -90,6 +90,12 @@ pub enum Role {
     Garden,
     /// Per-source counters, filled by the packet path: `flags dynamic, timeout`.
     Counters,
+    /// Per-source counters of UDP packets of flows never answered (`ct state new`), as
+    /// [`Role::Counters`]: the single-flow UDP flood (`flood.udp_pps`).
+    UdpCounters,
+    /// Per-source counters of ICMP/ICMPv6 echo requests, as [`Role::Counters`]: the ping
+    /// flood (`flood.icmp_pps`).
+    EchoCounters,
     /// Sources of learnt flowspec rules, dropped as senders only: `flags interval`.
     Learnt,
 }
@@ -107,7 +113,15 @@ impl Role {
 
     /// Whether elements carry timeouts.
     pub fn timed(self) -> bool {
-        matches!(self, Role::Blocked | Role::Quarantine | Role::Counters)
+        matches!(self, Role::Blocked | Role::Quarantine) || self.counting()
+    }
+
+    /// Whether the set is a per-source counter set, filled by the packet path.
+    pub fn counting(self) -> bool {
+        matches!(
+            self,
+            Role::Counters | Role::UdpCounters | Role::EchoCounters
+        )
     }
 }
 
@@ -141,6 +155,10 @@ impl SetId {
             (Role::Garden, Fam::V6) => "garden6",
             (Role::Counters, Fam::V4) => "src_counters4",
             (Role::Counters, Fam::V6) => "src_counters6",
+            (Role::UdpCounters, Fam::V4) => "src_udp4",
+            (Role::UdpCounters, Fam::V6) => "src_udp6",
+            (Role::EchoCounters, Fam::V4) => "src_echo4",
+            (Role::EchoCounters, Fam::V6) => "src_echo6",
             (Role::Learnt, Fam::V4) => "learnt4",
             (Role::Learnt, Fam::V6) => "learnt6",
         }
@@ -156,6 +174,8 @@ impl SetId {
             Role::Quarantine,
             Role::Learnt,
             Role::Counters,
+            Role::UdpCounters,
+            Role::EchoCounters,
         ]
         .into_iter()
         .flat_map(|r| [SetId::new(r, Fam::V4), SetId::new(r, Fam::V6)])
@@ -163,7 +183,7 @@ impl SetId {
 
     /// The sets whose elements the agent manages.
     pub fn managed() -> impl Iterator<Item = SetId> {
-        SetId::all().filter(|s| s.role != Role::Counters)
+        SetId::all().filter(|s| !s.role.counting())
     }
 
     /// The flags the set must have, as `nft -j list` shows them (nft 1.0.6 does not list
@@ -172,7 +192,7 @@ impl SetId {
         match self.role {
             Role::Blocked | Role::Quarantine => vec!["interval", "timeout"],
             Role::Customers | Role::Allow | Role::Garden | Role::Learnt => vec!["interval"],
-            Role::Counters => vec!["timeout"],
+            Role::Counters | Role::UdpCounters | Role::EchoCounters => vec!["timeout"],
         }
     }
 }
@@ -198,7 +218,7 @@ impl TableSpec {
             Role::Customers | Role::Allow | Role::Garden | Role::Learnt => {
                 flags.insert(SetFlag::Interval);
             }
-            Role::Counters => {
+            Role::Counters | Role::UdpCounters | Role::EchoCounters => {
                 // nft 1.0.6's JSON parser refuses `dynamic`; the kernel set gets it from the
                 // `update` statement that uses it (written in the same transaction).
                 flags.insert(SetFlag::Timeout);
@@ -225,7 +245,7 @@ impl TableSpec {
     /// The set's expected size and default timeout as listed (only counter sets have them).
     pub fn listed_size_timeout(&self, id: SetId) -> (Option<u64>, Option<u64>) {
         match id.role {
-            Role::Counters => (
+            Role::Counters | Role::UdpCounters | Role::EchoCounters => (
                 Some(u64::from(self.counter_set_size)),
                 Some(u64::from(COUNTER_TIMEOUT_SECS)),
             ),
@@ -351,6 +371,45 @@ fn ct_established() -> Statement<'static> {
     })
 }
 
+fn l4proto(p: &'static str) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Meta(nftables::expr::Meta {
+            key: nftables::expr::MetaKey::L4proto,
+        })),
+        right: Expression::String(Cow::Borrowed(p)),
+        op: Operator::EQ,
+    })
+}
+
+fn ct_state(state: &'static str) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed("state"),
+            family: None,
+            dir: None,
+        })),
+        right: Expression::String(Cow::Borrowed(state)),
+        op: Operator::IN,
+    })
+}
+
+fn payload_eq(
+    protocol: &'static str,
+    field: &'static str,
+    value: &'static str,
+) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: Cow::Borrowed(protocol),
+                field: Cow::Borrowed(field),
+            },
+        ))),
+        right: Expression::String(Cow::Borrowed(value)),
+        op: Operator::EQ,
+    })
+}
+
 fn neighbour_discovery() -> Statement<'static> {
     Statement::Match(Match {
         left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
@@ -383,9 +442,9 @@ pub struct RuleDef {
     pub comment: String,
     /// Its statements.
     pub expr: Vec<Statement<'static>>,
-    /// Counter rule: the `update @src_countersN { ... counter }` statement, added to the
-    /// serialised rule because `nftables::stmt::Set` has no `stmt` member.
-    pub counter_update: Option<Fam>,
+    /// Counter rule: the `update @<set> { ip saddr counter }` statement (a counter set),
+    /// added to the serialised rule because `nftables::stmt::Set` has no `stmt` member.
+    pub counter_update: Option<SetId>,
 }
 
 fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
@@ -480,7 +539,32 @@ pub fn rules() -> Vec<RuleDef> {
             &format!("count-customers{sfx}"),
             vec![in_set(fam, "saddr", SetId::new(Role::Customers, fam))],
         );
-        r.counter_update = Some(fam);
+        r.counter_update = Some(SetId::new(Role::Counters, fam));
+        out.push(r);
+    }
+    // The two floods one packet counter cannot tell from a backup stream: UDP packets of
+    // flows never answered (`ct state new` in the original direction: no reply seen yet;
+    // what a customer's own services send are replies, never counted), and echo requests.
+    for fam in [Fam::V4, Fam::V6] {
+        let sfx = if fam == Fam::V4 { "4" } else { "6" };
+        let customers = in_set(fam, "saddr", SetId::new(Role::Customers, fam));
+        let mut r = rule(
+            Forward,
+            &format!("count-udp-unanswered{sfx}"),
+            vec![customers.clone(), l4proto("udp"), ct_state("new")],
+        );
+        r.counter_update = Some(SetId::new(Role::UdpCounters, fam));
+        out.push(r);
+        let (icmp, echo) = match fam {
+            Fam::V4 => ("icmp", "echo-request"),
+            Fam::V6 => ("icmpv6", "echo-request"),
+        };
+        let mut r = rule(
+            Forward,
+            &format!("count-echo{sfx}"),
+            vec![customers, payload_eq(icmp, "type", echo)],
+        );
+        r.counter_update = Some(SetId::new(Role::EchoCounters, fam));
         out.push(r);
     }
     for fam in [Fam::V4, Fam::V6] {
@@ -671,10 +755,10 @@ impl Tx {
             comment: Some(Cow::Owned(rule.comment.clone())),
         };
         let mut v = to_value(NfCmd::Add(NfListObject::Rule(obj)));
-        if let Some(fam) = rule.counter_update {
+        if let Some(set) = rule.counter_update {
             // `update @src_countersN { ip saddr counter }`: nft's JSON has a `stmt` list in
             // the set statement that the crate's `stmt::Set` cannot express.
-            let set = SetId::new(Role::Counters, fam);
+            let fam = set.fam;
             let update = serde_json::json!({
                 "set": {
                     "op": "update",
@@ -833,6 +917,6 @@ mod tests {
     #[test]
     fn set_names_are_unique() {
         let names: std::collections::BTreeSet<_> = SetId::all().map(SetId::name).collect();
-        assert_eq!(names.len(), 14);
+        assert_eq!(names.len(), 18);
     }
 }

@@ -44,11 +44,16 @@
 //!     set learnt6      { type ipv6_addr; flags interval; }
 //!     set src_counters4 { type ipv4_addr; size N; flags dynamic,timeout; timeout 5m; }
 //!     set src_counters6 { type ipv6_addr; size N; flags dynamic,timeout; timeout 5m; }
+//!     set src_udp4     { type ipv4_addr; size N; flags dynamic,timeout; timeout 5m; }  (and 6)
+//!     set src_echo4    { type ipv4_addr; size N; flags dynamic,timeout; timeout 5m; }  (and 6)
 //!
 //!     chain forward {
 //!         type filter hook forward priority filter - 10; policy accept;
 //!         ip saddr @customers4 update @src_counters4 { ip saddr counter }
 //!         ip6 saddr @customers6 update @src_counters6 { ip6 saddr counter }
+//!         ip saddr @customers4 meta l4proto udp ct state new update @src_udp4 { ip saddr counter }
+//!         ip saddr @customers4 icmp type echo-request update @src_echo4 { ip saddr counter }
+//!         (the same two for ip6: icmpv6 type echo-request)
 //!         ip saddr @blocked4 ip saddr != @allow4 counter drop
 //!         ip daddr @blocked4 ip daddr != @allow4 counter drop
 //!         ip saddr @quarantine4 ip saddr != @allow4 ip daddr != @garden4 counter drop

@@ -28,6 +28,22 @@
 //! }
 //! ```
 //!
+//! Two more pairs of sets count what one packet counter cannot tell from a backup stream,
+//! per source and the same way (`flood.udp_pps`, `flood.icmp_pps`):
+//!
+//! ```text
+//! set src_udp4  { type ipv4_addr; size 65536; flags dynamic,timeout; timeout 5m; }   (and 6)
+//! set src_echo4 { type ipv4_addr; size 65536; flags dynamic,timeout; timeout 5m; }   (and 6)
+//!     ip saddr @customers4 meta l4proto udp ct state new update @src_udp4 { ip saddr counter }
+//!     ip saddr @customers4 icmp type echo-request update @src_echo4 { ip saddr counter }
+//!     ip6 saddr @customers6 icmpv6 type echo-request update @src_echo6 { ip6 saddr counter }
+//! ```
+//!
+//! `ct state new` on a UDP packet from the customer means its flow has seen no reply yet (a
+//! flow the customer's own service answers is in the reply direction, never `new`). Their
+//! deltas go in the same [`CounterSample`] as the source's packet count (`udp_packets`,
+//! `echo_packets`).
+//!
 //! The counting rules must come before any rule that drops blocked sources if blocked traffic
 //! should still be measured (after it, if not). The table must also hold at least one rule
 //! with a `ct` expression (e.g. `ct state invalid drop`), or conntrack does not track
@@ -54,6 +70,38 @@ pub const COUNTER_BATCH: usize = 4096;
 /// Names of the counter sets in the agent's table.
 pub const COUNTER_SETS: [&str; 2] = ["src_counters4", "src_counters6"];
 
+/// Names of the per-source counters of unanswered UDP packets.
+pub const UDP_SETS: [&str; 2] = ["src_udp4", "src_udp6"];
+
+/// Names of the per-source counters of echo requests.
+pub const ECHO_SETS: [&str; 2] = ["src_echo4", "src_echo6"];
+
+/// What a counter set counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Counted {
+    /// Every packet of the source ([`COUNTER_SETS`]).
+    #[default]
+    All,
+    /// UDP packets of flows not answered ([`UDP_SETS`]).
+    UdpUnanswered,
+    /// ICMP/ICMPv6 echo requests ([`ECHO_SETS`]).
+    Echo,
+}
+
+impl Counted {
+    fn of_set(name: &str) -> Option<Counted> {
+        if COUNTER_SETS.contains(&name) {
+            Some(Counted::All)
+        } else if UDP_SETS.contains(&name) {
+            Some(Counted::UdpUnanswered)
+        } else if ECHO_SETS.contains(&name) {
+            Some(Counted::Echo)
+        } else {
+            None
+        }
+    }
+}
+
 /// One element's counter as read from nft.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reading {
@@ -63,10 +111,12 @@ pub struct Reading {
     pub packets: u64,
     /// Bytes since the element was created.
     pub bytes: u64,
+    /// Which set it is from.
+    pub counted: Counted,
 }
 
 /// Reads the counter sets out of `nft -j list sets` output. Elements without a counter, and
-/// sets other than [`COUNTER_SETS`], are skipped.
+/// sets other than [`COUNTER_SETS`], [`UDP_SETS`] and [`ECHO_SETS`], are skipped.
 ///
 /// The listing is read in one pass into typed values, never into a JSON tree: a counter set
 /// of 65,536 elements is ~6 MB of JSON, which as a `serde_json::Value` tree took ~85 MB of
@@ -77,11 +127,12 @@ pub fn parse_nft_sets(json: &[u8]) -> Result<Vec<Reading>, ObserveError> {
         .nftables
         .into_iter()
         .filter_map(|item| item.set)
-        .filter(|set| COUNTER_SETS.contains(&set.name.as_str()))
-        .flat_map(|set| set.elem)
-        .filter_map(|e| match e {
-            listing::Elem::Counted(r) => Some(r),
-            listing::Elem::Other => None,
+        .filter_map(|set| Some((Counted::of_set(&set.name)?, set.elem)))
+        .flat_map(|(counted, elems)| {
+            elems.into_iter().filter_map(move |e| match e {
+                listing::Elem::Counted(r) => Some(Reading { counted, ..r }),
+                listing::Elem::Other => None,
+            })
         })
         .collect())
 }
@@ -95,7 +146,7 @@ mod listing {
     use serde::Deserialize;
     use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    use super::Reading;
+    use super::{Counted, Reading};
 
     #[derive(Deserialize)]
     pub(super) struct Listing {
@@ -180,6 +231,7 @@ mod listing {
                             addr,
                             packets: c.packets,
                             bytes: c.bytes,
+                            counted: Counted::All,
                         });
                     }
                 } else {
@@ -249,7 +301,7 @@ mod listing {
 /// Turns successive snapshots into per-interval deltas.
 #[derive(Debug, Default)]
 pub struct CounterDeltas {
-    prev: HashMap<IpAddr, (u64, u64)>,
+    prev: HashMap<(IpAddr, Counted), (u64, u64)>,
     primed: bool,
 }
 
@@ -268,13 +320,15 @@ impl CounterDeltas {
         interval_ns: u64,
     ) -> Vec<CounterSample> {
         let mut next = HashMap::with_capacity(readings.len());
-        let mut out = Vec::new();
+        let mut out: Vec<CounterSample> = Vec::new();
+        // The per-class deltas, added to the address's sample after the pass.
+        let mut classes: Vec<(IpAddr, Counted, u64)> = Vec::new();
         for r in readings {
-            next.insert(r.addr, (r.packets, r.bytes));
+            next.insert((r.addr, r.counted), (r.packets, r.bytes));
             if !self.primed {
                 continue;
             }
-            let (packets, bytes) = match self.prev.get(&r.addr) {
+            let (packets, bytes) = match self.prev.get(&(r.addr, r.counted)) {
                 // Same element, still growing (or idle).
                 Some(&(pp, pb)) if r.packets >= pp && r.bytes >= pb => {
                     (r.packets - pp, r.bytes - pb)
@@ -287,13 +341,48 @@ impl CounterDeltas {
             if packets == 0 && bytes == 0 {
                 continue;
             }
+            if r.counted != Counted::All {
+                classes.push((r.addr, r.counted, packets));
+                continue;
+            }
             out.push(CounterSample {
                 time,
                 addr: r.addr,
                 packets,
                 bytes,
                 interval_ns,
+                udp_packets: 0,
+                echo_packets: 0,
             });
+        }
+        if !classes.is_empty() {
+            let at: HashMap<IpAddr, usize> =
+                out.iter().enumerate().map(|(i, s)| (s.addr, i)).collect();
+            for (addr, counted, packets) in classes {
+                // Every packet a class set counts passed the all-packets rule first; an
+                // address missing there (its set was full) gets a sample of its own.
+                let i = match at.get(&addr) {
+                    Some(&i) => i,
+                    None => {
+                        out.push(CounterSample {
+                            time,
+                            addr,
+                            packets: 0,
+                            bytes: 0,
+                            interval_ns,
+                            udp_packets: 0,
+                            echo_packets: 0,
+                        });
+                        out.len() - 1
+                    }
+                };
+                let s = &mut out[i];
+                match counted {
+                    Counted::UdpUnanswered => s.udp_packets = s.udp_packets.saturating_add(packets),
+                    Counted::Echo => s.echo_packets = s.echo_packets.saturating_add(packets),
+                    Counted::All => {}
+                }
+            }
         }
         self.prev = next;
         self.primed = true;
@@ -493,12 +582,14 @@ mod tests {
                 Reading {
                     addr: "203.0.113.5".parse().unwrap(),
                     packets: 3,
-                    bytes: 100
+                    bytes: 100,
+                    counted: Counted::All,
                 },
                 Reading {
                     addr: "2001:db8:c::a".parse().unwrap(),
                     packets: 7,
-                    bytes: 700
+                    bytes: 700,
+                    counted: Counted::All,
                 },
             ]
         );
@@ -554,7 +645,58 @@ mod tests {
             addr: a.parse().unwrap(),
             packets: p,
             bytes: b,
+            counted: Counted::All,
         }
+    }
+
+    fn class(a: &str, p: u64, counted: Counted) -> Reading {
+        Reading {
+            counted,
+            ..rd(a, p, p * 100)
+        }
+    }
+
+    #[test]
+    fn class_sets_are_read_and_merged_into_the_address_sample() {
+        let json = r#"{"nftables": [{"set": {"name": "src_counters4", "elem": [{"elem": {"val": "203.0.113.5", "counter": {"packets": 10, "bytes": 1000}}}]}}, {"set": {"name": "src_udp4", "elem": [{"elem": {"val": "203.0.113.5", "counter": {"packets": 7, "bytes": 700}}}]}}, {"set": {"name": "src_echo6", "elem": [{"elem": {"val": "2001:db8:c::a", "counter": {"packets": 3, "bytes": 300}}}]}}]}"#;
+        let r = parse_nft_sets(json.as_bytes()).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                rd("203.0.113.5", 10, 1000),
+                class("203.0.113.5", 7, Counted::UdpUnanswered),
+                class("2001:db8:c::a", 3, Counted::Echo),
+            ]
+        );
+        let mut d = CounterDeltas::new();
+        d.update(&r, Time(1), 0);
+        let s = d.update(
+            &[
+                rd("203.0.113.5", 60_010, 6_001_000),
+                class("203.0.113.5", 50_007, Counted::UdpUnanswered),
+                class("2001:db8:c::a", 20_003, Counted::Echo),
+            ],
+            Time(2),
+            1_000_000_000,
+        );
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(
+            (s[0].packets, s[0].udp_packets, s[0].echo_packets),
+            (60_000, 50_000, 0)
+        );
+        // An address only in a class set (its all-packets element could not be made).
+        assert_eq!(s[1].addr, "2001:db8:c::a".parse::<IpAddr>().unwrap());
+        assert_eq!((s[1].packets, s[1].echo_packets), (0, 20_000));
+        // The classes' elements are tracked apart from the address's: no mixing of counts.
+        let s = d.update(
+            &[
+                rd("203.0.113.5", 60_020, 6_002_000),
+                class("203.0.113.5", 50_007, Counted::UdpUnanswered),
+            ],
+            Time(3),
+            1_000_000_000,
+        );
+        assert_eq!((s[0].packets, s[0].udp_packets), (10, 0));
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub const DEFAULT_PROFILE: &str = "default";
 pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 pub const FLOOD_PPS: u64 = 150_000;
 pub const FLOOD_BPS: u64 = 5_000_000_000;
+/// Unanswered UDP packets/s beyond one per new flow: a single-flow UDP flood (FastNetMon's
+/// default 20k for all packets); answered UDP (DNS, QUIC, VPN, RTP) never counts.
+pub const FLOOD_UDP_PPS: u64 = 20_000;
+/// ICMP(v6) echo requests/s: a ping flood, answered or not.
+pub const FLOOD_ICMP_PPS: u64 = 5_000;
 pub const FLOOD_NEW_FLOWS_PER_SEC: u64 = 2_000;
 pub const FLOOD_UNREPLIED_SYN_PER_SEC: u64 = 500;
 /// Chargen, DNS, NTP, NetBIOS, SNMP, CLDAP, SSDP, WS-Discovery, mDNS, memcached.

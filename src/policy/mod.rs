@@ -158,6 +158,12 @@ pub struct Flood {
     pub pps: u64,
     /// Bits per second from one source (nft counters).
     pub bps: u64,
+    /// UDP packets per second of flows the source opened that were never answered, less
+    /// its new flows per second (each flow's first packet): a single-flow UDP flood.
+    pub udp_pps: u64,
+    /// ICMP and ICMPv6 echo requests per second from one source: a ping flood, answered or
+    /// not.
+    pub icmp_pps: u64,
     /// New flows per second from one source.
     pub new_flows_per_sec: u64,
     /// TCP SYNs per second that were never answered.

@@ -109,6 +109,8 @@ pub struct RawFlood {
     pub window: Option<Scalar>,
     pub pps: Option<Scalar>,
     pub bps: Option<Scalar>,
+    pub udp_pps: Option<Scalar>,
+    pub icmp_pps: Option<Scalar>,
     pub new_flows_per_sec: Option<Scalar>,
     pub unreplied_syn_per_sec: Option<Scalar>,
     pub amplification_ports: Option<Vec<u16>>,

@@ -271,6 +271,22 @@ fn thresholds_must_be_positive_numbers() {
 }
 
 #[test]
+fn per_protocol_flood_rates_parse_inherit_and_refuse_zero() {
+    let p = |k: &str, v: &str| {
+        format!(
+            "{BASE}profiles:\n  default:\n    flood:\n      {k}: {v}\n  relay:\n    spam:\n      enabled: false\n"
+        )
+    };
+    one_error(&p("udp_pps", "0"), "9:16", "0 is not allowed");
+    one_error(&p("icmp_pps", "many"), "9:17", "is not a whole number");
+    let ok = check(&p("udp_pps", "30k")).0.unwrap();
+    assert_eq!(ok.profiles["default"].flood.udp_pps, 30_000);
+    assert_eq!(ok.profiles["default"].flood.icmp_pps, 5_000, "built-in");
+    // Another profile inherits `default`'s.
+    assert_eq!(ok.profiles["relay"].flood.udp_pps, 30_000);
+}
+
+#[test]
 fn ratios_between_zero_and_one() {
     let t =
         format!("{BASE}profiles:\n  default:\n    network_scan:\n      min_unanswered_ratio: 2\n");

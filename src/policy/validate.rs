@@ -428,6 +428,8 @@ fn builtin_profile() -> Profile {
             window: d::FLOOD_WINDOW,
             pps: d::FLOOD_PPS,
             bps: d::FLOOD_BPS,
+            udp_pps: d::FLOOD_UDP_PPS,
+            icmp_pps: d::FLOOD_ICMP_PPS,
             new_flows_per_sec: d::FLOOD_NEW_FLOWS_PER_SEC,
             unreplied_syn_per_sec: d::FLOOD_UNREPLIED_SYN_PER_SEC,
             amplification_ports: d::FLOOD_AMPLIFICATION_PORTS.to_vec(),
@@ -472,6 +474,13 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
             window: duration(cx, &format!("{at}.window"), f.window.as_ref(), b.window),
             pps: count(cx, &format!("{at}.pps"), f.pps.as_ref(), b.pps),
             bps: count(cx, &format!("{at}.bps"), f.bps.as_ref(), b.bps),
+            udp_pps: count(cx, &format!("{at}.udp_pps"), f.udp_pps.as_ref(), b.udp_pps),
+            icmp_pps: count(
+                cx,
+                &format!("{at}.icmp_pps"),
+                f.icmp_pps.as_ref(),
+                b.icmp_pps,
+            ),
             new_flows_per_sec: count(
                 cx,
                 &format!("{at}.new_flows_per_sec"),

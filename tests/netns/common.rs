@@ -32,6 +32,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("gobgpd", "gobgpd"),
     ("gobgp", "gobgpd"),
     ("curl", "curl"),
+    ("iperf3", "iperf3"),
+    ("fping", "fping"),
     ("conntrack", "conntrack"),
     ("setpriv", "util-linux"),
     ("python3", "python3"),

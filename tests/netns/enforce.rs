@@ -632,6 +632,46 @@ fn counters_and_conntrack_work_for_customer_traffic() {
     });
 }
 
+#[test]
+fn class_counters_count_echo_requests_and_unanswered_udp() {
+    if !require_root("class_counters_count_echo_requests_and_unanswered_udp") {
+        return;
+    }
+    crate::common::require_tools(
+        "class_counters_count_echo_requests_and_unanswered_udp",
+        &["hping3"],
+    );
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let (c, inet) = (&topo.customers[0], &topo.internet[0]);
+    in_router(&topo, || async {
+        let _e = Enforcer::init(policy(&table, "")).await.expect("init");
+        assert!(ping(&c.ns, inet.v4).await);
+        assert!(ping(&c.ns, inet.v6).await);
+        // Seven datagrams of one flow to a closed port: the answers are ICMP errors, no
+        // reply of the flow, so all seven count.
+        let dst = inet.v4.to_string();
+        c.ns.run(&[
+            "hping3", "--udp", "-k", "-s", "4000", "-p", "9", "-c", "7", "-i", "u1000", &dst,
+        ])
+        .ok();
+        let echo4 = set_list(&topo.router, &table, "src_echo4");
+        assert!(
+            echo4.contains(&format!("{} ", c.v4)) && !echo4.contains("counter packets 0 "),
+            "{echo4}"
+        );
+        let echo6 = set_list(&topo.router, &table, "src_echo6");
+        assert!(echo6.contains(&c.v6.to_string()), "{echo6}");
+        let udp4 = set_list(&topo.router, &table, "src_udp4");
+        assert!(
+            udp4.contains(&format!("{} counter packets 7 ", c.v4)),
+            "{udp4}"
+        );
+        // The replies of the router's pings are not echo requests of the internet host.
+        assert!(!echo4.contains(&dst), "{echo4}");
+    });
+}
+
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 

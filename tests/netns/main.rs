@@ -6,6 +6,7 @@
 //! on drop, also when it fails.
 
 mod abuse;
+mod benign;
 mod bgp;
 mod bird;
 mod common;
