@@ -7,6 +7,7 @@
 
 mod abuse;
 mod bgp;
+mod bgp_agent;
 mod bird;
 mod common;
 mod control;
