@@ -355,8 +355,9 @@ fn gr_policy() -> String {
 }
 
 /// BIRD keeps the agent's routes across its absence: first in the RFC 4724 phase, then as
-/// LLGR_STALE; `want` are the flowspec routes that must be there, stale.
-fn assert_bird_keeps_stale(b: &Bird, want: &[&str]) {
+/// LLGR_STALE; `want` are the flowspec routes that must be there, stale. `down` is when the
+/// agent went.
+fn assert_bird_keeps_stale(b: &Bird, want: &[&str], down: Instant) {
     let proto = b.birdc("show protocols all agent");
     assert!(
         proto.contains("Neighbor graceful restart active"),
@@ -365,7 +366,11 @@ fn assert_bird_keeps_stale(b: &Bird, want: &[&str]) {
     for w in want {
         let e = route_entry(&bird_table(b, "flowtab4"), w)
             .unwrap_or_else(|| panic!("{w} dropped by BIRD within the restart time"));
-        assert!(!e.contains(LLGR_STALE), "{e}");
+        // Within the restart time (2 s; a loaded machine may have taken longer to get here)
+        // the route is kept as it was.
+        if down.elapsed() < Duration::from_millis(1500) {
+            assert!(!e.contains(LLGR_STALE), "{e}");
+        }
     }
     // Past the restart time (2 s): long-lived stale, marked so.
     for w in want {
@@ -376,6 +381,11 @@ fn assert_bird_keeps_stale(b: &Bird, want: &[&str]) {
         );
         assert_carries(&e, &FLOW_COMMUNITIES);
     }
+    let proto = b.birdc("show protocols all agent");
+    assert!(
+        proto.contains("Neighbor graceful restart active") && proto.contains("LL stale timer"),
+        "BIRD is not in long-lived graceful restart for the agent:\n{proto}"
+    );
     let r4 = route_entry(&bird_table(b, "master4"), "203.0.113.7/32")
         .expect("RTBH route dropped by BIRD during the restart");
     assert_carries(&r4, &[LLGR_STALE, "(65535,666)"]);
@@ -384,20 +394,23 @@ fn assert_bird_keeps_stale(b: &Bird, want: &[&str]) {
 /// After the restart: End-of-RIB ends BIRD's graceful restart, every route of `want` is
 /// refreshed (no longer LLGR_STALE), every one of `gone` flushed.
 fn assert_bird_refreshed(b: &Bird, want: &[&str], gone: &[&str]) {
+    // From the agent's start until the refresh the live routes never leave BIRD: no gap.
+    for w in want {
+        wait_for(&format!("{w} refreshed"), Duration::from_secs(40), || {
+            let e = route_entry(&bird_table(b, "flowtab4"), w)
+                .unwrap_or_else(|| panic!("{w} left BIRD during the agent's restart"));
+            (!e.contains(LLGR_STALE)).then_some(())
+        });
+    }
     wait_established(b, "session with BIRD after the restart");
     wait_for(
         "BIRD out of graceful restart",
-        Duration::from_secs(40),
+        Duration::from_secs(15),
         || {
             let p = b.birdc("show protocols all agent");
             (!p.contains("graceful restart active")).then_some(())
         },
     );
-    for w in want {
-        wait_for(&format!("{w} refreshed"), Duration::from_secs(15), || {
-            route_entry(&bird_table(b, "flowtab4"), w).filter(|e| !e.contains(LLGR_STALE))
-        });
-    }
     for g in gone {
         bird_gone(b, "flowtab4", g);
         bird_gone(b, "master4", g);
@@ -427,7 +440,7 @@ fn bgp_agent_bird_graceful_restart_across_kill_and_stop() {
         Duration::from_secs(10),
         || (!b.birdc("show protocols agent").contains("Established")).then_some(()),
     );
-    assert_bird_keeps_stale(&b, &[FLOW_V4, short]);
+    assert_bird_keeps_stale(&b, &[FLOW_V4, short], killed);
     // The 6 s hold expires while the agent is down.
     let down = Duration::from_secs(8);
     std::thread::sleep(down.saturating_sub(killed.elapsed()));
@@ -435,6 +448,7 @@ fn bgp_agent_bird_graceful_restart_across_kill_and_stop() {
     assert_bird_refreshed(&b, &[FLOW_V4], &["203.0.113.8"]);
 
     // SIGTERM: the agent closes without a NOTIFICATION, BIRD keeps the routes.
+    let stopped = Instant::now();
     let st = rig.agent().stop(Duration::from_secs(10));
     assert!(st.is_some_and(|s| s.success()), "agent stop: {st:?}");
     wait_for(
@@ -442,7 +456,7 @@ fn bgp_agent_bird_graceful_restart_across_kill_and_stop() {
         Duration::from_secs(10),
         || (!b.birdc("show protocols agent").contains("Established")).then_some(()),
     );
-    assert_bird_keeps_stale(&b, &[FLOW_V4]);
+    assert_bird_keeps_stale(&b, &[FLOW_V4], stopped);
     rig.start();
     assert_bird_refreshed(&b, &[FLOW_V4], &[]);
     let log = b.log();
@@ -666,6 +680,8 @@ fn bgp_agent_bench_bird() {
     let n = 100;
     let mut lat = Vec::new();
     let mut cli = Vec::new();
+    // From the CLI's reply (the hold is decided and in the desired set) to the routes.
+    let mut after = Vec::new();
     for i in 0..n {
         let a = format!("203.0.113.{}", 100 + i);
         let rtbh = format!("show route table master4 {a}/32");
@@ -676,15 +692,26 @@ fn bgp_agent_bench_bird() {
             (bird_count(&b, "flowtab4") == i + 1 && b.birdc(&rtbh).contains(&a)).then_some(())
         });
         lat.push(start.elapsed());
+        after.push(start.elapsed() - cli[cli.len() - 1]);
     }
     lat.sort();
     cli.sort();
+    after.sort();
     eprintln!(
-        "BENCH operator block -> flowspec+RTBH in BIRD: median {:?} p99 {:?} max {:?} (n={n}; `block` CLI round trip median {:?}; includes birdc polls)",
+        "BENCH operator block -> flowspec+RTBH in BIRD: median {:?} p90 {:?} p99 {:?} max {:?} (n={n}; includes birdc polls); `block` CLI round trip median {:?} p99 {:?}; slowest five {:?}",
         percentile(&lat, 50),
+        percentile(&lat, 90),
         percentile(&lat, 99),
         lat[lat.len() - 1],
         percentile(&cli, 50),
+        percentile(&cli, 99),
+        &lat[lat.len() - 5..],
+    );
+    eprintln!(
+        "BENCH `block` replied -> flowspec+RTBH in BIRD: median {:?} p99 {:?} max {:?}",
+        percentile(&after, 50),
+        percentile(&after, 99),
+        after[after.len() - 1],
     );
 
     // 2. 10,000 operator holds (198.18.0.0/15, RFC 2544 benchmarking space) made while the
@@ -720,7 +747,12 @@ fn bgp_agent_bench_bird() {
     let want = total as usize + n;
     let enabled = Instant::now();
     assert!(b.birdc("enable agent").contains("enabled"));
-    wait_established(&b, "session with BIRD again");
+    // The agent's connect retries back off to 60 s while BIRD refuses them.
+    wait_for("session with BIRD again", Duration::from_secs(90), || {
+        b.birdc("show protocols agent")
+            .contains("Established")
+            .then_some(())
+    });
     let est = Instant::now();
     wait_for("every route in BIRD", Duration::from_secs(30), || {
         (bird_count(&b, "flowtab4") == want).then_some(())
