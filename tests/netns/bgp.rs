@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use crate::bird::Bird;
 use crate::common::{require_root, wait_for};
 
-const AGENT_V4: &str = "192.0.2.1";
-const PEER_V4: &str = "192.0.2.2";
+pub(crate) const AGENT_V4: &str = "192.0.2.1";
+pub(crate) const PEER_V4: &str = "192.0.2.2";
 
 /// Two namespaces joined by a veth: the agent at .1 / ::1, the upstream at .2 / ::2.
 struct Link {
@@ -176,7 +176,7 @@ fn bird_at(ns: &Netns, peer_as: u32, extra: &str, local: &str, neighbor: &str) -
 }
 
 /// BIRD with `session` in its `protocol bgp agent` block (`passive on;` by default).
-fn bird_conf(
+pub(crate) fn bird_conf(
     ns: &Netns,
     peer_as: u32,
     extra: &str,
@@ -430,7 +430,7 @@ protocol static flowstatic6 {
 // GoBGP
 // ---------------------------------------------------------------------------------------------
 
-const GOBGP_API: &str = "50051";
+pub(crate) const GOBGP_API: &str = "50051";
 
 fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
     gobgpd_with(ns, dir, "")
@@ -438,6 +438,13 @@ fn gobgpd(ns: &Netns, dir: &Path) -> Proc {
 
 /// GoBGP with `auth` (e.g. `auth-password = "..."`) in the neighbour's config.
 fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
+    gobgpd_conf(ns, dir, auth, "", "")
+}
+
+/// GoBGP with `auth` in the neighbour's config, `neighbor` (TOML tables of the neighbour,
+/// e.g. `[neighbors.graceful-restart.config]`) after it and `afi` (tables of each address
+/// family) after each family's config.
+pub(crate) fn gobgpd_conf(ns: &Netns, dir: &Path, auth: &str, neighbor: &str, afi: &str) -> Proc {
     crate::common::require_tools("GoBGP", &["gobgpd", "gobgp"]);
     let conf = dir.join("gobgpd.toml");
     let mut afis = String::new();
@@ -448,7 +455,7 @@ fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
         "ipv6-flowspec",
     ] {
         afis.push_str(&format!(
-            "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n"
+            "  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{f}\"\n{afi}"
         ));
     }
     std::fs::write(
@@ -468,6 +475,7 @@ fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
     hold-time = 9
   [neighbors.transport.config]
     passive-mode = true
+{neighbor}
 {afis}"#
         ),
     )
@@ -495,7 +503,7 @@ fn gobgpd_with(ns: &Netns, dir: &Path, auth: &str) -> Proc {
     p
 }
 
-fn gobgp_rib(ns: &Netns, family: &str) -> String {
+pub(crate) fn gobgp_rib(ns: &Netns, family: &str) -> String {
     ns.run(&["gobgp", "-p", GOBGP_API, "global", "rib", "-a", family])
         .unwrap_or_default()
 }

@@ -8,6 +8,7 @@
 mod abuse;
 mod benign;
 mod bgp;
+mod bgp_agent;
 mod bird;
 mod common;
 mod control;
