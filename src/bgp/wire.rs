@@ -920,10 +920,12 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
             // - A flowspec NLRI whose length prefix holds but whose components do not decode
             //   (bad type order, operator, prefix length, unknown type: "malformed", RFC 8955
             //   section 4.2) still lets the NLRI field be parsed, every NLRI located by its
-            //   own length (section 3 j's condition for treat-as-withdraw). That NLRI alone is
-            //   treated as withdrawn; the UPDATE's other routes are unaffected by it, as RFC
-            //   7606 section 5.4 does for a typed NLRI it cannot use. (RFC 8955 section 10
-            //   points at RFC 7606 and RFC 4760 without saying more.)
+            //   own length: section 3 j's condition for treat-as-withdraw, and no NLRI length
+            //   is "inconsistent with the given AFI/SAFI" (section 5.3; flowspec lengths are
+            //   free up to 4095). That NLRI alone is treated as withdrawn, the UPDATE's other
+            //   routes stand: what RFC 9830 section 5 prescribes when a malformed NLRI can be
+            //   skipped, and what RFC 7606 section 5.4 does with a typed NLRI it cannot use.
+            //   (RFC 8955 section 10 only points at RFC 7606 and RFC 4760.)
             // - The AFI/SAFI can be read but the NLRI cannot be located (a next-hop length or
             //   an NLRI length overrunning the attribute, a prefix too long for the family,
             //   the fixed fields cut short): "AFI/SAFI disable" for that family, the choice
