@@ -51,9 +51,9 @@ use crate::bgp::flowspec::{self, Refusal};
 use crate::bgp::{LearnedRules, PeerStats, Speaker, SpeakerHandle};
 use crate::cli::{Exit, RunArgs};
 use crate::control::protocol::{
-    AntiSpoofView, AuditView, BgpListenerView, BlockView, Body, BreakerView, HistoryView,
-    LearntView, NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView, Reply,
-    Request, StatusView,
+    AntiSpoofView, AuditView, BgpListenerView, BlockView, Body, BreakerView, DisabledFamilyView,
+    HistoryView, LearntView, NetworkBreakerView, OffenseView, PeerView, ReconnectView, RefusedView,
+    Reply, Request, StatusView,
 };
 use crate::control::protocol::{DEFAULT_PAGE, MAX_PAGE};
 use crate::control::server::{self, ControlError, ControlRequest};
@@ -1466,6 +1466,18 @@ impl Agent {
                                     reason: r.reason.clone(),
                                 })
                                 .collect(),
+                            treat_as_withdraw: ps.treat_as_withdraw,
+                            attributes_discarded: ps.attributes_discarded,
+                            nlri_treat_as_withdraw: ps.nlri_treat_as_withdraw,
+                            families_disabled: ps.families_disabled,
+                            disabled_families: ps
+                                .disabled_families
+                                .iter()
+                                .map(|d| DisabledFamilyView {
+                                    family: d.family.clone(),
+                                    reason: d.reason.to_owned(),
+                                })
+                                .collect(),
                         })
                         .collect()
                 })
@@ -1721,7 +1733,7 @@ fn metrics_render(
                 &'static str,
                 fn(&PeerStats) -> f64,
             );
-            let per_peer: [PeerMetric; 8] = [
+            let per_peer: [PeerMetric; 11] = [
                 (
                     "egressguard_bgp_session_up",
                     "1 when the BGP session is established.",
@@ -1757,6 +1769,24 @@ fn metrics_render(
                     "Malformed attributes discarded (RFC 7606).",
                     "counter",
                     |p| p.attributes_discarded as f64,
+                ),
+                (
+                    "egressguard_bgp_nlri_treat_as_withdraw_total",
+                    "Malformed flowspec NLRI treated as withdrawn alone, the rest of their UPDATE applied (RFC 8955 4.2, RFC 7606).",
+                    "counter",
+                    |p| p.nlri_treat_as_withdraw as f64,
+                ),
+                (
+                    "egressguard_bgp_families_disabled_total",
+                    "Families disabled because an MP_REACH/MP_UNREACH hid its NLRI (RFC 4760 7 AFI/SAFI disable).",
+                    "counter",
+                    |p| p.families_disabled as f64,
+                ),
+                (
+                    "egressguard_bgp_families_disabled",
+                    "Families disabled on the current session (their UPDATEs ignored until the session restarts).",
+                    "gauge",
+                    |p| p.disabled_families.len() as f64,
                 ),
                 (
                     "egressguard_bgp_flowspec_learned",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use egressguard::bgp::wire::{self, msg};
 use egressguard::bgp::{SessionState, Speaker, SpeakerHandle};
-use egressguard::messages::DesiredBlocks;
+use egressguard::messages::{Announce, BlockKind, DesiredBlock, DesiredBlocks};
 use egressguard::policy::{Family, Policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -242,24 +242,8 @@ async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
     assert_eq!(h.stats()[0].state, SessionState::Established);
 
     // Apply latency: a block goes out on the surviving connection and is measured.
-    tx.send(Arc::new(DesiredBlocks {
-        generation: 1,
-        blocks: [(
-            "203.0.113.9/32".parse().unwrap(),
-            egressguard::messages::DesiredBlock {
-                target: "203.0.113.9/32".parse().unwrap(),
-                kind: egressguard::messages::BlockKind::Block,
-                expires: None,
-                announce: vec![egressguard::messages::Announce::Flowspec],
-                flowspec: None,
-                except: vec![],
-            },
-        )]
-        .into_iter()
-        .collect(),
-        ..DesiredBlocks::default()
-    }))
-    .unwrap();
+    tx.send(one_block(1, "203.0.113.9/32", &[Announce::Flowspec]))
+        .unwrap();
     loop {
         let m = read_msg(&mut b).await.expect("UPDATE");
         if m[18] == msg::UPDATE {
@@ -277,6 +261,28 @@ async fn collision_the_higher_identifier_keeps_the_connection_it_initiated() {
     );
     assert_eq!(st.apply_latency_sum_us, st.apply_latency_us.unwrap());
     h.shutdown().await;
+}
+
+/// Desired blocks of generation `generation`: one block of `target`, announced as `announce`.
+fn one_block(generation: u64, target: &str, announce: &[Announce]) -> Arc<DesiredBlocks> {
+    let target: ipnet::IpNet = target.parse().unwrap();
+    Arc::new(DesiredBlocks {
+        generation,
+        blocks: [(
+            target,
+            DesiredBlock {
+                target,
+                kind: BlockKind::Block,
+                expires: None,
+                announce: announce.to_vec(),
+                flowspec: None,
+                except: vec![],
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..DesiredBlocks::default()
+    })
 }
 
 #[tokio::test]
@@ -435,4 +441,295 @@ async fn graceful_restart_capability_end_of_rib_after_the_first_set_and_a_quiet_
         }
     }
     assert_eq!(h.stats().len(), 0);
+}
+
+// Malformed NLRI (RFC 7606, RFC 4760 section 7, RFC 8955 section 4.2): crafted UPDATEs from
+// a scripted peer that is trusted for flowspec and receives our RTBH and flowspec blocks.
+
+use egressguard::bgp::LearnedRules;
+use egressguard::bgp::flowspec::{Afi, block_nlri, traffic_rate};
+
+fn learning_policy(port: u16) -> egressguard::policy::Bgp {
+    let text = format!(
+        "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\n  - prefix: 2001:db8::/32\nbgp:\n  local_as: 65001\n  router_id: 127.0.0.1\n  peers:\n    - name: fleet\n      address: 127.0.0.1\n      port: {port}\n      remote_as: 65002\n      hold_time: 3\n      families: [ipv4-unicast, ipv4-flowspec, ipv6-flowspec]\n      announce: [flowspec, rtbh]\n      rtbh_next_hop_v4: 192.0.2.66\n      accept_flowspec: true\n"
+    );
+    Policy::from_text(&text, Path::new("<t>"))
+        .unwrap()
+        .bgp
+        .unwrap()
+}
+
+const ALL: [Family; 3] = [
+    Family::Ipv4Unicast,
+    Family::Ipv4Flowspec,
+    Family::Ipv6Flowspec,
+];
+
+/// Accepts the speaker, brings the three-family session up and reads up to the End-of-RIB
+/// of each family.
+async fn establish_all(l: &TcpListener) -> TcpStream {
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+        .await
+        .expect("speaker connects")
+        .expect("accept");
+    assert_eq!(read_msg(&mut s).await.expect("OPEN")[18], msg::OPEN);
+    s.write_all(&wire::encode_open(
+        65002,
+        3,
+        "127.0.0.2".parse().unwrap(),
+        &ALL,
+    ))
+    .await
+    .unwrap();
+    s.write_all(&wire::encode_keepalive()).await.unwrap();
+    let mut eor = Vec::new();
+    while eor.len() < ALL.len() {
+        let m = read_msg(&mut s).await.expect("End-of-RIB");
+        assert!(matches!(m[18], msg::KEEPALIVE | msg::UPDATE), "{m:?}");
+        // Routes of the desired set may come before the End-of-RIB markers.
+        if m[18] == msg::UPDATE {
+            eor.extend(wire::decode_update(&m, true).unwrap().end_of_rib);
+        }
+    }
+    eor.sort();
+    assert_eq!(eor, [(1, 1), (1, 133), (2, 133)]);
+    s
+}
+
+/// The scripted peer's UPDATE announcing discard rules for `sources` (one family).
+fn announce(sources: &[&str]) -> Vec<u8> {
+    let nlris: Vec<Vec<u8>> = sources
+        .iter()
+        .map(|s| block_nlri(&s.parse().unwrap(), None, &[]).encode().unwrap())
+        .collect();
+    let afi = if sources[0].contains(':') {
+        Afi::Ipv6
+    } else {
+        Afi::Ipv4
+    };
+    let ctx = wire::PathCtx {
+        local_as: 65002,
+        ibgp: false,
+        four_octet: true,
+    };
+    wire::flow_announce(&ctx, afi, traffic_rate(65002, 0.0), &[], &nlris)
+        .unwrap()
+        .concat()
+}
+
+/// An UPDATE with the mandatory attributes, a traffic-rate 0 community and `mp` (an
+/// MP_REACH_NLRI or MP_UNREACH_NLRI attribute, whole).
+fn update_with(mp: &[u8]) -> Vec<u8> {
+    let mut attrs = vec![
+        0x40, 1, 1, 0, 0x40, 2, 6, 2, 1, 0, 0, 0xfd, 0xea, 0xc0, 16, 8,
+    ];
+    attrs.extend_from_slice(&traffic_rate(65002, 0.0));
+    attrs.extend_from_slice(mp);
+    let mut b = vec![0, 0];
+    b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    b.extend_from_slice(&attrs);
+    wire::frame(msg::UPDATE, &b)
+}
+
+/// MP_REACH_NLRI of IPv4 flowspec (no next hop) with this NLRI field, whatever it holds.
+fn mp_reach_v4(nlri: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x80, 14, (5 + nlri.len()) as u8, 0, 1, 133, 0, 0];
+    v.extend_from_slice(nlri);
+    v
+}
+
+/// The sources of the rules learnt from the peer, sorted.
+fn sources(l: &watch::Receiver<Arc<LearnedRules>>) -> Vec<String> {
+    let mut v: Vec<String> = l.borrow().values().map(|r| r.source.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Waits (at most 5 s) until the learnt sources are `want`.
+async fn learnt(l: &watch::Receiver<Arc<LearnedRules>>, want: &[&str]) {
+    for _ in 0..250 {
+        if sources(l) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sources(l), want);
+}
+
+/// Reads for `d`, answering each KEEPALIVE with one: only KEEPALIVEs may come (the session
+/// stays up); returns how many.
+async fn keepalives_only(s: &mut TcpStream, d: Duration) -> usize {
+    let mut n = 0;
+    let _ = tokio::time::timeout(d, async {
+        loop {
+            let m = read_msg(s).await.expect("the session stays up");
+            assert_eq!(m[18], msg::KEEPALIVE, "only KEEPALIVEs: {m:?}");
+            s.write_all(&wire::encode_keepalive()).await.unwrap();
+            n += 1;
+        }
+    })
+    .await;
+    n
+}
+
+/// A speaker with the three-family, flowspec-learning peer, and the scripted peer's side of
+/// its established session.
+struct Learning {
+    l: TcpListener,
+    h: SpeakerHandle,
+    tx: watch::Sender<Arc<DesiredBlocks>>,
+    learned: watch::Receiver<Arc<LearnedRules>>,
+    s: TcpStream,
+}
+
+impl Learning {
+    async fn start() -> Learning {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = watch::channel(Arc::new(DesiredBlocks {
+            generation: 1,
+            ..DesiredBlocks::default()
+        }));
+        let h = Speaker::spawn(learning_policy(l.local_addr().unwrap().port()), rx);
+        let learned = h.learned();
+        let s = establish_all(&l).await;
+        Learning {
+            l,
+            h,
+            tx,
+            learned,
+            s,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_flowspec_nlri_of_known_length_is_withdrawn_alone_and_the_session_stays() {
+    let Learning {
+        l: _l,
+        h,
+        tx,
+        learned,
+        mut s,
+    } = Learning::start().await;
+    s.write_all(&announce(&["203.0.113.1/32"])).await.unwrap();
+    learnt(&learned, &["203.0.113.1/32"]).await;
+
+    // One MP_REACH: a good rule, one with its components out of order (source, then
+    // destination) but a consistent length, one with an unknown component type, a good one.
+    let good = |a: &str| block_nlri(&a.parse().unwrap(), None, &[]).encode().unwrap();
+    let nlri = [
+        good("203.0.113.2/32"),
+        vec![12, 0x02, 32, 203, 0, 113, 66, 0x01, 32, 198, 51, 100, 1],
+        vec![3, 14, 0x81, 1],
+        good("203.0.113.3/32"),
+    ]
+    .concat();
+    s.write_all(&update_with(&mp_reach_v4(&nlri)))
+        .await
+        .unwrap();
+    // A later UPDATE still counts.
+    s.write_all(&announce(&["203.0.113.4/32"])).await.unwrap();
+    learnt(
+        &learned,
+        &[
+            "203.0.113.1/32",
+            "203.0.113.2/32",
+            "203.0.113.3/32",
+            "203.0.113.4/32",
+        ],
+    )
+    .await;
+    // No NOTIFICATION: the KEEPALIVEs continue (hold time 3 s, one a second).
+    assert!(keepalives_only(&mut s, Duration::from_millis(3500)).await >= 2);
+    let st = h.stats()[0].clone();
+    assert_eq!(st.state, SessionState::Established, "{st:?}");
+    assert_eq!(
+        (st.nlri_treat_as_withdraw, st.families_disabled),
+        (2, 0),
+        "{st:?}"
+    );
+    assert_eq!((st.notifications_sent, st.resets), (0, 0), "{st:?}");
+    assert_eq!(st.learned, 4);
+    drop(tx);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_nlri_that_cannot_be_located_disables_its_family_only_and_our_blocks_stay_announced() {
+    let Learning {
+        l,
+        h,
+        tx,
+        learned,
+        mut s,
+    } = Learning::start().await;
+    s.write_all(&announce(&["203.0.113.1/32"])).await.unwrap();
+    s.write_all(&announce(&["2001:db8::1/128"])).await.unwrap();
+    learnt(&learned, &["2001:db8::1/128", "203.0.113.1/32"]).await;
+
+    // (b) IPv4 flowspec MP_REACH whose last NLRI claims 20 octets where 6 are left: the
+    // attribute's length is right, its NLRI cannot be located. IPv4 flowspec is disabled:
+    // the rule learnt in it goes, the IPv6 one stays.
+    let nlri = [20, 0x02, 32, 203, 0, 113];
+    s.write_all(&update_with(&mp_reach_v4(&nlri)))
+        .await
+        .unwrap();
+    learnt(&learned, &["2001:db8::1/128"]).await;
+    // Later IPv4 flowspec routes are ignored, IPv6 ones still learnt.
+    s.write_all(&announce(&["203.0.113.3/32"])).await.unwrap();
+    s.write_all(&announce(&["2001:db8::3/128"])).await.unwrap();
+    learnt(&learned, &["2001:db8::1/128", "2001:db8::3/128"]).await;
+    let st = h.stats()[0].clone();
+    assert_eq!(st.state, SessionState::Established, "{st:?}");
+    assert_eq!(st.families_disabled, 1, "{st:?}");
+    assert_eq!(st.disabled_families.len(), 1, "{st:?}");
+    assert_eq!(st.disabled_families[0].family, "ipv4-flowspec");
+    assert_eq!(
+        st.disabled_families[0].reason,
+        "a flowspec NLRI length overruns the attribute"
+    );
+    assert_eq!(st.learned, 2, "{st:?}");
+
+    // Our announcements still go to the peer, in the disabled family too: a block
+    // announced as RTBH (IPv4 unicast) and as IPv4 flowspec.
+    let target: ipnet::IpNet = "203.0.113.77/32".parse().unwrap();
+    tx.send(one_block(
+        2,
+        "203.0.113.77/32",
+        &[Announce::Flowspec, Announce::Rtbh],
+    ))
+    .unwrap();
+    let (mut rtbh, mut flow) = (0, 0);
+    while rtbh == 0 || flow == 0 {
+        let m = read_msg(&mut s).await.expect("our UPDATEs");
+        assert!(matches!(m[18], msg::KEEPALIVE | msg::UPDATE), "{m:?}");
+        if m[18] == msg::KEEPALIVE {
+            s.write_all(&wire::encode_keepalive()).await.unwrap();
+        } else {
+            let u = wire::decode_update(&m, true).unwrap();
+            rtbh += u.unicast;
+            flow += u
+                .flow_reach
+                .iter()
+                .filter(|n| n.source() == Some(target))
+                .count();
+        }
+    }
+    assert!(keepalives_only(&mut s, Duration::from_millis(1500)).await >= 1);
+    assert_eq!(h.stats()[0].notifications_sent, 0);
+
+    // (c) Garbage where not even the AFI/SAFI can be read (an MP_UNREACH of 2 octets):
+    // session reset, UPDATE Message Error / Optional Attribute Error.
+    s.write_all(&update_with(&[0x80, 15, 2, 0, 2]))
+        .await
+        .unwrap();
+    assert_eq!(notification(&mut s).await, (3, 9));
+    // The next session starts with every family enabled again.
+    let mut s = establish_all(&l).await;
+    let st = h.stats()[0].clone();
+    assert!(st.disabled_families.is_empty(), "{st:?}");
+    assert_eq!(st.families_disabled, 1, "a counter over all sessions");
+    s.write_all(&announce(&["203.0.113.5/32"])).await.unwrap();
+    learnt(&learned, &["203.0.113.5/32"]).await;
+    h.shutdown().await;
 }

@@ -1,6 +1,7 @@
-//! Fuzzes the BGP receive path: header checks, UPDATE decoding (flowspec included), OPEN
-//! decoding and the translation of received flowspec rules. Nothing may panic; every
-//! malformed input must come back as a NOTIFICATION value.
+//! Fuzzes the BGP receive path: header checks, UPDATE decoding (flowspec included, with the
+//! RFC 7606 outcomes: treat-as-withdraw of the UPDATE or of single flowspec NLRI, AFI/SAFI
+//! disable, NOTIFICATION), OPEN decoding and the translation of received flowspec rules.
+//! Nothing may panic; every malformed input must come back as a value.
 
 #![no_main]
 
@@ -25,6 +26,14 @@ fuzz_target!(|data: &[u8]| {
                 let _ = n.encode();
                 let _ = translate("fuzz", n, &u.ext_communities);
             }
+            // Treat-as-withdraw of single NLRI: each is one whole NLRI that does not decode.
+            for b in &u.bad_nlri {
+                assert!(FlowNlri::decode(b.afi, &b.nlri).is_err());
+            }
+            // AFI/SAFI disable: named for `status`.
+            for d in &u.disabled {
+                let _ = d.to_string();
+            }
         }
     }
     m[18] = wire::msg::OPEN;
@@ -35,6 +44,15 @@ fuzz_target!(|data: &[u8]| {
                 // What decodes must encode again.
                 let _ = n.encode();
             }
+        }
+        // NLRI by NLRI: the same list decodes the same way (all of it, or the framing
+        // fails for both, or some NLRI is malformed).
+        match FlowNlri::decode_each(afi, data) {
+            Ok(each) => {
+                let good: Option<Vec<_>> = each.into_iter().map(Result::ok).collect();
+                assert_eq!(good, FlowNlri::decode_all(afi, data).ok());
+            }
+            Err(_) => assert!(FlowNlri::decode_all(afi, data).is_err()),
         }
     }
 });

@@ -49,7 +49,7 @@ pub mod component {
 }
 
 /// Why flowspec bytes could not be decoded or a rule could not be encoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FlowspecError {
     /// The data ended inside an NLRI.
     #[error("flowspec NLRI truncated")]
@@ -86,6 +86,10 @@ pub enum FlowspecError {
     #[error("numeric operator of component {0} has the reserved bit set")]
     Reserved(u8),
 }
+
+/// One NLRI of a list whose framing held ([`FlowNlri::decode_each`]): decoded, or the bytes
+/// of a malformed one (length prefix included) and what is wrong with it.
+pub type Located<'a> = Result<FlowNlri, (&'a [u8], FlowspecError)>;
 
 /// Address family of a flowspec NLRI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -325,17 +329,11 @@ impl FlowNlri {
 
     /// Decodes one NLRI from the front of `data`; returns it and the bytes it used.
     pub fn decode(afi: Afi, data: &[u8]) -> Result<(FlowNlri, usize), FlowspecError> {
-        let first = *data.first().ok_or(FlowspecError::Truncated)?;
-        let (len, head) = if first >= 0xf0 {
-            let second = *data.get(1).ok_or(FlowspecError::Truncated)?;
-            ((usize::from(first & 0x0f) << 8) | usize::from(second), 2)
-        } else {
-            (usize::from(first), 1)
-        };
+        let (head, len) = frame(data)?;
         if len == 0 {
             return Err(FlowspecError::Length(0));
         }
-        let body = data.get(head..head + len).ok_or(FlowspecError::Truncated)?;
+        let body = &data[head..head + len];
         let mut r = Reader { data: body, pos: 0 };
         let mut components = Vec::new();
         let mut previous = 0u8;
@@ -380,6 +378,26 @@ impl FlowNlri {
         Ok((FlowNlri { afi, components }, head + len))
     }
 
+    /// Decodes a list of NLRIs (the rest of an MP_REACH or MP_UNREACH attribute) one by one.
+    /// The outer error is the list's framing: an NLRI's length prefix that runs past the end,
+    /// so no NLRI after it can be located. An NLRI that can be located but does not decode
+    /// comes back as its own error, with its bytes (length prefix included), so that the
+    /// others in the list still count (RFC 8955 section 4.2 makes it malformed; see
+    /// [`super::wire::decode_update`] for what the session does with it).
+    pub fn decode_each(afi: Afi, mut data: &[u8]) -> Result<Vec<Located<'_>>, FlowspecError> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            let (head, len) = frame(data)?;
+            let (whole, rest) = data.split_at(head + len);
+            out.push(match FlowNlri::decode(afi, whole) {
+                Ok((n, _)) => Ok(n),
+                Err(e) => Err((whole, e)),
+            });
+            data = rest;
+        }
+        Ok(out)
+    }
+
     /// Decodes a whole list of NLRIs (the rest of an MP_REACH or MP_UNREACH attribute).
     pub fn decode_all(afi: Afi, mut data: &[u8]) -> Result<Vec<FlowNlri>, FlowspecError> {
         let mut out = Vec::new();
@@ -390,6 +408,23 @@ impl FlowNlri {
         }
         Ok(out)
     }
+}
+
+/// The length prefix of the NLRI at the front of `data` (RFC 8955 section 4.2: one octet
+/// below 240, else two with the high nibble 0xf): returns the prefix's size and the length
+/// of the NLRI value, which must fit in `data`.
+fn frame(data: &[u8]) -> Result<(usize, usize), FlowspecError> {
+    let first = *data.first().ok_or(FlowspecError::Truncated)?;
+    let (head, len) = if first >= 0xf0 {
+        let second = *data.get(1).ok_or(FlowspecError::Truncated)?;
+        (2, (usize::from(first & 0x0f) << 8) | usize::from(second))
+    } else {
+        (1, usize::from(first))
+    };
+    if data.len() - head < len {
+        return Err(FlowspecError::Truncated);
+    }
+    Ok((head, len))
 }
 
 /// Reads one component's operator list (RFC 8955 4.2.1): the first operator must not carry

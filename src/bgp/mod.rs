@@ -25,8 +25,10 @@
 //! should hold from the latest desired blocks ([`routes`]) and sends only the difference;
 //! after a reset it starts from nothing and re-announces the whole set, then End-of-RIB.
 //! Messages go through [`wire`] (bgpkit-parser plus the fixes it needs, and RFC 7606 error
-//! handling on receipt) and [`flowspec`]; TCP MD5 keys through [`md5`], the crate's one
-//! unsafe island.
+//! handling on receipt: treat-as-withdraw of an UPDATE or of a single flowspec NLRI,
+//! attribute discard, AFI/SAFI disable of a family for the rest of the session, and session
+//! reset only where nothing less will do; counted in [`PeerStats`]) and [`flowspec`]; TCP
+//! MD5 keys through [`md5`], the crate's one unsafe island.
 //!
 //! Use from the daemon:
 //!
@@ -142,6 +144,18 @@ pub struct PeerStats {
     pub treat_as_withdraw: u64,
     /// Malformed attributes discarded from received UPDATEs (RFC 7606 attribute discard).
     pub attributes_discarded: u64,
+    /// Received flowspec NLRI that could be located but did not decode (RFC 8955 section
+    /// 4.2), each treated as withdrawn alone while the rest of its UPDATE was applied.
+    pub nlri_treat_as_withdraw: u64,
+    /// Families disabled because an MP_REACH/MP_UNREACH hid its NLRI (RFC 4760 section 7
+    /// "AFI/SAFI disable"), counted over all sessions.
+    pub families_disabled: u64,
+    /// The families disabled on the current session and why: their learnt rules are gone and
+    /// their UPDATEs ignored until the next session. Our announcements continue.
+    pub disabled_families: Vec<DisabledFamily>,
+    /// When a malformed NLRI was last logged at WARN (at most one a minute per peer).
+    #[serde(skip)]
+    pub nlri_logged_at: Option<Instant>,
     /// Apply latency of the last change that sent UPDATEs: microseconds from the peer task
     /// seeing new desired blocks to the UPDATEs written to the socket.
     pub apply_latency_us: Option<u64>,
@@ -178,11 +192,24 @@ impl PeerStats {
             collisions: 0,
             treat_as_withdraw: 0,
             attributes_discarded: 0,
+            nlri_treat_as_withdraw: 0,
+            families_disabled: 0,
+            disabled_families: Vec::new(),
+            nlri_logged_at: None,
             apply_latency_us: None,
             apply_latency_sum_us: 0,
             applies: 0,
         }
     }
+}
+
+/// A family disabled on a session (RFC 4760 section 7), as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DisabledFamily {
+    /// Its policy name (`ipv4-flowspec`), or `afi A safi S`.
+    pub family: String,
+    /// What was wrong with the MP_REACH_NLRI / MP_UNREACH_NLRI that disabled it.
+    pub reason: &'static str,
 }
 
 /// Refusals kept per peer for `status`: the memory of refused rules is this and the

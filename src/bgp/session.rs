@@ -32,7 +32,8 @@ use crate::messages::DesiredBlocks;
 use crate::policy::{Family, GracefulRestart, LearnBounds, Peer};
 use ipnet::IpNet;
 
-/// At most one WARN line a minute per peer about refused flowspec rules.
+/// At most one WARN line a minute per peer about refused flowspec rules, and one about
+/// malformed flowspec NLRI.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a TCP connect may take (the ConnectRetry timer).
@@ -595,9 +596,13 @@ impl PeerTask {
             .copied()
             .filter(|f| o.families.contains(&wire::family_code(*f)))
             .collect();
+        // Families disabled on this session (RFC 4760 section 7): each new session starts
+        // with all of them enabled again.
+        let mut disabled: BTreeMap<(u16, u8), &'static str> = BTreeMap::new();
         self.stat(|s| {
             s.families = families.iter().copied().collect();
             s.inbound = !outbound;
+            s.disabled_families.clear();
         });
         let mut state = SessionState::OpenConfirm;
         self.set_state(state);
@@ -780,7 +785,7 @@ impl PeerTask {
                             msg::KEEPALIVE => Ok(()),
                             msg::UPDATE => {
                                 self.stat(|s| s.updates_received += 1);
-                                self.on_update(&m, ctx.four_octet, &families)
+                                self.on_update(&m, ctx.four_octet, &families, &mut disabled)
                             }
                             msg::ROUTE_REFRESH => {
                                 // Re-send everything we hold for the family asked for.
@@ -807,14 +812,80 @@ impl PeerTask {
         }
     }
 
-    /// Applies a received UPDATE to the learned rules.
+    /// "AFI/SAFI disable" (RFC 4760 section 7): every rule learnt from the peer in the
+    /// family leaves enforcement, and the session ignores the family's routes from now on.
+    /// Only what we receive is affected: our own announcements in every family, this one
+    /// included, keep going to the peer (blocks stay announced; RFC 4760 asks nothing of the
+    /// sending side).
+    fn disable_family(&self, f: &wire::FamilyError) {
+        let name = &self.peer.name;
+        let afi = (f.safi == flowspec::SAFI_FLOWSPEC)
+            .then(|| Afi::from_u16(f.afi))
+            .flatten();
+        let mut dropped = 0;
+        let mut count = 0;
+        self.learned.send_if_modified(|all| {
+            let before = all.len();
+            if let Some(afi) = afi {
+                Arc::make_mut(all).retain(|k, _| !(&k.peer == name && k.afi == afi));
+            }
+            dropped = before - all.len();
+            count = all.keys().filter(|k| &k.peer == name).count();
+            dropped > 0
+        });
+        warn!(peer = %name, family = %f.family(), reason = f.reason, rules_dropped = dropped, "bgp family disabled for the rest of the session: its MP_REACH_NLRI/MP_UNREACH_NLRI could not be parsed (RFC 4760 section 7); its learnt rules are dropped and its UPDATEs ignored, the other families and our announcements continue");
+        self.stat(|s| {
+            s.families_disabled += 1;
+            s.learned = count;
+            s.disabled_families.push(super::DisabledFamily {
+                family: f.family(),
+                reason: f.reason,
+            });
+        });
+    }
+
+    /// Applies a received UPDATE to the learned rules. `disabled` holds the session's
+    /// disabled families, to which the UPDATE may add.
     fn on_update(
         &self,
         m: &[u8],
         four: bool,
         families: &BTreeSet<Family>,
+        disabled: &mut BTreeMap<(u16, u8), &'static str>,
     ) -> Result<(), Notification> {
-        let u = wire::decode_update(m, four)?;
+        let mut u = wire::decode_update(m, four)?;
+        for f in &u.disabled {
+            if disabled.insert((f.afi, f.safi), f.reason).is_none() {
+                self.disable_family(f);
+            }
+        }
+        if !disabled.is_empty() {
+            let off = |afi: Afi| disabled.contains_key(&(afi as u16, flowspec::SAFI_FLOWSPEC));
+            let before = u.flow_reach.len() + u.flow_unreach.len() + u.bad_nlri.len();
+            u.flow_reach.retain(|n| !off(n.afi));
+            u.flow_unreach.retain(|n| !off(n.afi));
+            u.bad_nlri.retain(|n| !off(n.afi));
+            let ignored = before - (u.flow_reach.len() + u.flow_unreach.len() + u.bad_nlri.len());
+            if ignored > 0 {
+                debug!(peer = %self.peer.name, ignored, "bgp routes of a disabled family ignored");
+            }
+        }
+        if !u.bad_nlri.is_empty() {
+            let n = u.bad_nlri.len() as u64;
+            let now = Instant::now();
+            let mut log = false;
+            self.stat(|s| {
+                s.nlri_treat_as_withdraw += n;
+                log = log_due(&mut s.nlri_logged_at, now);
+            });
+            let b = &u.bad_nlri[0];
+            let bytes: String = b.nlri.iter().map(|x| format!("{x:02x}")).collect();
+            if log {
+                warn!(peer = %self.peer.name, afi = ?b.afi, error = %b.error, nlri = %bytes, in_update = n, "bgp malformed flowspec NLRI treated as withdrawn, the rest of the UPDATE applied (RFC 7606, RFC 8955 section 4.2; logged at most once a minute per peer, `egressguard status` counts them)");
+            } else {
+                debug!(peer = %self.peer.name, afi = ?b.afi, error = %b.error, nlri = %bytes, "bgp malformed flowspec NLRI treated as withdrawn");
+            }
+        }
         if let Some(why) = &u.treat_as_withdraw {
             warn!(peer = %self.peer.name, reason = %why, withdrawn = u.flow_unreach.len(), "bgp UPDATE with a malformed attribute: its routes are treated as withdrawn (RFC 7606)");
             self.stat(|s| s.treat_as_withdraw += 1);
@@ -826,7 +897,7 @@ impl PeerTask {
             let n = u.discarded.len() as u64;
             self.stat(|s| s.attributes_discarded += n);
         }
-        if u.flow_reach.is_empty() && u.flow_unreach.is_empty() {
+        if u.flow_reach.is_empty() && u.flow_unreach.is_empty() && u.bad_nlri.is_empty() {
             return Ok(());
         }
         if !self.peer.accept_flowspec {
@@ -837,6 +908,17 @@ impl PeerTask {
         let bounds = self.bounds.borrow().clone();
         let mut refused: Vec<(Option<IpNet>, flowspec::Refusal)> = Vec::new();
         let mut changes: Vec<(LearnedKey, Option<LearnedRule>)> = Vec::new();
+        // Treat-as-withdraw of a malformed NLRI: under the bytes it came with.
+        for b in &u.bad_nlri {
+            changes.push((
+                LearnedKey {
+                    peer: name.clone(),
+                    afi: b.afi,
+                    nlri: b.nlri.clone(),
+                },
+                None,
+            ));
+        }
         for n in &u.flow_unreach {
             if let Ok(bytes) = n.encode() {
                 changes.push((
@@ -923,13 +1005,7 @@ impl PeerTask {
             for (source, why) in &refused {
                 s.refused(*source, why);
             }
-            if !refused.is_empty()
-                && s.refusal_logged_at
-                    .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
-            {
-                s.refusal_logged_at = Some(now);
-                log = true;
-            }
+            log = !refused.is_empty() && log_due(&mut s.refusal_logged_at, now);
         });
         if let Some((source, why)) = refused.first() {
             let total = self.stats.lock().map(|s| s.learned_refused).unwrap_or(0);
@@ -1059,6 +1135,16 @@ impl PeerTask {
         }
         Ok(())
     }
+}
+
+/// Whether a rate-limited WARN may go out now (at most one per [`REFUSAL_LOG_EVERY`]);
+/// books it in `last` when so.
+fn log_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    let due = last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY);
+    if due {
+        *last = Some(now);
+    }
+    due
 }
 
 /// Writes, but gives up after the hold time (30 s when it is 0): a peer that stops reading

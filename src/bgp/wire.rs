@@ -34,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::flowspec::{Afi, FlowNlri, SAFI_FLOWSPEC};
+use super::flowspec::{Afi, FlowNlri, FlowspecError, SAFI_FLOWSPEC};
 use crate::policy::{Community, Family};
 
 /// Length of the message header.
@@ -603,6 +603,59 @@ pub struct UpdateIn {
     /// RFC 7606 attribute discard: attributes dropped (malformed ATOMIC_AGGREGATE,
     /// AGGREGATOR, AS4_*; repeated attributes) while the UPDATE was processed.
     pub discarded: Vec<Malformed>,
+    /// Flowspec NLRI that could be located (their length prefixes hold) but not decoded:
+    /// each is treated as withdrawn on its own, the UPDATE's other routes stand.
+    pub bad_nlri: Vec<BadNlri>,
+    /// Families whose MP_REACH_NLRI / MP_UNREACH_NLRI hid their NLRI: "AFI/SAFI disable"
+    /// (RFC 4760 section 7). Nothing of theirs is in the fields above.
+    pub disabled: Vec<FamilyError>,
+}
+
+/// A flowspec NLRI of known length whose content is malformed (RFC 8955 section 4.2).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadNlri {
+    /// Its family.
+    pub afi: Afi,
+    /// The NLRI as received, length prefix included (the key it would have been learnt
+    /// under, were it well-formed).
+    pub nlri: Vec<u8>,
+    /// What is wrong with it.
+    pub error: FlowspecError,
+}
+
+/// An MP_REACH_NLRI or MP_UNREACH_NLRI whose AFI/SAFI could be read but whose NLRI could not
+/// be located: that family is disabled for the rest of the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct FamilyError {
+    /// The AFI.
+    pub afi: u16,
+    /// The SAFI.
+    pub safi: u8,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+impl FamilyError {
+    /// The policy name of the family (`ipv4-flowspec`), or `afi A safi S`.
+    pub fn family(&self) -> String {
+        family_name(self.afi, self.safi)
+    }
+}
+
+/// The policy name of `(AFI, SAFI)` (`ipv4-flowspec`), or `afi A safi S` for one the policy
+/// has no name for.
+pub fn family_name(afi: u16, safi: u8) -> String {
+    Family::ALL
+        .iter()
+        .find(|(f, _)| family_code(*f) == (afi, safi))
+        .map(|(_, name)| (*name).to_owned())
+        .unwrap_or_else(|| format!("afi {afi} safi {safi}"))
+}
+
+impl std::fmt::Display for FamilyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.family(), self.reason)
+    }
 }
 
 /// A malformed attribute handled without a session reset (RFC 7606).
@@ -633,6 +686,51 @@ fn check_prefixes(mut d: &[u8], max_bits: u8) -> Result<usize, ()> {
     Ok(n)
 }
 
+/// The AFI and SAFI an MP_REACH_NLRI / MP_UNREACH_NLRI value starts with.
+fn afi_safi(value: &[u8]) -> Option<(u16, u8)> {
+    match value {
+        [a, b, safi, ..] => Some((u16::from_be_bytes([*a, *b]), *safi)),
+        _ => None,
+    }
+}
+
+/// Reads the NLRI of an MP_REACH_NLRI (`reach`) or MP_UNREACH_NLRI of `(afi, safi)` into
+/// `out`. `Err` is the reason to disable the family: the NLRI cannot be located (RFC 7606
+/// section 5.3: a prefix length beyond the family, or an NLRI that overruns the attribute).
+/// A flowspec NLRI that can be located but not decoded goes to [`UpdateIn::bad_nlri`].
+fn mp_nlri(
+    out: &mut UpdateIn,
+    (afi, safi): (u16, u8),
+    nlri: &[u8],
+    reach: bool,
+) -> Result<(), &'static str> {
+    match (Afi::from_u16(afi), safi) {
+        (Some(a), SAFI_FLOWSPEC) => {
+            let each = FlowNlri::decode_each(a, nlri)
+                .map_err(|_| "a flowspec NLRI length overruns the attribute")?;
+            for n in each {
+                match n {
+                    Ok(n) if reach => out.flow_reach.push(n),
+                    Ok(n) => out.flow_unreach.push(n),
+                    Err((bytes, error)) => out.bad_nlri.push(BadNlri {
+                        afi: a,
+                        nlri: bytes.to_vec(),
+                        error,
+                    }),
+                }
+            }
+        }
+        (Some(a), SAFI_UNICAST) => {
+            let bits = if a == Afi::Ipv4 { 32 } else { 128 };
+            out.unicast += check_prefixes(nlri, bits)
+                .map_err(|_| "a prefix is longer than the family's or overruns the attribute")?;
+        }
+        // Not a family of ours: nothing to learn from it.
+        _ => {}
+    }
+    Ok(())
+}
+
 fn check_as_path(d: &[u8], four: bool) -> bool {
     let w = if four { 4 } else { 2 };
     let mut i = 0;
@@ -649,11 +747,14 @@ fn check_as_path(d: &[u8], four: bool) -> bool {
 }
 
 /// Decodes a received UPDATE (whole message) with the error handling of RFC 7606: what
-/// breaks the message framing, MP_REACH/MP_UNREACH or the NLRI themselves is an error (the
-/// NOTIFICATION to reset the session with); a malformed or missing path attribute otherwise
-/// makes the UPDATE treat-as-withdraw or has the attribute discarded, as the RFC says for
-/// each (see [`UpdateIn::treat_as_withdraw`] and [`UpdateIn::discarded`]). `four_octet` says
-/// whether AS numbers in AS_PATH are 4 octets wide on this session.
+/// breaks the message framing, the unicast NLRI fields, a repeated MP_REACH/MP_UNREACH or
+/// one whose AFI/SAFI cannot even be read is an error (the NOTIFICATION to reset the session
+/// with); an MP_REACH/MP_UNREACH whose NLRI cannot be located disables its family
+/// ([`UpdateIn::disabled`]); a flowspec NLRI of known length that does not decode is
+/// treated as withdrawn alone ([`UpdateIn::bad_nlri`]); a malformed or missing path
+/// attribute otherwise makes the UPDATE treat-as-withdraw or has the attribute discarded, as
+/// the RFC says for each (see [`UpdateIn::treat_as_withdraw`] and [`UpdateIn::discarded`]).
+/// `four_octet` says whether AS numbers in AS_PATH are 4 octets wide on this session.
 pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notification> {
     let list = || Notification::new(err::UPDATE, err::UPDATE_ATTR_LIST, []);
     let body = m.get(HEADER_LEN..).ok_or_else(list)?;
@@ -708,6 +809,18 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
         };
         let Some(value) = attrs.get(i + head..).and_then(|v| v.get(..len)) else {
             if code == attr::MP_REACH || code == attr::MP_UNREACH {
+                // RFC 4760 section 7: the family is disabled when it can be read (the
+                // attribute's start is there); the rest of the UPDATE is treat-as-withdraw
+                // as for any overrunning attribute (RFC 7606 section 4).
+                if let Some(family) = attrs.get(i + head..).and_then(afi_safi) {
+                    out.disabled.push(FamilyError {
+                        afi: family.0,
+                        safi: family.1,
+                        reason: "attribute length overruns the path attributes",
+                    });
+                    taw(code, "attribute length overruns the path attributes");
+                    break;
+                }
                 return Err(Notification::new(
                     err::UPDATE,
                     err::UPDATE_ATTR_LEN,
@@ -743,12 +856,21 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
             && flags & 0xc0 != expected
         {
             match code {
+                // RFC 7606 section 5.3 (flags inconsistent with RFC 4760): AFI/SAFI disable
+                // when the family can be read, else session reset.
                 attr::MP_REACH | attr::MP_UNREACH => {
-                    return Err(Notification::new(
-                        err::UPDATE,
-                        err::UPDATE_ATTR_FLAGS,
-                        whole.to_vec(),
-                    ));
+                    let Some((afi, safi)) = afi_safi(value) else {
+                        return Err(Notification::new(
+                            err::UPDATE,
+                            err::UPDATE_ATTR_FLAGS,
+                            whole.to_vec(),
+                        ));
+                    };
+                    out.disabled.push(FamilyError {
+                        afi,
+                        safi,
+                        reason: "attribute flags",
+                    });
                 }
                 attr::ATOMIC_AGGREGATE
                 | attr::AGGREGATOR
@@ -793,48 +915,61 @@ pub fn decode_update(m: &[u8], four_octet: bool) -> Result<UpdateIn, Notificatio
                 discard(&mut out, "malformed AS4_PATH")
             }
             attr::AS4_AGGREGATOR if len != 8 => discard(&mut out, "malformed AS4_AGGREGATOR"),
-            // Sections 7.11, 7.12 and 5.3: MP_REACH/MP_UNREACH that cannot be parsed, or NLRI
-            // that cannot, reset the session.
+            // MP_REACH_NLRI / MP_UNREACH_NLRI (RFC 7606 sections 3 j, 5.3, 7.11; RFC 4760
+            // section 7). Three outcomes, weakest first:
+            // - A flowspec NLRI whose length prefix holds but whose components do not decode
+            //   (bad type order, operator, prefix length, unknown type: "malformed", RFC 8955
+            //   section 4.2) still lets the NLRI field be parsed, every NLRI located by its
+            //   own length: section 3 j's condition for treat-as-withdraw, and no NLRI length
+            //   is "inconsistent with the given AFI/SAFI" (section 5.3; flowspec lengths are
+            //   free up to 4095). That NLRI alone is treated as withdrawn, the UPDATE's other
+            //   routes stand: what RFC 9830 section 5 prescribes when a malformed NLRI can be
+            //   skipped, and what RFC 7606 section 5.4 does with a typed NLRI it cannot use.
+            //   (RFC 8955 section 10 only points at RFC 7606 and RFC 4760.)
+            // - The AFI/SAFI can be read but the NLRI cannot be located (a next-hop length or
+            //   an NLRI length overrunning the attribute, a prefix too long for the family,
+            //   the fixed fields cut short): "AFI/SAFI disable" for that family, the choice
+            //   sections 5.3 and 7.11 leave beside session reset. See `FamilyError`.
+            // - Not even the AFI/SAFI can be read (fewer than 3 octets): session reset,
+            //   UPDATE Message Error / Optional Attribute Error.
             attr::MP_REACH => {
                 mp_reach = true;
-                if len < 5 {
-                    return Err(optional());
-                }
-                let afi = u16::from_be_bytes([value[0], value[1]]);
-                let safi = value[2];
-                let nh = usize::from(value[3]);
-                // Next hop, then one reserved byte.
-                let rest = value.get(4 + nh + 1..).ok_or_else(optional)?;
-                match (Afi::from_u16(afi), safi) {
-                    (Some(a), SAFI_FLOWSPEC) => {
-                        out.flow_reach = FlowNlri::decode_all(a, rest).map_err(|_| optional())?;
-                    }
-                    (Some(a), SAFI_UNICAST) => {
-                        let bits = if a == Afi::Ipv4 { 32 } else { 128 };
-                        out.unicast += check_prefixes(rest, bits).map_err(|_| optional())?;
-                    }
-                    _ => {}
+                let family = afi_safi(value).ok_or_else(optional)?;
+                // Next-hop length, next hop, one reserved octet, then the NLRI (RFC 4760
+                // section 3). Flowspec's next hop is ignored (RFC 8955 section 4).
+                let located = match value.get(3) {
+                    None => Err("MP_REACH_NLRI shorter than its fixed fields"),
+                    Some(&nh) => match (family, value.get(4 + usize::from(nh) + 1..)) {
+                        (_, None) => Err("next-hop length overruns MP_REACH_NLRI"),
+                        ((1, SAFI_UNICAST), _) if ![4, 16, 32].contains(&nh) => {
+                            Err("next-hop length inconsistent with the family")
+                        }
+                        ((2, SAFI_UNICAST), _) if ![16, 32].contains(&nh) => {
+                            Err("next-hop length inconsistent with the family")
+                        }
+                        (_, Some(rest)) => mp_nlri(&mut out, family, rest, true),
+                    },
+                };
+                if let Err(reason) = located {
+                    out.disabled.push(FamilyError {
+                        afi: family.0,
+                        safi: family.1,
+                        reason,
+                    });
                 }
             }
             attr::MP_UNREACH => {
-                if len < 3 {
-                    return Err(optional());
-                }
-                let afi = u16::from_be_bytes([value[0], value[1]]);
-                let safi = value[2];
+                let family = afi_safi(value).ok_or_else(optional)?;
                 let rest = &value[3..];
                 if rest.is_empty() {
-                    only_empty_unreach = Some((afi, safi));
+                    only_empty_unreach = Some(family);
                 }
-                match (Afi::from_u16(afi), safi) {
-                    (Some(a), SAFI_FLOWSPEC) => {
-                        out.flow_unreach = FlowNlri::decode_all(a, rest).map_err(|_| optional())?;
-                    }
-                    (Some(a), SAFI_UNICAST) => {
-                        let bits = if a == Afi::Ipv4 { 32 } else { 128 };
-                        out.unicast += check_prefixes(rest, bits).map_err(|_| optional())?;
-                    }
-                    _ => {}
+                if let Err(reason) = mp_nlri(&mut out, family, rest, false) {
+                    out.disabled.push(FamilyError {
+                        afi: family.0,
+                        safi: family.1,
+                        reason,
+                    });
                 }
             }
             _ => {}

@@ -99,6 +99,10 @@ pub enum Command {
     /// Show the agent at work in network namespaces built for the purpose (needs root).
     Demo(DemoArgs),
     /// The agent's state: mode, policy version, sources, blocks, breaker, BGP sessions.
+    ///
+    /// Each BGP session shows what its malformed UPDATEs cost (RFC 7606): UPDATEs treated as
+    /// withdrawn, attributes discarded, single flowspec NLRI treated as withdrawn, and the
+    /// families disabled on the current session with the reason.
     Status(ClientArgs),
     /// Active blocks with reason, since and until.
     List(ClientArgs),

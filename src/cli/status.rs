@@ -2,7 +2,7 @@
 
 use super::{ClientArgs, Exit, ask, escape, print_json};
 use crate::control::Request;
-use crate::control::protocol::Body;
+use crate::control::protocol::{Body, LearntView, PeerView};
 
 /// Prints the agent's state.
 pub fn run(args: &ClientArgs) -> Exit {
@@ -82,48 +82,8 @@ pub fn run(args: &ClientArgs) -> Exit {
         outln!("spoofing    off (anti_spoofing.enabled: false)");
     }
     for p in &s.bgp {
-        outln!(
-            "bgp         {} {} {}{} ({} routes announced){}",
-            p.name,
-            p.address,
-            p.state,
-            if p.inbound { " (inbound)" } else { "" },
-            p.announced,
-            p.last_error
-                .as_deref()
-                .map(|e| format!("; last error: {}", escape(e)))
-                .unwrap_or_default()
-        );
-        if p.learned > 0 || p.learned_refused > 0 {
-            let enforced = s
-                .learnt
-                .iter()
-                .filter(|l| l.peer == p.name && l.enforced)
-                .count();
-            let by: Vec<String> = p
-                .learned_refused_by
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect();
-            outln!(
-                "  flowspec  {} learnt, {enforced} enforced; {} refused{}",
-                p.learned,
-                p.learned_refused,
-                if by.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", by.join(", "))
-                }
-            );
-            if let Some(r) = p.recent_refusals.last() {
-                outln!(
-                    "            last refused: {} ({})",
-                    r.source
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    escape(&r.reason)
-                );
-            }
+        for line in peer_lines(p, &s.learnt) {
+            outln!("{line}");
         }
     }
     if let Some(l) = &s.bgp_listener {
@@ -152,4 +112,120 @@ pub fn run(args: &ClientArgs) -> Exit {
         outln!("WARNING     {}", escape(w));
     }
     Exit::Ok
+}
+
+/// The lines `status` prints for one BGP session: state, malformed UPDATEs and disabled
+/// families, learnt and refused flowspec rules.
+fn peer_lines(p: &PeerView, learnt: &[LearntView]) -> Vec<String> {
+    let mut lines = Vec::new();
+    lines.push(format!(
+        "bgp         {} {} {}{} ({} routes announced){}",
+        p.name,
+        p.address,
+        p.state,
+        if p.inbound { " (inbound)" } else { "" },
+        p.announced,
+        p.last_error
+            .as_deref()
+            .map(|e| format!("; last error: {}", escape(e)))
+            .unwrap_or_default()
+    ));
+    // RFC 7606 / RFC 4760 section 7: what malformed UPDATEs cost, and the families they
+    // disabled on the current session.
+    for d in &p.disabled_families {
+        let (family, reason) = (escape(&d.family), escape(&d.reason));
+        lines.push(format!(
+            "  disabled  {family}: {reason} (its UPDATEs ignored until the session restarts)"
+        ));
+    }
+    let malformed = [
+        p.treat_as_withdraw,
+        p.attributes_discarded,
+        p.nlri_treat_as_withdraw,
+        p.families_disabled,
+    ];
+    if malformed.iter().any(|n| *n > 0) {
+        let [updates, attributes, nlri, families] = malformed;
+        lines.push(format!(
+            "  malformed {updates} UPDATEs treat-as-withdraw, {attributes} attributes discarded, \
+             {nlri} NLRI treat-as-withdraw, {families} families disabled"
+        ));
+    }
+    if p.learned > 0 || p.learned_refused > 0 {
+        let enforced = learnt
+            .iter()
+            .filter(|l| l.peer == p.name && l.enforced)
+            .count();
+        let by: Vec<String> = p
+            .learned_refused_by
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        lines.push(format!(
+            "  flowspec  {} learnt, {enforced} enforced; {} refused{}",
+            p.learned,
+            p.learned_refused,
+            if by.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by.join(", "))
+            }
+        ));
+        if let Some(r) = p.recent_refusals.last() {
+            lines.push(format!(
+                "            last refused: {} ({})",
+                r.source
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                escape(&r.reason)
+            ));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::DisabledFamilyView;
+
+    #[test]
+    fn a_disabled_family_and_the_malformed_counts_are_shown() {
+        let mut p = PeerView {
+            name: "rr1".into(),
+            address: "192.0.2.1".parse().unwrap(),
+            state: "established".into(),
+            since: None,
+            announced: 3,
+            inbound: false,
+            last_error: None,
+            learned: 0,
+            learned_refused: 0,
+            learned_refused_by: Default::default(),
+            recent_refusals: vec![],
+            treat_as_withdraw: 0,
+            attributes_discarded: 0,
+            nlri_treat_as_withdraw: 0,
+            families_disabled: 0,
+            disabled_families: vec![],
+        };
+        assert_eq!(peer_lines(&p, &[]).len(), 1, "a clean session is one line");
+        p.treat_as_withdraw = 1;
+        p.nlri_treat_as_withdraw = 2;
+        p.families_disabled = 1;
+        p.disabled_families = vec![DisabledFamilyView {
+            family: "ipv4-flowspec".into(),
+            reason: "a flowspec NLRI length overruns the attribute".into(),
+        }];
+        let lines = peer_lines(&p, &[]);
+        assert_eq!(
+            lines[1..],
+            [
+                "  disabled  ipv4-flowspec: a flowspec NLRI length overruns the attribute (its \
+                 UPDATEs ignored until the session restarts)",
+                "  malformed 1 UPDATEs treat-as-withdraw, 0 attributes discarded, 2 NLRI \
+                 treat-as-withdraw, 1 families disabled",
+            ]
+        );
+    }
 }

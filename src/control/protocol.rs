@@ -291,6 +291,31 @@ pub struct PeerView {
     /// The last few refusals, newest last.
     #[serde(default)]
     pub recent_refusals: Vec<RefusedView>,
+    /// Received UPDATEs treated as withdraw for a malformed attribute (RFC 7606).
+    #[serde(default)]
+    pub treat_as_withdraw: u64,
+    /// Malformed attributes discarded (RFC 7606).
+    #[serde(default)]
+    pub attributes_discarded: u64,
+    /// Malformed flowspec NLRI treated as withdrawn alone (RFC 8955 section 4.2).
+    #[serde(default)]
+    pub nlri_treat_as_withdraw: u64,
+    /// Families disabled (RFC 4760 section 7), over all sessions.
+    #[serde(default)]
+    pub families_disabled: u64,
+    /// Families disabled on the current session, with why (enabled again by the next one).
+    #[serde(default)]
+    pub disabled_families: Vec<DisabledFamilyView>,
+}
+
+/// A family disabled on a session (`status`): its learnt rules dropped, its UPDATEs
+/// ignored until the session restarts; our announcements in it continue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisabledFamilyView {
+    /// `ipv4-flowspec`, `ipv6-unicast`, ... or `afi A safi S`.
+    pub family: String,
+    /// What was wrong with the MP_REACH_NLRI / MP_UNREACH_NLRI.
+    pub reason: String,
 }
 
 /// One refused learnt flowspec rule (`status`).

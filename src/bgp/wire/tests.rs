@@ -339,13 +339,21 @@ fn malformed_updates_get_the_right_notification() {
     // Prefix length 33.
     let e = decode_update(&upd(&[0, 0, 0, 0, 33, 1, 2, 3, 4, 5]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 10));
-    // Flowspec NLRI with components out of order.
+    // Flowspec NLRI with components out of order: located by its length, so no reset any
+    // more (it is treated as withdrawn alone, see rfc7606_malformed_flowspec_nlri_*).
     let bad = [
         0, 0, 0, 23, 0x40, 1, 1, 0, 0x40, 2, 0, 0x80, 14, 13, 0, 1, 133, 0, 0, 0x07, 0x03, 0x81,
         0x06, 0x02, 0x08, 0x0a, 0x00,
     ];
-    let e = decode_update(&upd(&bad[..]), true).unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 9));
+    let u = decode_update(&upd(&bad[..]), true).unwrap();
+    assert_eq!(u.bad_nlri.len(), 1);
+    assert_eq!(
+        u.bad_nlri[0].error,
+        FlowspecError::Order {
+            previous: 3,
+            found: 2
+        }
+    );
 }
 
 // RFC 7606, byte by byte. Each UPDATE below announces one IPv4 flowspec route
@@ -547,15 +555,17 @@ fn rfc7606_attribute_flags() {
     // ... where the attribute is one discarded when malformed, it is discarded.
     assert_discarded(&with(a(0x40, 7, &[0; 8])), true, 7);
     assert_discarded(&with(a(0x80, 6, &[])), true, 6);
-    // MP_REACH with wrong flags: its routes cannot be trusted to be located; reset 3/4.
+    // MP_REACH with wrong flags: its routes cannot be trusted to be located; its family is
+    // disabled (section 5.3; reset 3/4 when not even the family can be read, see
+    // rfc7606_mp_attributes_reset_the_session).
     let mut mp = mp_reach_flow();
     mp[0] = 0x40;
-    let e = decode_update(
+    let u = decode_update(
         &update_of(&[origin(), as_path(), rate_zero(), mp], &[]),
         true,
     )
-    .unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 4));
+    .unwrap();
+    assert_disabled(&u, (1, 133), "attribute flags");
     // The partial and extended-length bits do not matter.
     let mut mp = mp_reach_flow();
     mp[0] = 0xa0;
@@ -611,33 +621,234 @@ fn rfc7606_attribute_length_overruns() {
         &[],
     );
     assert_withdrawn(&m, true, 1);
-    // The overrunning attribute is MP_REACH itself: its NLRI cannot be located, reset 3/5.
+    // The overrunning attribute is MP_REACH itself: its NLRI cannot be located, but its
+    // AFI/SAFI can be read: that family is disabled (RFC 4760 section 7), and the rest of
+    // the UPDATE is treat-as-withdraw.
     let mut mp = mp_reach_flow();
     mp[2] += 1;
-    let e = decode_update(&update_of(&[origin(), as_path(), mp], &[]), true).unwrap_err();
+    let u = decode_update(&update_of(&[origin(), as_path(), mp], &[]), true).unwrap();
+    assert_disabled(
+        &u,
+        (1, 133),
+        "attribute length overruns the path attributes",
+    );
+    assert_eq!(u.treat_as_withdraw.unwrap().code, 14);
+    // ... unless not even the AFI/SAFI are there: reset 3/5.
+    let e = decode_update(&frame(msg::UPDATE, &[0, 0, 0, 5, 0x80, 14, 9, 0, 1]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 5));
     // The old bad-peer case: ORIGIN claiming 5 bytes in a 4-byte field.
     let e = decode_update(&frame(msg::UPDATE, &[0, 0, 0, 4, 0x40, 1, 5, 0]), true).unwrap();
     assert_eq!(e.treat_as_withdraw.unwrap().code, 1);
 }
 
+#[track_caller]
+fn assert_disabled(u: &UpdateIn, family: (u16, u8), reason: &str) {
+    assert_eq!(
+        u.disabled
+            .iter()
+            .map(|d| ((d.afi, d.safi), d.reason))
+            .collect::<Vec<_>>(),
+        vec![(family, reason)],
+        "{u:?}"
+    );
+    assert!(
+        u.flow_reach.is_empty(),
+        "nothing of the family is read: {u:?}"
+    );
+}
+
+/// MP_REACH_NLRI of IPv4 flowspec with the given NLRI field (next hop length 0).
+fn mp_reach_flow_of(nlri: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 1, 133, 0, 0];
+    v.extend_from_slice(nlri);
+    a(0x80, 14, &v)
+}
+
 #[test]
-fn rfc7606_mp_attributes_reset_the_session() {
-    // Sections 7.11, 7.12 and 3 g.
-    let e = decode_update(
+fn rfc7606_mp_attributes_whose_nlri_cannot_be_located_disable_the_family() {
+    // Section 7.11 / RFC 4760 section 7: MP_REACH cut before its next hop and reserved
+    // octet, or a next-hop length that overruns the attribute.
+    let u = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1, 133])], &[]),
+        true,
+    )
+    .unwrap();
+    assert_disabled(&u, (1, 133), "MP_REACH_NLRI shorter than its fixed fields");
+    let u = decode_update(
         &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1, 133, 0])], &[]),
         true,
     )
-    .unwrap_err();
-    assert_eq!((e.code, e.subcode), (3, 9));
-    let e = decode_update(
+    .unwrap();
+    assert_disabled(&u, (1, 133), "next-hop length overruns MP_REACH_NLRI");
+    let u = decode_update(
         &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1, 133, 9, 0])], &[]),
+        true,
+    )
+    .unwrap();
+    assert_disabled(&u, (1, 133), "next-hop length overruns MP_REACH_NLRI");
+    // A unicast next hop of a length the family does not have (IPv6: 16 or 32).
+    let mut v = vec![
+        0, 2, 1, 4, 192, 0, 2, 1, 0, 64, 0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0,
+    ];
+    let u = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &v)], &[]),
+        true,
+    )
+    .unwrap();
+    assert_disabled(&u, (2, 1), "next-hop length inconsistent with the family");
+    // Section 5.3: a prefix longer than the family's, an NLRI overrunning the attribute.
+    v = vec![0, 2, 1, 16];
+    v.extend_from_slice(&[0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    v.extend_from_slice(&[129, 0x20]);
+    let u = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &v)], &[]),
+        true,
+    )
+    .unwrap();
+    assert_disabled(
+        &u,
+        (2, 1),
+        "a prefix is longer than the family's or overruns the attribute",
+    );
+    // The last flowspec NLRI claims 20 octets, 6 are there (one- and two-octet lengths).
+    for nlri in [
+        [&FLOW_NLRI[..], &[20, 0x02, 32, 203, 0, 113, 9]].concat(),
+        [&FLOW_NLRI[..], &[0xf0, 0x14, 0x02, 32, 203, 0, 113]].concat(),
+        vec![0xf0],
+    ] {
+        let u = decode_update(
+            &update_of(
+                &[origin(), as_path(), rate_zero(), mp_reach_flow_of(&nlri)],
+                &[],
+            ),
+            true,
+        )
+        .unwrap();
+        assert_disabled(
+            &u,
+            (1, 133),
+            "a flowspec NLRI length overruns the attribute",
+        );
+        assert!(u.bad_nlri.is_empty(), "{u:?}");
+    }
+    // The same in MP_UNREACH: the family is disabled, its other withdrawals unread.
+    let u = decode_update(&update_of(&[a(0x80, 15, &[0, 2, 133, 30, 1])], &[]), true).unwrap();
+    assert_eq!(u.disabled[0].family(), "ipv6-flowspec");
+    assert!(u.flow_unreach.is_empty());
+    // Section 5.3: MP attribute flags inconsistent with RFC 4760 (transitive set).
+    let mut mp = mp_reach_flow();
+    mp[0] = 0xc0;
+    let u = decode_update(&update_of(&[origin(), as_path(), mp], &[]), true).unwrap();
+    assert_disabled(&u, (1, 133), "attribute flags");
+    // The other family's routes in the same UPDATE stand (a good IPv4 flowspec MP_REACH,
+    // a broken IPv6 flowspec MP_UNREACH).
+    let u = decode_update(
+        &update_of(
+            &[
+                origin(),
+                as_path(),
+                rate_zero(),
+                mp_reach_flow(),
+                a(0x80, 15, &[0, 2, 133, 30, 1]),
+            ],
+            &[],
+        ),
+        true,
+    )
+    .unwrap();
+    assert_eq!(u.flow_reach.len(), 1, "{u:?}");
+    assert_eq!(u.disabled[0].family(), "ipv6-flowspec");
+    // A family we have no name for is named by its numbers.
+    let u = decode_update(&update_of(&[a(0x80, 15, &[0, 1, 128, 200])], &[]), true);
+    assert!(
+        u.unwrap().disabled.is_empty(),
+        "an unknown family's NLRI are not read"
+    );
+    let e = FamilyError {
+        afi: 25,
+        safi: 70,
+        reason: "x",
+    };
+    assert_eq!(e.to_string(), "afi 25 safi 70: x");
+}
+
+#[test]
+fn rfc7606_malformed_flowspec_nlri_of_known_length_is_withdrawn_alone() {
+    // Three NLRI in one MP_REACH: good, malformed (each way below), good. The malformed one
+    // is located by its length prefix; it alone is treat-as-withdraw.
+    let good2 = [6, 0x02, 32, 203, 0, 113, 10];
+    let malformed: [(&[u8], FlowspecError); 7] = [
+        // Components out of order (source before destination is fine, 2 then 1 is not).
+        (
+            &[12, 0x02, 32, 203, 0, 113, 9, 0x01, 32, 198, 51, 100, 1],
+            FlowspecError::Order {
+                previous: 2,
+                found: 1,
+            },
+        ),
+        // Unknown component type 14.
+        (&[3, 14, 0x81, 1], FlowspecError::UnknownComponent(14)),
+        // Prefix length 33 for IPv4.
+        (
+            &[7, 0x02, 33, 203, 0, 113, 9, 0],
+            FlowspecError::Prefix {
+                length: 33,
+                offset: 0,
+            },
+        ),
+        // First operator with the AND bit.
+        (&[3, 0x03, 0xc1, 6], FlowspecError::FirstAnd(3)),
+        // Numeric operator with the reserved bit.
+        (&[3, 0x03, 0x89, 6], FlowspecError::Reserved(3)),
+        // A component running past its NLRI's own length (the list's framing holds).
+        (&[3, 0x02, 32, 203], FlowspecError::Truncated),
+        // An empty NLRI.
+        (&[0], FlowspecError::Length(0)),
+    ];
+    for (bad, error) in malformed {
+        let nlri = [&FLOW_NLRI[..], bad, &good2[..]].concat();
+        let m = update_of(
+            &[origin(), as_path(), rate_zero(), mp_reach_flow_of(&nlri)],
+            &[],
+        );
+        let u = decode_update(&m, true).expect("no session reset");
+        assert_eq!(u.flow_reach.len(), 2, "the good ones stand: {u:?}");
+        assert_eq!(u.bad_nlri.len(), 1, "{u:?}");
+        assert_eq!(u.bad_nlri[0].nlri, bad, "the bytes as received");
+        assert_eq!(u.bad_nlri[0].error, error);
+        assert_eq!(u.bad_nlri[0].afi, Afi::Ipv4);
+        assert!(u.disabled.is_empty() && u.treat_as_withdraw.is_none());
+        assert_eq!(u.ext_communities.len(), 1);
+        // In MP_UNREACH the same: the good withdrawals apply.
+        let mut v = vec![0, 1, 133];
+        v.extend_from_slice(&nlri);
+        let u = decode_update(&update_of(&[a(0x80, 15, &v)], &[]), true).unwrap();
+        assert_eq!((u.flow_unreach.len(), u.bad_nlri.len()), (2, 1), "{u:?}");
+    }
+    // With a malformed attribute as well, the whole UPDATE is treat-as-withdraw.
+    let nlri = [&FLOW_NLRI[..], &[3, 14, 0x81, 1], &good2[..]].concat();
+    let m = update_of(&[a(0x40, 1, &[7]), as_path(), mp_reach_flow_of(&nlri)], &[]);
+    let u = decode_update(&m, true).unwrap();
+    assert_eq!(
+        (u.flow_reach.len(), u.flow_unreach.len(), u.bad_nlri.len()),
+        (0, 2, 1)
+    );
+}
+
+#[test]
+fn rfc7606_mp_attributes_reset_the_session() {
+    // Sections 7.11, 7.12 and 3 g: not even the AFI/SAFI can be read.
+    let e = decode_update(
+        &update_of(&[origin(), as_path(), a(0x80, 14, &[0, 1])], &[]),
         true,
     )
     .unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 9));
     let e = decode_update(&update_of(&[a(0x80, 15, &[0, 1])], &[]), true).unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 9));
+    // Flags in conflict and too short to read the family: 3/4.
+    let e = decode_update(&update_of(&[a(0xc0, 15, &[0, 1])], &[]), true).unwrap_err();
+    assert_eq!((e.code, e.subcode), (3, 4));
     let e = decode_update(
         &update_of(
             &[origin(), as_path(), mp_reach_flow(), mp_reach_flow()],
