@@ -575,6 +575,7 @@ pub fn detections(
                         mac: format_mac(mac),
                         spoofed_sources: sources.to_vec(),
                     }),
+                    pattern: None,
                 },
             })
         })

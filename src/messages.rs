@@ -360,6 +360,10 @@ pub struct Evidence {
     /// forged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoofing: Option<SpoofEvidence>,
+    /// Which pattern of the category crossed, when it has several: `spread` for a brute
+    /// force of a few attempts at each of many targets (absent: the category's plain rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
 }
 
 /// What a spoofing detection saw: who sent, and whose addresses it wrote as the source.

@@ -122,6 +122,9 @@ struct Prepared {
     windows: Windows,
     /// Bit i: category i enabled.
     enabled: u8,
+    /// Bit i: category i's counters kept (`enabled`, and the network-scan counters for
+    /// the spread brute-force rule).
+    counting: u8,
     /// Per destination port: [`PORT_AUTH`] | [`PORT_AMP`] | [`PORT_SMTP`].
     port_flags: Box<[u8]>,
 }
@@ -145,9 +148,11 @@ impl Prepared {
                 enabled |= 1 << i;
             }
         }
+        let spread = p.brute_force.enabled && p.brute_force.spread.enabled;
         Prepared {
             name: name.to_owned(),
             profile: p.clone(),
+            counting: enabled | if spread { 1 << 3 } else { 0 },
             windows: [
                 ns(p.flood.window),
                 ns(p.brute_force.window),
@@ -705,6 +710,7 @@ impl Engine {
                     }
                 }
                 if tcp && f.auth {
+                    f.session = assured && e.tcp_state == Some(TcpState::Established);
                     let closing = matches!(e.tcp_state, Some(TcpState::TimeWait))
                         || (assured && matches!(e.tcp_state, Some(TcpState::Close)));
                     if let (true, Some(start)) = (closing, e.start) {
@@ -715,7 +721,7 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        if !(f.new || f.answer || f.accepted || f.long_auth) {
+        if !(f.new || f.answer || f.accepted || f.long_auth || f.session) {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source
             // that matters: in a spoofed storm every source's DESTROY comes back a second
@@ -738,7 +744,7 @@ impl Engine {
             self.recovered += 1;
         }
         let windows = prep.windows;
-        let enabled = prep.enabled;
+        let enabled = prep.counting;
         let slot = self.slot_of(&key, profile, t);
         if self.fresh_at(slot).is_some_and(|at| t < at) {
             // From before the source started afresh (queued while the hold began or ended).
@@ -821,6 +827,13 @@ impl Engine {
             if c == Category::BruteForce
                 && prep.enabled & (1 << 2) != 0
                 && check(Category::PortScan, &st, prep, now).is_some()
+            {
+                continue;
+            }
+            // Likewise a spread brute force that is also a network scan is the scan.
+            if finding.pattern == Some("spread")
+                && prep.enabled & (1 << 3) != 0
+                && check(Category::NetworkScan, &st, prep, now).is_some()
             {
                 continue;
             }
@@ -926,6 +939,11 @@ impl Engine {
             .port_views(now, tw)
             .into_iter()
             .filter(|(_, n)| *n >= 0.5)
+            // Spam evidence names the SMTP ports it counted (25, 465 or 587), not the
+            // source's other traffic.
+            .filter(|(p, _)| {
+                c != Category::Spam || prep.port_flags[usize::from(*p)] & PORT_SMTP != 0
+            })
             .take(TOP_MAX)
             .map(|(p, n)| Counted {
                 key: p,
@@ -960,6 +978,7 @@ impl Engine {
                 last_seen: Time(st.last_seen),
                 sample,
                 spoofing: None,
+                pattern: f.pattern.map(str::to_owned),
             },
         }
     }
@@ -1081,6 +1100,8 @@ struct Finding {
     counts: Vec<(&'static str, f64)>,
     /// The destination the finding is about (brute force, port scan).
     focus: Option<[u32; 4]>,
+    /// Which pattern of the category (`spread` brute force), for the evidence.
+    pattern: Option<&'static str>,
 }
 
 fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
@@ -1165,6 +1186,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("bps", v.bps),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
         Category::BruteForce => {
@@ -1191,7 +1213,9 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     best = Some(v);
                 }
             }
-            let (t, flows, accepted, auth, ports) = best?;
+            let Some((t, flows, accepted, auth, ports)) = best else {
+                return spread(st, prep, now);
+            };
             let attempts = auth * scale;
             Some(Finding {
                 crossed: vec![crossed("attempts", attempts, f64::from(b.attempts))],
@@ -1202,6 +1226,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("distinct_ports_on_target", ports.round()),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::PortScan => {
@@ -1237,6 +1262,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::NetworkScan => {
@@ -1269,6 +1295,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
         Category::Spam => {
@@ -1290,9 +1317,60 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("smtp_flows_answered", answered),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
     }
+}
+
+/// Spread brute force: a few attempts at each of many targets, none reaching the per-target
+/// `attempts`. Counts TCP sessions to authentication ports that completed the handshake (the
+/// server answered, the client went on: what a network scan, which touches and leaves, does
+/// not do) less those that lasted longer than `max_flow_duration`, across every target:
+/// at least `spread.attempts` of them at `spread.distinct_targets` or more targets, and at
+/// least two per target on average (one connection per host is a monitoring check or a
+/// connect scan, not a guess at a password).
+fn spread(st: &SourceState, prep: &Prepared, now: u64) -> Option<Finding> {
+    let b = &prep.profile.brute_force;
+    if !b.spread.enabled {
+        return None;
+    }
+    let w = &prep.windows;
+    let (sessions, targets, saturated) = st.spread_view(now, w[2]);
+    let attempts = sessions * (w[1] as f64 / w[2] as f64);
+    // Past 32 targets the sessions' own bitmap only says "many": take the source's distinct
+    // destinations (the network-scan counters, kept while the spread rule is on), which
+    // bound the targets from above, so that one session at each of 300 hosts stays one per
+    // target. No more targets than sessions (a small bitmap's estimate may overshoot).
+    let targets = if saturated {
+        targets.max(st.netscan_view(now, w[3]).2)
+    } else {
+        targets
+    };
+    let targets = targets.min(sessions).round();
+    if attempts < f64::from(b.spread.attempts)
+        || targets < f64::from(b.spread.distinct_targets)
+        || sessions < 2.0 * targets
+    {
+        return None;
+    }
+    Some(Finding {
+        crossed: vec![
+            crossed("attempts", attempts, f64::from(b.spread.attempts)),
+            crossed(
+                "distinct_targets",
+                targets,
+                f64::from(b.spread.distinct_targets),
+            ),
+        ],
+        counts: vec![
+            ("attempts", attempts),
+            ("distinct_targets", targets),
+            ("attempts_per_target", sessions / targets.max(1.0)),
+        ],
+        focus: None,
+        pattern: Some("spread"),
+    })
 }
 
 #[cfg(test)]

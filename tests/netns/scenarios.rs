@@ -575,7 +575,7 @@ fn attacks(words: &Path) -> Vec<Attack> {
             category: "spam",
             set: "quarantine4",
             // flowspec_match: service — only SMTP.
-            flowspec: "flow4 { src 203.0.113.17/32; proto 6; dport 25; }",
+            flowspec: "flow4 { src 203.0.113.17/32; proto 6; dport 25,465,587; }",
             blackhole: false,
             script:
                 "for i in $(seq 100 111); do timeout 10 swaks --silent 2 --to victim@example.net \
