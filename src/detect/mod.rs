@@ -55,9 +55,10 @@
 //! | --- | --- |
 //! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
 //! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
+//! | brute force, `spread` | TCP sessions to `ports` that completed the handshake (`ASSURED`, `ESTABLISHED`) less those that outlasted `max_flow_duration`, all targets together, ≥ `spread.attempts` at ≥ `spread.distinct_targets` targets and ≥ 2 per target (targets from a 32-bit bitmap; past it the source's distinct destinations bound them); a source crossing network scan in the same evaluation is a network scan; evidence `pattern: spread` |
 //! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
 //! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
-//! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
+//! | spam | distinct destinations of new TCP flows to `ports` (default 25, 465, 587 together) ≥ `distinct_destinations`; the evidence's top ports are the SMTP ports |
 //!
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update

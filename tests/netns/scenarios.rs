@@ -461,7 +461,7 @@ fn web_server(ns: &Netns) -> Proc {
 
 /// An sshd in `ns` with a fresh host key in `dir` (the test's temporary directory, removed
 /// with it).
-fn sshd(ns: &Netns, dir: &Path) -> Proc {
+pub(crate) fn sshd(ns: &Netns, dir: &Path) -> Proc {
     let key = dir.join("sshd_host_key");
     let ok = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", ""])
