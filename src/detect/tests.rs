@@ -615,6 +615,17 @@ fn deployment_tool_and_user_sessions_are_not_spread_brute_force() {
     assert!(d.is_empty(), "{d:#?}");
 }
 
+/// An SSH session from [`BOT`] to `dst` that starts at `ms` and ends `lasts_ms` later, the
+/// closing event carrying the kernel's start stamp.
+fn long_ssh_session(obs: &mut Vec<Observation>, ms: u64, dst: IpAddr, sport: u16, lasts_ms: u64) {
+    answered_tcp(obs, ms, BOT, dst, sport, 22);
+    if let Observation::Flow(mut e) = established(ms + lasts_ms, BOT, dst, sport, 22) {
+        e.tcp_state = Some(TcpState::TimeWait);
+        e.start = Some(Time(T0 + ms * MS));
+        obs.push(Observation::Flow(e));
+    }
+}
+
 #[test]
 fn spread_sessions_that_last_are_not_attempts() {
     // 90 sessions at 30 servers, one a second, each lasting 20 s (kernel timestamps): at
@@ -626,12 +637,7 @@ fn spread_sessions_that_last_are_not_attempts() {
             30_000 + k as u16,
             internet(1_000 + k as u32 % 30),
         );
-        answered_tcp(&mut obs, ms, BOT, dst, sport, 22);
-        if let Observation::Flow(mut e) = established(ms + 20_000, BOT, dst, sport, 22) {
-            e.tcp_state = Some(TcpState::TimeWait);
-            e.start = Some(Time(T0 + ms * MS));
-            obs.push(Observation::Flow(e));
-        }
+        long_ssh_session(&mut obs, ms, dst, sport, 20_000);
     }
     let d = run(&sorted(obs));
     assert!(of(&d, Category::BruteForce).is_empty(), "{d:#?}");
