@@ -366,8 +366,10 @@ pub struct Evidence {
     /// forged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoofing: Option<SpoofEvidence>,
-    /// The pattern a detection's signals name, when one does: `icmp_flood` (echo requests
-    /// crossed `flood.icmp_pps`), `udp_flood` (unanswered UDP crossed `flood.udp_pps`).
+    /// Which pattern of the category crossed, when it has several (absent: the category's
+    /// plain rule): `icmp_flood` (echo requests crossed `flood.icmp_pps`), `udp_flood`
+    /// (unanswered UDP crossed `flood.udp_pps`), `spread` (a brute force of a few attempts at
+    /// each of many targets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
 }

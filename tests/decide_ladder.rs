@@ -751,7 +751,7 @@ fn desired_blocks_carry_announcements_and_flowspec_scope() {
     let fs = spam.flowspec.as_ref().unwrap();
     assert_eq!(
         (fs.proto, fs.dports.clone(), fs.rate_bytes_per_sec),
-        (Some(proto::TCP), vec![25], 0)
+        (Some(proto::TCP), vec![25, 465, 587], 0)
     );
     let flood = &desired.blocks[&net("203.0.113.21")];
     assert_eq!(flood.announce, vec![Announce::Flowspec, Announce::Rtbh]);

@@ -36,7 +36,26 @@ fn signal_text(s: &str) -> &str {
         "distinct_destinations" => "distinct destination addresses",
         "unanswered_ratio" => "share of connections not answered",
         "spoofed_packets" => "packets with a forged source address",
+        "distinct_targets" => "distinct servers with login sessions",
         other => other,
+    }
+}
+
+/// What a signal name means under a category's `pattern` (where it differs).
+fn pattern_signal_text<'a>(pattern: Option<&str>, s: &'a str) -> &'a str {
+    match (pattern, s) {
+        (Some("spread"), "attempts") => "short login sessions across servers",
+        _ => signal_text(s),
+    }
+}
+
+/// What a detection means, with its pattern.
+fn describe_pattern(c: Category, pattern: Option<&str>) -> &'static str {
+    match (c, pattern) {
+        (Category::BruteForce, Some("spread")) => {
+            "login attempts (brute force) spread over many servers, a few at each"
+        }
+        _ => describe(c),
     }
 }
 
@@ -101,7 +120,7 @@ impl fmt::Display for Evidence {
             writeln!(
                 f,
                 "    {} ({}): {} (limit {})",
-                signal_text(&c.signal),
+                pattern_signal_text(self.pattern.as_deref(), &c.signal),
                 c.signal,
                 num(c.value),
                 num(c.threshold)
@@ -175,7 +194,7 @@ impl fmt::Display for Detection {
         writeln!(
             f,
             "Abuse detected from {src}: {} [{}]",
-            describe(self.category),
+            describe_pattern(self.category, self.evidence.pattern.as_deref()),
             self.category
         )?;
         writeln!(

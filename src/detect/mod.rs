@@ -55,9 +55,10 @@
 //! | --- | --- |
 //! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered; or unanswered-UDP packets/s less new flows/s ≥ `udp_pps`, or echo requests/s ≥ `icmp_pps` (from the class counters, kept in [`rates`]; evidence `pattern` `udp_flood` / `icmp_flood`) |
 //! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
+//! | brute force, `spread` | TCP sessions to `ports` that completed the handshake (`ASSURED`, `ESTABLISHED`) less those that outlasted `max_flow_duration`, all targets together, ≥ `spread.attempts` at ≥ `spread.distinct_targets` targets and ≥ 2 per target (targets from a 32-bit bitmap; past it the source's distinct destinations bound them); a source crossing network scan in the same evaluation is a network scan; evidence `pattern: spread` |
 //! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
 //! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
-//! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
+//! | spam | distinct destinations of new TCP flows to `ports` (default 25, 465, 587 together) ≥ `distinct_destinations`; the evidence's top ports are the SMTP ports |
 //!
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
@@ -123,6 +124,9 @@ struct Prepared {
     windows: Windows,
     /// Bit i: category i enabled.
     enabled: u8,
+    /// Bit i: category i's counters kept (`enabled`, and the network-scan counters for
+    /// the spread brute-force rule).
+    counting: u8,
     /// Per destination port: [`PORT_AUTH`] | [`PORT_AMP`] | [`PORT_SMTP`].
     port_flags: Box<[u8]>,
 }
@@ -146,9 +150,11 @@ impl Prepared {
                 enabled |= 1 << i;
             }
         }
+        let spread = p.brute_force.enabled && p.brute_force.spread.enabled;
         Prepared {
             name: name.to_owned(),
             profile: p.clone(),
+            counting: enabled | if spread { 1 << 3 } else { 0 },
             windows: [
                 ns(p.flood.window),
                 ns(p.brute_force.window),
@@ -713,6 +719,7 @@ impl Engine {
                     }
                 }
                 if tcp && f.auth {
+                    f.session = assured && e.tcp_state == Some(TcpState::Established);
                     let closing = matches!(e.tcp_state, Some(TcpState::TimeWait))
                         || (assured && matches!(e.tcp_state, Some(TcpState::Close)));
                     if let (true, Some(start)) = (closing, e.start) {
@@ -723,7 +730,7 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        if !(f.new || f.answer || f.accepted || f.long_auth) {
+        if !(f.new || f.answer || f.accepted || f.long_auth || f.session) {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source
             // that matters: in a spoofed storm every source's DESTROY comes back a second
@@ -746,7 +753,7 @@ impl Engine {
             self.recovered += 1;
         }
         let windows = prep.windows;
-        let enabled = prep.enabled;
+        let enabled = prep.counting;
         let slot = self.slot_of(&key, profile, t);
         if self.fresh_at(slot).is_some_and(|at| t < at) {
             // From before the source started afresh (queued while the hold began or ended).
@@ -845,7 +852,10 @@ impl Engine {
             crossed: Vec::new(),
             counts: flood_counts(st, prep, now),
             focus: None,
+            pattern: None,
         });
+        // The class counters name the flood: a ping flood before a UDP one.
+        finding.pattern = Some(if c_icmp { "icmp_flood" } else { "udp_flood" });
         if c_udp {
             finding
                 .crossed
@@ -904,6 +914,13 @@ impl Engine {
             {
                 continue;
             }
+            // Likewise a spread brute force that is also a network scan is the scan.
+            if finding.pattern == Some("spread")
+                && prep.enabled & (1 << 3) != 0
+                && check(Category::NetworkScan, &st, prep, now).is_some()
+            {
+                continue;
+            }
             if self.table.slots[slot as usize].is_held(i, now) {
                 self.held_down += 1;
                 continue;
@@ -915,7 +932,6 @@ impl Engine {
             let mut det =
                 self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now)));
             self.exact_evidence(slot, &st, prep, &mut det, now);
-            flood_pattern(&mut det);
             out.push(det);
         }
     }
@@ -1007,6 +1023,11 @@ impl Engine {
             .port_views(now, tw)
             .into_iter()
             .filter(|(_, n)| *n >= 0.5)
+            // Spam evidence names the SMTP ports it counted (25, 465 or 587), not the
+            // source's other traffic.
+            .filter(|(p, _)| {
+                c != Category::Spam || prep.port_flags[usize::from(*p)] & PORT_SMTP != 0
+            })
             .take(TOP_MAX)
             .map(|(p, n)| Counted {
                 key: p,
@@ -1041,7 +1062,7 @@ impl Engine {
                 last_seen: Time(st.last_seen),
                 sample,
                 spoofing: None,
-                pattern: None,
+                pattern: f.pattern.map(str::to_owned),
             },
         }
     }
@@ -1159,23 +1180,6 @@ impl Engine {
     }
 }
 
-/// Names a flood's pattern in its evidence when a per-protocol rate crossed: the echo
-/// requests of a ping flood, the unanswered UDP of a single-flow flood.
-fn flood_pattern(det: &mut Detection) {
-    if det.category != Category::Flood {
-        return;
-    }
-    let ev = &mut det.evidence;
-    let has = |s: &str| ev.crossed.iter().any(|c| c.signal == s);
-    ev.pattern = if has("icmp_pps") {
-        Some("icmp_flood".to_owned())
-    } else if has("udp_pps") {
-        Some("udp_flood".to_owned())
-    } else {
-        ev.pattern.take()
-    };
-}
-
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
@@ -1187,6 +1191,8 @@ struct Finding {
     counts: Vec<(&'static str, f64)>,
     /// The destination the finding is about (brute force, port scan).
     focus: Option<[u32; 4]>,
+    /// Which pattern of the category (`spread` brute force), for the evidence.
+    pattern: Option<&'static str>,
 }
 
 fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
@@ -1284,6 +1290,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                 crossed: x,
                 counts: flood_counts(st, prep, now),
                 focus: None,
+                pattern: None,
             })
         }
         Category::BruteForce => {
@@ -1310,7 +1317,9 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     best = Some(v);
                 }
             }
-            let (t, flows, accepted, auth, ports) = best?;
+            let Some((t, flows, accepted, auth, ports)) = best else {
+                return spread(st, prep, now);
+            };
             let attempts = auth * scale;
             Some(Finding {
                 crossed: vec![crossed("attempts", attempts, f64::from(b.attempts))],
@@ -1321,6 +1330,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("distinct_ports_on_target", ports.round()),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::PortScan => {
@@ -1356,6 +1366,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::NetworkScan => {
@@ -1388,6 +1399,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
         Category::Spam => {
@@ -1409,9 +1421,60 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("smtp_flows_answered", answered),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
     }
+}
+
+/// Spread brute force: a few attempts at each of many targets, none reaching the per-target
+/// `attempts`. Counts TCP sessions to authentication ports that completed the handshake (the
+/// server answered, the client went on: what a network scan, which touches and leaves, does
+/// not do) less those that lasted longer than `max_flow_duration`, across every target:
+/// at least `spread.attempts` of them at `spread.distinct_targets` or more targets, and at
+/// least two per target on average (one connection per host is a monitoring check or a
+/// connect scan, not a guess at a password).
+fn spread(st: &SourceState, prep: &Prepared, now: u64) -> Option<Finding> {
+    let b = &prep.profile.brute_force;
+    if !b.spread.enabled {
+        return None;
+    }
+    let w = &prep.windows;
+    let (sessions, targets, saturated) = st.spread_view(now, w[2]);
+    let attempts = sessions * (w[1] as f64 / w[2] as f64);
+    // Past 32 targets the sessions' own bitmap only says "many": take the source's distinct
+    // destinations (the network-scan counters, kept while the spread rule is on), which
+    // bound the targets from above, so that one session at each of 300 hosts stays one per
+    // target. No more targets than sessions (a small bitmap's estimate may overshoot).
+    let targets = if saturated {
+        targets.max(st.netscan_view(now, w[3]).2)
+    } else {
+        targets
+    };
+    let targets = targets.min(sessions).round();
+    if attempts < f64::from(b.spread.attempts)
+        || targets < f64::from(b.spread.distinct_targets)
+        || sessions < 2.0 * targets
+    {
+        return None;
+    }
+    Some(Finding {
+        crossed: vec![
+            crossed("attempts", attempts, f64::from(b.spread.attempts)),
+            crossed(
+                "distinct_targets",
+                targets,
+                f64::from(b.spread.distinct_targets),
+            ),
+        ],
+        counts: vec![
+            ("attempts", attempts),
+            ("distinct_targets", targets),
+            ("attempts_per_target", sessions / targets.max(1.0)),
+        ],
+        focus: None,
+        pattern: Some("spread"),
+    })
 }
 
 #[cfg(test)]

@@ -213,10 +213,11 @@ pub struct Spam {
     pub epoch: u32,
     /// When in the epochs events came.
     pub span: Span,
-    /// New SMTP flows, current and previous epoch.
-    pub flows: [u32; 2],
-    /// SMTP flows answered, current and previous epoch.
-    pub answered: [u32; 2],
+    /// New SMTP flows, current and previous epoch (evidence only: saturates at 65,535 an
+    /// epoch; the threshold is on distinct destinations).
+    pub flows: [u16; 2],
+    /// SMTP flows answered, current and previous epoch (evidence only, as `flows`).
+    pub answered: [u16; 2],
     /// Distinct SMTP destinations in the current epoch (128 bits).
     pub dsts: Bits<4>,
     /// ... and in the previous epoch (64 bits).
@@ -391,6 +392,21 @@ pub struct SourceState {
     pub netscan: NetScan,
     /// Spam counters.
     pub spam: Spam,
+    /// Spread brute force (with `auth_targets`, `auth_prev_targets`): TCP sessions to
+    /// authentication ports that completed the handshake (conntrack `ASSURED`,
+    /// `ESTABLISHED`), less those that then lasted longer than `max_flow_duration`; current
+    /// and previous epoch of the target table (they roll with it).
+    ///
+    /// The three fields are 9 bytes, paid for by the spam counters' narrowing to 16 bits and
+    /// the byte of padding the struct had: its size is unchanged (496). Separate fields, not a
+    /// struct, so that the odd byte fills the padding.
+    pub auth_sessions: [u16; 2],
+    /// Distinct destinations of the current epoch's sessions: a 32-bit linear-counting
+    /// bitmap, which tells up to 32 targets apart (`spread.distinct_targets` ≤ 32).
+    pub auth_targets: u32,
+    /// ... and of the previous epoch's, folded to 8 bits (only its share still in the
+    /// window counts).
+    pub auth_prev_targets: u8,
 }
 
 impl SourceState {
@@ -453,6 +469,9 @@ pub struct FlowFacts {
     pub smtp: bool,
     /// A closing event proving the flow lasted longer than the brute-force limit.
     pub long_auth: bool,
+    /// A TCP flow to an authentication port completed its handshake (`ESTABLISHED`,
+    /// `ASSURED`): the server answered and the client went on.
+    pub session: bool,
     /// Destination as bits.
     pub dst: u128,
     /// Destination port.
@@ -491,8 +510,26 @@ impl SourceState {
         }
         // Targets and ports feed brute force, port scan and every evidence record.
         let tw = w[2];
+        let before = self.targets.epoch;
         self.targets.roll(t, tw, Some(&mut self.tspan));
+        let gap = self.targets.epoch.wrapping_sub(before);
+        if gap != 0 {
+            self.roll_auth(gap);
+        }
         self.ports.roll(t, tw, None);
+        if f.session {
+            self.auth_sessions[0] = self.auth_sessions[0].saturating_add(1);
+            self.auth_targets |= 1 << ((dst_h >> 32) % 32);
+        }
+        if f.long_auth {
+            // A long session is not a guess (see the target entry below).
+            let s = &mut self.auth_sessions;
+            if s[0] > 0 {
+                s[0] -= 1;
+            } else {
+                s[1] = s[1].saturating_sub(1);
+            }
+        }
         let key = split4(f.dst);
         if f.new {
             let pw = super::sketch::epoch_view(self.targets.epoch, &self.tspan, t, tw).prev_weight;
@@ -676,6 +713,41 @@ impl SourceState {
         }
     }
 
+    /// Moves the spread brute-force counters `gap` epochs on.
+    #[inline]
+    fn roll_auth(&mut self, gap: u32) {
+        if gap == 1 {
+            self.auth_sessions = [0, self.auth_sessions[0]];
+            self.auth_prev_targets = fold8(self.auth_targets);
+        } else {
+            self.auth_sessions = [0, 0];
+            self.auth_prev_targets = 0;
+        }
+        self.auth_targets = 0;
+    }
+
+    /// Spread brute-force measures at `t` (target-table epochs of `len`): (completed short
+    /// sessions to authentication ports, their distinct targets, whether the targets'
+    /// bitmap is past its reliable range).
+    pub fn spread_view(&self, t: u64, len: u64) -> (f64, f64, bool) {
+        let v = super::sketch::epoch_view(self.targets.epoch, &self.tspan, t, len);
+        let (sc, sp) = shift(self.auth_sessions, &v);
+        let lc8 = |b: u8| super::sketch::linear_count(8, b.count_zeros());
+        let (targets, saturated) = if v.same {
+            // The current epoch at full resolution; the previous one's extra targets at 8
+            // bits (as `sliding_distinct_folded`).
+            let c = super::sketch::linear_count(32, self.auth_targets.count_zeros());
+            let cf = fold8(self.auth_targets);
+            let extra = (lc8(cf | self.auth_prev_targets) - lc8(cf)).max(0.0);
+            (c + extra * v.prev_weight, c > 32.0)
+        } else if v.next {
+            (lc8(fold8(self.auth_targets)) * v.prev_weight, false)
+        } else {
+            (0.0, false)
+        };
+        (sliding(sc, sp, v.prev_weight), targets, saturated)
+    }
+
     /// The target entries with their measures at `t`: (entry, flows, accepted, auth
     /// attempts, distinct ports), heaviest first.
     pub fn target_views(&self, t: u64, len: u64) -> Vec<(Target, f64, f64, f64, f64)> {
@@ -712,6 +784,12 @@ impl SourceState {
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         out
     }
+}
+
+/// A 32-bit bitmap folded to 8 bits (bit `h % 8` of bit `h % 32`).
+#[inline]
+fn fold8(b: u32) -> u8 {
+    (b as u8) | ((b >> 8) as u8) | ((b >> 16) as u8) | ((b >> 24) as u8)
 }
 
 fn shift(v: [u16; 2], ev: &super::sketch::EpochView) -> (u64, u64) {
@@ -759,6 +837,8 @@ mod tests {
         // source), 4 of touch list and 2.5 of sample ring (cap/16 samples of 40 bytes):
         // 496 + 14.5 ≤ 512.
         assert!(size <= 496, "SourceState is {size} bytes");
+        // The spread brute-force fields took the spam counters' 8 bytes and the padding byte.
+        assert_eq!(size, 496, "SourceState is {size} bytes");
     }
 
     #[test]

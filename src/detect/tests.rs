@@ -683,6 +683,142 @@ fn configuration_management_fan_out_is_not_brute_force() {
     assert!(d.is_empty(), "{d:#?}");
 }
 
+/// `each` SSH sessions to each of `targets` servers, round-robin one every `every_ms`: each
+/// completes its handshake and closes 900 ms later (a failed guess, `MaxAuthTries 1`).
+fn spread_sessions(targets: u32, each: u32, every_ms: u64) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    let mut k = 0u64;
+    for _ in 0..each {
+        for t in 0..targets {
+            let (ms, sport, dst) = (k * every_ms, 30_000 + k as u16, internet(1_000 + t));
+            answered_tcp(&mut obs, ms, BOT, dst, sport, 22);
+            obs.push(flow(
+                ms + 900,
+                FlowEventKind::Update,
+                BOT,
+                dst,
+                proto::TCP,
+                sport,
+                22,
+                ct_status::SEEN_REPLY | ct_status::ASSURED,
+                Some(TcpState::TimeWait),
+            ));
+            k += 1;
+        }
+    }
+    sorted(obs)
+}
+
+#[test]
+fn spread_brute_force_is_detected_with_its_pattern() {
+    // 30 servers, 4 guesses each, in 48 s: no server gets near the per-target 30.
+    let d = run(&spread_sessions(30, 4, 400));
+    let b = of(&d, Category::BruteForce);
+    assert_eq!(b.len(), 1, "{d:#?}");
+    assert_eq!(d.len(), 1, "{d:#?}");
+    let ev = &b[0].evidence;
+    assert_eq!(ev.pattern.as_deref(), Some("spread"));
+    assert!(crossed_value(b[0], "attempts") >= 60.0, "{ev:#?}");
+    let targets = crossed_value(b[0], "distinct_targets");
+    assert!((20.0..=40.0).contains(&targets), "{ev:#?}");
+    assert!(ev.counts["attempts_per_target"] >= 2.0, "{ev:#?}");
+    assert!(!ev.top_destinations.is_empty());
+    assert!(ev.top_destinations.iter().all(|t| t.count <= 4), "{ev:#?}");
+    assert_eq!(ev.top_ports[0].key, 22);
+    // Reported before the last round ends.
+    assert!(b[0].time < Time(T0 + 48_000 * MS), "{:?}", b[0].time);
+    let text = b[0].to_string();
+    assert!(text.contains("Pattern: spread") && text.contains("spread over many servers"));
+}
+
+#[test]
+fn spread_brute_force_just_under_the_thresholds_is_not() {
+    // 25 servers twice: 50 sessions, under 60.
+    assert!(run(&spread_sessions(25, 2, 500)).is_empty());
+    // 75 sessions at 15 servers: under 20 targets (and under the per-target 30).
+    assert!(run(&spread_sessions(15, 5, 500)).is_empty());
+    // 90 sessions over 150 s: never 60 in one minute.
+    assert!(run(&spread_sessions(30, 3, 1_700)).is_empty());
+}
+
+#[test]
+fn deployment_tool_and_user_sessions_are_not_spread_brute_force() {
+    // A deployment tool sshing to 10 hosts six times each in a minute: 60 sessions, but
+    // at 10 targets.
+    assert!(run(&spread_sessions(10, 6, 900)).is_empty());
+    // A user's sessions to two servers, and a monitoring check connecting once to each of
+    // 120 SSH servers a minute (one session per host: not a guess).
+    let mut obs = spread_sessions(2, 10, 3_000);
+    for i in 0..120u32 {
+        answered_tcp(
+            &mut obs,
+            u64::from(i) * 450,
+            BOT,
+            internet(5_000 + i),
+            50_000 + i as u16,
+            22,
+        );
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// An SSH session from [`BOT`] to `dst` that starts at `ms` and ends `lasts_ms` later, the
+/// closing event carrying the kernel's start stamp.
+fn long_ssh_session(obs: &mut Vec<Observation>, ms: u64, dst: IpAddr, sport: u16, lasts_ms: u64) {
+    answered_tcp(obs, ms, BOT, dst, sport, 22);
+    if let Observation::Flow(mut e) = established(ms + lasts_ms, BOT, dst, sport, 22) {
+        e.tcp_state = Some(TcpState::TimeWait);
+        e.start = Some(Time(T0 + ms * MS));
+        obs.push(Observation::Flow(e));
+    }
+}
+
+#[test]
+fn spread_sessions_that_last_are_not_attempts() {
+    // 90 sessions at 30 servers, one a second, each lasting 20 s (kernel timestamps): at
+    // most the 20 still open count at any time.
+    let mut obs = Vec::new();
+    for k in 0..90u64 {
+        let (ms, sport, dst) = (
+            k * 1_000,
+            30_000 + k as u16,
+            internet(1_000 + k as u32 % 30),
+        );
+        long_ssh_session(&mut obs, ms, dst, sport, 20_000);
+    }
+    let d = run(&sorted(obs));
+    assert!(of(&d, Category::BruteForce).is_empty(), "{d:#?}");
+}
+
+#[test]
+fn a_scan_of_the_ssh_port_is_not_spread_brute_force() {
+    // A SYN sweep of port 22 over 300 hosts: 40 open (SYN-ACK, then the scanner's reset,
+    // never established), the rest silent.
+    let mut obs = Vec::new();
+    for i in 0..300u32 {
+        let (ms, dst) = (u64::from(i) * 100, internet(7_000 + i));
+        obs.push(syn(ms, BOT, dst, 40_000, 22));
+        if i % 7 == 0 {
+            obs.push(synack(ms + 1, BOT, dst, 40_000, 22));
+            obs.push(rst(ms + 2, BOT, dst, 40_000, 22));
+        }
+    }
+    let d = run(&sorted(obs));
+    assert!(of(&d, Category::BruteForce).is_empty(), "{d:#?}");
+    assert_eq!(of(&d, Category::NetworkScan).len(), 1, "{d:#?}");
+}
+
+#[test]
+fn spread_rule_can_be_switched_off() {
+    let text = POLICY.replace(
+        "profiles:\n",
+        "profiles:\n  default:\n    brute_force:\n      spread: {enabled: false}\n",
+    );
+    let mut e = Engine::new(policy_from(&text));
+    assert!(drive(&mut e, &spread_sessions(30, 4, 400), 1_000).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // port scan
 // ---------------------------------------------------------------------------------------------
@@ -884,6 +1020,75 @@ fn spam_is_detected() {
 fn spam_just_under_the_threshold_is_not() {
     // 35 mail servers in 5 minutes: under 40 including the sketch's error.
     assert!(run(&smtp_fan_out(BOT, 35, 5_000)).is_empty());
+}
+
+/// Like [`smtp_fan_out`], to `port`.
+fn smtp_fan_out_to(src: &str, n: u32, every_ms: u64, port: u16) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    for i in 0..n {
+        answered_tcp(
+            &mut obs,
+            u64::from(i) * every_ms,
+            src,
+            internet(i),
+            45_000 + i as u16,
+            port,
+        );
+    }
+    sorted(obs)
+}
+
+#[test]
+fn submission_port_fan_out_is_spam_by_default_and_names_the_port() {
+    for port in [587u16, 465] {
+        let mut obs = smtp_fan_out_to(BOT, 60, 2_000, port);
+        // The host's web traffic alongside: not in the spam evidence's ports.
+        for i in 0..200u32 {
+            answered_tcp(
+                &mut obs,
+                u64::from(i) * 500,
+                BOT,
+                internet(9_000 + i % 5),
+                20_000 + i as u16,
+                443,
+            );
+        }
+        let d = run(&sorted(obs));
+        let s = of(&d, Category::Spam);
+        assert_eq!(s.len(), 1, "{port}: {d:#?}");
+        let ev = &s[0].evidence;
+        assert!(crossed_value(s[0], "distinct_destinations") >= 40.0);
+        assert_eq!(ev.top_ports.len(), 1, "{ev:#?}");
+        assert_eq!(ev.top_ports[0].key, port, "{ev:#?}");
+    }
+}
+
+#[test]
+fn submitting_to_two_servers_is_not_spam() {
+    // A mail client (or a web application) submitting 200 messages in 5 minutes to its
+    // provider's two submission servers, and a relay's handful of MX on 25.
+    let mut obs = Vec::new();
+    for i in 0..200u32 {
+        let dst = internet(i % 2);
+        answered_tcp(
+            &mut obs,
+            u64::from(i) * 1_500,
+            BOT,
+            dst,
+            20_000 + i as u16,
+            587,
+        );
+        answered_tcp(
+            &mut obs,
+            u64::from(i) * 1_500 + 7,
+            BOT,
+            internet(100 + i % 6),
+            30_000 + i as u16,
+            25,
+        );
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
 }
 
 #[test]

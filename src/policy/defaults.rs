@@ -36,6 +36,16 @@ pub const BRUTE_MAX_FLOW_DURATION: Duration = Duration::from_secs(15);
 pub const BRUTE_PORTS: &[u16] = &[
     21, 22, 23, 110, 143, 445, 1433, 3306, 3389, 5432, 5900, 8291,
 ];
+/// Spread brute force: completed short sessions to auth ports across all targets in the
+/// window. A deployment tool reaching 10 hosts a few times makes ~30 sessions to 10 targets;
+/// a botnet's guesser hits dozens of hosts with a few guesses each.
+pub const BRUTE_SPREAD_ATTEMPTS: u32 = 60;
+/// Spread brute force: distinct targets of those sessions.
+pub const BRUTE_SPREAD_DISTINCT_TARGETS: u32 = 20;
+/// The most distinct targets the per-source sketch tells apart (a 32-bit bitmap).
+pub const BRUTE_SPREAD_MAX_DISTINCT_TARGETS: u32 = 32;
+/// The most sessions the per-source counters hold in an epoch.
+pub const BRUTE_SPREAD_MAX_ATTEMPTS: u32 = 255;
 
 // port scan
 pub const PORTSCAN_WINDOW: Duration = Duration::from_secs(60);
@@ -50,7 +60,9 @@ pub const NETSCAN_MIN_UNANSWERED_RATIO: f64 = 0.5;
 // spam
 pub const SPAM_WINDOW: Duration = Duration::from_secs(300);
 pub const SPAM_DISTINCT_DESTINATIONS: u32 = 40;
-pub const SPAM_PORTS: &[u16] = &[25];
+/// SMTP, submission over TLS, submission: a client submits to one or two servers, so
+/// fan-out on 465/587 to many destinations is abuse as much as on 25.
+pub const SPAM_PORTS: &[u16] = &[25, 465, 587];
 
 // escalation
 pub const FORGET_AFTER: Duration = Duration::from_secs(180 * 86_400);

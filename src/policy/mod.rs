@@ -191,6 +191,21 @@ pub struct BruteForce {
     pub max_flow_duration: Duration,
     /// Authentication ports.
     pub ports: Vec<u16>,
+    /// Spread brute force: a few attempts at each of many targets.
+    pub spread: Spread,
+}
+
+/// Spread brute-force thresholds: completed short sessions to authentication ports across
+/// targets (the per-target `attempts` is never reached when a guesser moves on after a few
+/// tries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    /// Detect spread brute force at all.
+    pub enabled: bool,
+    /// Completed short sessions to authentication ports, all targets, within the window.
+    pub attempts: u32,
+    /// Distinct targets of those sessions.
+    pub distinct_targets: u32,
 }
 
 /// Port-scan thresholds.
@@ -231,7 +246,7 @@ pub struct Spam {
     pub window: Duration,
     /// Distinct SMTP destinations within the window.
     pub distinct_destinations: u32,
-    /// SMTP ports (25; 465 and 587 when configured).
+    /// SMTP ports (default 25, 465 and 587).
     pub ports: Vec<u16>,
 }
 

@@ -126,6 +126,15 @@ pub struct RawBruteForce {
     pub attempts: Option<Scalar>,
     pub max_flow_duration: Option<Scalar>,
     pub ports: Option<Vec<u16>>,
+    pub spread: Option<RawSpread>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpread {
+    pub enabled: Option<bool>,
+    pub attempts: Option<Scalar>,
+    pub distinct_targets: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

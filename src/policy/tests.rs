@@ -302,6 +302,33 @@ fn ports_nonzero_and_nonempty() {
 }
 
 #[test]
+fn spread_brute_force_defaults_and_bounds() {
+    let p = check(BASE).0.unwrap();
+    let s = &p.profiles["default"].brute_force.spread;
+    assert!(s.enabled);
+    assert_eq!((s.attempts, s.distinct_targets), (60, 20));
+    assert_eq!(p.profiles["default"].spam.ports, vec![25, 465, 587]);
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    brute_force:\n      spread:\n        distinct_targets: 100\n"
+    );
+    one_error(&t, "10:27", "cannot be told apart");
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    brute_force:\n      spread: {{attempts: 1000}}\n"
+    );
+    one_error(&t, "9:26", "out of range");
+    let t =
+        format!("{BASE}profiles:\n  default:\n    brute_force:\n      spread: {{targets: 10}}\n");
+    assert!(!errors(&t).is_empty());
+    // A profile inherits the default profile's spread and changes what it says.
+    let t = format!(
+        "{BASE}    profile: deploy\nprofiles:\n  default:\n    brute_force:\n      spread: {{attempts: 90}}\n  deploy:\n    brute_force:\n      spread: {{distinct_targets: 30}}\n"
+    );
+    let p = check(&t).0.unwrap();
+    let s = &p.profiles["deploy"].brute_force.spread;
+    assert_eq!((s.attempts, s.distinct_targets), (90, 30));
+}
+
+#[test]
 fn profiles_inherit_from_default() {
     let t = format!(
         "{BASE}    profile: relay\nprofiles:\n  default:\n    spam: {{distinct_destinations: 10}}\n  relay:\n    spam: {{enabled: false}}\n"

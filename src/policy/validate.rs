@@ -442,6 +442,11 @@ fn builtin_profile() -> Profile {
             attempts: d::BRUTE_ATTEMPTS,
             max_flow_duration: d::BRUTE_MAX_FLOW_DURATION,
             ports: d::BRUTE_PORTS.to_vec(),
+            spread: Spread {
+                enabled: true,
+                attempts: d::BRUTE_SPREAD_ATTEMPTS,
+                distinct_targets: d::BRUTE_SPREAD_DISTINCT_TARGETS,
+            },
         },
         port_scan: PortScan {
             enabled: true,
@@ -532,6 +537,10 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
                 b.max_flow_duration,
             ),
             ports: ports(cx, &format!("{at}.ports"), f.ports.as_ref(), &b.ports),
+            spread: match &f.spread {
+                Some(r) => spread(cx, &format!("{at}.spread"), r, &b.spread),
+                None => b.spread.clone(),
+            },
         };
     }
     if let Some(f) = &raw.port_scan {
@@ -590,6 +599,46 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
         };
     }
     p
+}
+
+/// `brute_force.spread`: the per-source counters hold at most
+/// [`d::BRUTE_SPREAD_MAX_ATTEMPTS`] sessions an epoch and tell at most
+/// [`d::BRUTE_SPREAD_MAX_DISTINCT_TARGETS`] targets apart; a spread over one target is the
+/// per-target rule's business.
+fn spread(cx: &mut Cx, at: &str, r: &RawSpread, b: &Spread) -> Spread {
+    let apath = format!("{at}.attempts");
+    let mut attempts = count32(cx, &apath, r.attempts.as_ref(), b.attempts);
+    let amax = d::BRUTE_SPREAD_MAX_ATTEMPTS;
+    if !(1..=amax).contains(&attempts) {
+        cx.err(
+            &apath,
+            format!("{attempts} sessions across targets is out of range"),
+            Some(format!(
+                "write 1 to {amax}: the per-source counters hold {amax} sessions a window; \
+                 `enabled: false` turns the spread rule off"
+            )),
+        );
+        attempts = b.attempts;
+    }
+    let path = format!("{at}.distinct_targets");
+    let mut targets = count32(cx, &path, r.distinct_targets.as_ref(), b.distinct_targets);
+    let max = d::BRUTE_SPREAD_MAX_DISTINCT_TARGETS;
+    if !(2..=max).contains(&targets) {
+        cx.err(
+            &path,
+            format!("{targets} distinct targets cannot be told apart"),
+            Some(format!(
+                "write 2 to {max}: the per-source sketch counts at most {max} targets \
+                 reliably; more attempts at fewer targets is the per-target `attempts` rule"
+            )),
+        );
+        targets = b.distinct_targets;
+    }
+    Spread {
+        enabled: r.enabled.unwrap_or(b.enabled),
+        attempts,
+        distinct_targets: targets,
+    }
 }
 
 fn profiles(cx: &mut Cx, raw: &BTreeMap<String, RawProfile>) -> BTreeMap<String, Profile> {

@@ -10,6 +10,7 @@ mod benign;
 mod bgp;
 mod bgp_agent;
 mod bird;
+mod blindspots_auth;
 mod common;
 mod control;
 #[path = "../../benches/support/ctmsg.rs"]

@@ -461,7 +461,7 @@ fn web_server(ns: &Netns) -> Proc {
 
 /// An sshd in `ns` with a fresh host key in `dir` (the test's temporary directory, removed
 /// with it).
-fn sshd(ns: &Netns, dir: &Path) -> Proc {
+pub(crate) fn sshd(ns: &Netns, dir: &Path) -> Proc {
     let key = dir.join("sshd_host_key");
     let ok = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", ""])
@@ -575,7 +575,7 @@ fn attacks(words: &Path) -> Vec<Attack> {
             category: "spam",
             set: "quarantine4",
             // flowspec_match: service — only SMTP.
-            flowspec: "flow4 { src 203.0.113.17/32; proto 6; dport 25; }",
+            flowspec: "flow4 { src 203.0.113.17/32; proto 6; dport 25,465,587; }",
             blackhole: false,
             script:
                 "for i in $(seq 100 111); do timeout 10 swaks --silent 2 --to victim@example.net \
