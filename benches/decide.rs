@@ -67,6 +67,7 @@ fn detection(n: u64) -> Detection {
             last_seen: time,
             sample: Vec::new(),
             spoofing: None,
+            pattern: None,
         },
     }
 }

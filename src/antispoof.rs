@@ -558,6 +558,7 @@ pub fn detections(
                 evidence: Evidence {
                     window_start: start,
                     window_end: now,
+                    pattern: None,
                     crossed: vec![crate::messages::Crossed {
                         signal: "spoofed_packets".into(),
                         value: packets as f64,

@@ -342,6 +342,10 @@ pub struct Evidence {
     pub window_start: Time,
     /// End of the window.
     pub window_end: Time,
+    /// The pattern within the category, for the categories that tell several apart:
+    /// `answered_sweep` and `slow_scan` (network scan), `udp_scan` (port scan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
     /// The signals that crossed their thresholds.
     pub crossed: Vec<Crossed>,
     /// Other counts measured in the window, by name (flows, unanswered, pps, ...).

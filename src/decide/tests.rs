@@ -47,6 +47,7 @@ fn detection(src: &str, secs: u64) -> Detection {
             last_seen: t(secs),
             sample: vec![],
             spoofing: None,
+            pattern: None,
         },
     }
 }

@@ -33,6 +33,8 @@ fn signal_text(s: &str) -> &str {
         "distinct_ports" => "distinct ports contacted on one server",
         "distinct_destinations" => "distinct destination addresses",
         "unanswered_ratio" => "share of connections not answered",
+        "incomplete_ratio" => "share of connections never completed (no handshake, no answer)",
+        "distinct_udp_ports" => "distinct UDP ports contacted on one server",
         "spoofed_packets" => "packets with a forged source address",
         other => other,
     }
@@ -56,6 +58,16 @@ fn num(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.1}")
+    }
+}
+
+/// A pattern's name in a sentence.
+fn pattern_text(p: &str) -> &'static str {
+    match p {
+        "answered_sweep" => "a sweep whose targets answered, its handshakes never completed",
+        "slow_scan" => "a slow sweep over a long window",
+        "udp_scan" => "a scan of UDP ports, answered by ICMP port-unreachable or not at all",
+        _ => "a pattern",
     }
 }
 
@@ -88,6 +100,9 @@ impl fmt::Display for Evidence {
             Ms(self.first_seen),
             Ms(self.last_seen)
         )?;
+        if let Some(p) = &self.pattern {
+            writeln!(f, "  Pattern: {} ({p})", pattern_text(p))?;
+        }
         writeln!(f, "  Limits exceeded:")?;
         for c in &self.crossed {
             writeln!(

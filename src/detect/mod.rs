@@ -81,6 +81,7 @@ pub mod exact;
 pub mod index;
 pub mod ring;
 pub mod sketch;
+pub mod slow;
 pub mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -100,7 +101,7 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows,
+    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SLOW, SourceState, SrcKey, TOUCHED, Windows,
     addr_bits, bits_addr, target_view,
 };
 
@@ -124,6 +125,8 @@ struct Prepared {
     enabled: u8,
     /// Per destination port: [`PORT_AUTH`] | [`PORT_AMP`] | [`PORT_SMTP`].
     port_flags: Box<[u8]>,
+    /// The slow-scan window in ns; 0 when slow scans are off (or network scans are).
+    slow_window: u64,
 }
 
 impl Prepared {
@@ -157,6 +160,11 @@ impl Prepared {
             ],
             enabled,
             port_flags,
+            slow_window: if p.network_scan.enabled && p.network_scan.slow.enabled {
+                ns(p.network_scan.slow.window)
+            } else {
+                0
+            },
         }
     }
 }
@@ -247,6 +255,8 @@ pub struct Engine {
     stale_events: u64,
     /// Exact port sets of the destinations that look scanned (evidence).
     exact: exact::Pool,
+    /// Long-window counts of the sources that sweep (slow scans).
+    slow: slow::Pool,
 }
 
 /// The [`HELD_ALL`] flag of a hold of `kind`.
@@ -311,6 +321,7 @@ impl Engine {
             held_samples: 0,
             stale_events: 0,
             exact: exact::Pool::default(),
+            slow: slow::Pool::default(),
             policy,
         };
         e.prepare();
@@ -425,6 +436,10 @@ impl Engine {
         if self.table.slots[s as usize].flags & EXACT != 0 {
             self.exact.drop_slot(s);
         }
+        if !self.slow.is_empty() {
+            self.slow.drop_slot(s);
+            self.table.slots[s as usize].flags &= !SLOW;
+        }
         let held = self.hold_covering(&self.table.slots[s as usize].key);
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
@@ -498,9 +513,10 @@ impl Engine {
                 .hold_covering(&key)
                 .map_or(0, |(_, kind)| HELD | held_all(kind));
             self.exact.drop_slot(s);
+            self.slow.drop_slot(s);
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
-            st.flags = (st.flags & !(HELD | HELD_ALL | EXACT)) | covered | FRESH;
+            st.flags = (st.flags & !(HELD | HELD_ALL | EXACT | SLOW)) | covered | FRESH;
             self.fresh.insert(s, at.max(1));
         }
     }
@@ -516,6 +532,7 @@ impl Engine {
             && let Some(tr) = self.exact.get_mut(slot, dst)
         {
             tr.insert(epoch, f.dport);
+            tr.note_flow(epoch, f.udp);
             return;
         }
         let Some(e) = st
@@ -537,6 +554,9 @@ impl Engine {
             .ports_to(st.key.hash() | 1, source::split(f.dst), since, &mut seed);
         let complete = seed.len() as u32 >= ones;
         self.exact.attach(slot, dst, epoch, &seed, complete);
+        if let Some(tr) = self.exact.get_mut(slot, dst) {
+            tr.note_flow(epoch, f.udp);
+        }
         self.table.slots[slot as usize].flags |= EXACT;
     }
 
@@ -651,6 +671,7 @@ impl Engine {
         };
         let mut f = FlowFacts {
             tcp,
+            udp,
             amp: udp && pf & PORT_AMP != 0,
             auth: pf & PORT_AUTH != 0,
             smtp: tcp && pf & PORT_SMTP != 0,
@@ -701,9 +722,16 @@ impl Engine {
                         (false, _) => {
                             f.answer = true;
                             f.accepted = true;
+                            // A reply is all a non-TCP flow has of a handshake.
+                            f.completed = true;
                         }
                     }
                 }
+                // The handshake completed: the source carried the flow through (a stateless
+                // scanner resets the SYN-ACK instead). The kernel reports ASSURED once, with
+                // the move to ESTABLISHED.
+                f.completed |=
+                    tcp && seen_reply && assured && e.tcp_state == Some(TcpState::Established);
                 if tcp && f.auth {
                     let closing = matches!(e.tcp_state, Some(TcpState::TimeWait))
                         || (assured && matches!(e.tcp_state, Some(TcpState::Close)));
@@ -715,7 +743,7 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        if !(f.new || f.answer || f.accepted || f.long_auth) {
+        if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source
             // that matters: in a spoofed storm every source's DESTROY comes back a second
@@ -763,6 +791,15 @@ impl Engine {
         st.on_flow(t, &f, &windows, enabled);
         if st.targets.epoch != epoch {
             st.samples = 0;
+        }
+        if st.flags & SLOW != 0
+            && let Some(tr) = self.slow.get_mut(slot)
+        {
+            let len = self.profiles[usize::from(profile)].slow_window.max(1);
+            let new = f
+                .new
+                .then(|| (sketch::hash128(f.dst), sketch::hash16(f.dport)));
+            tr.on_flow(t, len, new, f.completed);
         }
         if f.new {
             self.exact_ports(slot, &f, windows[2]);
@@ -813,7 +850,9 @@ impl Engine {
             if prep.enabled & (1 << i) == 0 {
                 continue;
             }
-            let Some(finding) = check(c, &st, prep, now) else {
+            let Some(finding) =
+                check(c, &st, prep, now).or_else(|| self.check_tracked(c, slot, &st, prep, now))
+            else {
                 continue;
             };
             // A source that crosses both in one evaluation is scanning: its authentication
@@ -828,15 +867,143 @@ impl Engine {
                 self.held_down += 1;
                 continue;
             }
-            let window = prep.windows[i];
+            // A slow scan's evidence covers its long window (from shortly before the tracker
+            // was attached), and it is held down as long: the next hour's sweep is news.
+            let (window, fresh) = match (finding.pattern, self.slow.get(slot)) {
+                (Some(PATTERN_SLOW), Some(tr)) => {
+                    (prep.slow_window, tr.since.saturating_sub(prep.windows[3]))
+                }
+                _ => (prep.windows[i], 0),
+            };
             self.table.slots[slot as usize].hold(i, now, window);
             self.detections[i] += 1;
-            let fresh = self.fresh_at(slot).unwrap_or(0);
+            let fresh = self.fresh_at(slot).unwrap_or(0).max(fresh);
             let mut det =
                 self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now)));
             self.exact_evidence(slot, &st, prep, &mut det, now);
             out.push(det);
         }
+        self.slow_gate(slot, now);
+    }
+
+    /// Attaches a slow-scan tracker to a source whose network-scan window shows the start
+    /// of a sweep (see [`slow`]).
+    fn slow_gate(&mut self, slot: u32, now: u64) {
+        let st = &self.table.slots[slot as usize];
+        if st.flags & SLOW != 0 {
+            return;
+        }
+        let Some(prep) = self.profiles.get(usize::from(st.profile)) else {
+            return;
+        };
+        if prep.slow_window == 0 || prep.enabled & (1 << 3) == 0 {
+            return;
+        }
+        let v = st.netscan_view(now, prep.windows[3]);
+        let dsts = v.dsts.round();
+        let ratio = if v.flows > 0.0 {
+            v.incomplete / v.flows
+        } else {
+            0.0
+        };
+        if dsts < slow::ATTACH_AT
+            || v.ports_saturated
+            || v.ports.round() * 4.0 > dsts
+            || v.completed_saturated
+            || ratio < prep.profile.network_scan.min_incomplete_ratio
+        {
+            return;
+        }
+        // Seed with the network-scan window's current epoch (the same hashes).
+        let n = &st.netscan;
+        let cur = sketch::epoch_of(now, prep.windows[3]) == n.epoch;
+        let mut seed = slow::Tracker::default();
+        if cur {
+            seed.dsts[0] = n.cur.dsts;
+            seed.ports[0] = n.cur.ports;
+            seed.flows[0] = n.cur.flows;
+            seed.completed[0] = u32::from(n.completed[0]);
+        }
+        let len = prep.slow_window;
+        self.slow.attach(slot, now, len, &seed);
+        self.table.slots[slot as usize].flags |= SLOW;
+    }
+
+    /// The patterns that need the engine's trackers: a UDP port scan (exact port sets) and
+    /// a slow network scan (long-window trackers).
+    fn check_tracked(
+        &self,
+        c: Category,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+    ) -> Option<Finding> {
+        match c {
+            Category::PortScan => self.check_udp_scan(slot, st, prep, now),
+            Category::NetworkScan => {
+                let tr = self.slow.get(slot).filter(|_| st.flags & SLOW != 0)?;
+                check_slow(tr, prep, now)
+            }
+            _ => None,
+        }
+    }
+
+    /// A UDP port scan: distinct UDP ports of one destination (outside the traceroute
+    /// ranges) from its exact tracker, the destination's flows mostly UDP and unanswered.
+    fn check_udp_scan(
+        &self,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+    ) -> Option<Finding> {
+        let ps = &prep.profile.port_scan;
+        if ps.udp_distinct_ports == 0 || st.flags & EXACT == 0 {
+            return None;
+        }
+        let tw = prep.windows[2];
+        let epoch = sketch::epoch_of(now, tw);
+        let pw = sketch::epoch_view(st.targets.epoch, &st.tspan, now, tw).prev_weight;
+        let mut best: Option<(Finding, f64)> = None;
+        for e in st.targets.entries.iter().filter(|e| e.occupied()) {
+            let Some(tr) = self.exact.get(slot, e.addr) else {
+                continue;
+            };
+            let (ports, flows, udp) = tr.window_ports(epoch, pw, TRACEROUTE_PORTS);
+            let ports = ports.round();
+            if ports < f64::from(ps.udp_distinct_ports) || udp < flows * 0.9 {
+                continue;
+            }
+            let (_, t_flows, accepted, _, _) = target_view(e, st.targets.epoch, &st.tspan, now, tw);
+            let t_flows = t_flows.max(ports);
+            let ratio = (1.0 - accepted / t_flows).max(0.0);
+            if ratio < ps.min_unanswered_ratio || best.as_ref().is_some_and(|b| b.1 >= ports) {
+                continue;
+            }
+            best = Some((
+                Finding {
+                    crossed: vec![
+                        crossed(
+                            "distinct_udp_ports",
+                            ports,
+                            f64::from(ps.udp_distinct_ports),
+                        ),
+                        crossed("unanswered_ratio", ratio, ps.min_unanswered_ratio),
+                    ],
+                    counts: vec![
+                        ("distinct_udp_ports", ports),
+                        ("flows_to_target", t_flows),
+                        ("accepted_by_target", accepted),
+                        ("unanswered_ratio", ratio),
+                    ],
+                    focus: Some(e.addr),
+                    pattern: Some(PATTERN_UDP),
+                },
+                ports,
+            ));
+        }
+        best.map(|b| b.0)
     }
 
     /// Replaces the estimated distinct ports of the detection's focus destination with the
@@ -948,6 +1115,7 @@ impl Engine {
             evidence: Evidence {
                 window_start,
                 window_end: Time(now),
+                pattern: f.pattern.map(str::to_owned),
                 crossed: f.crossed,
                 counts: f
                     .counts
@@ -973,6 +1141,7 @@ impl Engine {
             .iter()
             .map(|p| (p.name.clone(), p.windows))
             .collect();
+        let old_slow: Vec<u64> = self.profiles.iter().map(|p| p.slow_window).collect();
         let old_v6 = self.v6_prefix;
         self.policy = policy;
         self.prepare();
@@ -993,6 +1162,7 @@ impl Engine {
                 _ => None,
             };
             let Some(p) = keep else {
+                self.slow.drop_slot(s);
                 self.table.remove(s);
                 continue;
             };
@@ -1012,6 +1182,13 @@ impl Engine {
             }
             if old_w[3] != new_w[3] {
                 x.netscan = Default::default();
+            }
+            if old_slow.get(usize::from(st.profile)).copied()
+                != Some(self.profiles[usize::from(p)].slow_window)
+            {
+                // A slow window of another length (or none) starts over.
+                x.flags &= !SLOW;
+                self.slow.drop_slot(s);
             }
             if old_w[4] != new_w[4] {
                 x.spam = Default::default();
@@ -1058,6 +1235,7 @@ impl Engine {
     pub fn memory_bytes(&self) -> usize {
         self.table.memory_bytes()
             + self.exact.memory_bytes()
+            + self.slow.memory_bytes()
             + self.touched.capacity() * 4
             + self.ring.memory_bytes()
             + self.profiles.len() * 65_536
@@ -1081,6 +1259,60 @@ struct Finding {
     counts: Vec<(&'static str, f64)>,
     /// The destination the finding is about (brute force, port scan).
     focus: Option<[u32; 4]>,
+    /// The pattern within the category, when it is not the category's plain one.
+    pattern: Option<&'static str>,
+}
+
+/// Evidence pattern: a sweep whose targets answered, its flows never carried through.
+pub const PATTERN_ANSWERED: &str = "answered_sweep";
+/// Evidence pattern: a sweep over the slow-scan window.
+pub const PATTERN_SLOW: &str = "slow_scan";
+/// Evidence pattern: a UDP port scan below the port-scan threshold.
+pub const PATTERN_UDP: &str = "udp_scan";
+
+/// Destination ports left out of a UDP scan's count: UDP traceroute (33434 on, 3 probes
+/// for up to 30 hops) and tracepath (44444 on). Their probes are answered by ICMP
+/// time-exceeded or port-unreachable, which leaves the flows unreplied, like a scan's.
+const TRACEROUTE_PORTS: &[(u16, u16)] = &[(33_434, 33_534), (44_444, 44_544)];
+
+/// A slow sweep from a source's long-window tracker.
+fn check_slow(tr: &slow::Tracker, prep: &Prepared, now: u64) -> Option<Finding> {
+    let ns = &prep.profile.network_scan;
+    let v = tr.view(now, prep.slow_window);
+    let dsts = v.dsts.round();
+    let ports = v.ports.round();
+    let ratio = if v.flows > 0.0 {
+        v.incomplete / v.flows
+    } else {
+        0.0
+    };
+    if dsts < f64::from(ns.slow.distinct_destinations)
+        || v.ports_saturated
+        || ports * 4.0 > dsts
+        || ratio < ns.min_incomplete_ratio
+    {
+        return None;
+    }
+    Some(Finding {
+        crossed: vec![
+            crossed(
+                "distinct_destinations",
+                dsts,
+                f64::from(ns.slow.distinct_destinations),
+            ),
+            crossed("incomplete_ratio", ratio, ns.min_incomplete_ratio),
+        ],
+        counts: vec![
+            ("distinct_destinations", dsts),
+            ("distinct_ports", ports),
+            ("new_flows", v.flows),
+            ("incomplete_flows", v.incomplete),
+            ("incomplete_ratio", ratio),
+            ("window_seconds", (prep.slow_window / 1_000_000_000) as f64),
+        ],
+        focus: None,
+        pattern: Some(PATTERN_SLOW),
+    })
 }
 
 fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
@@ -1089,6 +1321,56 @@ fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
         value: round2(value),
         threshold,
     }
+}
+
+/// An answered sweep: the fan-out of a network scan whose flows the source did not carry
+/// through, whatever the targets answered (a stateless scanner resets every SYN-ACK).
+fn check_answered_sweep(
+    v: &source::NetScanView,
+    ns: &crate::policy::NetworkScan,
+) -> Option<Finding> {
+    let dsts = v.dsts.round();
+    let ports = v.ports.round();
+    let ratio = if v.flows > 0.0 {
+        v.incomplete / v.flows
+    } else {
+        0.0
+    };
+    if ns.answered_distinct_destinations == 0
+        || dsts < f64::from(ns.answered_distinct_destinations)
+        || v.ports_saturated
+        || ports * 4.0 > dsts
+        || v.completed_saturated
+        || ratio < ns.min_incomplete_ratio
+    {
+        return None;
+    }
+    let unanswered_ratio = if v.flows > 0.0 {
+        v.unanswered / v.flows
+    } else {
+        0.0
+    };
+    Some(Finding {
+        crossed: vec![
+            crossed(
+                "distinct_destinations",
+                dsts,
+                f64::from(ns.answered_distinct_destinations),
+            ),
+            crossed("incomplete_ratio", ratio, ns.min_incomplete_ratio),
+        ],
+        counts: vec![
+            ("distinct_destinations", dsts),
+            ("distinct_ports", ports),
+            ("new_flows", v.flows),
+            ("unanswered_flows", v.unanswered),
+            ("unanswered_ratio", unanswered_ratio),
+            ("incomplete_flows", v.incomplete),
+            ("incomplete_ratio", ratio),
+        ],
+        focus: None,
+        pattern: Some(PATTERN_ANSWERED),
+    })
 }
 
 /// Checks one category. Allocation-free unless something crossed.
@@ -1165,6 +1447,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("bps", v.bps),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
         Category::BruteForce => {
@@ -1202,6 +1485,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("distinct_ports_on_target", ports.round()),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::PortScan => {
@@ -1237,20 +1521,22 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: Some(t.addr),
+                pattern: None,
             })
         }
         Category::NetworkScan => {
             let ns = &p.network_scan;
-            let (flows, unanswered, dsts, ports, saturated) = st.netscan_view(now, w[3]);
-            let dsts = dsts.round();
-            let ports = ports.round();
+            let v = st.netscan_view(now, w[3]);
+            let (flows, unanswered) = (v.flows, v.unanswered);
+            let dsts = v.dsts.round();
+            let ports = v.ports.round();
             let ratio = if flows > 0.0 { unanswered / flows } else { 0.0 };
-            let few_ports = !saturated && ports * 4.0 <= dsts;
+            let few_ports = !v.ports_saturated && ports * 4.0 <= dsts;
             if !(dsts >= f64::from(ns.distinct_destinations)
                 && ratio >= ns.min_unanswered_ratio
                 && few_ports)
             {
-                return None;
+                return check_answered_sweep(&v, ns);
             }
             Some(Finding {
                 crossed: vec![
@@ -1269,6 +1555,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("unanswered_ratio", ratio),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
         Category::Spam => {
@@ -1290,6 +1577,7 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
                     ("smtp_flows_answered", answered),
                 ],
                 focus: None,
+                pattern: None,
             })
         }
     }

@@ -41,6 +41,7 @@ fn notification() -> Notification {
             last_seen: Time::from_secs(1_790_000_000),
             sample: vec![],
             spoofing: None,
+            pattern: None,
         }),
     }
 }

@@ -14,6 +14,7 @@ fn evidence() -> Evidence {
         last_seen: Time::from_secs(2),
         sample: vec![],
         spoofing: None,
+        pattern: None,
     }
 }
 

@@ -137,6 +137,7 @@ pub fn detection(addr: &str, category: Category, time: Time) -> Detection {
                 answered: false,
             }],
             spoofing: None,
+            pattern: None,
         },
     }
 }

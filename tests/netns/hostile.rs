@@ -337,6 +337,7 @@ fn offense(target: ipnet::IpNet, i: u64, kib: usize) -> egressguard::state::Chan
             // About 120 bytes of JSON each.
             sample: vec![sample; kib * 1024 / 120],
             spoofing: None,
+            pattern: None,
         },
     }))
 }
