@@ -377,6 +377,14 @@ fn count32(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: u32) -> u32 {
     }
 }
 
+/// A count where 0 means "off" (the patterns a profile may switch off by their threshold).
+fn count32_or_off(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: u32) -> u32 {
+    if s.is_some_and(|s| s.0.trim() == "0") {
+        return 0;
+    }
+    count32(cx, path, s, default)
+}
+
 fn ratio(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: f64) -> f64 {
     let Some(s) = s else { return default };
     match s.0.trim().parse::<f64>() {
@@ -551,7 +559,7 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
                 f.min_unanswered_ratio.as_ref(),
                 b.min_unanswered_ratio,
             ),
-            udp_distinct_ports: count32(
+            udp_distinct_ports: count32_or_off(
                 cx,
                 &format!("{at}.udp_distinct_ports"),
                 f.udp_distinct_ports.as_ref(),
@@ -577,7 +585,7 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
                 f.min_unanswered_ratio.as_ref(),
                 b.min_unanswered_ratio,
             ),
-            answered_distinct_destinations: count32(
+            answered_distinct_destinations: count32_or_off(
                 cx,
                 &format!("{at}.answered_distinct_destinations"),
                 f.answered_distinct_destinations.as_ref(),

@@ -8,6 +8,7 @@
 mod abuse;
 mod bgp;
 mod bird;
+mod blindspots;
 mod common;
 mod control;
 #[path = "../../benches/support/ctmsg.rs"]
