@@ -708,6 +708,11 @@ impl Engine {
                     f.accepted = reset;
                 } else {
                     self.dumped += 1;
+                    // A carried-through flow from a dump counts as completed (never as new):
+                    // its ASSURED event may have gone with a loss, and a busy client whose
+                    // completions were lost must not look like an answered sweep. Counted
+                    // twice when the event was seen live, which only errs toward no sweep.
+                    f.completed = seen_reply && (!tcp || assured);
                 }
             }
             FlowEventKind::Update => {
@@ -925,7 +930,12 @@ impl Engine {
             seed.completed[0] = u32::from(n.completed[0]);
         }
         let len = prep.slow_window;
-        self.slow.attach(slot, now, len, &seed);
+        if let Some(old) = self.slow.attach(slot, now, len, &seed)
+            && let Some(x) = self.table.slots.get_mut(old as usize)
+        {
+            // Its tracker went to this source; it may attach again once its sweep grows.
+            x.flags &= !SLOW;
+        }
         self.table.slots[slot as usize].flags |= SLOW;
     }
 

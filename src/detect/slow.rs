@@ -189,8 +189,10 @@ impl Pool {
     }
 
     /// Attaches a tracker to `slot` at `t`, seeded with the counts that led to it; the
-    /// tracker of the smallest sweep is reused when all are taken. `len` is the slow window.
-    pub fn attach(&mut self, slot: u32, t: u64, len: u64, seed: &Tracker) {
+    /// tracker of the smallest sweep is reused when all are taken (its slot is returned).
+    /// `len` is the slow window.
+    pub fn attach(&mut self, slot: u32, t: u64, len: u64, seed: &Tracker) -> Option<u32> {
+        let mut evicted = None;
         if self.trackers.capacity() == 0 {
             self.trackers.reserve_exact(TRACKERS);
             self.index.reserve(TRACKERS);
@@ -212,6 +214,7 @@ impl Pool {
             }
             let old = self.trackers[best].slot;
             self.index.remove(&old);
+            evicted = Some(old);
             best
         };
         let mut tr = *seed;
@@ -222,6 +225,7 @@ impl Pool {
         tr.span.note(t, len);
         self.trackers[i] = tr;
         self.index.insert(slot, i as u32);
+        evicted
     }
 }
 
@@ -261,7 +265,8 @@ mod tests {
         for s in 1..TRACKERS as u32 {
             p.attach(s, t0, H, &Tracker::default());
         }
-        p.attach(5_000, t0, H, &Tracker::default());
+        let evicted = p.attach(5_000, t0, H, &Tracker::default());
+        assert!(evicted.is_some_and(|s| s != 0));
         assert!(p.get(0).is_some(), "the big sweep stays");
         assert!(p.get(5_000).is_some());
         assert_eq!(p.index.len(), TRACKERS);

@@ -1724,3 +1724,42 @@ fn slow_scan_keys_switch_it_off() {
     assert!(!n.is_empty(), "{d:#?}");
     assert!(n[0].time <= Time(T0 + 130_000 * MS), "{:?}", n[0].time);
 }
+
+#[test]
+fn completions_seen_only_in_a_dump_spare_a_busy_client() {
+    // The ASSURED events of a crawler's connections went with an overflow; the dump that
+    // follows shows them established. Without the dump's word it would be an answered sweep.
+    let mut obs = vec![Observation::Lost {
+        time: Time(T0 + MS),
+    }];
+    for i in 0..600u64 {
+        let ms = 10 + i * 50;
+        let dst = internet(i as u32);
+        let sport = 30_000 + i as u16;
+        obs.push(syn(ms, BOT, dst, sport, 443));
+        obs.push(synack(ms + 1, BOT, dst, sport, 443));
+        obs.push(flow(
+            ms + 2,
+            FlowEventKind::Existing,
+            BOT,
+            dst,
+            proto::TCP,
+            sport,
+            443,
+            ct_status::SEEN_REPLY | ct_status::ASSURED,
+            Some(TcpState::Established),
+        ));
+    }
+    let d = run(&sorted(obs.clone()));
+    assert!(d.is_empty(), "{d:#?}");
+    // The same stream without the dump is one.
+    obs.retain(|o| !matches!(o, Observation::Flow(f) if f.kind == FlowEventKind::Existing));
+    let d = run(&sorted(obs));
+    assert_eq!(
+        of(&d, Category::NetworkScan)
+            .first()
+            .and_then(|d| pattern(d)),
+        Some("answered_sweep"),
+        "{d:#?}"
+    );
+}
