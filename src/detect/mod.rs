@@ -55,13 +55,17 @@
 //! | --- | --- |
 //! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered |
 //! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
-//! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
-//! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
+//! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio`; or (`udp_scan`) distinct UDP ports of one destination ≥ `udp_distinct_ports`, counted exactly by its [`exact`] tracker outside the traceroute ranges, its flows ≥ 90 % UDP and unanswered as above |
+//! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio`; or (`answered_sweep`) distinct destinations ≥ `answered_distinct_destinations` on few ports, share not carried through ≥ `min_incomplete_ratio`; or (`slow_scan`) the same over `slow.window` ≥ `slow.distinct_destinations`, from a [`slow`] tracker |
 //! | spam | distinct destinations of new TCP flows to `ports` ≥ `distinct_destinations` |
 //!
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
-//! for other protocols. A flow from a dump of the table ([`FlowEventKind::Existing`], at start
+//! for other protocols. An ICMP error (a closed UDP port's port-unreachable) is no answer:
+//! the kernel ties it to the flow as RELATED and leaves the flow unreplied, with no event.
+//! A flow is *carried through* (completed) when its TCP handshake completes (the update to
+//! `ESTABLISHED` with `ASSURED`), or when a non-TCP flow is answered; a stateless scanner
+//! resets every SYN-ACK, so none of its flows is. A flow from a dump of the table ([`FlowEventKind::Existing`], at start
 //! or after [`Observation::Lost`]) counts as new only when the engine may not have seen it:
 //! at start when unanswered; after a loss when its kernel start stamp falls in the blind
 //! period (from 2 s before the first loss since the previous dump began, see

@@ -237,6 +237,18 @@ mod tests {
     const H: u64 = 3_600_000_000_000;
 
     #[test]
+    fn the_pool_is_bounded() {
+        // 1024 trackers of 120 bytes and their index: about 140 KiB at most.
+        assert!(std::mem::size_of::<Tracker>() <= 120);
+        let mut p = Pool::default();
+        for s in 0..3 * TRACKERS as u32 {
+            p.attach(s, 1_000 * H, H, &Tracker::default());
+        }
+        assert_eq!(p.trackers.len(), TRACKERS);
+        assert!(p.memory_bytes() <= 160 * 1024, "{}", p.memory_bytes());
+    }
+
+    #[test]
     fn counts_destinations_over_the_long_window() {
         let mut p = Pool::default();
         let t0 = 1_000 * H;
