@@ -908,6 +908,11 @@ impl Engine {
         if prep.slow_window == 0 || prep.enabled & (1 << 3) == 0 {
             return;
         }
+        let n = &st.netscan;
+        if u64::from(n.cur.flows) + u64::from(n.prev_flows) < slow::ATTACH_AT as u64 {
+            // Too few flows for the gate (the window's count is at most their sum).
+            return;
+        }
         let v = st.netscan_view(now, prep.windows[3]);
         let dsts = v.dsts.round();
         let ratio = if v.flows > 0.0 {
@@ -934,11 +939,15 @@ impl Engine {
             seed.completed[0] = u32::from(n.completed[0]);
         }
         let len = prep.slow_window;
-        if let Some(old) = self.slow.attach(slot, now, len, &seed)
-            && let Some(x) = self.table.slots.get_mut(old as usize)
-        {
-            // Its tracker went to this source; it may attach again once its sweep grows.
-            x.flags &= !SLOW;
+        match self.slow.attach(slot, now, len, &seed) {
+            slow::Attached::Full => return,
+            slow::Attached::Replaced(old) => {
+                if let Some(x) = self.table.slots.get_mut(old as usize) {
+                    // Its tracker went to a bigger sweep; it may attach again if it grows.
+                    x.flags &= !SLOW;
+                }
+            }
+            slow::Attached::Yes => {}
         }
         self.table.slots[slot as usize].flags |= SLOW;
     }
@@ -955,9 +964,8 @@ impl Engine {
     ) -> Option<Finding> {
         match c {
             Category::PortScan => self.check_udp_scan(slot, st, prep, now),
-            Category::NetworkScan => {
-                let tr = self.slow.get(slot).filter(|_| st.flags & SLOW != 0)?;
-                check_slow(tr, prep, now)
+            Category::NetworkScan if st.flags & SLOW != 0 => {
+                check_slow(self.slow.get(slot)?, prep, now)
             }
             _ => None,
         }

@@ -17,8 +17,10 @@
 //! new flows and the flows carried through. It is seeded with the network-scan window's
 //! current epoch (the same hashes), so what led to the attachment counts. At most
 //! [`TRACKERS`] exist (about 120 KiB, allocated when first needed); when all are taken, the
-//! one with the fewest destinations is reused, so a crowd of small fan-outs cannot push a
-//! real sweep out. A spoofed flood (one flow per forged source) never attaches one.
+//! smallest of the next [`REUSE_SAMPLE`] (a clock over the pool) is reused if it counts
+//! fewer destinations than the newcomer, else nothing is attached: bounded work per
+//! attachment, and a crowd of small fan-outs cannot push a real sweep (hundreds of
+//! destinations) out. A spoofed flood (one flow per forged source) never attaches one.
 
 use std::collections::HashMap;
 
@@ -152,6 +154,29 @@ pub struct Pool {
     trackers: Vec<Tracker>,
     /// Slot → index into `trackers`.
     index: HashMap<u32, u32>,
+    /// Where the next search for a tracker to reuse starts (a clock over `trackers`).
+    cursor: usize,
+}
+
+/// Trackers looked at for reuse per attachment when the pool is full: the smallest of them
+/// goes, if it is smaller than the newcomer. Bounded work per attachment (no scan of the
+/// whole pool); a real sweep, hundreds of destinations, is never the smallest of a sample.
+const REUSE_SAMPLE: usize = 8;
+
+/// What [`Pool::attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A free tracker was taken.
+    Yes,
+    /// The tracker of this slot's source was reused (a smaller sweep).
+    Replaced(u32),
+    /// Every tracker looked at counts more: nothing attached.
+    Full,
+}
+
+/// Distinct destinations of a tracker, as set bits (cheap: no estimate).
+fn ones(t: &Tracker) -> u32 {
+    256 - t.dsts[0].union(&t.dsts[1]).zeros()
 }
 
 impl Pool {
@@ -188,11 +213,11 @@ impl Pool {
         }
     }
 
-    /// Attaches a tracker to `slot` at `t`, seeded with the counts that led to it; the
-    /// tracker of the smallest sweep is reused when all are taken (its slot is returned).
-    /// `len` is the slow window.
-    pub fn attach(&mut self, slot: u32, t: u64, len: u64, seed: &Tracker) -> Option<u32> {
-        let mut evicted = None;
+    /// Attaches a tracker to `slot` at `t`, seeded with the counts that led to it. When all
+    /// are taken, the smallest of the next [`REUSE_SAMPLE`] is reused if it counts fewer
+    /// destinations than the seed. `len` is the slow window.
+    pub fn attach(&mut self, slot: u32, t: u64, len: u64, seed: &Tracker) -> Attached {
+        let mut evicted = Attached::Yes;
         if self.trackers.capacity() == 0 {
             self.trackers.reserve_exact(TRACKERS);
             self.index.reserve(TRACKERS);
@@ -203,18 +228,30 @@ impl Pool {
             self.trackers.push(Tracker::default());
             self.trackers.len() - 1
         } else {
-            let mut best = 0;
-            let mut min = f64::INFINITY;
-            for (i, x) in self.trackers.iter().enumerate() {
-                let n = x.view(t, len).dsts;
-                if n < min {
-                    min = n;
+            let n = self.trackers.len();
+            let mut best = self.cursor % n;
+            let mut min = u32::MAX;
+            for k in 0..REUSE_SAMPLE.min(n) {
+                let i = (self.cursor + k) % n;
+                // A tracker whose counts have left the window counts nothing.
+                let x = &self.trackers[i];
+                let c = if x.view(t, len).flows > 0.0 {
+                    ones(x)
+                } else {
+                    0
+                };
+                if c < min {
+                    min = c;
                     best = i;
                 }
             }
+            self.cursor = (self.cursor + REUSE_SAMPLE) % n;
+            if min >= ones(seed) {
+                return Attached::Full;
+            }
             let old = self.trackers[best].slot;
             self.index.remove(&old);
-            evicted = Some(old);
+            evicted = Attached::Replaced(old);
             best
         };
         let mut tr = *seed;
@@ -242,7 +279,7 @@ mod tests {
         assert!(std::mem::size_of::<Tracker>() <= 120);
         let mut p = Pool::default();
         for s in 0..3 * TRACKERS as u32 {
-            p.attach(s, 1_000 * H, H, &Tracker::default());
+            p.attach(s, 1_000 * H, H, &sweep(8 + s));
         }
         assert_eq!(p.trackers.len(), TRACKERS);
         assert!(p.memory_bytes() <= 160 * 1024, "{}", p.memory_bytes());
@@ -265,22 +302,32 @@ mod tests {
         assert_eq!(tr.view(t0 + 3 * H, H), View::default());
     }
 
+    fn sweep(n: u32) -> Tracker {
+        let mut t = Tracker::default();
+        for i in 0..n {
+            t.dsts[0].insert(hash128(u128::from(i)));
+        }
+        t.flows[0] = n;
+        t
+    }
+
     #[test]
-    fn a_full_pool_reuses_the_smallest_sweep() {
+    fn a_full_pool_reuses_a_smaller_sweep_never_a_bigger_one() {
         let mut p = Pool::default();
         let t0 = 1_000 * H;
-        let mut big = Tracker::default();
-        for i in 0..100u32 {
-            big.dsts[0].insert(hash128(u128::from(i)));
-        }
-        p.attach(0, t0, H, &big);
+        assert_eq!(p.attach(0, t0, H, &sweep(100)), Attached::Yes);
         for s in 1..TRACKERS as u32 {
-            p.attach(s, t0, H, &Tracker::default());
+            p.attach(s, t0, H, &sweep(8));
         }
-        let evicted = p.attach(5_000, t0, H, &Tracker::default());
-        assert!(evicted.is_some_and(|s| s != 0));
+        // No bigger than what is there: nothing attached.
+        assert_eq!(p.attach(5_000, t0, H, &sweep(8)), Attached::Full);
+        assert!(p.get(5_000).is_none());
+        // Bigger: one of the small ones goes, never the big sweep.
+        for s in 0..2 * TRACKERS as u32 {
+            let r = p.attach(10_000 + s, t0, H, &sweep(20));
+            assert_ne!(r, Attached::Replaced(0));
+        }
         assert!(p.get(0).is_some(), "the big sweep stays");
-        assert!(p.get(5_000).is_some());
         assert_eq!(p.index.len(), TRACKERS);
     }
 }
