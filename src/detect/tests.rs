@@ -1763,3 +1763,16 @@ fn completions_seen_only_in_a_dump_spare_a_busy_client() {
         "{d:#?}"
     );
 }
+
+#[test]
+fn the_report_names_the_pattern() {
+    let d = run(&stateless_sweep(1_000, 100, 80, 1));
+    let text = of(&d, Category::NetworkScan)[0].to_string();
+    assert!(
+        text.contains("Pattern: a sweep whose targets answered")
+            && text.contains("(answered_sweep)"),
+        "{text}"
+    );
+    let plain = of(&run(&telnet_sweep(1_000, 100)), Category::NetworkScan)[0].to_string();
+    assert!(!plain.contains("Pattern:"), "{plain}");
+}
