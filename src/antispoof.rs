@@ -558,6 +558,7 @@ pub fn detections(
                 evidence: Evidence {
                     window_start: start,
                     window_end: now,
+                    pattern: None,
                     crossed: vec![crate::messages::Crossed {
                         signal: "spoofed_packets".into(),
                         value: packets as f64,
@@ -575,7 +576,6 @@ pub fn detections(
                         mac: format_mac(mac),
                         spoofed_sources: sources.to_vec(),
                     }),
-                    pattern: None,
                 },
             })
         })

@@ -173,7 +173,8 @@ pub struct CounterSample {
     pub bytes: u64,
     /// Length of the interval in nanoseconds.
     pub interval_ns: u64,
-    /// Of `packets`, UDP packets of flows that saw no reply (`ct state new`).
+    /// Of `packets`, UDP packets of flows that saw no reply (`ct state new`), each flow's
+    /// first packet left out (`ct status confirmed`).
     #[serde(default)]
     pub udp_packets: u64,
     /// Of `packets`, ICMP and ICMPv6 echo requests.
@@ -369,7 +370,8 @@ pub struct Evidence {
     /// Which pattern of the category crossed, when it has several (absent: the category's
     /// plain rule): `icmp_flood` (echo requests crossed `flood.icmp_pps`), `udp_flood`
     /// (unanswered UDP crossed `flood.udp_pps`), `spread` (a brute force of a few attempts at
-    /// each of many targets).
+    /// each of many targets), `answered_sweep` and `slow_scan` (network scan), `udp_scan`
+    /// (port scan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
 }

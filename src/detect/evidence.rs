@@ -35,6 +35,8 @@ fn signal_text(s: &str) -> &str {
         "distinct_ports" => "distinct ports contacted on one server",
         "distinct_destinations" => "distinct destination addresses",
         "unanswered_ratio" => "share of connections not answered",
+        "incomplete_ratio" => "share of connections never completed (no handshake, no answer)",
+        "distinct_udp_ports" => "distinct UDP ports contacted on one server",
         "spoofed_packets" => "packets with a forged source address",
         "distinct_targets" => "distinct servers with login sessions",
         other => other,
@@ -80,6 +82,19 @@ fn num(v: f64) -> String {
     }
 }
 
+/// A pattern's name in a sentence.
+fn pattern_text(p: &str) -> &'static str {
+    match p {
+        "answered_sweep" => "a sweep whose targets answered, its handshakes never completed",
+        "slow_scan" => "a slow sweep over a long window",
+        "udp_scan" => "a scan of UDP ports, answered by ICMP port-unreachable or not at all",
+        "udp_flood" => "a UDP flood, its packets never answered",
+        "icmp_flood" => "a ping flood",
+        "spread" => "a few login attempts at each of many servers",
+        _ => "a pattern",
+    }
+}
+
 struct Ms(Time);
 
 impl fmt::Display for Ms {
@@ -109,11 +124,8 @@ impl fmt::Display for Evidence {
             Ms(self.first_seen),
             Ms(self.last_seen)
         )?;
-        match self.pattern.as_deref() {
-            Some("udp_flood") => writeln!(f, "  Pattern: UDP flood (udp_flood)")?,
-            Some("icmp_flood") => writeln!(f, "  Pattern: ping flood (icmp_flood)")?,
-            Some(other) => writeln!(f, "  Pattern: {other}")?,
-            None => {}
+        if let Some(p) = &self.pattern {
+            writeln!(f, "  Pattern: {} ({p})", pattern_text(p))?;
         }
         writeln!(f, "  Limits exceeded:")?;
         for c in &self.crossed {

@@ -27,6 +27,10 @@ pub struct Tracker {
     pub epoch: u32,
     /// Whether every port seen before attaching was in the seed.
     pub complete: bool,
+    /// New flows counted since attaching, current and previous epoch.
+    pub flows: [u32; 2],
+    /// Of those, UDP.
+    pub udp: [u32; 2],
     cur: Box<[u64; 1024]>,
     prev: Box<[u64; 1024]>,
 }
@@ -39,8 +43,12 @@ impl Tracker {
         }
         if d == 1 {
             std::mem::swap(&mut self.cur, &mut self.prev);
+            self.flows = [0, self.flows[0]];
+            self.udp = [0, self.udp[0]];
         } else {
             self.prev.fill(0);
+            self.flows = [0; 2];
+            self.udp = [0; 2];
         }
         self.cur.fill(0);
         self.epoch = epoch;
@@ -51,6 +59,62 @@ impl Tracker {
     pub fn insert(&mut self, epoch: u32, port: u16) {
         self.roll(epoch);
         self.cur[usize::from(port) / 64] |= 1 << (port % 64);
+    }
+
+    /// Counts a new flow in `epoch` (the share of UDP flows tells a UDP scan).
+    #[inline]
+    pub fn note_flow(&mut self, epoch: u32, udp: bool) {
+        self.roll(epoch);
+        self.flows[0] = self.flows[0].saturating_add(1);
+        if udp {
+            self.udp[0] = self.udp[0].saturating_add(1);
+        }
+    }
+
+    /// Distinct ports outside `skip` (inclusive ranges) in the window, as of `epoch`: the
+    /// current epoch's, plus those only in the previous one weighted by `prev_weight`; and
+    /// the (flows, UDP flows) counted in the window the same way.
+    pub fn window_ports(
+        &self,
+        epoch: u32,
+        prev_weight: f64,
+        skip: &[(u16, u16)],
+    ) -> (f64, f64, f64) {
+        let d = epoch.wrapping_sub(self.epoch);
+        let count = |b: &[u64; 1024], other: Option<&[u64; 1024]>| -> u64 {
+            let mut n: u64 = b
+                .iter()
+                .enumerate()
+                .map(|(i, w)| u64::from((w & !other.map_or(0, |o| o[i])).count_ones()))
+                .sum();
+            for &(lo, hi) in skip {
+                for port in lo..=hi {
+                    let (i, bit) = (usize::from(port) / 64, port % 64);
+                    let set =
+                        b[i] & (1 << bit) != 0 && other.is_none_or(|o| o[i] & (1 << bit) == 0);
+                    n -= u64::from(set);
+                }
+            }
+            n
+        };
+        let w = |c: u32, p: u32| f64::from(c) + f64::from(p) * prev_weight;
+        match d {
+            0 => {
+                let cur = count(&self.cur, None) as f64;
+                let only_prev = count(&self.prev, Some(&self.cur)) as f64;
+                (
+                    cur + only_prev * prev_weight,
+                    w(self.flows[0], self.flows[1]),
+                    w(self.udp[0], self.udp[1]),
+                )
+            }
+            1 => (
+                count(&self.cur, None) as f64 * prev_weight,
+                w(0, self.flows[0]),
+                w(0, self.udp[0]),
+            ),
+            _ => (0.0, 0.0, 0.0),
+        }
     }
 
     /// Distinct ports in the current and previous epoch, as of `epoch`.
@@ -120,6 +184,8 @@ impl Pool {
                 dst,
                 epoch,
                 complete,
+                flows: [0; 2],
+                udp: [0; 2],
                 cur: Box::new([0; 1024]),
                 prev: Box::new([0; 1024]),
             });
@@ -142,6 +208,8 @@ impl Pool {
         t.dst = dst;
         t.epoch = epoch;
         t.complete = complete;
+        t.flows = [0; 2];
+        t.udp = [0; 2];
         t.cur.fill(0);
         t.prev.fill(0);
         for &p in seed {

@@ -53,16 +53,20 @@
 //!
 //! | category | fires when (in the category's window) |
 //! | --- | --- |
-//! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered; or unanswered-UDP packets/s less new flows/s ≥ `udp_pps`, or echo requests/s ≥ `icmp_pps` (from the class counters, kept in [`rates`]; evidence `pattern` `udp_flood` / `icmp_flood`) |
+//! | flood | new flows/s ≥ `new_flows_per_sec` or unanswered SYNs/s ≥ `unreplied_syn_per_sec`, to at most `max_targets` destinations; or unanswered UDP flows/s to `amplification_ports` ≥ `amplification_flows_per_sec`; or counter pps ≥ `pps` or bps ≥ `bps` while at least half of the source's new flows went unanswered; or UDP packets/s of unanswered flows after each flow's first ≥ `udp_pps`, or echo requests/s ≥ `icmp_pps` (from the class counters, kept in [`rates`]; evidence `pattern` `udp_flood` / `icmp_flood`) |
 //! | brute force | new flows to `ports` of one destination ≥ `attempts`, dominating its traffic (at least half its flows, more attempts than distinct ports, fewer distinct ports than the port-scan threshold; a source crossing port scan in the same evaluation is a port scan) (flows that ended after more than `max_flow_duration` are taken back when the kernel gives flow start times; the per-destination table runs on the port-scan window, and attempts are scaled to the brute-force window when the two differ) |
 //! | brute force, `spread` | TCP sessions to `ports` that completed the handshake (`ASSURED`, `ESTABLISHED`) less those that outlasted `max_flow_duration`, all targets together, ≥ `spread.attempts` at ≥ `spread.distinct_targets` targets and ≥ 2 per target (targets from a 32-bit bitmap; past it the source's distinct destinations bound them); a source crossing network scan in the same evaluation is a network scan; evidence `pattern: spread` |
-//! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio` |
-//! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio` |
+//! | port scan | distinct destination ports of one destination ≥ `distinct_ports`, and the share of its flows it did not accept (no SYN-ACK: unanswered or reset) ≥ `min_unanswered_ratio`; or (`udp_scan`) distinct UDP ports of one destination ≥ `udp_distinct_ports`, counted exactly by its [`exact`] tracker outside the traceroute ranges, its flows ≥ 90 % UDP and unanswered as above |
+//! | network scan | distinct destinations ≥ `distinct_destinations` on few ports (distinct ports ≤ ¼ of the destinations), unanswered share ≥ `min_unanswered_ratio`; or (`answered_sweep`) distinct destinations ≥ `answered_distinct_destinations` on few ports, share not carried through ≥ `min_incomplete_ratio`; or (`slow_scan`) the same over `slow.window` ≥ `slow.distinct_destinations`, from a [`slow`] tracker |
 //! | spam | distinct destinations of new TCP flows to `ports` (default 25, 465, 587 together) ≥ `distinct_destinations`; the evidence's top ports are the SMTP ports |
 //!
 //! A flow is *answered* when conntrack reports the first reply: an update with `SEEN_REPLY`,
 //! not yet `ASSURED`, in TCP state `SYN_RECV` (SYN-ACK) or `CLOSE` (reset); any such update
-//! for other protocols. A flow from a dump of the table ([`FlowEventKind::Existing`], at start
+//! for other protocols. An ICMP error (a closed UDP port's port-unreachable) is no answer:
+//! the kernel ties it to the flow as RELATED and leaves the flow unreplied, with no event.
+//! A flow is *carried through* (completed) when its TCP handshake completes (the update to
+//! `ESTABLISHED` with `ASSURED`), or when a non-TCP flow is answered; a stateless scanner
+//! resets every SYN-ACK, so none of its flows is. A flow from a dump of the table ([`FlowEventKind::Existing`], at start
 //! or after [`Observation::Lost`]) counts as new only when the engine may not have seen it:
 //! at start when unanswered; after a loss when its kernel start stamp falls in the blind
 //! period (from 2 s before the first loss since the previous dump began, see
@@ -83,6 +87,7 @@ pub mod index;
 pub mod rates;
 pub mod ring;
 pub mod sketch;
+pub mod slow;
 pub mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -102,7 +107,7 @@ use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SourceState, SrcKey, TOUCHED, Windows,
+    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SLOW, SourceState, SrcKey, TOUCHED, Windows,
     addr_bits, bits_addr, target_view,
 };
 
@@ -129,6 +134,8 @@ struct Prepared {
     counting: u8,
     /// Per destination port: [`PORT_AUTH`] | [`PORT_AMP`] | [`PORT_SMTP`].
     port_flags: Box<[u8]>,
+    /// The slow-scan window in ns; 0 when slow scans are off (or network scans are).
+    slow_window: u64,
 }
 
 impl Prepared {
@@ -164,6 +171,11 @@ impl Prepared {
             ],
             enabled,
             port_flags,
+            slow_window: if p.network_scan.enabled && p.network_scan.slow.enabled {
+                ns(p.network_scan.slow.window)
+            } else {
+                0
+            },
         }
     }
 }
@@ -256,6 +268,8 @@ pub struct Engine {
     exact: exact::Pool,
     /// Unanswered-UDP and echo-request rates of the few sources sending them fast.
     rates: rates::Pool,
+    /// Long-window counts of the sources that sweep (slow scans).
+    slow: slow::Pool,
 }
 
 /// The [`HELD_ALL`] flag of a hold of `kind`.
@@ -321,6 +335,7 @@ impl Engine {
             stale_events: 0,
             exact: exact::Pool::default(),
             rates: rates::Pool::default(),
+            slow: slow::Pool::default(),
             policy,
         };
         e.prepare();
@@ -435,6 +450,10 @@ impl Engine {
         if self.table.slots[s as usize].flags & EXACT != 0 {
             self.exact.drop_slot(s);
         }
+        if !self.slow.is_empty() {
+            self.slow.drop_slot(s);
+            self.table.slots[s as usize].flags &= !SLOW;
+        }
         let held = self.hold_covering(&self.table.slots[s as usize].key);
         let st = &mut self.table.slots[s as usize];
         st.profile = profile;
@@ -509,9 +528,10 @@ impl Engine {
                 .map_or(0, |(_, kind)| HELD | held_all(kind));
             self.exact.drop_slot(s);
             self.rates.drop_slot(s);
+            self.slow.drop_slot(s);
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
-            st.flags = (st.flags & !(HELD | HELD_ALL | EXACT)) | covered | FRESH;
+            st.flags = (st.flags & !(HELD | HELD_ALL | EXACT | SLOW)) | covered | FRESH;
             self.fresh.insert(s, at.max(1));
         }
     }
@@ -527,6 +547,7 @@ impl Engine {
             && let Some(tr) = self.exact.get_mut(slot, dst)
         {
             tr.insert(epoch, f.dport);
+            tr.note_flow(epoch, f.udp);
             return;
         }
         let Some(e) = st
@@ -548,6 +569,9 @@ impl Engine {
             .ports_to(st.key.hash() | 1, source::split(f.dst), since, &mut seed);
         let complete = seed.len() as u32 >= ones;
         self.exact.attach(slot, dst, epoch, &seed, complete);
+        if let Some(tr) = self.exact.get_mut(slot, dst) {
+            tr.note_flow(epoch, f.udp);
+        }
         self.table.slots[slot as usize].flags |= EXACT;
     }
 
@@ -665,6 +689,7 @@ impl Engine {
         };
         let mut f = FlowFacts {
             tcp,
+            udp,
             amp: udp && pf & PORT_AMP != 0,
             auth: pf & PORT_AUTH != 0,
             smtp: tcp && pf & PORT_SMTP != 0,
@@ -701,6 +726,11 @@ impl Engine {
                     f.accepted = reset;
                 } else {
                     self.dumped += 1;
+                    // A carried-through flow from a dump counts as completed (never as new):
+                    // its ASSURED event may have gone with a loss, and a busy client whose
+                    // completions were lost must not look like an answered sweep. Counted
+                    // twice when the event was seen live, which only errs toward no sweep.
+                    f.completed = seen_reply && (!tcp || assured);
                 }
             }
             FlowEventKind::Update => {
@@ -715,11 +745,21 @@ impl Engine {
                         (false, _) => {
                             f.answer = true;
                             f.accepted = true;
+                            // A reply is all a non-TCP flow has of a handshake.
+                            f.completed = true;
                         }
                     }
                 }
+                // The handshake completed: the source carried the flow through (a stateless
+                // scanner resets the SYN-ACK instead). The kernel reports ASSURED once, with
+                // the move to ESTABLISHED.
+                f.completed |=
+                    tcp && seen_reply && assured && e.tcp_state == Some(TcpState::Established);
                 if tcp && f.auth {
-                    f.session = assured && e.tcp_state == Some(TcpState::Established);
+                    // A session is the live handshake only: a dump's carried-through flow
+                    // counts as completed but may have been seen live, and a second count
+                    // would make one long ssh session look like many.
+                    f.session = f.completed;
                     let closing = matches!(e.tcp_state, Some(TcpState::TimeWait))
                         || (assured && matches!(e.tcp_state, Some(TcpState::Close)));
                     if let (true, Some(start)) = (closing, e.start) {
@@ -730,7 +770,7 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        if !(f.new || f.answer || f.accepted || f.long_auth || f.session) {
+        if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source
             // that matters: in a spoofed storm every source's DESTROY comes back a second
@@ -778,6 +818,15 @@ impl Engine {
         st.on_flow(t, &f, &windows, enabled);
         if st.targets.epoch != epoch {
             st.samples = 0;
+        }
+        if st.flags & SLOW != 0
+            && let Some(tr) = self.slow.get_mut(slot)
+        {
+            let len = self.profiles[usize::from(profile)].slow_window.max(1);
+            let new = f
+                .new
+                .then(|| (sketch::hash128(f.dst), sketch::hash16(f.dport)));
+            tr.on_flow(t, len, new, f.completed);
         }
         if f.new {
             self.exact_ports(slot, &f, windows[2]);
@@ -836,13 +885,9 @@ impl Engine {
             return found;
         };
         let f = &prep.profile.flood;
-        // Each flow's first packet is unanswered until its reply: a resolver's queries are
-        // not a flood. What is left is packets of flows that go on without an answer. (The
-        // new flows of the window over the seconds the rates cover: at the start of the
-        // tracker, that takes back more than the first packets, never less.)
-        let secs = r.secs.clamp(1.0, prep.windows[0] as f64 / 1e9);
-        let new_rate = st.flood_view(now, prep.windows[0]).new / secs;
-        let udp = (r.udp_pps - new_rate).max(0.0);
+        // The kernel counts UDP packets of unanswered flows after each flow's first one
+        // (the layout's `ct status confirmed`): a resolver's queries are not in it.
+        let udp = r.udp_pps;
         let c_udp = udp >= f.udp_pps as f64;
         let c_icmp = r.echo_pps >= f.icmp_pps as f64;
         if !(c_udp || c_icmp) {
@@ -866,7 +911,6 @@ impl Engine {
                 .crossed
                 .push(crossed("icmp_pps", r.echo_pps, f.icmp_pps as f64));
         }
-        finding.counts.push(("udp_unanswered_pps", r.udp_pps));
         finding.counts.push(("udp_pps", udp));
         finding.counts.push(("icmp_pps", r.echo_pps));
         Some(finding)
@@ -903,7 +947,10 @@ impl Engine {
             if prep.enabled & (1 << i) == 0 {
                 continue;
             }
-            let Some(finding) = self.check_source(c, slot, &st, prep, now) else {
+            let Some(finding) = self
+                .check_source(c, slot, &st, prep, now)
+                .or_else(|| self.check_tracked(c, slot, &st, prep, now))
+            else {
                 continue;
             };
             // A source that crosses both in one evaluation is scanning: its authentication
@@ -925,15 +972,156 @@ impl Engine {
                 self.held_down += 1;
                 continue;
             }
-            let window = prep.windows[i];
+            // A slow scan's evidence covers its long window (from shortly before the tracker
+            // was attached), and it is held down as long: the next hour's sweep is news.
+            let (window, fresh) = match (finding.pattern, self.slow.get(slot)) {
+                (Some(PATTERN_SLOW), Some(tr)) => {
+                    (prep.slow_window, tr.since.saturating_sub(prep.windows[3]))
+                }
+                _ => (prep.windows[i], 0),
+            };
             self.table.slots[slot as usize].hold(i, now, window);
             self.detections[i] += 1;
-            let fresh = self.fresh_at(slot).unwrap_or(0);
+            let fresh = self.fresh_at(slot).unwrap_or(0).max(fresh);
             let mut det =
                 self.detection(&st, prep, c, finding, now, window.min(now - fresh.min(now)));
             self.exact_evidence(slot, &st, prep, &mut det, now);
             out.push(det);
         }
+        self.slow_gate(slot, now);
+    }
+
+    /// Attaches a slow-scan tracker to a source whose network-scan window shows the start
+    /// of a sweep (see [`slow`]).
+    fn slow_gate(&mut self, slot: u32, now: u64) {
+        let st = &self.table.slots[slot as usize];
+        if st.flags & SLOW != 0 {
+            return;
+        }
+        let Some(prep) = self.profiles.get(usize::from(st.profile)) else {
+            return;
+        };
+        if prep.slow_window == 0 || prep.enabled & (1 << 3) == 0 {
+            return;
+        }
+        let n = &st.netscan;
+        if u64::from(n.cur.flows) + u64::from(n.prev_flows) < slow::ATTACH_AT as u64 {
+            // Too few flows for the gate (the window's count is at most their sum).
+            return;
+        }
+        let v = st.netscan_view(now, prep.windows[3]);
+        let dsts = v.dsts.round();
+        let ratio = if v.flows > 0.0 {
+            v.incomplete / v.flows
+        } else {
+            0.0
+        };
+        if dsts < slow::ATTACH_AT
+            || v.ports_saturated
+            || v.ports.round() * 4.0 > dsts
+            || v.completed_saturated
+            || ratio < prep.profile.network_scan.min_incomplete_ratio
+        {
+            return;
+        }
+        // Seed with the network-scan window's current epoch (the same hashes).
+        let n = &st.netscan;
+        let cur = sketch::epoch_of(now, prep.windows[3]) == n.epoch;
+        let mut seed = slow::Tracker::default();
+        if cur {
+            seed.dsts[0] = n.cur.dsts;
+            seed.ports[0] = n.cur.ports;
+            seed.flows[0] = n.cur.flows;
+            seed.completed[0] = u32::from(n.completed[0]);
+        }
+        let len = prep.slow_window;
+        match self.slow.attach(slot, now, len, &seed) {
+            slow::Attached::Full => return,
+            slow::Attached::Replaced(old) => {
+                if let Some(x) = self.table.slots.get_mut(old as usize) {
+                    // Its tracker went to a bigger sweep; it may attach again if it grows.
+                    x.flags &= !SLOW;
+                }
+            }
+            slow::Attached::Yes => {}
+        }
+        self.table.slots[slot as usize].flags |= SLOW;
+    }
+
+    /// The patterns that need the engine's trackers: a UDP port scan (exact port sets) and
+    /// a slow network scan (long-window trackers).
+    fn check_tracked(
+        &self,
+        c: Category,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+    ) -> Option<Finding> {
+        match c {
+            Category::PortScan => self.check_udp_scan(slot, st, prep, now),
+            Category::NetworkScan if st.flags & SLOW != 0 => {
+                check_slow(self.slow.get(slot)?, prep, now)
+            }
+            _ => None,
+        }
+    }
+
+    /// A UDP port scan: distinct UDP ports of one destination (outside the traceroute
+    /// ranges) from its exact tracker, the destination's flows mostly UDP and unanswered.
+    fn check_udp_scan(
+        &self,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+    ) -> Option<Finding> {
+        let ps = &prep.profile.port_scan;
+        if ps.udp_distinct_ports == 0 || st.flags & EXACT == 0 {
+            return None;
+        }
+        let tw = prep.windows[2];
+        let epoch = sketch::epoch_of(now, tw);
+        let pw = sketch::epoch_view(st.targets.epoch, &st.tspan, now, tw).prev_weight;
+        let mut best: Option<(Finding, f64)> = None;
+        for e in st.targets.entries.iter().filter(|e| e.occupied()) {
+            let Some(tr) = self.exact.get(slot, e.addr) else {
+                continue;
+            };
+            let (ports, flows, udp) = tr.window_ports(epoch, pw, TRACEROUTE_PORTS);
+            let ports = ports.round();
+            if ports < f64::from(ps.udp_distinct_ports) || udp < flows * 0.9 {
+                continue;
+            }
+            let (_, t_flows, accepted, _, _) = target_view(e, st.targets.epoch, &st.tspan, now, tw);
+            let t_flows = t_flows.max(ports);
+            let ratio = (1.0 - accepted / t_flows).max(0.0);
+            if ratio < ps.min_unanswered_ratio || best.as_ref().is_some_and(|b| b.1 >= ports) {
+                continue;
+            }
+            best = Some((
+                Finding {
+                    crossed: vec![
+                        crossed(
+                            "distinct_udp_ports",
+                            ports,
+                            f64::from(ps.udp_distinct_ports),
+                        ),
+                        crossed("unanswered_ratio", ratio, ps.min_unanswered_ratio),
+                    ],
+                    counts: vec![
+                        ("distinct_udp_ports", ports),
+                        ("flows_to_target", t_flows),
+                        ("accepted_by_target", accepted),
+                        ("unanswered_ratio", ratio),
+                    ],
+                    focus: Some(e.addr),
+                    pattern: Some(PATTERN_UDP),
+                },
+                ports,
+            ));
+        }
+        best.map(|b| b.0)
     }
 
     /// Replaces the estimated distinct ports of the detection's focus destination with the
@@ -1050,6 +1238,7 @@ impl Engine {
             evidence: Evidence {
                 window_start,
                 window_end: Time(now),
+                pattern: f.pattern.map(str::to_owned),
                 crossed: f.crossed,
                 counts: f
                     .counts
@@ -1062,7 +1251,6 @@ impl Engine {
                 last_seen: Time(st.last_seen),
                 sample,
                 spoofing: None,
-                pattern: f.pattern.map(str::to_owned),
             },
         }
     }
@@ -1076,6 +1264,7 @@ impl Engine {
             .iter()
             .map(|p| (p.name.clone(), p.windows))
             .collect();
+        let old_slow: Vec<u64> = self.profiles.iter().map(|p| p.slow_window).collect();
         let old_v6 = self.v6_prefix;
         self.policy = policy;
         self.prepare();
@@ -1098,6 +1287,7 @@ impl Engine {
                 _ => None,
             };
             let Some(p) = keep else {
+                self.slow.drop_slot(s);
                 self.table.remove(s);
                 continue;
             };
@@ -1118,6 +1308,13 @@ impl Engine {
             }
             if old_w[3] != new_w[3] {
                 x.netscan = Default::default();
+            }
+            if old_slow.get(usize::from(st.profile)).copied()
+                != Some(self.profiles[usize::from(p)].slow_window)
+            {
+                // A slow window of another length (or none) starts over.
+                x.flags &= !SLOW;
+                self.slow.drop_slot(s);
             }
             if old_w[4] != new_w[4] {
                 x.spam = Default::default();
@@ -1168,6 +1365,7 @@ impl Engine {
         self.table.memory_bytes()
             + self.exact.memory_bytes()
             + self.rates.memory_bytes()
+            + self.slow.memory_bytes()
             + self.touched.capacity() * 4
             + self.ring.memory_bytes()
             + self.profiles.len() * 65_536
@@ -1191,8 +1389,60 @@ struct Finding {
     counts: Vec<(&'static str, f64)>,
     /// The destination the finding is about (brute force, port scan).
     focus: Option<[u32; 4]>,
-    /// Which pattern of the category (`spread` brute force), for the evidence.
+    /// The pattern within the category, when it is not the category's plain one.
     pattern: Option<&'static str>,
+}
+
+/// Evidence pattern: a sweep whose targets answered, its flows never carried through.
+pub const PATTERN_ANSWERED: &str = "answered_sweep";
+/// Evidence pattern: a sweep over the slow-scan window.
+pub const PATTERN_SLOW: &str = "slow_scan";
+/// Evidence pattern: a UDP port scan below the port-scan threshold.
+pub const PATTERN_UDP: &str = "udp_scan";
+
+/// Destination ports left out of a UDP scan's count: UDP traceroute (33434 on, 3 probes
+/// for up to 30 hops) and tracepath (44444 on). Their probes are answered by ICMP
+/// time-exceeded or port-unreachable, which leaves the flows unreplied, like a scan's.
+const TRACEROUTE_PORTS: &[(u16, u16)] = &[(33_434, 33_534), (44_444, 44_544)];
+
+/// A slow sweep from a source's long-window tracker.
+fn check_slow(tr: &slow::Tracker, prep: &Prepared, now: u64) -> Option<Finding> {
+    let ns = &prep.profile.network_scan;
+    let v = tr.view(now, prep.slow_window);
+    let dsts = v.dsts.round();
+    let ports = v.ports.round();
+    let ratio = if v.flows > 0.0 {
+        v.incomplete / v.flows
+    } else {
+        0.0
+    };
+    if dsts < f64::from(ns.slow.distinct_destinations)
+        || v.ports_saturated
+        || ports * 4.0 > dsts
+        || ratio < ns.min_incomplete_ratio
+    {
+        return None;
+    }
+    Some(Finding {
+        crossed: vec![
+            crossed(
+                "distinct_destinations",
+                dsts,
+                f64::from(ns.slow.distinct_destinations),
+            ),
+            crossed("incomplete_ratio", ratio, ns.min_incomplete_ratio),
+        ],
+        counts: vec![
+            ("distinct_destinations", dsts),
+            ("distinct_ports", ports),
+            ("new_flows", v.flows),
+            ("incomplete_flows", v.incomplete),
+            ("incomplete_ratio", ratio),
+            ("window_seconds", (prep.slow_window / 1_000_000_000) as f64),
+        ],
+        focus: None,
+        pattern: Some(PATTERN_SLOW),
+    })
 }
 
 fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
@@ -1226,6 +1476,56 @@ fn flood_counts(st: &SourceState, prep: &Prepared, now: u64) -> Vec<(&'static st
         ("pps", v.pps),
         ("bps", v.bps),
     ]
+}
+
+/// An answered sweep: the fan-out of a network scan whose flows the source did not carry
+/// through, whatever the targets answered (a stateless scanner resets every SYN-ACK).
+fn check_answered_sweep(
+    v: &source::NetScanView,
+    ns: &crate::policy::NetworkScan,
+) -> Option<Finding> {
+    let dsts = v.dsts.round();
+    let ports = v.ports.round();
+    let ratio = if v.flows > 0.0 {
+        v.incomplete / v.flows
+    } else {
+        0.0
+    };
+    if ns.answered_distinct_destinations == 0
+        || dsts < f64::from(ns.answered_distinct_destinations)
+        || v.ports_saturated
+        || ports * 4.0 > dsts
+        || v.completed_saturated
+        || ratio < ns.min_incomplete_ratio
+    {
+        return None;
+    }
+    let unanswered_ratio = if v.flows > 0.0 {
+        v.unanswered / v.flows
+    } else {
+        0.0
+    };
+    Some(Finding {
+        crossed: vec![
+            crossed(
+                "distinct_destinations",
+                dsts,
+                f64::from(ns.answered_distinct_destinations),
+            ),
+            crossed("incomplete_ratio", ratio, ns.min_incomplete_ratio),
+        ],
+        counts: vec![
+            ("distinct_destinations", dsts),
+            ("distinct_ports", ports),
+            ("new_flows", v.flows),
+            ("unanswered_flows", v.unanswered),
+            ("unanswered_ratio", unanswered_ratio),
+            ("incomplete_flows", v.incomplete),
+            ("incomplete_ratio", ratio),
+        ],
+        focus: None,
+        pattern: Some(PATTERN_ANSWERED),
+    })
 }
 
 /// Checks one category. Allocation-free unless something crossed.
@@ -1371,16 +1671,17 @@ fn check(c: Category, st: &SourceState, prep: &Prepared, now: u64) -> Option<Fin
         }
         Category::NetworkScan => {
             let ns = &p.network_scan;
-            let (flows, unanswered, dsts, ports, saturated) = st.netscan_view(now, w[3]);
-            let dsts = dsts.round();
-            let ports = ports.round();
+            let v = st.netscan_view(now, w[3]);
+            let (flows, unanswered) = (v.flows, v.unanswered);
+            let dsts = v.dsts.round();
+            let ports = v.ports.round();
             let ratio = if flows > 0.0 { unanswered / flows } else { 0.0 };
-            let few_ports = !saturated && ports * 4.0 <= dsts;
+            let few_ports = !v.ports_saturated && ports * 4.0 <= dsts;
             if !(dsts >= f64::from(ns.distinct_destinations)
                 && ratio >= ns.min_unanswered_ratio
                 && few_ports)
             {
-                return None;
+                return check_answered_sweep(&v, ns);
             }
             Some(Finding {
                 crossed: vec![
@@ -1447,7 +1748,7 @@ fn spread(st: &SourceState, prep: &Prepared, now: u64) -> Option<Finding> {
     // bound the targets from above, so that one session at each of 300 hosts stays one per
     // target. No more targets than sessions (a small bitmap's estimate may overshoot).
     let targets = if saturated {
-        targets.max(st.netscan_view(now, w[3]).2)
+        targets.max(st.netscan_view(now, w[3]).dsts)
     } else {
         targets
     };

@@ -11,8 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use super::sketch::{
-    Bits, Keyed, SpaceSaving, Span, TwoEpochs, hash16, hash128, sliding, sliding_distinct,
-    sliding_distinct_folded,
+    Bits, Keyed, SpaceSaving, Span, TwoEpochs, hash16, hash128, sliding, sliding_distinct_folded,
 };
 
 /// Number of per-target entries (heavy hitters) kept per source for brute force and port scan.
@@ -158,7 +157,8 @@ pub struct NetScanCounts {
     pub ports: Bits<2>,
     /// New flows.
     pub flows: u32,
-    /// Flows answered (also by a reset or an ICMP error the kernel tied to them).
+    /// Flows answered (also by a reset; not by an ICMP error, which leaves the flow
+    /// unreplied in conntrack).
     pub answered: u32,
 }
 
@@ -174,12 +174,15 @@ pub struct NetScan {
     pub cur: NetScanCounts,
     /// Previous epoch's destinations (128 bits).
     pub prev_dsts: Bits<4>,
-    /// Previous epoch's ports.
-    pub prev_ports: Bits<2>,
+    /// Previous epoch's ports (32 bits: "few ports" needs no more).
+    pub prev_ports: Bits<1>,
     /// Previous epoch's flows.
     pub prev_flows: u32,
     /// Previous epoch's answered flows.
     pub prev_answered: u32,
+    /// Flows carried through (TCP established, anything else answered), current and
+    /// previous epoch; saturates at `u16::MAX` (a busy client, never a sweep).
+    pub completed: [u16; 2],
 }
 
 impl NetScan {
@@ -189,9 +192,10 @@ impl NetScan {
         if d != 0 && d < u32::MAX / 2 {
             if d == 1 {
                 self.prev_dsts = self.cur.dsts.fold();
-                self.prev_ports = self.cur.ports;
+                self.prev_ports = self.cur.ports.fold();
                 self.prev_flows = self.cur.flows;
                 self.prev_answered = self.cur.answered;
+                self.completed = [0, self.completed[0]];
             } else {
                 *self = NetScan::default();
             }
@@ -357,6 +361,8 @@ pub const FRESH: u8 = 8;
 pub const HELD_ALL: u8 = 16;
 /// Flag: the source has an exact port tracker ([`super::exact`]).
 pub const EXACT: u8 = 32;
+/// Flag: the source has a slow-scan tracker ([`super::slow`]).
+pub const SLOW: u8 = 64;
 
 /// Everything known about one source. Fixed size: see the `size_of` test.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -469,9 +475,14 @@ pub struct FlowFacts {
     pub smtp: bool,
     /// A closing event proving the flow lasted longer than the brute-force limit.
     pub long_auth: bool,
-    /// A TCP flow to an authentication port completed its handshake (`ESTABLISHED`,
-    /// `ASSURED`): the server answered and the client went on.
+    /// A TCP flow to an authentication port completed its handshake, seen live (`ASSURED`,
+    /// `ESTABLISHED`): the server answered and the client went on.
     pub session: bool,
+    /// The flow was carried through: a TCP handshake completed (`ASSURED`), or the first
+    /// reply to a non-TCP flow.
+    pub completed: bool,
+    /// UDP.
+    pub udp: bool,
     /// Destination as bits.
     pub dst: u128,
     /// Destination port.
@@ -576,6 +587,10 @@ impl SourceState {
             if f.answer {
                 c.answered = c.answered.saturating_add(1);
             }
+            if f.completed {
+                let n = &mut self.netscan.completed[0];
+                *n = n.saturating_add(1);
+            }
         }
         if enabled & 16 != 0 && f.smtp {
             let c = &mut self.spam;
@@ -601,6 +616,26 @@ impl SourceState {
         c.ms =
             c.ms.saturating_add(u32::try_from(interval_ns / 1_000_000).unwrap_or(u32::MAX));
     }
+}
+
+/// Estimated network-scan measures of a source at some time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NetScanView {
+    /// New flows in the window.
+    pub flows: f64,
+    /// Flows never answered (a reset is an answer; an ICMP error is not: the kernel ties it
+    /// to the flow as RELATED and leaves the flow unreplied).
+    pub unanswered: f64,
+    /// Flows not carried through: TCP never established, anything else unanswered.
+    pub incomplete: f64,
+    /// The completed count saturated: too busy a client to tell.
+    pub completed_saturated: bool,
+    /// Distinct destinations.
+    pub dsts: f64,
+    /// Distinct destination ports.
+    pub ports: f64,
+    /// Too many ports to count: no sweep of a few ports.
+    pub ports_saturated: bool,
 }
 
 /// Estimated flood measures of a source at some time.
@@ -658,37 +693,49 @@ impl SourceState {
         }
     }
 
-    /// Network-scan measures at `t`: (flows, unanswered, distinct destinations, distinct
-    /// ports, ports saturated).
-    pub fn netscan_view(&self, t: u64, len: u64) -> (f64, f64, f64, f64, bool) {
+    /// Network-scan measures at `t`.
+    pub fn netscan_view(&self, t: u64, len: u64) -> NetScanView {
         let n = &self.netscan;
         let v = super::sketch::epoch_view(n.epoch, &n.span, t, len);
         let pw = v.prev_weight;
-        let (c, pd, pp, pf, pa) = if v.same {
+        let (c, pd, pp, pf, pa, pc, cc) = if v.same {
             (
                 n.cur,
                 n.prev_dsts,
                 n.prev_ports,
                 n.prev_flows,
                 n.prev_answered,
+                n.completed[1],
+                n.completed[0],
             )
         } else if v.next {
             (
                 NetScanCounts::default(),
                 n.cur.dsts.fold(),
-                n.cur.ports,
+                n.cur.ports.fold(),
                 n.cur.flows,
                 n.cur.answered,
+                n.completed[0],
+                0,
             )
         } else {
-            return (0.0, 0.0, 0.0, 0.0, false);
+            return NetScanView::default();
         };
         let flows = sliding(u64::from(c.flows), u64::from(pf), pw);
         let answered = sliding(u64::from(c.answered), u64::from(pa), pw);
+        let completed = sliding(u64::from(cc), u64::from(pc), pw);
         let dsts = sliding_distinct_folded(&c.dsts, &pd, pw);
-        let ports = sliding_distinct(&c.ports, &pp, pw);
-        let sat = c.ports.union(&pp).saturated();
-        (flows, (flows - answered).max(0.0), dsts, ports, sat)
+        let ports = sliding_distinct_folded(&c.ports, &pp, pw);
+        let saturated = c.ports.saturated() || c.ports.fold::<1>().union(&pp).zeros() == 0;
+        NetScanView {
+            flows,
+            unanswered: (flows - answered).max(0.0),
+            incomplete: (flows - completed).max(0.0),
+            completed_saturated: cc == u16::MAX || pc == u16::MAX,
+            dsts,
+            ports,
+            ports_saturated: saturated,
+        }
     }
 
     /// Spam measures at `t`: (flows, answered, distinct destinations).

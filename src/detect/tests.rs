@@ -513,26 +513,6 @@ fn udp_and_echo_rates_just_under_their_thresholds_are_not() {
 }
 
 #[test]
-fn resolver_queries_are_not_unanswered_udp() {
-    // 25k queries/s, each a new flow whose first packet is unanswered until its reply:
-    // the nft class counter sees 25k pps, the new flows take them back.
-    let src = "203.0.113.53";
-    let mut obs = Vec::new();
-    for i in 0..250_000u64 {
-        let ms = i / 25;
-        let dst = internet((i % 5_000) as u32);
-        let sport = 1024 + (i % 60_000) as u16;
-        obs.push(udp(ms, src, dst, sport, 53));
-        obs.push(udp_reply(ms + 20, src, dst, sport, 53));
-    }
-    for s in 1..=10 {
-        obs.push(class_counters(s * 1000 - 1, src, 50_000, 25_000, 0));
-    }
-    let d = run(&sorted(obs));
-    assert!(of(&d, Category::Flood).is_empty(), "{d:#?}");
-}
-
-#[test]
 fn ipv6_echo_spread_over_addresses_of_one_64_is_one_flood() {
     // 16 addresses of one /64, each 1,000 echo requests/s (under a quarter of the
     // threshold each): one source, 16k/s.
@@ -728,7 +708,10 @@ fn spread_brute_force_is_detected_with_its_pattern() {
     // Reported before the last round ends.
     assert!(b[0].time < Time(T0 + 48_000 * MS), "{:?}", b[0].time);
     let text = b[0].to_string();
-    assert!(text.contains("Pattern: spread") && text.contains("spread over many servers"));
+    assert!(
+        text.contains("Pattern: a few login attempts at each of many servers (spread)")
+            && text.contains("spread over many servers")
+    );
 }
 
 #[test]
@@ -1855,4 +1838,304 @@ fn a_reload_keeps_the_flood_rates_and_applies_new_rate_thresholds() {
     assert_eq!(f[0].evidence.pattern.as_deref(), Some("icmp_flood"));
     // Averaged over the four seconds, not only the one after the reload.
     assert_eq!(f[0].evidence.counts["icmp_pps"], 4_000.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 18: answered sweeps, UDP scans at the ICMP rate limit, slow scans
+// ---------------------------------------------------------------------------------------------
+
+fn pattern(d: &Detection) -> Option<&str> {
+    d.evidence.pattern.as_deref()
+}
+
+/// A stateless scanner (masscan) sweeping port `port` of `n` hosts, `per_sec` a second: every
+/// target answers, with a SYN-ACK (open, `open_every` 1) or a reset; the scanner's kernel
+/// resets each SYN-ACK, so no handshake completes.
+fn stateless_sweep(n: u32, per_sec: u64, port: u16, open_every: u32) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    for i in 0..n {
+        let ms = u64::from(i) * 1000 / per_sec;
+        let dst = internet(i);
+        obs.push(syn(ms, BOT, dst, 61_000, port));
+        if i % open_every == 0 {
+            obs.push(synack(ms + 1, BOT, dst, 61_000, port));
+            obs.push(rst(ms + 2, BOT, dst, 61_000, port));
+        } else {
+            obs.push(rst(ms + 1, BOT, dst, 61_000, port));
+        }
+    }
+    sorted(obs)
+}
+
+#[test]
+fn answered_sweep_of_a_stateless_scanner_is_detected() {
+    // Every target answers with a SYN-ACK: no flow is unanswered, none completes.
+    let d = run(&stateless_sweep(1_000, 100, 80, 1));
+    let n = of(&d, Category::NetworkScan);
+    assert_eq!(n.len(), 1, "{d:#?}");
+    assert_eq!(pattern(n[0]), Some("answered_sweep"));
+    assert!(crossed_value(n[0], "distinct_destinations") >= 200.0);
+    assert!(crossed_value(n[0], "incomplete_ratio") >= 0.99);
+    assert_eq!(n[0].evidence.counts["unanswered_ratio"], 0.0);
+    assert_eq!(n[0].evidence.top_ports[0].key, 80);
+    // 200 hosts at 100/s: within the quarter second after 2 s.
+    assert!(n[0].time <= Time(T0 + 2_500 * MS), "{:?}", n[0].time);
+    assert!(
+        serde_json::to_string(&n[0].evidence)
+            .unwrap()
+            .contains(r#""pattern":"answered_sweep""#)
+    );
+}
+
+#[test]
+fn sweep_of_closed_ports_answered_by_resets_is_detected() {
+    // Hosts up, port closed: every probe reset by the target (an answer to the old rule).
+    let d = run(&stateless_sweep(1_000, 100, 23, 1_000_000));
+    let n = of(&d, Category::NetworkScan);
+    assert_eq!(n.len(), 1, "{d:#?}");
+    assert_eq!(pattern(n[0]), Some("answered_sweep"));
+}
+
+#[test]
+fn answered_sweep_just_under_the_threshold_is_not() {
+    let d = run(&stateless_sweep(170, 10, 80, 1));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn unanswered_sweep_keeps_its_plain_pattern() {
+    let d = run(&telnet_sweep(1_000, 100));
+    let n = of(&d, Category::NetworkScan);
+    assert_eq!(n.len(), 1, "{d:#?}");
+    assert_eq!(pattern(n[0]), None);
+}
+
+#[test]
+fn busy_web_client_with_failures_is_not_an_answered_sweep() {
+    // A crawler: 1200 sites in two minutes on 443, 30 % of them not answering or refusing.
+    let mut obs = Vec::new();
+    for i in 0..1_200u64 {
+        let ms = i * 100;
+        let dst = internet(i as u32);
+        let sport = 30_000 + i as u16;
+        match i % 10 {
+            0..=1 => obs.push(syn(ms, BOT, dst, sport, 443)),
+            2 => {
+                obs.push(syn(ms, BOT, dst, sport, 443));
+                obs.push(rst(ms + 1, BOT, dst, sport, 443));
+            }
+            _ => answered_tcp(&mut obs, ms, BOT, dst, sport, 443),
+        }
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// nmap -sU against a Linux host whose closed ports answer with ICMP port-unreachable at
+/// the kernel's rate limit: a burst of `burst` ports, then one new port a second, each
+/// unanswered probe retried once with a new source port; ICMP errors leave the flows
+/// unreplied in conntrack. `secs` seconds.
+fn udp_scan(burst: u16, secs: u64) -> Vec<Observation> {
+    let target = ip("198.51.100.44");
+    let mut obs = Vec::new();
+    for p in 0..burst {
+        obs.push(udp(u64::from(p), BOT, target, 58_859, 1 + p));
+    }
+    for s in 0..secs {
+        let port = 1 + burst + s as u16;
+        obs.push(udp(1_000 + s * 1_000, BOT, target, 58_861, port));
+        obs.push(udp(1_500 + s * 1_000, BOT, target, 58_863, port));
+    }
+    sorted(obs)
+}
+
+#[test]
+fn udp_scan_at_the_icmp_rate_limit_is_detected() {
+    // 20 + 1/s: about 80 ports in a minute, under `distinct_ports` (100).
+    let d = run(&udp_scan(20, 60));
+    let p = of(&d, Category::PortScan);
+    assert_eq!(p.len(), 1, "{d:#?}");
+    assert_eq!(pattern(p[0]), Some("udp_scan"));
+    assert!(crossed_value(p[0], "distinct_udp_ports") >= 50.0);
+    assert!(crossed_value(p[0], "unanswered_ratio") >= 0.9);
+    assert_eq!(p[0].evidence.top_destinations[0].key, ip("198.51.100.44"));
+    // The 50th port comes at 31 s.
+    assert!(p[0].time <= Time(T0 + 32_000 * MS), "{:?}", p[0].time);
+}
+
+#[test]
+fn udp_scan_just_under_the_threshold_is_not() {
+    let d = run(&udp_scan(10, 30));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn traceroutes_are_not_a_udp_scan() {
+    // UDP traceroute to one host every 10 s for two minutes: 30 hops × 3 probes, ports
+    // 33434 on, answered by ICMP time-exceeded (unreplied to conntrack); tracepath the same
+    // from 44444.
+    let target = ip("198.51.100.45");
+    for base in [33_434u16, 44_444] {
+        let mut obs = Vec::new();
+        for round in 0..12u64 {
+            for probe in 0..90u16 {
+                let ms = round * 10_000 + u64::from(probe) * 20;
+                obs.push(udp(ms, BOT, target, 40_000 + round as u16, base + probe));
+            }
+        }
+        let d = run(&sorted(obs));
+        assert!(d.is_empty(), "from {base}: {d:#?}");
+    }
+}
+
+#[test]
+fn rtp_media_to_one_peer_is_not_a_udp_scan() {
+    // A media server: 120 calls to one gateway on distinct ports, every stream answered.
+    let target = ip("198.51.100.46");
+    let mut obs = Vec::new();
+    for c in 0..120u16 {
+        let ms = u64::from(c) * 400;
+        obs.push(udp(ms, BOT, target, 20_000 + c * 2, 30_000 + c * 2));
+        obs.push(udp_reply(
+            ms + 30,
+            BOT,
+            target,
+            20_000 + c * 2,
+            30_000 + c * 2,
+        ));
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// A slow sweep: one SYN a second to a new host on port 22 for `secs` seconds, answered by
+/// nothing (`answered` false) or with a SYN-ACK the scanner resets.
+fn slow_sweep(secs: u32, answered: bool) -> Vec<Observation> {
+    let mut obs = Vec::new();
+    for i in 0..secs {
+        let ms = u64::from(i) * 1_000;
+        let dst = internet(i);
+        obs.push(syn(ms, BOT, dst, 61_000, 22));
+        if answered {
+            obs.push(synack(ms + 1, BOT, dst, 61_000, 22));
+            obs.push(rst(ms + 2, BOT, dst, 61_000, 22));
+        }
+    }
+    sorted(obs)
+}
+
+#[test]
+fn slow_scan_at_one_probe_per_second_is_detected_within_ten_minutes() {
+    for answered in [false, true] {
+        let d = run(&slow_sweep(900, answered));
+        let n = of(&d, Category::NetworkScan);
+        assert_eq!(n.len(), 1, "answered {answered}: {d:#?}");
+        assert_eq!(pattern(n[0]), Some("slow_scan"));
+        assert!(crossed_value(n[0], "distinct_destinations") >= 300.0);
+        assert!(n[0].time <= Time(T0 + 600_000 * MS), "{:?}", n[0].time);
+        // The evidence covers the sweep from before the tracker attached.
+        let ev = &n[0].evidence;
+        assert!(ev.window_end.since(ev.window_start) >= std::time::Duration::from_secs(290));
+        assert_eq!(ev.top_ports[0].key, 22);
+    }
+}
+
+#[test]
+fn slow_scan_just_under_the_threshold_is_not() {
+    // 250 hosts at one a second, then nothing: under 300 (σ ≈ 5 % at this size).
+    let d = run(&slow_sweep(250, false));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn monitoring_poller_and_resolver_are_not_slow_scans() {
+    // A poller connects to 500 hosts round-robin, two a second, for 20 minutes (every
+    // check completes); a resolver asks 2000 servers in turn; 5 % of the checks fail.
+    let poller = "203.0.113.60";
+    let resolver = "203.0.113.61";
+    let mut obs = Vec::new();
+    for i in 0..2_400u64 {
+        let ms = i * 500;
+        let dst = internet((i % 500) as u32);
+        let sport = 20_000 + (i % 40_000) as u16;
+        if i % 20 == 0 {
+            obs.push(syn(ms, poller, dst, sport, 443));
+        } else {
+            answered_tcp(&mut obs, ms, poller, dst, sport, 443);
+        }
+        let ns = internet(10_000 + (i % 2_000) as u32);
+        obs.push(udp(ms + 7, resolver, ns, sport, 53));
+        if i % 20 != 0 {
+            obs.push(udp_reply(ms + 30, resolver, ns, sport, 53));
+        }
+    }
+    let d = run(&sorted(obs));
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
+fn slow_scan_keys_switch_it_off() {
+    let text = "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nprofiles:\n  default:\n    network_scan:\n      slow:\n        enabled: false\n";
+    let mut e = Engine::new(policy_from(text));
+    let d = drive(&mut e, &slow_sweep(900, false), 1_000);
+    assert!(d.is_empty(), "{d:#?}");
+    // A shorter window and a lower threshold detect sooner.
+    let text = "version: 1\nnetworks:\n  - prefix: 203.0.113.0/24\nprofiles:\n  default:\n    network_scan:\n      slow: {window: 10m, distinct_destinations: 100}\n";
+    let mut e = Engine::new(policy_from(text));
+    let d = drive(&mut e, &slow_sweep(900, false), 1_000);
+    let n = of(&d, Category::NetworkScan);
+    assert!(!n.is_empty(), "{d:#?}");
+    assert!(n[0].time <= Time(T0 + 130_000 * MS), "{:?}", n[0].time);
+}
+
+#[test]
+fn completions_seen_only_in_a_dump_spare_a_busy_client() {
+    // The ASSURED events of a crawler's connections went with an overflow; the dump that
+    // follows shows them established. Without the dump's word it would be an answered sweep.
+    let mut obs = vec![Observation::Lost {
+        time: Time(T0 + MS),
+    }];
+    for i in 0..600u64 {
+        let ms = 10 + i * 50;
+        let dst = internet(i as u32);
+        let sport = 30_000 + i as u16;
+        obs.push(syn(ms, BOT, dst, sport, 443));
+        obs.push(synack(ms + 1, BOT, dst, sport, 443));
+        obs.push(flow(
+            ms + 2,
+            FlowEventKind::Existing,
+            BOT,
+            dst,
+            proto::TCP,
+            sport,
+            443,
+            ct_status::SEEN_REPLY | ct_status::ASSURED,
+            Some(TcpState::Established),
+        ));
+    }
+    let d = run(&sorted(obs.clone()));
+    assert!(d.is_empty(), "{d:#?}");
+    // The same stream without the dump is one.
+    obs.retain(|o| !matches!(o, Observation::Flow(f) if f.kind == FlowEventKind::Existing));
+    let d = run(&sorted(obs));
+    assert_eq!(
+        of(&d, Category::NetworkScan)
+            .first()
+            .and_then(|d| pattern(d)),
+        Some("answered_sweep"),
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn the_report_names_the_pattern() {
+    let d = run(&stateless_sweep(1_000, 100, 80, 1));
+    let text = of(&d, Category::NetworkScan)[0].to_string();
+    assert!(
+        text.contains("Pattern: a sweep whose targets answered")
+            && text.contains("(answered_sweep)"),
+        "{text}"
+    );
+    let plain = of(&run(&telnet_sweep(1_000, 100)), Category::NetworkScan)[0].to_string();
+    assert!(!plain.contains("Pattern:"), "{plain}");
 }

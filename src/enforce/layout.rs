@@ -393,6 +393,18 @@ fn ct_state(state: &'static str) -> Statement<'static> {
     })
 }
 
+fn ct_status(status: &'static str) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed("status"),
+            family: None,
+            dir: None,
+        })),
+        right: Expression::String(Cow::Borrowed(status)),
+        op: Operator::IN,
+    })
+}
+
 fn payload_eq(
     protocol: &'static str,
     field: &'static str,
@@ -545,13 +557,22 @@ pub fn rules() -> Vec<RuleDef> {
     // The two floods one packet counter cannot tell from a backup stream: UDP packets of
     // flows never answered (`ct state new` in the original direction: no reply seen yet;
     // what a customer's own services send are replies, never counted), and echo requests.
+    // A flow's first packet is left out (`ct status confirmed`: conntrack confirms a flow
+    // after its first packet left the router): a resolver's queries, and a storm of spoofed
+    // one-packet flows, make no element at all, so the set holds only sources that keep
+    // sending into unanswered flows.
     for fam in [Fam::V4, Fam::V6] {
         let sfx = if fam == Fam::V4 { "4" } else { "6" };
         let customers = in_set(fam, "saddr", SetId::new(Role::Customers, fam));
         let mut r = rule(
             Forward,
             &format!("count-udp-unanswered{sfx}"),
-            vec![customers.clone(), l4proto("udp"), ct_state("new")],
+            vec![
+                customers.clone(),
+                l4proto("udp"),
+                ct_state("new"),
+                ct_status("confirmed"),
+            ],
         );
         r.counter_update = Some(SetId::new(Role::UdpCounters, fam));
         out.push(r);

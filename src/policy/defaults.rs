@@ -51,11 +51,23 @@ pub const BRUTE_SPREAD_MAX_ATTEMPTS: u32 = 255;
 pub const PORTSCAN_WINDOW: Duration = Duration::from_secs(60);
 pub const PORTSCAN_DISTINCT_PORTS: u32 = 100;
 pub const PORTSCAN_MIN_UNANSWERED_RATIO: f64 = 0.5;
+/// nmap -sU against a Linux target whose closed ports answer at the kernel's ICMP rate limit
+/// (about one per second) probes some 60 distinct ports a minute; one traceroute uses at
+/// most 90 ports, all inside the excluded traceroute ranges.
+pub const PORTSCAN_UDP_DISTINCT_PORTS: u32 = 50;
 
 // network scan
 pub const NETSCAN_WINDOW: Duration = Duration::from_secs(60);
 pub const NETSCAN_DISTINCT_DESTINATIONS: u32 = 200;
 pub const NETSCAN_MIN_UNANSWERED_RATIO: f64 = 0.5;
+/// The same fan-out as an unanswered sweep: what tells a scanner from a busy client is that
+/// it never completes a handshake, not how many targets it has.
+pub const NETSCAN_ANSWERED_DISTINCT_DESTINATIONS: u32 = 200;
+pub const NETSCAN_MIN_INCOMPLETE_RATIO: f64 = 0.5;
+pub const NETSCAN_SLOW_WINDOW: Duration = Duration::from_secs(3_600);
+/// One probe per second reaches it in 5 minutes; 300 fresh destinations an hour, nearly all
+/// not carried through, on a few ports is no benign workload's pattern.
+pub const NETSCAN_SLOW_DISTINCT_DESTINATIONS: u32 = 300;
 
 // spam
 pub const SPAM_WINDOW: Duration = Duration::from_secs(300);

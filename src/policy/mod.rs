@@ -220,6 +220,12 @@ pub struct PortScan {
     pub distinct_ports: u32,
     /// Share of those flows that went unanswered or were reset (0..=1).
     pub min_unanswered_ratio: f64,
+    /// UDP scan: distinct UDP ports of one target within the window (outside the
+    /// traceroute port ranges), the flows unanswered as `min_unanswered_ratio` says; 0 off.
+    /// A closed UDP port answers with an ICMP port-unreachable, which the target's kernel
+    /// rate-limits (Linux: about one per second), so a UDP scan crawls below
+    /// `distinct_ports`.
+    pub udp_distinct_ports: u32,
 }
 
 /// Network-scan thresholds.
@@ -234,6 +240,26 @@ pub struct NetworkScan {
     pub distinct_destinations: u32,
     /// Share of those flows that went unanswered (0..=1).
     pub min_unanswered_ratio: f64,
+    /// Answered sweep: distinct destinations on few ports within the window whose flows
+    /// the source did not carry through (TCP never established: a stateless scanner's
+    /// half-open or reset probes; anything unanswered), whatever the targets answered; 0 off.
+    pub answered_distinct_destinations: u32,
+    /// Share of the flows not carried through for an answered or a slow sweep (0..=1).
+    pub min_incomplete_ratio: f64,
+    /// Slow sweeps, over a long window.
+    pub slow: SlowScan,
+}
+
+/// Slow network scans: the same signals as an answered sweep over a long window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SlowScan {
+    /// Detect slow sweeps at all.
+    pub enabled: bool,
+    /// Window.
+    #[serde(serialize_with = "ser::duration")]
+    pub window: Duration,
+    /// Distinct destinations on few ports within the window.
+    pub distinct_destinations: u32,
 }
 
 /// Spam thresholds.

@@ -144,6 +144,7 @@ pub struct RawPortScan {
     pub window: Option<Scalar>,
     pub distinct_ports: Option<Scalar>,
     pub min_unanswered_ratio: Option<Scalar>,
+    pub udp_distinct_ports: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +154,17 @@ pub struct RawNetworkScan {
     pub window: Option<Scalar>,
     pub distinct_destinations: Option<Scalar>,
     pub min_unanswered_ratio: Option<Scalar>,
+    pub answered_distinct_destinations: Option<Scalar>,
+    pub min_incomplete_ratio: Option<Scalar>,
+    pub slow: Option<RawSlowScan>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlowScan {
+    pub enabled: Option<bool>,
+    pub window: Option<Scalar>,
+    pub distinct_destinations: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1083,3 +1083,60 @@ fn flowspec_communities_are_read_and_bounded() {
         "65 communities are listed, more than the 64",
     );
 }
+
+#[test]
+fn scan_blind_spot_keys_have_their_defaults_and_parse() {
+    let p = check(BASE).0.unwrap();
+    let d = &p.profiles["default"];
+    assert_eq!(d.port_scan.udp_distinct_ports, 50);
+    assert_eq!(d.network_scan.answered_distinct_destinations, 200);
+    assert_eq!(d.network_scan.min_incomplete_ratio, 0.5);
+    assert!(d.network_scan.slow.enabled);
+    assert_eq!(d.network_scan.slow.window, Duration::from_secs(3_600));
+    assert_eq!(d.network_scan.slow.distinct_destinations, 300);
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    port_scan:\n      udp_distinct_ports: 0\n    network_scan:\n      answered_distinct_destinations: 500\n      min_incomplete_ratio: 0.8\n      slow: {{window: 2h, distinct_destinations: 1k}}\n"
+    );
+    let p = check(&t).0.unwrap();
+    let d = &p.profiles["default"];
+    assert_eq!(d.port_scan.udp_distinct_ports, 0);
+    assert_eq!(d.network_scan.answered_distinct_destinations, 500);
+    assert_eq!(d.network_scan.min_incomplete_ratio, 0.8);
+    assert_eq!(d.network_scan.slow.window, Duration::from_secs(7_200));
+    assert_eq!(d.network_scan.slow.distinct_destinations, 1_000);
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    network_scan:\n      min_incomplete_ratio: 1.5\n"
+    );
+    one_error(&t, "9:29", "not a ratio");
+    let t = format!("{BASE}profiles:\n  default:\n    network_scan:\n      slow: {{windw: 1h}}\n");
+    assert_eq!(errors(&t).len(), 1, "{:?}", errors(&t));
+}
+
+#[test]
+fn slow_scan_window_must_be_longer_than_the_network_scan_window() {
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    network_scan:\n      slow:\n        window: 60s\n"
+    );
+    let errs = errors(&t);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("not longer than the network-scan window"),
+        "{errs:?}"
+    );
+    assert!(errs[0].contains("network_scan.slow.window"), "{errs:?}");
+    // Switched off, the window does not matter.
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    network_scan:\n      slow: {{enabled: false, window: 60s}}\n"
+    );
+    assert!(errors(&t).is_empty());
+}
+
+#[test]
+fn slow_scan_window_is_at_most_nine_hours() {
+    let t = format!(
+        "{BASE}profiles:\n  default:\n    network_scan:\n      slow:\n        window: 10h\n"
+    );
+    let errs = errors(&t);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("longer than 9h"), "{errs:?}");
+}

@@ -377,6 +377,14 @@ fn count32(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: u32) -> u32 {
     }
 }
 
+/// A count where 0 means "off" (the patterns a profile may switch off by their threshold).
+fn count32_or_off(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: u32) -> u32 {
+    if s.is_some_and(|s| s.0.trim() == "0") {
+        return 0;
+    }
+    count32(cx, path, s, default)
+}
+
 fn ratio(cx: &mut Cx, path: &str, s: Option<&Scalar>, default: f64) -> f64 {
     let Some(s) = s else { return default };
     match s.0.trim().parse::<f64>() {
@@ -453,12 +461,20 @@ fn builtin_profile() -> Profile {
             window: d::PORTSCAN_WINDOW,
             distinct_ports: d::PORTSCAN_DISTINCT_PORTS,
             min_unanswered_ratio: d::PORTSCAN_MIN_UNANSWERED_RATIO,
+            udp_distinct_ports: d::PORTSCAN_UDP_DISTINCT_PORTS,
         },
         network_scan: NetworkScan {
             enabled: true,
             window: d::NETSCAN_WINDOW,
             distinct_destinations: d::NETSCAN_DISTINCT_DESTINATIONS,
             min_unanswered_ratio: d::NETSCAN_MIN_UNANSWERED_RATIO,
+            answered_distinct_destinations: d::NETSCAN_ANSWERED_DISTINCT_DESTINATIONS,
+            min_incomplete_ratio: d::NETSCAN_MIN_INCOMPLETE_RATIO,
+            slow: SlowScan {
+                enabled: true,
+                window: d::NETSCAN_SLOW_WINDOW,
+                distinct_destinations: d::NETSCAN_SLOW_DISTINCT_DESTINATIONS,
+            },
         },
         spam: Spam {
             enabled: true,
@@ -561,6 +577,12 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
                 f.min_unanswered_ratio.as_ref(),
                 b.min_unanswered_ratio,
             ),
+            udp_distinct_ports: count32_or_off(
+                cx,
+                &format!("{at}.udp_distinct_ports"),
+                f.udp_distinct_ports.as_ref(),
+                b.udp_distinct_ports,
+            ),
         };
     }
     if let Some(f) = &raw.network_scan {
@@ -581,7 +603,47 @@ fn resolve_profile(cx: &mut Cx, base: &Profile, raw: &RawProfile, at: &str) -> P
                 f.min_unanswered_ratio.as_ref(),
                 b.min_unanswered_ratio,
             ),
+            answered_distinct_destinations: count32_or_off(
+                cx,
+                &format!("{at}.answered_distinct_destinations"),
+                f.answered_distinct_destinations.as_ref(),
+                b.answered_distinct_destinations,
+            ),
+            min_incomplete_ratio: ratio(
+                cx,
+                &format!("{at}.min_incomplete_ratio"),
+                f.min_incomplete_ratio.as_ref(),
+                b.min_incomplete_ratio,
+            ),
+            slow: slow_scan(cx, &format!("{at}.slow"), f.slow.as_ref(), &b.slow),
         };
+        let window = p.network_scan.window;
+        let slow = &p.network_scan.slow;
+        if slow.enabled && slow.window <= window {
+            cx.err(
+                &format!("{at}.slow.window"),
+                format!(
+                    "the slow-scan window ({}s) is not longer than the network-scan window ({}s)",
+                    slow.window.as_secs(),
+                    window.as_secs()
+                ),
+                Some(
+                    "write a longer window, for example 1h, or set `slow: {enabled: false}`".into(),
+                ),
+            );
+        }
+        if slow.window > MAX_SLOW_WINDOW {
+            cx.err(
+                &format!("{at}.slow.window"),
+                format!(
+                    "the slow-scan window ({}s) is longer than 9h",
+                    slow.window.as_secs()
+                ),
+                Some(
+                    "write at most 9h (a detection holds its category down for one window)".into(),
+                ),
+            );
+        }
     }
     if let Some(f) = &raw.spam {
         let at = format!("{at}.spam");
@@ -638,6 +700,24 @@ fn spread(cx: &mut Cx, at: &str, r: &RawSpread, b: &Spread) -> Spread {
         enabled: r.enabled.unwrap_or(b.enabled),
         attempts,
         distinct_targets: targets,
+    }
+}
+
+/// The longest slow-scan window: a detection holds the category down for one window, and
+/// hold-downs are kept in 16-bit seconds.
+const MAX_SLOW_WINDOW: Duration = Duration::from_secs(9 * 3_600);
+
+fn slow_scan(cx: &mut Cx, at: &str, raw: Option<&RawSlowScan>, b: &SlowScan) -> SlowScan {
+    let Some(f) = raw else { return b.clone() };
+    SlowScan {
+        enabled: f.enabled.unwrap_or(b.enabled),
+        window: duration(cx, &format!("{at}.window"), f.window.as_ref(), b.window),
+        distinct_destinations: count32(
+            cx,
+            &format!("{at}.distinct_destinations"),
+            f.distinct_destinations.as_ref(),
+            b.distinct_destinations,
+        ),
     }
 }
 

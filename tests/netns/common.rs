@@ -23,6 +23,7 @@ pub fn require_root(test: &str) -> bool {
 const TOOLS: &[(&str, &str)] = &[
     ("nmap", "nmap"),
     ("hping3", "hping3"),
+    ("masscan", "masscan"),
     ("hydra", "hydra"),
     ("swaks", "swaks"),
     ("sshd", "openssh-server"),

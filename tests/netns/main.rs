@@ -10,6 +10,7 @@ mod benign;
 mod bgp;
 mod bgp_agent;
 mod bird;
+mod blindspots;
 mod blindspots_auth;
 mod common;
 mod control;
