@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use egressguard::netns::{Agent, Host, Netns, Topology};
 use serde_json::Value as Json;
 
-use crate::common::{agent_bin, require_root, require_tools, wait_for};
+use crate::common::{
+    agent_bin, require_root, require_tools, shipped_policy_enforcing, start_agent, wait_for,
+};
 
 /// The hold sets of the agent's table.
 const HOLD_SETS: [&str; 6] = [
@@ -33,16 +35,6 @@ const HOLD_SETS: [&str; 6] = [
 ];
 
 const PYTHON: &str = "/usr/bin/python3";
-
-/// The shipped policy, enforcing.
-fn shipped_policy() -> String {
-    let p = egressguard::demo::DEFAULT_POLICY;
-    assert!(
-        p.contains("\nmode: dry-run\n"),
-        "default.yaml changed shape"
-    );
-    p.replace("\nmode: dry-run\n", "\nmode: enforce\n")
-}
 
 /// A router running the agent with the shipped policy, customers and internet hosts.
 struct Lab {
@@ -60,19 +52,7 @@ impl Lab {
         for h in internet {
             topo.add_internet_host(*h).expect("internet host");
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut agent = Agent::start_with_args(
-            Some(&topo.router),
-            &agent_bin(),
-            dir.path(),
-            &shipped_policy(),
-            false,
-            &[],
-        )
-        .expect("agent starts");
-        agent
-            .wait_for(&["started"], Duration::from_secs(10))
-            .expect("agent started");
+        let (agent, dir) = start_agent(&topo, &shipped_policy_enforcing());
         Lab {
             agent,
             _dir: dir,

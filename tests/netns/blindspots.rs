@@ -17,7 +17,9 @@ use egressguard::netns::{Agent, Netns, Topology};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
-use crate::common::{agent_bin, repo, require_root, require_tools, wait_for};
+use crate::common::{
+    agent_bin, require_root, require_tools, shipped_policy_enforcing, start_agent, wait_for,
+};
 
 const SCANNER: &str = "203.0.113.10";
 const BENIGN: &str = "203.0.113.11";
@@ -42,12 +44,12 @@ fn merge(base: &mut Yaml, over: Yaml) {
 /// The shipped default policy, re-addressed for the lab and enforcing. Thresholds are the
 /// shipped ones.
 fn default_policy() -> String {
-    let text = std::fs::read_to_string(repo().join("policies/default.yaml")).expect("default");
-    let mut p: Yaml = serde_yaml::from_str(&text).expect("default policy parses");
+    let mut p: Yaml =
+        serde_yaml::from_str(&shipped_policy_enforcing()).expect("default policy parses");
     merge(
         &mut p,
         serde_yaml::from_str(
-            "mode: enforce\nnetworks:\n  - prefix: 203.0.113.0/24\n  - prefix: 2001:db8:c::/64\n",
+            "networks:\n  - prefix: 203.0.113.0/24\n  - prefix: 2001:db8:c::/64\n",
         )
         .expect("lab overrides parse"),
     );
@@ -83,18 +85,7 @@ impl Lab {
                 "198.51.100.20",
             ])
             .expect("route to the internet host");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut agent = Agent::start(
-            Some(&topo.router),
-            &agent_bin(),
-            dir.path(),
-            &default_policy(),
-            false,
-        )
-        .expect("agent starts");
-        agent
-            .wait_for(&["started"], Duration::from_secs(10))
-            .expect("agent started");
+        let (agent, dir) = start_agent(&topo, &default_policy());
         Lab {
             agent,
             _dir: dir,

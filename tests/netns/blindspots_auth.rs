@@ -19,19 +19,10 @@ use std::time::{Duration, Instant};
 use egressguard::netns::{Agent, Netns, Proc, Topology};
 use serde_json::Value as Json;
 
-use crate::common::{agent_bin, repo, require_root, require_tools, wait_for};
+use crate::common::{
+    agent_bin, require_root, require_tools, shipped_policy_enforcing, start_agent, wait_for,
+};
 use crate::scenarios::sshd;
-
-/// The shipped default policy, switched to enforce.
-fn default_policy() -> String {
-    let text =
-        std::fs::read_to_string(repo().join("policies/default.yaml")).expect("default policy");
-    assert!(
-        text.contains("\nmode: dry-run\n"),
-        "default.yaml changed shape"
-    );
-    text.replace("\nmode: dry-run\n", "\nmode: enforce\n")
-}
 
 /// The router with customers `203.0.113.<host>` and internet hosts `198.51.100.<host>`, the
 /// agent running the default policy in it.
@@ -50,18 +41,7 @@ impl Rig {
         for h in internet {
             topo.add_internet_host(*h).expect("internet host");
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut agent = Agent::start(
-            Some(&topo.router),
-            &agent_bin(),
-            dir.path(),
-            &default_policy(),
-            false,
-        )
-        .expect("agent starts");
-        agent
-            .wait_for(&["started"], Duration::from_secs(10))
-            .expect("agent started");
+        let (agent, dir) = start_agent(&topo, &shipped_policy_enforcing());
         Rig {
             agent,
             _dir: dir,

@@ -104,3 +104,35 @@ pub fn wait_for<T>(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The shipped `policies/default.yaml`, switched from dry-run to enforce; every threshold
+/// stays the shipped one (the tests of what the defaults detect and spare).
+pub fn shipped_policy_enforcing() -> String {
+    let p = egressguard::demo::DEFAULT_POLICY;
+    assert!(
+        p.contains("\nmode: dry-run\n"),
+        "default.yaml changed shape"
+    );
+    p.replace("\nmode: dry-run\n", "\nmode: enforce\n")
+}
+
+/// Starts the built agent in `topo`'s router with `policy` in a fresh state directory and
+/// waits until it has started.
+pub fn start_agent(
+    topo: &egressguard::netns::Topology,
+    policy: &str,
+) -> (egressguard::netns::Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = egressguard::netns::Agent::start(
+        Some(&topo.router),
+        &agent_bin(),
+        dir.path(),
+        policy,
+        false,
+    )
+    .expect("agent starts");
+    agent
+        .wait_for(&["started"], std::time::Duration::from_secs(10))
+        .expect("agent started");
+    (agent, dir)
+}
