@@ -82,6 +82,7 @@ fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let spec = TableSpec {
         table: "egbench".into(),
         counter_set_size: 65536,
+        meters: Default::default(),
     };
     let runner = Nft::new("nft");
     let mut tx = Tx::new();

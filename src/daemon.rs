@@ -722,6 +722,13 @@ async fn detect_task(
                 if last > 0 {
                     last_event.fetch_max(last, Ordering::Relaxed);
                 }
+                // A kernel meter reported a flood: decide now, not at the next tick.
+                if engine.take_urgent() {
+                    engine.evaluate(Time::now(), &mut out);
+                    if !out.is_empty() && tx.send(Event::Detections(std::mem::take(&mut out))).await.is_err() {
+                        break;
+                    }
+                }
             }
             _ = tick.tick() => {
                 engine.evaluate(Time::now(), &mut out);

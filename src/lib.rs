@@ -22,6 +22,7 @@ pub mod detect;
 pub mod enforce;
 pub mod logging;
 pub mod messages;
+pub mod meter;
 pub mod metrics;
 pub mod netns;
 pub mod notify;

@@ -150,6 +150,9 @@ pub struct FlowEvent {
     pub start: Option<Time>,
     /// Flow stop, on destroy events (needs `nf_conntrack_timestamp`).
     pub stop: Option<Time>,
+    /// The agent's conntrack labels 64..127 (bit `i` is label `64 + i`; [`crate::meter`]),
+    /// when the event carries `CTA_LABELS`.
+    pub labels: u64,
 }
 
 impl FlowEvent {
@@ -647,6 +650,7 @@ mod tests {
             reply_bytes: None,
             start: None,
             stop: None,
+            labels: 0,
         });
         let json = serde_json::to_string(&obs).unwrap();
         assert!(json.contains(r#""type":"flow""#), "{json}");

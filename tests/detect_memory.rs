@@ -100,6 +100,7 @@ fn five_million_sources_stay_within_the_cap() {
             reply_bytes: None,
             start: None,
             stop: None,
+            labels: 0,
         }));
         if i % 250_000 == 249_999 {
             engine.evaluate(time, &mut out);

@@ -69,6 +69,7 @@ pub fn ev(t: u64, e: Ev) -> Observation {
         reply_bytes: None,
         start: None,
         stop: None,
+        labels: 0,
     })
 }
 

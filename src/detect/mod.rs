@@ -101,15 +101,35 @@ use crate::messages::{
     BlockKind, Category, Counted, CounterSample, Crossed, Detection, Evidence, FlowEvent,
     FlowEventKind, HoldChange, Observation, TcpState, Time, ct_status, proto,
 };
+use crate::meter::{self, Kind, Meters};
 use crate::policy::{Policy, Profile};
 
 use index::{Got, Table};
 use ring::{Ring, Sample};
 use sketch::Keyed;
 use source::{
-    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SLOW, SourceState, SrcKey, TOUCHED, Windows,
-    addr_bits, bits_addr, target_view,
+    EXACT, FRESH, FlowFacts, HELD, HELD_ALL, OCCUPIED, SAMPLED, SLOW, SourceState, SrcKey, TOUCHED,
+    Windows, addr_bits, bits_addr, target_view,
 };
+
+/// A kernel flood meter's report on a source ([`crate::meter`]).
+#[derive(Clone, Copy, Debug)]
+struct Hint {
+    /// The source (a slot reused by another never inherits the hint).
+    key: SrcKey,
+    /// The meters' bits ([`Kind::bit`]).
+    bits: u64,
+    /// When the last one arrived (ns).
+    t: u64,
+}
+
+/// Sources with a recent meter report at most; a meter trips only for a source that keeps
+/// sending above a threshold, so these are floods, never a spoofed storm's one-packet sources.
+const MAX_HINTS: usize = 4096;
+
+/// How long a meter's report stands: a single-flow flood's flow is labelled once, and the
+/// rest of its flood rule (the unanswered share, the targets) may need a few more events.
+const HINT_TTL: u64 = 2_000_000_000;
 
 /// Flow samples attached to one detection's evidence.
 pub const SAMPLE_MAX: usize = 8;
@@ -222,6 +242,11 @@ pub struct EngineStats {
     /// and flows of held sources the hold does not let pass (seen before the hold reached
     /// the kernel), not charged.
     pub stale_events: u64,
+    /// Flow events carrying a kernel flood meter's label ([`crate::meter`]).
+    pub meter_hints: u64,
+    /// New flows reported as one sample of [`crate::meter::SAMPLE_ONE_IN`] (and counted
+    /// that many times).
+    pub sampled_flows: u64,
 }
 
 /// The detection engine. See the module documentation.
@@ -262,6 +287,14 @@ pub struct Engine {
     /// from before that time are not charged and their evidence windows start no earlier.
     /// Bounded by the holds begun and lifted within the longest window.
     fresh: HashMap<u32, u64>,
+    /// The kernel's flood meters as the policy builds them.
+    meters: Meters,
+    /// Sources a kernel meter reported recently (slot → hint), at most [`MAX_HINTS`].
+    hints: HashMap<u32, Hint>,
+    /// A hint arrived since the last evaluation: evaluate now, not at the next tick.
+    urgent: bool,
+    meter_hints: u64,
+    sampled_flows: u64,
     held_samples: u64,
     stale_events: u64,
     /// Exact port sets of the destinations that look scanned (evidence).
@@ -336,6 +369,11 @@ impl Engine {
             exact: exact::Pool::default(),
             rates: rates::Pool::default(),
             slow: slow::Pool::default(),
+            meters: Meters::of_policy(&policy),
+            hints: HashMap::new(),
+            urgent: false,
+            meter_hints: 0,
+            sampled_flows: 0,
             policy,
         };
         e.prepare();
@@ -770,7 +808,8 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) {
+        let metered = e.labels & meter::METER_BITS;
+        if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) && metered == 0 {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source
             // that matters: in a spoofed storm every source's DESTROY comes back a second
@@ -810,7 +849,27 @@ impl Engine {
             self.stale_events += 1;
             return;
         }
+        if metered != 0 {
+            self.meter_hint(slot, key, metered, t);
+            if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) {
+                return;
+            }
+        }
         let st = &mut self.table.slots[slot as usize];
+        // Sampling: a new flow carries the sampling label when its source is sampled, and
+        // while it is, every event of the source is one of a sampled flow (the others report
+        // nothing); a dump lists every flow, sampled or not.
+        match e.kind {
+            FlowEventKind::New if e.labels & meter::SAMPLED_BIT != 0 => {
+                st.flags |= SAMPLED;
+                self.sampled_flows += 1;
+            }
+            FlowEventKind::New => st.flags &= !SAMPLED,
+            _ => {}
+        }
+        if st.flags & SAMPLED != 0 && e.kind != FlowEventKind::Existing {
+            f.weight = meter::SAMPLE_ONE_IN;
+        }
         // (Were the networks of one IPv6 aggregate under different profiles, the profile of
         // the address that first created the source applies; windows are those of the
         // profile of this event, which is the same in every sane policy.)
@@ -868,7 +927,8 @@ impl Engine {
         self.rates.charge(slot, key, charge, prep.windows[0]);
     }
 
-    /// [`check`], and for a flood the rates of unanswered UDP and echo requests too.
+    /// [`check`], and for a flood the rates of unanswered UDP and echo requests and the
+    /// kernel meters' reports too.
     fn check_source(
         &self,
         c: Category,
@@ -881,6 +941,19 @@ impl Engine {
         if c != Category::Flood {
             return found;
         }
+        let found = self.check_rates(slot, st, prep, now, found);
+        self.check_meters(slot, st, prep, now, found)
+    }
+
+    /// The flood rule with the class counters' rates: `flood.udp_pps`, `flood.icmp_pps`.
+    fn check_rates(
+        &self,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+        found: Option<Finding>,
+    ) -> Option<Finding> {
         let Some(r) = self.rates.view(slot, &st.key, now, prep.windows[0]) else {
             return found;
         };
@@ -916,6 +989,105 @@ impl Engine {
         Some(finding)
     }
 
+    /// The flood rule with the kernel meters' reports ([`crate::meter`]): a meter at the
+    /// profile's threshold tripped (the source sent above it for longer than
+    /// `detection.flood_tolerance` allows at twice the rate), and what the meter cannot see
+    /// holds too: for `pps`/`bps` at least half the source's new flows unanswered, for new
+    /// flows few targets, for SYNs few targets and at least half of them unanswered.
+    fn check_meters(
+        &self,
+        slot: u32,
+        st: &SourceState,
+        prep: &Prepared,
+        now: u64,
+        found: Option<Finding>,
+    ) -> Option<Finding> {
+        let Some(h) = self
+            .hints
+            .get(&slot)
+            .filter(|h| h.key == st.key && now.saturating_sub(h.t) <= HINT_TTL)
+        else {
+            return found;
+        };
+        let f = &prep.profile.flood;
+        let v = st.flood_view(now, prep.windows[0]);
+        let few = v.targets.round() <= f64::from(f.max_targets);
+        let unanswered = v.unanswered >= 1.0 && v.unanswered * 2.0 >= v.new;
+        let mut hit = Vec::new();
+        for kind in Kind::ALL {
+            let threshold = kind.threshold(f);
+            if h.bits & kind.bit() == 0 || !self.meters.serves(kind, threshold) {
+                continue;
+            }
+            let rest = match kind {
+                Kind::Pps | Kind::Bps => unanswered,
+                Kind::Udp | Kind::Echo => true,
+                Kind::NewFlows => few,
+                Kind::Syn => few && v.syn > 0.0 && v.syn_unanswered * 2.0 >= v.syn,
+            };
+            if rest {
+                hit.push(kind);
+            }
+        }
+        if hit.is_empty() {
+            return found;
+        }
+        let mut finding = found.unwrap_or_else(|| Finding {
+            crossed: Vec::new(),
+            counts: flood_counts(st, prep, now),
+            focus: None,
+            pattern: None,
+        });
+        for kind in hit {
+            if finding.crossed.iter().any(|x| x.signal == kind.key()) {
+                continue;
+            }
+            // The meter tells "above the threshold", not by how much: the threshold is the
+            // value, a lower bound, where the counters have no higher one yet.
+            let t = kind.threshold(f) as f64;
+            finding.crossed.push(crossed(kind.key(), t, t));
+            match finding.counts.iter_mut().find(|(k, _)| *k == kind.key()) {
+                Some((_, v)) => *v = v.max(t),
+                None => finding.counts.push((kind.key(), t)),
+            }
+            if finding.pattern.is_none() {
+                finding.pattern = match kind {
+                    Kind::Udp => Some("udp_flood"),
+                    Kind::Echo => Some("icmp_flood"),
+                    _ => None,
+                };
+            }
+        }
+        finding.counts.push(("kernel_meter", 1.0));
+        Some(finding)
+    }
+
+    /// Records a kernel meter's report on a source and asks for an evaluation now.
+    fn meter_hint(&mut self, slot: u32, key: SrcKey, bits: u64, t: u64) {
+        self.meter_hints += 1;
+        if self.hints.len() >= MAX_HINTS && !self.hints.contains_key(&slot) {
+            let now = self.now;
+            self.hints
+                .retain(|_, h| now.saturating_sub(h.t) <= HINT_TTL);
+            if self.hints.len() >= MAX_HINTS {
+                return;
+            }
+        }
+        let h = self.hints.entry(slot).or_insert(Hint { key, bits: 0, t });
+        if h.key != key {
+            *h = Hint { key, bits: 0, t };
+        }
+        h.bits |= bits;
+        h.t = h.t.max(t);
+        self.urgent = true;
+    }
+
+    /// Whether a kernel meter reported a source since the last call: the caller evaluates
+    /// at once instead of at the next tick.
+    pub fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
+    }
+
     /// Evaluates every source that saw events since the last call, at `now`, and appends
     /// the detections to `out`. Call it every `detection.evaluation_interval`.
     pub fn evaluate(&mut self, now: Time, out: &mut Vec<Detection>) {
@@ -936,6 +1108,10 @@ impl Engine {
         self.touched = touched;
         self.touched.clear();
         self.prune_fresh(now);
+        if !self.hints.is_empty() {
+            self.hints
+                .retain(|_, h| now.saturating_sub(h.t) <= HINT_TTL);
+        }
     }
 
     fn evaluate_slot(&mut self, slot: u32, now: u64, out: &mut Vec<Detection>) {
@@ -1268,6 +1444,9 @@ impl Engine {
         let old_v6 = self.v6_prefix;
         self.policy = policy;
         self.prepare();
+        self.meters = Meters::of_policy(&self.policy);
+        // Slots may move below; a meter reports a flood again soon enough.
+        self.hints.clear();
         let cap = self.policy.detection.max_sources as usize;
         // A rebuilt table moves sources to other slots, away from their rate trackers.
         let mut flood_window_changed = cap != self.table.cap();
@@ -1356,6 +1535,8 @@ impl Engine {
             holds: self.holds.len() as u64,
             held_samples: self.held_samples,
             stale_events: self.stale_events,
+            meter_hints: self.meter_hints,
+            sampled_flows: self.sampled_flows,
         }
     }
 
@@ -1463,7 +1644,7 @@ fn flood_counts(st: &SourceState, prep: &Prepared, now: u64) -> Vec<(&'static st
     } else {
         0.0
     };
-    vec![
+    let mut counts = vec![
         ("new_flows", v.new),
         ("new_flows_per_sec", v.new / secs),
         ("unanswered_flows", v.unanswered),
@@ -1475,7 +1656,12 @@ fn flood_counts(st: &SourceState, prep: &Prepared, now: u64) -> Vec<(&'static st
         ("distinct_destinations", v.targets.round()),
         ("pps", v.pps),
         ("bps", v.bps),
-    ]
+    ];
+    if st.flags & SAMPLED != 0 {
+        // The flow counts are estimates: each reported flow stood for this many.
+        counts.push(("sampled_one_in", f64::from(meter::SAMPLE_ONE_IN)));
+    }
+    counts
 }
 
 /// An answered sweep: the fan-out of a network scan whose flows the source did not carry

@@ -363,6 +363,9 @@ pub const HELD_ALL: u8 = 16;
 pub const EXACT: u8 = 32;
 /// Flag: the source has a slow-scan tracker ([`super::slow`]).
 pub const SLOW: u8 = 64;
+/// Flag: the kernel samples the source's new flows ([`crate::meter`]); its live events each
+/// stand for [`crate::meter::SAMPLE_ONE_IN`] flows in the flood counts.
+pub const SAMPLED: u8 = 128;
 
 /// Everything known about one source. Fixed size: see the `size_of` test.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -487,6 +490,9 @@ pub struct FlowFacts {
     pub dst: u128,
     /// Destination port.
     pub dport: u16,
+    /// Flows this event stands for in the flood counts (0 and 1: itself; a sampled
+    /// source's events more).
+    pub weight: u32,
 }
 
 /// Window lengths (ns) of the categories, in [`Category::DETECTED`] order.
@@ -499,23 +505,24 @@ impl SourceState {
         let dst_h = hash128(f.dst);
         if enabled & 1 != 0 {
             let c = self.flood.at(t, w[0]);
+            let n = f.weight.max(1);
             if f.new {
-                c.new = c.new.saturating_add(1);
+                c.new = c.new.saturating_add(n);
                 c.targets.insert(dst_h);
                 if f.tcp {
-                    c.syn = c.syn.saturating_add(1);
+                    c.syn = c.syn.saturating_add(n);
                 }
                 if f.amp {
-                    c.amp = c.amp.saturating_add(1);
+                    c.amp = c.amp.saturating_add(n);
                 }
             }
             if f.answer {
-                c.answered = c.answered.saturating_add(1);
+                c.answered = c.answered.saturating_add(n);
                 if f.tcp {
-                    c.syn_answered = c.syn_answered.saturating_add(1);
+                    c.syn_answered = c.syn_answered.saturating_add(n);
                 }
                 if f.amp {
-                    c.amp_answered = c.amp_answered.saturating_add(1);
+                    c.amp_answered = c.amp_answered.saturating_add(n);
                 }
             }
         }

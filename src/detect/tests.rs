@@ -75,6 +75,7 @@ fn flow(
         reply_bytes: None,
         start: None,
         stop: None,
+        labels: 0,
     })
 }
 
@@ -390,6 +391,7 @@ fn busy_web_server_is_not_a_flood() {
             reply_bytes: None,
             start: None,
             stop: None,
+            labels: 0,
         }));
     }
     for s in 0..60u64 {
@@ -1584,6 +1586,7 @@ fn arbitrary_streams_never_panic_and_respect_the_cap() {
                 reply_bytes: None,
                 start: if r & 1 == 0 { Some(Time(next())) } else { None },
                 stop: None,
+                labels: 0,
             }),
         };
         e.observe(&obs);

@@ -20,6 +20,8 @@ use nftables::stmt::{Counter, Match, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde_json::Value;
 
+use crate::meter::{Kind, Meters, SAMPLE_ONE_IN, SAMPLED_LABEL};
+
 /// Priority of the agent's base chains: `filter - 10`, so its drops happen before the
 /// operator's own filter chains (priority `filter` = 0, firewalld's `filter + 10`, VyOS's 0)
 /// can accept the packet, and after conntrack (-200) and DNAT (-100) have run.
@@ -27,6 +29,10 @@ pub const CHAIN_PRIORITY: i32 = -10;
 
 /// Idle timeout of a source in the per-source counter sets, in seconds.
 pub const COUNTER_TIMEOUT_SECS: u32 = 300;
+
+/// Idle timeout of a source in the flood meters' sets ([`crate::meter`]), in seconds: a
+/// token bucket idle this long is full again anyway.
+pub const METER_TIMEOUT_SECS: u32 = 60;
 
 /// Longest timeout the agent puts on an element (ten years), far below the kernel's limit.
 pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -98,6 +104,11 @@ pub enum Role {
     EchoCounters,
     /// Sources of learnt flowspec rules, dropped as senders only: `flags interval`.
     Learnt,
+    /// A flood meter's token buckets, one per source ([`crate::meter`]): `flags dynamic,
+    /// timeout`, filled by the packet path.
+    Meter(Kind),
+    /// The sampling meter's token buckets (`detection.sample_flows_above`).
+    Sample,
 }
 
 impl Role {
@@ -116,12 +127,17 @@ impl Role {
         matches!(self, Role::Blocked | Role::Quarantine) || self.counting()
     }
 
-    /// Whether the set is a per-source counter set, filled by the packet path.
+    /// Whether the set is a per-source set filled by the packet path (counters, meters).
     pub fn counting(self) -> bool {
         matches!(
             self,
             Role::Counters | Role::UdpCounters | Role::EchoCounters
-        )
+        ) || self.metering()
+    }
+
+    /// Whether the set holds a meter's token buckets.
+    pub fn metering(self) -> bool {
+        matches!(self, Role::Meter(_) | Role::Sample)
     }
 }
 
@@ -161,6 +177,9 @@ impl SetId {
             (Role::EchoCounters, Fam::V6) => "src_echo6",
             (Role::Learnt, Fam::V4) => "learnt4",
             (Role::Learnt, Fam::V6) => "learnt6",
+            (Role::Meter(k), fam) => meter_set_name(k, fam),
+            (Role::Sample, Fam::V4) => "meter_sample4",
+            (Role::Sample, Fam::V6) => "meter_sample6",
         }
     }
 
@@ -178,6 +197,8 @@ impl SetId {
             Role::EchoCounters,
         ]
         .into_iter()
+        .chain(Kind::ALL.map(Role::Meter))
+        .chain([Role::Sample])
         .flat_map(|r| [SetId::new(r, Fam::V4), SetId::new(r, Fam::V6)])
     }
 
@@ -192,8 +213,37 @@ impl SetId {
         match self.role {
             Role::Blocked | Role::Quarantine => vec!["interval", "timeout"],
             Role::Customers | Role::Allow | Role::Garden | Role::Learnt => vec!["interval"],
-            Role::Counters | Role::UdpCounters | Role::EchoCounters => vec!["timeout"],
+            Role::Counters
+            | Role::UdpCounters
+            | Role::EchoCounters
+            | Role::Meter(_)
+            | Role::Sample => vec!["timeout"],
         }
+    }
+}
+
+fn meter_set_name(k: Kind, fam: Fam) -> &'static str {
+    match (k, fam) {
+        (Kind::Pps, Fam::V4) => "meter_pps4",
+        (Kind::Pps, Fam::V6) => "meter_pps6",
+        (Kind::Bps, Fam::V4) => "meter_bytes4",
+        (Kind::Bps, Fam::V6) => "meter_bytes6",
+        (Kind::Udp, Fam::V4) => "meter_udp4",
+        (Kind::Udp, Fam::V6) => "meter_udp6",
+        (Kind::Echo, Fam::V4) => "meter_echo4",
+        (Kind::Echo, Fam::V6) => "meter_echo6",
+        (Kind::NewFlows, Fam::V4) => "meter_new4",
+        (Kind::NewFlows, Fam::V6) => "meter_new6",
+        (Kind::Syn, Fam::V4) => "meter_syn4",
+        (Kind::Syn, Fam::V6) => "meter_syn6",
+    }
+}
+
+fn set_timeout(role: Role) -> u32 {
+    if role.metering() {
+        METER_TIMEOUT_SECS
+    } else {
+        COUNTER_TIMEOUT_SECS
     }
 }
 
@@ -204,6 +254,8 @@ pub struct TableSpec {
     pub table: String,
     /// Size of each per-source counter set.
     pub counter_set_size: u32,
+    /// The flood meters and sampling of the forward chain.
+    pub meters: Meters,
 }
 
 impl TableSpec {
@@ -218,12 +270,16 @@ impl TableSpec {
             Role::Customers | Role::Allow | Role::Garden | Role::Learnt => {
                 flags.insert(SetFlag::Interval);
             }
-            Role::Counters | Role::UdpCounters | Role::EchoCounters => {
+            Role::Counters
+            | Role::UdpCounters
+            | Role::EchoCounters
+            | Role::Meter(_)
+            | Role::Sample => {
                 // nft 1.0.6's JSON parser refuses `dynamic`; the kernel set gets it from the
                 // `update` statement that uses it (written in the same transaction).
                 flags.insert(SetFlag::Timeout);
                 size = Some(self.counter_set_size);
-                timeout = Some(COUNTER_TIMEOUT_SECS);
+                timeout = Some(set_timeout(id.role));
             }
         }
         Set {
@@ -245,9 +301,9 @@ impl TableSpec {
     /// The set's expected size and default timeout as listed (only counter sets have them).
     pub fn listed_size_timeout(&self, id: SetId) -> (Option<u64>, Option<u64>) {
         match id.role {
-            Role::Counters | Role::UdpCounters | Role::EchoCounters => (
+            r if r.counting() => (
                 Some(u64::from(self.counter_set_size)),
-                Some(u64::from(COUNTER_TIMEOUT_SECS)),
+                Some(u64::from(set_timeout(r))),
             ),
             _ => (None, None),
         }
@@ -454,9 +510,11 @@ pub struct RuleDef {
     pub comment: String,
     /// Its statements.
     pub expr: Vec<Statement<'static>>,
-    /// Counter rule: the `update @<set> { ip saddr counter }` statement (a counter set),
-    /// added to the serialised rule because `nftables::stmt::Set` has no `stmt` member.
-    pub counter_update: Option<SetId>,
+    /// Statements after `expr` in nft's JSON, for what the crate's types cannot express:
+    /// `update @<set> { ip saddr counter }` or `{ ip saddr limit rate over ... }`
+    /// (`nftables::stmt::Set` has no `stmt` member), `ct label set`, `ct event set`,
+    /// `numgen`.
+    pub tail: Vec<Value>,
 }
 
 fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
@@ -464,8 +522,145 @@ fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
         chain,
         comment: format!("{RULE_TAG}{name}"),
         expr,
-        counter_update: None,
+        tail: Vec::new(),
     }
+}
+
+/// `update @<set> { <fam> saddr <stmt> }`.
+fn update_json(set: SetId, stmt: Value) -> Value {
+    serde_json::json!({
+        "set": {
+            "op": "update",
+            "elem": serde_json::to_value(addr(set.fam, "saddr")).unwrap_or(Value::Null),
+            "set": format!("@{}", set.name()),
+            "stmt": [stmt],
+        }
+    })
+}
+
+/// `update @<set> { <fam> saddr counter }`.
+fn counter_update(set: SetId) -> Value {
+    update_json(set, serde_json::json!({ "counter": null }))
+}
+
+/// `update @<set> { <fam> saddr limit rate over <rate>/second burst <burst> <unit> }`.
+fn limit_update(set: SetId, rate: u64, burst: u64, bytes: bool) -> Value {
+    let mut limit = serde_json::json!({
+        "rate": rate, "burst": burst, "per": "second", "inv": true,
+    });
+    if bytes {
+        limit["rate_unit"] = "bytes".into();
+        limit["burst_unit"] = "bytes".into();
+    }
+    update_json(set, serde_json::json!({ "limit": limit }))
+}
+
+/// `ct label set <label>`.
+fn ct_label_set(label: u8) -> Value {
+    serde_json::json!({ "mangle": { "key": { "ct": { "key": "label" } }, "value": label } })
+}
+
+/// The first packet of a flow: `ct state new ct status != confirmed` (conntrack confirms a
+/// flow once its first packet has left).
+fn first_packet() -> [Statement<'static>; 2] {
+    [
+        ct_state("new"),
+        Statement::Match(Match {
+            left: Expression::Named(NamedExpression::CT(CT {
+                key: Cow::Borrowed("status"),
+                family: None,
+                dir: None,
+            })),
+            right: Expression::String(Cow::Borrowed("confirmed")),
+            op: Operator::NEQ,
+        }),
+    ]
+}
+
+/// The flood meters and the sampling of one family (see [`crate::meter`]), in chain order.
+fn meter_rules(fam: Fam, meters: &Meters) -> Vec<RuleDef> {
+    let sfx = if fam == Fam::V4 { "4" } else { "6" };
+    let customers = in_set(fam, "saddr", SetId::new(Role::Customers, fam));
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        let Some((rate, burst)) = meters.limit(kind) else {
+            continue;
+        };
+        let mut expr = vec![customers.clone()];
+        match kind {
+            Kind::Pps | Kind::Bps => {}
+            Kind::Udp => expr.extend([l4proto("udp"), ct_state("new"), ct_status("confirmed")]),
+            Kind::Echo => expr.push(match fam {
+                Fam::V4 => payload_eq("icmp", "type", "echo-request"),
+                Fam::V6 => payload_eq("icmpv6", "type", "echo-request"),
+            }),
+            Kind::NewFlows => expr.extend(first_packet()),
+            Kind::Syn => {
+                expr.push(l4proto("tcp"));
+                expr.extend(first_packet());
+            }
+        }
+        // The threshold is in the name: a reload that changes it rewrites the rule.
+        let mut r = rule(
+            ChainId::Forward,
+            &format!("meter-{}-{rate}-{burst}{sfx}", kind.name()),
+            expr,
+        );
+        r.tail = vec![
+            limit_update(
+                SetId::new(Role::Meter(kind), fam),
+                rate,
+                burst,
+                kind == Kind::Bps,
+            ),
+            ct_label_set(kind.label()),
+        ];
+        out.push(r);
+    }
+    if let Some((rate, burst)) = meters.sampling() {
+        let mut expr = vec![customers];
+        expr.extend(first_packet());
+        let mut r = rule(
+            ChainId::Forward,
+            &format!("sample-over-{rate}-{burst}{sfx}"),
+            expr,
+        );
+        r.tail = vec![
+            limit_update(SetId::new(Role::Sample, fam), rate, burst, false),
+            ct_label_set(SAMPLED_LABEL),
+        ];
+        out.push(r);
+        // Of a sampled source's new flows, all but one in SAMPLE_ONE_IN report nothing.
+        let label = Statement::Match(Match {
+            left: Expression::Named(NamedExpression::CT(CT {
+                key: Cow::Borrowed("label"),
+                family: None,
+                dir: None,
+            })),
+            right: Expression::Number(u32::from(SAMPLED_LABEL)),
+            op: Operator::IN,
+        });
+        let mut expr = vec![
+            in_set(fam, "saddr", SetId::new(Role::Customers, fam)),
+            label,
+        ];
+        expr.extend(first_packet());
+        let mut r = rule(
+            ChainId::Forward,
+            &format!("sample-one-in-{SAMPLE_ONE_IN}{sfx}"),
+            expr,
+        );
+        r.tail = vec![
+            serde_json::json!({ "match": {
+                "op": "!=",
+                "left": { "numgen": { "mode": "random", "mod": SAMPLE_ONE_IN, "offset": 0 } },
+                "right": 0,
+            }}),
+            serde_json::json!({ "mangle": { "key": { "ct": { "key": "event" } }, "value": 0 } }),
+        ];
+        out.push(r);
+    }
+    out
 }
 
 /// The drop rules of one family, in chain order: a blocked address sends and receives
@@ -539,7 +734,7 @@ fn drop_rules(fam: Fam) -> [(String, Vec<Statement<'static>>); 6] {
 }
 
 /// Every rule of the table, in order, for both families.
-pub fn rules() -> Vec<RuleDef> {
+pub fn rules(meters: &Meters) -> Vec<RuleDef> {
     use ChainId::*;
     let mut out = Vec::new();
     // forward: per-source counters first, so the observer also sees what blocked sources
@@ -551,7 +746,7 @@ pub fn rules() -> Vec<RuleDef> {
             &format!("count-customers{sfx}"),
             vec![in_set(fam, "saddr", SetId::new(Role::Customers, fam))],
         );
-        r.counter_update = Some(SetId::new(Role::Counters, fam));
+        r.tail = vec![counter_update(SetId::new(Role::Counters, fam))];
         out.push(r);
     }
     // The two floods one packet counter cannot tell from a backup stream: UDP packets of
@@ -574,7 +769,7 @@ pub fn rules() -> Vec<RuleDef> {
                 ct_status("confirmed"),
             ],
         );
-        r.counter_update = Some(SetId::new(Role::UdpCounters, fam));
+        r.tail = vec![counter_update(SetId::new(Role::UdpCounters, fam))];
         out.push(r);
         let (icmp, echo) = match fam {
             Fam::V4 => ("icmp", "echo-request"),
@@ -585,8 +780,13 @@ pub fn rules() -> Vec<RuleDef> {
             &format!("count-echo{sfx}"),
             vec![customers, payload_eq(icmp, "type", echo)],
         );
-        r.counter_update = Some(SetId::new(Role::EchoCounters, fam));
+        r.tail = vec![counter_update(SetId::new(Role::EchoCounters, fam))];
         out.push(r);
+    }
+    // The flood meters and sampling, before the drops like the counters: a held source's
+    // new flows are sampled too.
+    for fam in [Fam::V4, Fam::V6] {
+        out.extend(meter_rules(fam, meters));
     }
     for fam in [Fam::V4, Fam::V6] {
         for (name, expr) in drop_rules(fam) {
@@ -776,24 +976,11 @@ impl Tx {
             comment: Some(Cow::Owned(rule.comment.clone())),
         };
         let mut v = to_value(NfCmd::Add(NfListObject::Rule(obj)));
-        if let Some(set) = rule.counter_update {
-            // `update @src_countersN { ip saddr counter }`: nft's JSON has a `stmt` list in
-            // the set statement that the crate's `stmt::Set` cannot express.
-            let fam = set.fam;
-            let update = serde_json::json!({
-                "set": {
-                    "op": "update",
-                    "elem": serde_json::to_value(addr(fam, "saddr")).unwrap_or(Value::Null),
-                    "set": format!("@{}", set.name()),
-                    "stmt": [{ "counter": null }],
-                }
-            });
-            if let Some(expr) = v
-                .pointer_mut("/add/rule/expr")
-                .and_then(Value::as_array_mut)
-            {
-                expr.push(update);
-            }
+        if let Some(expr) = v
+            .pointer_mut("/add/rule/expr")
+            .and_then(Value::as_array_mut)
+        {
+            expr.extend(rule.tail.iter().cloned());
         }
         self.cmds.push(v);
     }
@@ -850,7 +1037,7 @@ impl Tx {
         for c in &s.add_chains {
             self.add_chain(spec, *c);
         }
-        for r in rules() {
+        for r in rules(&spec.meters) {
             self.add_rule(spec, &r);
         }
     }
@@ -890,15 +1077,16 @@ mod tests {
         TableSpec {
             table: "egressguard".into(),
             counter_set_size: 65536,
+            meters: Meters::default(),
         }
     }
 
     #[test]
     fn counter_rule_carries_the_update_statement() {
         let mut tx = Tx::new();
-        let r = rules()
+        let r = rules(&Meters::default())
             .into_iter()
-            .find(|r| r.counter_update.is_some())
+            .find(|r| !r.tail.is_empty())
             .unwrap();
         tx.add_rule(&spec(), &r);
         let json = tx.to_json();
@@ -930,7 +1118,12 @@ mod tests {
     #[test]
     fn every_rule_has_a_unique_name_per_chain() {
         let mut seen = std::collections::BTreeSet::new();
-        for r in rules() {
+        let meters = Meters {
+            rate: [1; 6],
+            tolerance_ms: 200,
+            sample_above: 5000,
+        };
+        for r in rules(&meters) {
             assert!(seen.insert((r.chain, r.comment.clone())), "{}", r.comment);
         }
     }
@@ -938,6 +1131,6 @@ mod tests {
     #[test]
     fn set_names_are_unique() {
         let names: std::collections::BTreeSet<_> = SetId::all().map(SetId::name).collect();
-        assert_eq!(names.len(), 18);
+        assert_eq!(names.len(), 32);
     }
 }

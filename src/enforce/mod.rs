@@ -424,6 +424,7 @@ fn spec_of(policy: &Policy) -> TableSpec {
     TableSpec {
         table: policy.enforcement.table.clone(),
         counter_set_size: policy.detection.max_sources.max(1024),
+        meters: crate::meter::Meters::of_policy(policy),
     }
 }
 
@@ -553,7 +554,8 @@ impl Enforcer {
         let new_tag = tag_of(&policy);
         self.spec = spec_of(&policy);
         self.policy = policy;
-        if self.spec.table != old_spec.table {
+        if self.spec.table != old_spec.table || self.spec.meters != old_spec.meters {
+            // Another table, or meters at other thresholds: the rules are written afresh.
             self.baseline = None;
         }
         if new_tag != old_tag {

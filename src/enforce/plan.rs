@@ -608,6 +608,7 @@ mod tests {
         TableSpec {
             table: "egressguard".into(),
             counter_set_size: 65536,
+            meters: Default::default(),
         }
     }
 

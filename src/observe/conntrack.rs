@@ -134,6 +134,10 @@ impl Default for ListenerOptions {
 
 /// Whether an update event carries a signal under [`Updates::Signals`].
 pub fn update_has_signal(e: &FlowEvent) -> bool {
+    // A kernel meter's label (`crate::meter`): a flood in progress.
+    if e.labels & crate::meter::METER_BITS != 0 {
+        return true;
+    }
     !matches!(
         e.tcp_state,
         Some(
@@ -754,6 +758,7 @@ mod tests {
             reply_bytes: None,
             start: None,
             stop: None,
+            labels: 0,
         }
     }
 

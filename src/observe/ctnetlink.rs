@@ -69,6 +69,7 @@ const CTA_PROTOINFO: u16 = 4;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
 const CTA_TIMESTAMP: u16 = 20;
+const CTA_LABELS: u16 = 22;
 // enum ctattr_tuple
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -426,6 +427,7 @@ pub fn parse(msg: &NlMsg<'_>, time: Time, filter: &CustomerFilter) -> Result<Par
                 reply_bytes: None,
                 start: None,
                 stop: None,
+                labels: 0,
             });
             continue;
         }
@@ -453,6 +455,15 @@ pub fn parse(msg: &NlMsg<'_>, time: Time, filter: &CustomerFilter) -> Result<Par
 fn apply(e: &mut FlowEvent, ty: u16, v: &[u8]) -> Result<(), ParseError> {
     match ty {
         CTA_STATUS => e.status = be_u32(v, "CTA_STATUS")?,
+        CTA_LABELS => {
+            // The kernel's label bitmap (`unsigned long` words in host order, 128 bits):
+            // labels 64..127, the agent's (`crate::meter`), are its second half.
+            let half = Some(v)
+                .filter(|v| v.len() == 16)
+                .and_then(|v| <[u8; 8]>::try_from(&v[8..]).ok())
+                .ok_or(ParseError::AttrSize("CTA_LABELS"))?;
+            e.labels = u64::from_ne_bytes(half);
+        }
         CTA_PROTOINFO => {
             for a in Attrs::new(v, "CTA_PROTOINFO") {
                 let (kind, v) = a?;

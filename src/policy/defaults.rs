@@ -154,4 +154,9 @@ pub const NOTIFY_RETRIES: u32 = 3;
 // detection
 pub const EVALUATION_INTERVAL: Duration = Duration::from_millis(250);
 pub const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a source at twice a flood threshold goes before the kernel meter reports it:
+/// the meter's burst is `threshold × tolerance`.
+pub const FLOOD_TOLERANCE: Duration = Duration::from_millis(200);
+/// New flows per second of one source above which the kernel reports one flow in 16.
+pub const SAMPLE_FLOWS_ABOVE: u64 = 5_000;
 pub const MAX_SOURCES: u32 = 262_144;

@@ -632,6 +632,15 @@ pub struct DetectionSettings {
     pub counter_interval: Duration,
     /// Hard cap of tracked sources; the idlest is evicted beyond it.
     pub max_sources: u32,
+    /// How long a source may exceed a packet or flow flood threshold, at twice its rate,
+    /// before the kernel's per-source meter reports it (the meter's burst is `threshold ×
+    /// tolerance`): shorter bursts are not floods.
+    #[serde(serialize_with = "ser::duration")]
+    pub flood_tolerance: Duration,
+    /// New flows per second of one source above which the kernel reports only one of its
+    /// flows in [`crate::meter::SAMPLE_ONE_IN`] (and the detector counts each sixteen times);
+    /// 0: every flow is reported.
+    pub sample_flows_above: u64,
 }
 
 /// Reads a policy file as text, refusing one larger than [`locate::MAX_POLICY_BYTES`]

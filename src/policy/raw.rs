@@ -355,4 +355,6 @@ pub struct RawDetection {
     pub evaluation_interval: Option<Scalar>,
     pub counter_interval: Option<Scalar>,
     pub max_sources: Option<Scalar>,
+    pub flood_tolerance: Option<Scalar>,
+    pub sample_flows_above: Option<Scalar>,
 }

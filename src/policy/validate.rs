@@ -2058,6 +2058,38 @@ fn detection(cx: &mut Cx, raw: Option<&RawDetection>) -> DetectionSettings {
             Some("write at least 1024; each source costs at most 512 bytes".into()),
         );
     }
+    let flood_tolerance = duration(
+        cx,
+        "detection.flood_tolerance",
+        raw.flood_tolerance.as_ref(),
+        d::FLOOD_TOLERANCE,
+    );
+    if flood_tolerance < Duration::from_millis(10) || flood_tolerance > Duration::from_secs(10) {
+        cx.err(
+            "detection.flood_tolerance",
+            format!(
+                "{} is outside 10ms..10s",
+                humantime::format_duration(flood_tolerance)
+            ),
+            Some(
+                "the default is 200ms: a source at twice a threshold is reported after 200 ms"
+                    .into(),
+            ),
+        );
+    }
+    let sample_flows_above = count(
+        cx,
+        "detection.sample_flows_above",
+        raw.sample_flows_above.as_ref(),
+        d::SAMPLE_FLOWS_ABOVE,
+    );
+    if sample_flows_above != 0 && sample_flows_above < 1000 {
+        cx.err(
+            "detection.sample_flows_above",
+            format!("{sample_flows_above} new flows/s would sample ordinary clients"),
+            Some("write at least 1000, or 0 to report every flow; the default is 5000".into()),
+        );
+    }
     DetectionSettings {
         evaluation_interval,
         counter_interval: duration(
@@ -2067,5 +2099,7 @@ fn detection(cx: &mut Cx, raw: Option<&RawDetection>) -> DetectionSettings {
             d::COUNTER_INTERVAL,
         ),
         max_sources,
+        flood_tolerance,
+        sample_flows_above,
     }
 }

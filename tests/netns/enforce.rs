@@ -835,6 +835,7 @@ fn a_refused_transaction_leaves_nothing_behind() {
             let spec = TableSpec {
                 table: table.clone(),
                 counter_set_size: 65536,
+                meters: Default::default(),
             };
             let mut tx = Tx::new();
             tx.structure(&spec, &Structure::fresh());
@@ -901,6 +902,7 @@ async fn fresh_table(table: &str) {
     let spec = TableSpec {
         table: table.to_owned(),
         counter_set_size: 65536,
+        meters: Default::default(),
     };
     let mut tx = Tx::new();
     tx.structure(&spec, &Structure::fresh());
