@@ -9,6 +9,12 @@
 //! ip saddr @customers4 update @meter_pps4 { ip saddr limit rate over 150000/second burst 30000 packets } ct label set 64
 //! ```
 //!
+//! Bytes are metered as a quota of one second of the threshold per one-second window
+//! (`add @meter_bytes4 { ip saddr quota over N bytes }` in a set with a 1 s timeout): the
+//! kernel's byte `limit` lets a full second of its rate through before it trips, and nft's
+//! JSON has whole seconds only. A byte flood at twice the threshold trips half a second into
+//! its window.
+//!
 //! A source that sends faster than the threshold for longer than the burst allows
 //! (`detection.flood_tolerance` at twice the threshold) sets the conntrack label of its
 //! [`Kind`] on the flow of the packet. Conntrack reports the change at once (a `NEW` event
@@ -159,18 +165,26 @@ impl Meters {
         Some(self.rate[kind as usize]).filter(|&r| r > 0)
     }
 
-    /// What the kernel's `limit` takes for `kind`: (rate per second, burst), in packets, or
-    /// in bytes for [`Kind::Bps`].
+    /// What the kernel's meter takes for `kind`: (rate per second, burst) in packets for a
+    /// `limit`; for [`Kind::Bps`] (bytes per second, the quota of one window), as the
+    /// kernel's byte `limit` cannot trip within its first second (see
+    /// `enforce::layout::BYTES_WINDOW_SECS`). None where the kernel cannot meter the rate
+    /// (see [`kernel_can_meter`]): that threshold is judged from the counters only.
     pub fn limit(&self, kind: Kind) -> Option<(u64, u64)> {
         let r = self.rate(kind)?;
-        let r = if kind == Kind::Bps { (r / 8).max(1) } else { r };
-        Some((r, burst(r, self.tolerance_ms)))
+        if kind == Kind::Bps {
+            let r = (r / 8).max(1);
+            return Some((r, r));
+        }
+        let b = burst(r, self.tolerance_ms);
+        kernel_can_meter(r, b).then_some((r, b))
     }
 
     /// The sampling meter: (new flows per second, burst).
     pub fn sampling(&self) -> Option<(u64, u64)> {
         let r = Some(self.sample_above).filter(|&r| r > 0)?;
-        Some((r, burst(r, self.tolerance_ms)))
+        let b = burst(r, self.tolerance_ms);
+        kernel_can_meter(r, b).then_some((r, b))
     }
 
     /// Whether the meter of `kind` confirms a crossing of `threshold` (a profile's): it is
@@ -178,6 +192,14 @@ impl Meters {
     pub fn serves(&self, kind: Kind, threshold: u64) -> bool {
         threshold > 0 && self.rate(kind) == Some(threshold)
     }
+}
+
+/// Whether the kernel's packet `limit` takes `rate` per second with `burst` (Linux
+/// `nft_limit_init`): the burst is a 32-bit attribute, and the rate at most one packet per
+/// nanosecond. Beyond that the kernel refuses the rule (`EOVERFLOW`), and the agent's whole
+/// table with it.
+pub fn kernel_can_meter(rate: u64, burst: u64) -> bool {
+    burst <= u64::from(u32::MAX) && rate <= 1_000_000_000
 }
 
 /// A token bucket's burst for `rate` per second over `ms` milliseconds (at least 1). At
@@ -216,10 +238,27 @@ mod tests {
         assert!(!m.serves(Kind::Udp, 30_000));
         // 200 ms at 10k/s.
         assert_eq!(m.limit(Kind::Udp), Some((10_000, 2_000)));
-        // bps is metered in bytes.
-        let (bytes, burst) = m.limit(Kind::Bps).unwrap();
+        // bps is metered in bytes, a quota of one second's worth per window.
+        let (bytes, quota) = m.limit(Kind::Bps).unwrap();
         assert_eq!(bytes, m.rate(Kind::Bps).unwrap() / 8);
-        assert_eq!(burst, bytes / 5);
+        assert_eq!(quota, bytes);
         assert_eq!(m.sampling(), Some((5_000, 1_000)));
+    }
+
+    #[test]
+    fn rates_the_kernel_refuses_get_no_meter() {
+        let mut m = Meters {
+            rate: [0; 6],
+            tolerance_ms: 200,
+            sample_above: 0,
+        };
+        // A burst past 32 bits, a packet rate past 10⁹/s.
+        m.rate[Kind::Pps as usize] = 100_000_000_000;
+        assert_eq!(m.limit(Kind::Pps), None);
+        m.rate[Kind::Pps as usize] = 100_000_000;
+        assert_eq!(m.limit(Kind::Pps), Some((100_000_000, 20_000_000)));
+        // Bytes are a quota of one second's worth, whatever the rate.
+        m.rate[Kind::Bps as usize] = 1_000_000_000_000;
+        assert_eq!(m.limit(Kind::Bps), Some((125_000_000_000, 125_000_000_000)));
     }
 }

@@ -2142,3 +2142,226 @@ fn the_report_names_the_pattern() {
     let plain = of(&run(&telnet_sweep(1_000, 100)), Category::NetworkScan)[0].to_string();
     assert!(!plain.contains("Pattern:"), "{plain}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernel flood meters and sampling (crate::meter)
+// ---------------------------------------------------------------------------------------------
+
+/// `o` with the labels of `kinds` (and of sampling when `sampled`).
+fn labelled(mut o: Observation, kinds: &[Kind], sampled: bool) -> Observation {
+    if let Observation::Flow(e) = &mut o {
+        e.labels = kinds.iter().map(|k| k.bit()).fold(0, |a, b| a | b);
+        if sampled {
+            e.labels |= meter::SAMPLED_BIT;
+        }
+    }
+    o
+}
+
+/// Observes `obs` and, like the daemon, evaluates at once when the engine asks for it.
+fn observe_urgent(e: &mut Engine, obs: &[Observation]) -> Vec<Detection> {
+    let mut out = Vec::new();
+    for o in obs {
+        e.observe(o);
+        if e.take_urgent() {
+            e.evaluate(o.time(), &mut out);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_udp_meter_report_is_a_flood_at_once() {
+    // One flow, then the label update the meter's trip makes 200 ms later: held then, not
+    // at the next counter read.
+    let target = ip("198.51.100.99");
+    let mut e = Engine::new(policy());
+    let obs = [
+        udp(0, BOT, target, 5555, 9999),
+        labelled(
+            flow(
+                200,
+                FlowEventKind::Update,
+                BOT,
+                target,
+                proto::UDP,
+                5555,
+                9999,
+                ct_status::CONFIRMED,
+                None,
+            ),
+            &[Kind::Udp],
+            false,
+        ),
+    ];
+    let d = observe_urgent(&mut e, &obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].time, Time(T0 + 200 * MS), "decided on the report");
+    assert_eq!(crossed_value(f[0], "udp_pps"), 20_000.0);
+    assert_eq!(f[0].evidence.pattern.as_deref(), Some("udp_flood"));
+    assert_eq!(f[0].evidence.counts["kernel_meter"], 1.0);
+    assert_eq!(f[0].evidence.top_destinations[0].key, target);
+    assert_eq!(e.stats().meter_hints, 1);
+    // Held down: the next report is no second detection.
+    let again = labelled(
+        flow(
+            400,
+            FlowEventKind::Update,
+            BOT,
+            target,
+            proto::UDP,
+            5556,
+            9999,
+            ct_status::CONFIRMED,
+            None,
+        ),
+        &[Kind::Udp],
+        false,
+    );
+    assert!(observe_urgent(&mut e, &[again]).is_empty());
+}
+
+#[test]
+fn a_pps_meter_report_needs_unanswered_traffic() {
+    // A backup stream: its flows answered. The packet meter trips, the rule does not.
+    let target = ip("198.51.100.98");
+    let mut e = Engine::new(policy());
+    let mut obs = Vec::new();
+    answered_tcp(&mut obs, 0, BOT, target, 40000, 873);
+    obs.push(labelled(
+        flow(
+            300,
+            FlowEventKind::Update,
+            BOT,
+            target,
+            proto::TCP,
+            40000,
+            873,
+            ct_status::SEEN_REPLY | ct_status::ASSURED,
+            Some(TcpState::Established),
+        ),
+        &[Kind::Pps, Kind::Bps],
+        false,
+    ));
+    assert!(observe_urgent(&mut e, &obs).is_empty());
+    // The same report for a source whose flows go unanswered is a flood.
+    let mut e = Engine::new(policy());
+    let obs = [
+        syn(0, BOT, target, 40001, 80),
+        labelled(syn(300, BOT, target, 40002, 80), &[Kind::Pps], false),
+    ];
+    let d = observe_urgent(&mut e, &obs);
+    assert_eq!(of(&d, Category::Flood).len(), 1, "{d:#?}");
+    assert_eq!(crossed_value(&d[0], "pps"), 150_000.0);
+}
+
+#[test]
+fn a_meter_below_the_profiles_threshold_confirms_nothing() {
+    // The meter serves the lowest threshold (the `low` profile's); a source of the default
+    // profile (30k) is judged by its own counters, not by a meter at 10k.
+    let text = format!(
+        "{}  low:\n    flood:\n      udp_pps: 10k\n",
+        POLICY
+            .replace(
+                "profiles:\n",
+                "profiles:\n  default:\n    flood:\n      udp_pps: 30k\n"
+            )
+            .replace("enforcement:\n  ipv6_block_prefix: 64\n", "")
+    ) + "enforcement:\n  ipv6_block_prefix: 64\n";
+    let p = policy_from(&text);
+    assert_eq!(Meters::of_policy(&p).rate(Kind::Udp), Some(10_000));
+    let target = ip("198.51.100.99");
+    let mut e = Engine::new(p);
+    let obs = [
+        udp(0, BOT, target, 5555, 9999),
+        labelled(udp(200, BOT, target, 5556, 9999), &[Kind::Udp], false),
+    ];
+    assert!(observe_urgent(&mut e, &obs).is_empty());
+}
+
+#[test]
+fn a_syn_meter_report_needs_the_syns_unanswered_and_few_targets() {
+    let target = ip("198.51.100.97");
+    // Answered SYNs (a load test against one server): no flood.
+    let mut e = Engine::new(policy());
+    let mut obs = Vec::new();
+    for i in 0..50u16 {
+        answered_tcp(&mut obs, u64::from(i), BOT, target, 30000 + i, 443);
+    }
+    obs.push(labelled(
+        syn(60, BOT, target, 31000, 443),
+        &[Kind::Syn],
+        false,
+    ));
+    assert!(observe_urgent(&mut e, &obs).is_empty());
+    // Unanswered SYNs at one target: a SYN flood, decided on the report.
+    let mut e = Engine::new(policy());
+    let mut obs: Vec<Observation> = (0..50u16)
+        .map(|i| syn(u64::from(i), BOT, target, 30000 + i, 80))
+        .collect();
+    obs.push(labelled(
+        syn(60, BOT, target, 31000, 80),
+        &[Kind::Syn, Kind::NewFlows],
+        false,
+    ));
+    let d = observe_urgent(&mut e, &obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert_eq!(f[0].time, Time(T0 + 60 * MS));
+    assert_eq!(crossed_value(f[0], "unreplied_syn_per_sec"), 500.0);
+    assert_eq!(crossed_value(f[0], "new_flows_per_sec"), 2_000.0);
+}
+
+#[test]
+fn a_held_sources_meter_reports_are_not_new_evidence() {
+    let target = ip("198.51.100.99");
+    let mut e = Engine::new(policy());
+    e.on_hold_change(&HoldChange::Held {
+        target: "203.0.113.7/32".parse().unwrap(),
+        since: Time(T0),
+        kind: BlockKind::Quarantine,
+    });
+    let obs = [labelled(
+        udp(100, BOT, target, 5555, 9999),
+        &[Kind::Udp],
+        false,
+    )];
+    assert!(observe_urgent(&mut e, &obs).is_empty());
+    assert_eq!(e.stats().meter_hints, 0);
+}
+
+#[test]
+fn sampled_flows_count_sixteen_times_in_the_flood_rates() {
+    // 100 unanswered SYNs/s reported, each one in 16: 1600 SYNs/s, above 500 (and under the
+    // 2000 new flows/s), from events
+    // under the threshold themselves. Their answers count as many times: answered, no flood.
+    let target = ip("198.51.100.96");
+    let mut obs = Vec::new();
+    for i in 0..1000u64 {
+        obs.push(labelled(
+            syn(i * 10, BOT, target, (i % 60_000) as u16, 80),
+            &[],
+            true,
+        ));
+    }
+    let d = run(&obs);
+    let f = of(&d, Category::Flood);
+    assert_eq!(f.len(), 1, "{d:#?}");
+    assert!(crossed_value(f[0], "unreplied_syn_per_sec") >= 500.0);
+    assert_eq!(f[0].evidence.counts["sampled_one_in"], 16.0);
+    let mut obs = Vec::new();
+    for i in 0..1000u64 {
+        let ms = i * 10;
+        let port = (i % 60_000) as u16;
+        obs.push(labelled(syn(ms, BOT, target, port, 443), &[], true));
+        obs.push(synack(ms + 1, BOT, target, port, 443));
+    }
+    let d = run(&sorted(obs));
+    assert!(of(&d, Category::Flood).is_empty(), "{d:#?}");
+    // Without the label the same events are 100/s: no flood.
+    let obs: Vec<Observation> = (0..1000u64)
+        .map(|i| syn(i * 10, BOT, target, (i % 60_000) as u16, 80))
+        .collect();
+    assert!(of(&run(&obs), Category::Flood).is_empty());
+}

@@ -34,6 +34,12 @@ pub const COUNTER_TIMEOUT_SECS: u32 = 300;
 /// token bucket idle this long is full again anyway.
 pub const METER_TIMEOUT_SECS: u32 = 60;
 
+/// The byte meter's window in seconds: the kernel's byte `limit` always lets a full second
+/// of its rate through before it trips, and nft's JSON has whole seconds only, so bytes are
+/// metered as a quota of one second of the threshold per one-second window (at twice the
+/// rate it trips half a second into the window).
+pub const BYTES_WINDOW_SECS: u32 = 1;
+
 /// Longest timeout the agent puts on an element (ten years), far below the kernel's limit.
 pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
 
@@ -240,7 +246,9 @@ fn meter_set_name(k: Kind, fam: Fam) -> &'static str {
 }
 
 fn set_timeout(role: Role) -> u32 {
-    if role.metering() {
+    if role == Role::Meter(Kind::Bps) {
+        BYTES_WINDOW_SECS
+    } else if role.metering() {
         METER_TIMEOUT_SECS
     } else {
         COUNTER_TIMEOUT_SECS
@@ -543,16 +551,26 @@ fn counter_update(set: SetId) -> Value {
     update_json(set, serde_json::json!({ "counter": null }))
 }
 
-/// `update @<set> { <fam> saddr limit rate over <rate>/second burst <burst> <unit> }`.
-fn limit_update(set: SetId, rate: u64, burst: u64, bytes: bool) -> Value {
-    let mut limit = serde_json::json!({
-        "rate": rate, "burst": burst, "per": "second", "inv": true,
-    });
-    if bytes {
-        limit["rate_unit"] = "bytes".into();
-        limit["burst_unit"] = "bytes".into();
-    }
-    update_json(set, serde_json::json!({ "limit": limit }))
+/// `add @<set> { <fam> saddr quota over <bytes> bytes }` in a set whose elements time out
+/// after [`BYTES_WINDOW_SECS`]: `add` leaves an element's timeout alone, so each lives one
+/// window from its source's first packet, and the next packet starts a fresh quota.
+fn quota_add(set: SetId, bytes: u64) -> Value {
+    serde_json::json!({
+        "set": {
+            "op": "add",
+            "elem": serde_json::to_value(addr(set.fam, "saddr")).unwrap_or(Value::Null),
+            "set": format!("@{}", set.name()),
+            "stmt": [{ "quota": { "val": bytes, "val_unit": "bytes", "inv": true } }],
+        }
+    })
+}
+
+/// `update @<set> { <fam> saddr limit rate over <rate>/second burst <burst> packets }`.
+fn limit_update(set: SetId, rate: u64, burst: u64) -> Value {
+    update_json(
+        set,
+        serde_json::json!({ "limit": { "rate": rate, "burst": burst, "per": "second", "inv": true } }),
+    )
 }
 
 /// `ct label set <label>`.
@@ -606,15 +624,13 @@ fn meter_rules(fam: Fam, meters: &Meters) -> Vec<RuleDef> {
             &format!("meter-{}-{rate}-{burst}{sfx}", kind.name()),
             expr,
         );
-        r.tail = vec![
-            limit_update(
-                SetId::new(Role::Meter(kind), fam),
-                rate,
-                burst,
-                kind == Kind::Bps,
-            ),
-            ct_label_set(kind.label()),
-        ];
+        let set = SetId::new(Role::Meter(kind), fam);
+        let meter = if kind == Kind::Bps {
+            quota_add(set, burst)
+        } else {
+            limit_update(set, rate, burst)
+        };
+        r.tail = vec![meter, ct_label_set(kind.label())];
         out.push(r);
     }
     if let Some((rate, burst)) = meters.sampling() {
@@ -626,7 +642,7 @@ fn meter_rules(fam: Fam, meters: &Meters) -> Vec<RuleDef> {
             expr,
         );
         r.tail = vec![
-            limit_update(SetId::new(Role::Sample, fam), rate, burst, false),
+            limit_update(SetId::new(Role::Sample, fam), rate, burst),
             ct_label_set(SAMPLED_LABEL),
         ];
         out.push(r);

@@ -19,6 +19,7 @@ mod ctmsg;
 mod demo;
 mod enforce;
 mod faults;
+mod floods;
 mod flowgen;
 mod hostile;
 mod observe;
