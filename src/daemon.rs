@@ -1390,6 +1390,8 @@ impl Agent {
             source_evictions: engine.evictions,
             flows_recovered: engine.recovered_flows,
             detector_memory_bytes: engine.memory_bytes,
+            meter_reports: engine.meter_hints,
+            sampled_flows: engine.sampled_flows,
             events_seen: ct.events_seen,
             events_lost: ct.lost,
             last_event: (last > 0).then_some(Time(last)),
@@ -1603,6 +1605,16 @@ fn metrics_render(
             "egressguard_detector_memory_bytes",
             "Bytes held by the detector's tables (slab, index, sample ring).",
             en.memory_bytes as f64,
+        );
+        e.counter(
+            "egressguard_meter_reports_total",
+            "Flow events carrying a kernel flood meter's label (a source above a flood threshold).",
+            en.meter_hints,
+        );
+        e.counter(
+            "egressguard_sampled_flows_total",
+            "New flows reported as one of 16 by the kernel's sampling of a fast source.",
+            en.sampled_flows,
         );
         let by_cat: Vec<(String, f64)> = en
             .detections_by_category

@@ -40,10 +40,12 @@ pub fn run(args: &ClientArgs) -> Exit {
         s.events_lost
     );
     outln!(
-        "detector    cap {} sources, {} evicted, {:.1} MiB",
+        "detector    cap {} sources, {} evicted, {:.1} MiB; {} flood meter reports, {} sampled flows",
         s.max_sources,
         s.source_evictions,
-        s.detector_memory_bytes as f64 / (1024.0 * 1024.0)
+        s.detector_memory_bytes as f64 / (1024.0 * 1024.0),
+        s.meter_reports,
+        s.sampled_flows
     );
     outln!(
         "holding     {} quarantined, {} blocked, {} terminated{}",

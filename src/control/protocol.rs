@@ -164,6 +164,13 @@ pub struct StatusView {
     /// Bytes held by the detector's tables, by its own account (slab, index, sample ring).
     #[serde(default)]
     pub detector_memory_bytes: u64,
+    /// Flow events carrying a kernel flood meter's label since start (`crate::meter`).
+    #[serde(default)]
+    pub meter_reports: u64,
+    /// New flows the kernel reported as one of 16 (a source above
+    /// `detection.sample_flows_above`) since start.
+    #[serde(default)]
+    pub sampled_flows: u64,
     /// Conntrack events seen since start.
     pub events_seen: u64,
     /// Conntrack events the kernel dropped (ENOBUFS) since start.

@@ -3,9 +3,10 @@
 //! The table `inet <policy.enforcement.table>` (built by `enforce`) holds two dynamic sets,
 //! `src_counters4` and `src_counters6`, filled by a forward-chain rule with one element per
 //! customer source and a counter on each element. Every `counter_interval` the reader takes
-//! one snapshot of all the table's sets with a single `nft -j list sets table inet <T>` (nft
-//! 1.0.6 refuses two `list set` commands in one invocation; one `list sets` gives both),
-//! and turns the differences into [`CounterSample`]s.
+//! one snapshot of the six counter sets, one `nft -j list set inet <T> <set>` each (nft
+//! 1.0.6 refuses two `list set` commands in one invocation, and a `list sets` of the table
+//! would list the flood meters' sets too), and turns the differences into
+//! [`CounterSample`]s.
 //!
 //! Elements come and go: an element expires after the set's timeout without traffic and may
 //! come back later with fresh counters. A counter that went down, or an address not in the
@@ -62,6 +63,7 @@ use tokio::sync::mpsc::Sender;
 use crate::messages::{CounterSample, Observation, Time};
 
 use super::filter::FilterHandle;
+use super::nftset::SetDumper;
 use super::{ObserveError, ObserveStats, add};
 
 /// Most samples sent to the detector in one batch.
@@ -75,6 +77,12 @@ pub const UDP_SETS: [&str; 2] = ["src_udp4", "src_udp6"];
 
 /// Names of the per-source counters of echo requests.
 pub const ECHO_SETS: [&str; 2] = ["src_echo4", "src_echo6"];
+
+/// Whether a counter set may be missing (a table written by an older agent has no class
+/// counters): it then reads as empty. The per-source packet counters must be there.
+fn optional(set: &str) -> bool {
+    !COUNTER_SETS.contains(&set)
+}
 
 /// What a counter set counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -398,6 +406,10 @@ pub struct CounterReader {
     deltas: CounterDeltas,
     last: Option<Instant>,
     stats: Arc<ObserveStats>,
+    /// The netlink socket of the set dumps, opened on the first read.
+    dumper: Option<SetDumper>,
+    /// Reads since netlink last failed and `nft` was used instead (logged once per failure).
+    fell_back: bool,
 }
 
 impl CounterReader {
@@ -409,6 +421,8 @@ impl CounterReader {
             deltas: CounterDeltas::new(),
             last: None,
             stats: Arc::new(ObserveStats::default()),
+            dumper: None,
+            fell_back: false,
         }
     }
 
@@ -418,20 +432,81 @@ impl CounterReader {
         self
     }
 
+    /// Whether the last read went over netlink (not `nft`).
+    pub fn reads_over_netlink(&self) -> bool {
+        self.dumper.is_some() && !self.fell_back
+    }
+
     /// The reader's counters.
     pub fn stats(&self) -> Arc<ObserveStats> {
         self.stats.clone()
     }
 
-    /// Runs `nft` once and returns the raw readings.
-    pub fn read_raw(&self) -> Result<Vec<Reading>, ObserveError> {
-        let args = ["-j", "list", "sets", "table", "inet", self.table.as_str()];
+    /// Reads the six counter sets and returns the raw readings: over netlink
+    /// ([`super::nftset`]), or, where that fails, with one `nft -j list set` per set (a
+    /// `list sets` of the table would also list the flood meters' sets, an element per
+    /// sending source in each; nft 1.0.6 refuses two `list set` commands in one invocation).
+    pub fn read_raw(&mut self) -> Result<Vec<Reading>, ObserveError> {
+        let sets = COUNTER_SETS
+            .iter()
+            .map(|s| (*s, Counted::All))
+            .chain(UDP_SETS.iter().map(|s| (*s, Counted::UdpUnanswered)))
+            .chain(ECHO_SETS.iter().map(|s| (*s, Counted::Echo)));
+        let netlink = match self.dumper.take() {
+            Some(d) => Ok(d),
+            None => SetDumper::open().map_err(|source| ObserveError::SetDump {
+                set: "(socket)".into(),
+                source,
+            }),
+        };
+        let mut out = Vec::new();
+        let failed = match netlink {
+            Ok(mut d) => {
+                let r = sets.clone().try_for_each(|(set, counted)| {
+                    match d.dump(&self.table, set, counted, &mut out) {
+                        Err(ObserveError::SetDump { source, .. })
+                            if optional(set) && source.raw_os_error() == Some(libc::ENOENT) =>
+                        {
+                            Ok(())
+                        }
+                        r => r,
+                    }
+                });
+                self.dumper = Some(d);
+                r.err()
+            }
+            Err(e) => Some(e),
+        };
+        let Some(e) = failed else {
+            if std::mem::take(&mut self.fell_back) {
+                tracing::info!("counter sets read over netlink again");
+            }
+            return Ok(out);
+        };
+        let out = sets
+            .map(|(set, _)| self.list_set(set))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        if !std::mem::replace(&mut self.fell_back, true) {
+            tracing::warn!(
+                error = %crate::logging::error_chain(&e),
+                "cannot read the counter sets over netlink; reading them with nft"
+            );
+        }
+        Ok(out)
+    }
+
+    fn list_set(&self, set: &str) -> Result<Vec<Reading>, ObserveError> {
+        let args = ["-j", "list", "set", "inet", self.table.as_str(), set];
         let out = Command::new("nft")
             .args(args)
             .stdin(Stdio::null())
             .output()
             .map_err(ObserveError::NftSpawn)?;
         if !out.status.success() {
+            if optional(set) && String::from_utf8_lossy(&out.stderr).contains("No such file") {
+                return Ok(Vec::new());
+            }
             return Err(ObserveError::NftFailed {
                 args: args.join(" "),
                 status: out.status.to_string(),

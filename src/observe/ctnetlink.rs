@@ -187,13 +187,13 @@ fn align4(n: usize) -> usize {
 
 /// Iterates over netlink attributes: `(type without flags, payload)`.
 #[derive(Clone, Debug)]
-struct Attrs<'a> {
+pub(super) struct Attrs<'a> {
     buf: &'a [u8],
     ctx: &'static str,
 }
 
 impl<'a> Attrs<'a> {
-    fn new(buf: &'a [u8], ctx: &'static str) -> Attrs<'a> {
+    pub(super) fn new(buf: &'a [u8], ctx: &'static str) -> Attrs<'a> {
         Attrs { buf, ctx }
     }
 }
@@ -247,7 +247,7 @@ fn be_u32(p: &[u8], what: &'static str) -> Result<u32, ParseError> {
 }
 
 #[inline]
-fn be_u64(p: &[u8], what: &'static str) -> Result<u64, ParseError> {
+pub(super) fn be_u64(p: &[u8], what: &'static str) -> Result<u64, ParseError> {
     p.get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)

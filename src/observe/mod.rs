@@ -28,6 +28,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod ctnetlink;
 pub mod filter;
+pub mod nftset;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +91,23 @@ pub enum ObserveError {
     /// `nft -j` printed something that is not the JSON we expect.
     #[error("cannot read nft's JSON output")]
     NftJson(#[source] serde_json::Error),
+    /// Dumping a counter set's elements over netlink failed (socket, or the kernel refused).
+    #[error("cannot dump set {set} over netlink")]
+    SetDump {
+        /// The set.
+        set: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel's reply to a set dump is malformed.
+    #[error("malformed set dump of {set}: {error}")]
+    SetDumpMalformed {
+        /// The set.
+        set: String,
+        /// What is wrong.
+        error: ctnetlink::ParseError,
+    },
 }
 
 /// Counters of what the observers saw, shared with `status` and the metrics through atomics.

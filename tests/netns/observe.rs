@@ -696,6 +696,90 @@ fn counter_reader_reports_per_source_deltas() {
     assert_eq!((s[0].packets, s[0].bytes), (now[0].packets, now[0].bytes));
     assert!(s[0].packets >= 2 && s[0].packets < 6, "{s:?}");
     assert_eq!(reader.stats().snapshot().counter_reads, 5);
+    assert!(reader.reads_over_netlink(), "the reader fell back to nft");
+}
+
+#[test]
+fn netlink_set_dump_reads_what_nft_lists() {
+    if !require_root("netlink_set_dump_reads_what_nft_lists") {
+        return;
+    }
+    use egressguard::observe::counters::{Counted, parse_nft_sets};
+    use egressguard::observe::nftset::SetDumper;
+    let topo = topology();
+    // 20,000 IPv4 elements (a dump of many datagrams) and a few IPv6 ones, each with its own
+    // counter, in a table of their own.
+    let mut script = String::from(
+        "table inet egd_dump {\n set src_counters4 { type ipv4_addr; size 65536; counter; }\n set src_counters6 { type ipv6_addr; size 65536; counter; }\n}\n",
+    );
+    let v4: Vec<String> = (0..20_000u32)
+        .map(|i| {
+            format!(
+                "10.{}.{}.{} counter packets {} bytes {}",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255,
+                i + 1,
+                (i + 1) * 100
+            )
+        })
+        .collect();
+    script.push_str(&format!(
+        "add element inet egd_dump src_counters4 {{ {} }}\n",
+        v4.join(", ")
+    ));
+    script.push_str("add element inet egd_dump src_counters6 { 2001:db8:c::5 counter packets 3 bytes 300, 2001:db8:c::6 counter packets 0 bytes 0 }\n");
+    let path = std::env::temp_dir().join(format!("egd-dump-{}.nft", std::process::id()));
+    std::fs::write(&path, script).expect("script");
+    topo.router
+        .run(&["nft", "-f", path.to_str().expect("utf-8")])
+        .expect("nft -f");
+    let _ = std::fs::remove_file(&path);
+    for set in ["src_counters4", "src_counters6"] {
+        let got = topo
+            .router
+            .enter(|| {
+                let mut d = SetDumper::open().expect("netlink socket");
+                let mut out = Vec::new();
+                d.dump("egd_dump", set, Counted::All, &mut out)
+                    .map(|()| out)
+            })
+            .unwrap()
+            .expect("netlink dump");
+        let listing = topo
+            .router
+            .run(&["nft", "-j", "list", "set", "inet", "egd_dump", set])
+            .expect("nft list set");
+        let mut want = parse_nft_sets(listing.as_bytes()).expect("nft JSON");
+        let mut got = got;
+        want.sort_by_key(|r| r.addr);
+        got.sort_by_key(|r| r.addr);
+        assert_eq!(got.len(), if set.ends_with('4') { 20_000 } else { 2 });
+        assert_eq!(got, want, "{set}: netlink and nft disagree");
+    }
+    // A set that does not exist: the kernel's refusal, an error naming the set.
+    let e = topo
+        .router
+        .enter(|| {
+            let mut d = SetDumper::open().expect("netlink socket");
+            d.dump("egd_dump", "no_such_set", Counted::All, &mut Vec::new())
+        })
+        .unwrap()
+        .expect_err("no such set");
+    assert!(e.to_string().contains("no_such_set"), "{e}");
+    // The socket is still usable after a refusal (no stale reply is taken for the next).
+    let again = topo
+        .router
+        .enter(|| {
+            let mut d = SetDumper::open().expect("netlink socket");
+            let _ = d.dump("egd_dump", "no_such_set", Counted::All, &mut Vec::new());
+            let mut out = Vec::new();
+            d.dump("egd_dump", "src_counters6", Counted::All, &mut out)
+                .map(|()| out.len())
+        })
+        .unwrap()
+        .expect("dump after a refusal");
+    assert_eq!(again, 2);
 }
 
 #[test]
