@@ -28,10 +28,12 @@
 //! profiles: it confirms a crossing for the profiles with exactly that threshold; a profile
 //! with a higher one is detected from the counters and the flood window as before.
 //!
-//! Sampling: above `detection.sample_flows_above` new flows per second, a source's further new
-//! flows are reported one in [`SAMPLE_ONE_IN`] (`numgen random`; the rest get `ct event set
-//! 0x0`, no event at all, for the agent or anyone else), and the reported ones carry
-//! [`SAMPLED_LABEL`], so the detector counts them [`SAMPLE_ONE_IN`] times.
+//! Sampling: a source that opens more than `detection.sample_flows_above` new flows per
+//! second (a token bucket like the meters') is "hot" for a second after its last flow above
+//! that rate (`meter_hot4`); every new flow of a hot source carries [`SAMPLED_LABEL`], and
+//! all but one in [`SAMPLE_ONE_IN`] of them (`numgen random`) get `ct event set 0x0`: no
+//! event at all, for the agent or any other conntrack listener. The detector counts each
+//! reported one [`SAMPLE_ONE_IN`] times.
 
 use crate::policy::{Flood, Policy};
 

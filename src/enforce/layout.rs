@@ -40,6 +40,9 @@ pub const METER_TIMEOUT_SECS: u32 = 60;
 /// rate it trips half a second into the window).
 pub const BYTES_WINDOW_SECS: u32 = 1;
 
+/// How long a source stays sampled after its last new flow above the sampling rate.
+pub const HOT_TIMEOUT_SECS: u32 = 1;
+
 /// Longest timeout the agent puts on an element (ten years), far below the kernel's limit.
 pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
 
@@ -115,6 +118,10 @@ pub enum Role {
     Meter(Kind),
     /// The sampling meter's token buckets (`detection.sample_flows_above`).
     Sample,
+    /// Sources above the sampling rate, for [`HOT_TIMEOUT_SECS`] after their last flow
+    /// over it: every new flow of theirs is sampled (the meter alone lets the first
+    /// `sample_flows_above` flows of each second through unsampled).
+    Hot,
 }
 
 impl Role {
@@ -143,7 +150,7 @@ impl Role {
 
     /// Whether the set holds a meter's token buckets.
     pub fn metering(self) -> bool {
-        matches!(self, Role::Meter(_) | Role::Sample)
+        matches!(self, Role::Meter(_) | Role::Sample | Role::Hot)
     }
 }
 
@@ -186,6 +193,8 @@ impl SetId {
             (Role::Meter(k), fam) => meter_set_name(k, fam),
             (Role::Sample, Fam::V4) => "meter_sample4",
             (Role::Sample, Fam::V6) => "meter_sample6",
+            (Role::Hot, Fam::V4) => "meter_hot4",
+            (Role::Hot, Fam::V6) => "meter_hot6",
         }
     }
 
@@ -204,7 +213,7 @@ impl SetId {
         ]
         .into_iter()
         .chain(Kind::ALL.map(Role::Meter))
-        .chain([Role::Sample])
+        .chain([Role::Sample, Role::Hot])
         .flat_map(|r| [SetId::new(r, Fam::V4), SetId::new(r, Fam::V6)])
     }
 
@@ -223,7 +232,8 @@ impl SetId {
             | Role::UdpCounters
             | Role::EchoCounters
             | Role::Meter(_)
-            | Role::Sample => vec!["timeout"],
+            | Role::Sample
+            | Role::Hot => vec!["timeout"],
         }
     }
 }
@@ -248,6 +258,8 @@ fn meter_set_name(k: Kind, fam: Fam) -> &'static str {
 fn set_timeout(role: Role) -> u32 {
     if role == Role::Meter(Kind::Bps) {
         BYTES_WINDOW_SECS
+    } else if role == Role::Hot {
+        HOT_TIMEOUT_SECS
     } else if role.metering() {
         METER_TIMEOUT_SECS
     } else {
@@ -282,7 +294,8 @@ impl TableSpec {
             | Role::UdpCounters
             | Role::EchoCounters
             | Role::Meter(_)
-            | Role::Sample => {
+            | Role::Sample
+            | Role::Hot => {
                 // nft 1.0.6's JSON parser refuses `dynamic`; the kernel set gets it from the
                 // `update` statement that uses it (written in the same transaction).
                 flags.insert(SetFlag::Timeout);
@@ -534,16 +547,19 @@ fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
     }
 }
 
-/// `update @<set> { <fam> saddr <stmt> }`.
+/// `update @<set> { <fam> saddr <stmt> }` (no statement: `update @<set> { <fam> saddr }`).
 fn update_json(set: SetId, stmt: Value) -> Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "set": {
             "op": "update",
             "elem": serde_json::to_value(addr(set.fam, "saddr")).unwrap_or(Value::Null),
             "set": format!("@{}", set.name()),
-            "stmt": [stmt],
         }
-    })
+    });
+    if !stmt.is_null() {
+        v["set"]["stmt"] = Value::Array(vec![stmt]);
+    }
+    v
 }
 
 /// `update @<set> { <fam> saddr counter }`.
@@ -634,7 +650,7 @@ fn meter_rules(fam: Fam, meters: &Meters) -> Vec<RuleDef> {
         out.push(r);
     }
     if let Some((rate, burst)) = meters.sampling() {
-        let mut expr = vec![customers];
+        let mut expr = vec![customers.clone()];
         expr.extend(first_packet());
         let mut r = rule(
             ChainId::Forward,
@@ -643,8 +659,17 @@ fn meter_rules(fam: Fam, meters: &Meters) -> Vec<RuleDef> {
         );
         r.tail = vec![
             limit_update(SetId::new(Role::Sample, fam), rate, burst),
-            ct_label_set(SAMPLED_LABEL),
+            update_json(SetId::new(Role::Hot, fam), serde_json::Value::Null),
         ];
+        out.push(r);
+        // Every new flow of a hot source is sampled, the first of each second included.
+        let mut expr = vec![
+            customers.clone(),
+            in_set(fam, "saddr", SetId::new(Role::Hot, fam)),
+        ];
+        expr.extend(first_packet());
+        let mut r = rule(ChainId::Forward, &format!("sample-hot{sfx}"), expr);
+        r.tail = vec![ct_label_set(SAMPLED_LABEL)];
         out.push(r);
         // Of a sampled source's new flows, all but one in SAMPLE_ONE_IN report nothing.
         let label = Statement::Match(Match {
@@ -1147,6 +1172,6 @@ mod tests {
     #[test]
     fn set_names_are_unique() {
         let names: std::collections::BTreeSet<_> = SetId::all().map(SetId::name).collect();
-        assert_eq!(names.len(), 32);
+        assert_eq!(names.len(), 34);
     }
 }

@@ -9,9 +9,9 @@
 //!   does not), `_DESTROY`, has a large receive buffer (`SO_RCVBUFFORCE`,
 //!   several MB) and is read with `recvmmsg` into a fixed array of slots: one syscall per
 //!   batch of up to [`SLOTS`] kernel messages, no allocation per event. After a round that
-//!   found events but did not fill the slots it waits [`ListenerOptions::coalesce`] (2 ms)
+//!   found events but did not fill the slots it waits [`ListenerOptions::coalesce`] (20 ms)
 //!   before the next, so under load the kernel queues a batch per wake-up instead of one
-//!   event: the agent's CPU per event falls as the rate rises, for at most 2 ms of latency;
+//!   event: the agent's CPU per event falls as the rate rises, for at most 20 ms of latency;
 //! - the *dump* thread sends `IPCTNL_MSG_CT_GET | NLM_F_DUMP` and reads the table, at start
 //!   (after the event socket subscribed, so nothing falls between them) and when the event
 //!   thread asks after the kernel reported lost events (`ENOBUFS`). Flows found by a dump are
@@ -124,7 +124,7 @@ impl Default for ListenerOptions {
             dump_at_start: true,
             min_resync_interval: Duration::from_secs(1),
             max_resync_interval: Duration::from_secs(30),
-            coalesce: Duration::from_millis(2),
+            coalesce: Duration::from_millis(20),
             poll_interval: Duration::from_millis(100),
             max_batch: 4096,
             tick: Some(Duration::from_secs(1)),

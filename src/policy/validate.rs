@@ -2077,12 +2077,20 @@ fn detection(cx: &mut Cx, raw: Option<&RawDetection>) -> DetectionSettings {
             ),
         );
     }
-    let sample_flows_above = count(
-        cx,
-        "detection.sample_flows_above",
-        raw.sample_flows_above.as_ref(),
-        d::SAMPLE_FLOWS_ABOVE,
-    );
+    let sample_flows_above = if raw
+        .sample_flows_above
+        .as_ref()
+        .is_some_and(|s| s.0.trim() == "0")
+    {
+        0
+    } else {
+        count(
+            cx,
+            "detection.sample_flows_above",
+            raw.sample_flows_above.as_ref(),
+            d::SAMPLE_FLOWS_ABOVE,
+        )
+    };
     if sample_flows_above != 0 && sample_flows_above < 1000 {
         cx.err(
             "detection.sample_flows_above",

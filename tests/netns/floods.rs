@@ -27,8 +27,9 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// A paced flood. Args: MODE ADDR RATE SIZE SECONDS. MODE: `single` (one UDP flow to port
 /// 9), `flows` (a new UDP flow per datagram, source ports cycling), `echo` (ICMP echo
-/// requests of one id: one flow, like ping), `syn` (TCP SYNs to port 80 from cycling source
-/// ports, a raw socket: each a new flow). Prints `first <unix time>` once the first packet
+/// requests of one id: one flow, like ping), `syn` (TCP SYNs from a raw socket to port 80
+/// and up, source ports cycling and the destination port moving on after each 60,000: each
+/// a new flow; a sixth argument is the source address for the checksum). Prints `first <unix time>` once the first packet
 /// is sent and `rate <pps>` over the first half second.
 const FLOOD: &str = r#"
 import socket, struct, sys, time
@@ -56,8 +57,10 @@ elif mode == "syn":
     src = sys.argv[6]
     pseudo = socket.inet_aton(src) + socket.inet_aton(addr)
     def send(i):
-        sport = 1024 + i % 60000
-        h = struct.pack("!HHIIBBHHH", sport, 80, i, 0, 5 << 4, 0x02, 64240, 0, 0)
+        # Every SYN a new flow: the source port cycles, the destination port moves on
+        # after each cycle.
+        sport, dport = 1024 + i % 60000, 80 + (i // 60000) % 1000
+        h = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 5 << 4, 0x02, 64240, 0, 0)
         c = csum(pseudo + struct.pack("!BBH", 0, 6, len(h)) + h)
         s.sendto(h[:16] + struct.pack("!H", c) + h[18:], (addr, 0))
 start = time.time(); sent = 0; told = False; count = int(rate * secs)
@@ -177,7 +180,7 @@ fn round(kind: &Kind) -> (f64, u64, Json) {
         .ns
         .run(&[
             "nft",
-            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in tcp dport 80 drop; add rule inet sink in udp dport != 0 drop",
+            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in meta l4proto { tcp, udp } drop",
         ])
         .expect("target's drop rules");
     let (agent, _dir) = start_agent(&topo, &policy(kind));
@@ -381,7 +384,7 @@ fn measure_unblocked_syn_flood_cpu() {
         .ns
         .run(&[
             "nft",
-            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in tcp dport 80 drop",
+            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in meta l4proto tcp drop",
         ])
         .expect("target's drop rule");
     let mut policy = egressguard::demo::DEFAULT_POLICY.to_owned();
@@ -424,11 +427,27 @@ fn measure_unblocked_syn_flood_cpu() {
     let a0 = cpu_ticks(agent.pid());
     let f0 = fnm.as_ref().map(|p| cpu_ticks(p.id()));
     let t = Instant::now();
+    // EGD_PERF=1: a perf profile of the agent over the flood, in /tmp/egd-flood.perf;
+    // EGD_IDLE=1: one SYN a second instead, for the agent's idle cost.
+    let _perf = (std::env::var("EGD_PERF").as_deref() == Ok("1")).then(|| {
+        let pid = agent.pid().to_string();
+        Proc::new(
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-o", "/tmp/egd-flood.perf", "-p", &pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf"),
+        )
+    });
+    let rate = if std::env::var("EGD_IDLE").as_deref() == Ok("1") {
+        "1"
+    } else {
+        "25000"
+    };
     let out = topo.customers[0]
         .ns
-        .run(&[
-            PYTHON, "-c", FLOOD, "syn", &target, "25000", "0", "23", &cust,
-        ])
+        .run(&[PYTHON, "-c", FLOOD, "syn", &target, rate, "0", "23", &cust])
         .expect("flood");
     let secs = t.elapsed().as_secs_f64();
     let a1 = cpu_ticks(agent.pid());
@@ -449,6 +468,15 @@ fn measure_unblocked_syn_flood_cpu() {
         (a1.0 - a0.0) as f64 / tck,
         (a1.1 - a0.1) as f64 / tck,
     );
+    let mut agent = agent;
+    agent.drain();
+    for l in agent.log().lines().filter(|l| {
+        ["dump", "lost", "resync", "WARN", "ERROR"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
+        eprintln!("agent: {l}");
+    }
     if let (Some(f0), Some(f1)) = (f0, f1) {
         eprintln!(
             "FastNetMon over the same flood: {:.2} s CPU",
