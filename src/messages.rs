@@ -152,6 +152,7 @@ pub struct FlowEvent {
     pub stop: Option<Time>,
     /// The agent's conntrack labels 64..127 (bit `i` is label `64 + i`; [`crate::meter`]),
     /// when the event carries `CTA_LABELS`.
+    #[serde(default)]
     pub labels: u64,
 }
 
