@@ -808,7 +808,13 @@ impl Engine {
             }
             FlowEventKind::Destroy => {}
         }
-        let metered = e.labels & meter::METER_BITS;
+        // A meter's label is news on a live event only: a dump lists the labels of flows
+        // labelled long ago (a flood before the agent restarted, or before a hold).
+        let metered = if e.kind == FlowEventKind::Existing {
+            0
+        } else {
+            e.labels & meter::METER_BITS
+        };
         if !(f.new || f.answer || f.accepted || f.long_auth || f.completed) && metered == 0 {
             // A destroy, a state change or a flow already counted records nothing: it neither
             // touches a tracked source nor starts tracking one (which would evict a source

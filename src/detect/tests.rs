@@ -2314,6 +2314,20 @@ fn a_syn_meter_report_needs_the_syns_unanswered_and_few_targets() {
 }
 
 #[test]
+fn a_dumps_labels_are_old_news() {
+    // At start the dump lists a flow a meter labelled before the agent restarted.
+    let target = ip("198.51.100.99");
+    let mut e = Engine::new(policy());
+    let mut old = labelled(udp(0, BOT, target, 5555, 9999), &[Kind::Udp], false);
+    if let Observation::Flow(f) = &mut old {
+        f.kind = FlowEventKind::Existing;
+        f.status = ct_status::SEEN_REPLY;
+    }
+    assert!(observe_urgent(&mut e, &[old]).is_empty());
+    assert_eq!(e.stats().meter_hints, 0);
+}
+
+#[test]
 fn a_held_sources_meter_reports_are_not_new_evidence() {
     let target = ip("198.51.100.99");
     let mut e = Engine::new(policy());

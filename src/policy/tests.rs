@@ -1140,3 +1140,29 @@ fn slow_scan_window_is_at_most_nine_hours() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("longer than 9h"), "{errs:?}");
 }
+
+#[test]
+fn flood_meter_settings() {
+    let p =
+        |body: &str| format!("version: 1\nnetworks:\n  - prefix: 192.0.2.0/24\ndetection:\n{body}");
+    let ok = Policy::from_text(
+        &p("  flood_tolerance: 500ms\n  sample_flows_above: 0\n"),
+        Path::new("t.yaml"),
+    )
+    .expect("valid");
+    assert_eq!(ok.detection.flood_tolerance, Duration::from_millis(500));
+    assert_eq!(ok.detection.sample_flows_above, 0);
+    one_error(&p("  flood_tolerance: 5ms\n"), "5:20", "outside 10ms..10s");
+    one_error(
+        &p("  sample_flows_above: 100\n"),
+        "5:23",
+        "would sample ordinary clients",
+    );
+    let d = Policy::from_text(&p("  max_sources: 4096\n"), Path::new("t.yaml")).expect("valid");
+    assert_eq!(
+        d.detection.flood_tolerance,
+        Duration::from_millis(200),
+        "built-in"
+    );
+    assert_eq!(d.detection.sample_flows_above, 5_000, "built-in");
+}
