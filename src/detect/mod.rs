@@ -1019,6 +1019,13 @@ impl Engine {
         let v = st.flood_view(now, prep.windows[0]);
         let few = v.targets.round() <= f64::from(f.max_targets);
         let unanswered = v.unanswered >= 1.0 && v.unanswered * 2.0 >= v.new;
+        // A fast scan opens new flows as fast as a flood: a source that is scanning is a
+        // scan (its own rule reports it), not a flood of new flows or SYNs.
+        let scanning = || {
+            (prep.enabled & (1 << 2) != 0 && check(Category::PortScan, st, prep, now).is_some())
+                || (prep.enabled & (1 << 3) != 0
+                    && check(Category::NetworkScan, st, prep, now).is_some())
+        };
         let mut hit = Vec::new();
         for kind in Kind::ALL {
             let threshold = kind.threshold(f);
@@ -1028,8 +1035,8 @@ impl Engine {
             let rest = match kind {
                 Kind::Pps | Kind::Bps => unanswered,
                 Kind::Udp | Kind::Echo => true,
-                Kind::NewFlows => few,
-                Kind::Syn => few && v.syn > 0.0 && v.syn_unanswered * 2.0 >= v.syn,
+                Kind::NewFlows => few && !scanning(),
+                Kind::Syn => few && v.syn > 0.0 && v.syn_unanswered * 2.0 >= v.syn && !scanning(),
             };
             if rest {
                 hit.push(kind);

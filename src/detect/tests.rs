@@ -2314,6 +2314,25 @@ fn a_syn_meter_report_needs_the_syns_unanswered_and_few_targets() {
 }
 
 #[test]
+fn a_fast_port_scan_is_a_scan_not_a_syn_flood() {
+    // nmap -T4: 300 ports of one host in 150 ms, unanswered; the SYN and new-flow meters
+    // trip, the scan rule reports it.
+    let target = ip("198.51.100.21");
+    let mut e = Engine::new(policy());
+    let mut obs: Vec<Observation> = (0..300u16)
+        .map(|p| syn(u64::from(p) / 2, BOT, target, 40000, p + 1))
+        .collect();
+    obs.push(labelled(
+        syn(151, BOT, target, 40000, 301),
+        &[Kind::Syn, Kind::NewFlows],
+        false,
+    ));
+    let d = observe_urgent(&mut e, &obs);
+    assert!(of(&d, Category::Flood).is_empty(), "{d:#?}");
+    assert_eq!(of(&d, Category::PortScan).len(), 1, "{d:#?}");
+}
+
+#[test]
 fn a_dumps_labels_are_old_news() {
     // At start the dump lists a flow a meter labelled before the agent restarted.
     let target = ip("198.51.100.99");
