@@ -724,7 +724,7 @@ async fn detect_task(
                 }
                 // A kernel meter reported a flood: decide now, not at the next tick.
                 if engine.take_urgent() {
-                    engine.evaluate(Time::now(), &mut out);
+                    engine.evaluate_floods(Time::now(), &mut out);
                     if !out.is_empty() && tx.send(Event::Detections(std::mem::take(&mut out))).await.is_err() {
                         break;
                     }

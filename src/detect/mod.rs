@@ -1128,12 +1128,18 @@ impl Engine {
     }
 
     fn evaluate_slot(&mut self, slot: u32, now: u64, out: &mut Vec<Detection>) {
+        self.evaluate_categories(slot, now, out, u8::MAX);
+        self.slow_gate(slot, now);
+    }
+
+    /// Evaluates the categories of `mask` (bit i: [`Category::DETECTED`]`[i]`) for a slot.
+    fn evaluate_categories(&mut self, slot: u32, now: u64, out: &mut Vec<Detection>, mask: u8) {
         let st = self.table.slots[slot as usize];
         let Some(prep) = self.profiles.get(usize::from(st.profile)) else {
             return;
         };
         for (i, c) in Category::DETECTED.into_iter().enumerate() {
-            if prep.enabled & (1 << i) == 0 {
+            if prep.enabled & mask & (1 << i) == 0 {
                 continue;
             }
             let Some(finding) = self
@@ -1177,7 +1183,28 @@ impl Engine {
             self.exact_evidence(slot, &st, prep, &mut det, now);
             out.push(det);
         }
-        self.slow_gate(slot, now);
+    }
+
+    /// Evaluates the flood rule of the sources a kernel meter reported since the last call
+    /// (see [`Engine::take_urgent`]), at `now`: a flood is decided on the report, the other
+    /// categories wait for [`Engine::evaluate`] (a scan's evidence then covers what it sent
+    /// until the evaluation, as without meters).
+    pub fn evaluate_floods(&mut self, now: Time, out: &mut Vec<Detection>) {
+        let now = now.as_nanos().max(self.now);
+        self.now = now;
+        let slots: Vec<u32> = self
+            .hints
+            .iter()
+            .filter(|(_, h)| now.saturating_sub(h.t) <= HINT_TTL)
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in slots {
+            let st = &self.table.slots[slot as usize];
+            if st.flags & OCCUPIED == 0 || self.hints.get(&slot).is_none_or(|h| h.key != st.key) {
+                continue;
+            }
+            self.evaluate_categories(slot, now, out, 1);
+        }
     }
 
     /// Attaches a slow-scan tracker to a source whose network-scan window shows the start
