@@ -972,12 +972,7 @@ impl Engine {
         if !(c_udp || c_icmp) {
             return found;
         }
-        let mut finding = found.unwrap_or_else(|| Finding {
-            crossed: Vec::new(),
-            counts: flood_counts(st, prep, now),
-            focus: None,
-            pattern: None,
-        });
+        let mut finding = found.unwrap_or_else(|| flood_finding(st, prep, now));
         // The class counters name the flood: a ping flood before a UDP one.
         finding.pattern = Some(if c_icmp { "icmp_flood" } else { "udp_flood" });
         if c_udp {
@@ -1045,12 +1040,7 @@ impl Engine {
         if hit.is_empty() {
             return found;
         }
-        let mut finding = found.unwrap_or_else(|| Finding {
-            crossed: Vec::new(),
-            counts: flood_counts(st, prep, now),
-            focus: None,
-            pattern: None,
-        });
+        let mut finding = found.unwrap_or_else(|| flood_finding(st, prep, now));
         for kind in hit {
             if finding.crossed.iter().any(|x| x.signal == kind.key()) {
                 continue;
@@ -1671,6 +1661,16 @@ fn crossed(signal: &str, value: f64, threshold: f64) -> Crossed {
         signal: signal.to_owned(),
         value: round2(value),
         threshold,
+    }
+}
+
+/// A flood finding with no threshold crossed yet, for the rules that add their own.
+fn flood_finding(st: &SourceState, prep: &Prepared, now: u64) -> Finding {
+    Finding {
+        crossed: Vec::new(),
+        counts: flood_counts(st, prep, now),
+        focus: None,
+        pattern: None,
     }
 }
 
