@@ -567,6 +567,8 @@ impl Engine {
             self.exact.drop_slot(s);
             self.rates.drop_slot(s);
             self.slow.drop_slot(s);
+            // A meter's report from before is the first offense's, or the old hold's.
+            self.hints.remove(&s);
             let st = &mut self.table.slots[s as usize];
             st.start_afresh();
             st.flags = (st.flags & !(HELD | HELD_ALL | EXACT | SLOW)) | covered | FRESH;
@@ -1014,13 +1016,7 @@ impl Engine {
         let v = st.flood_view(now, prep.windows[0]);
         let few = v.targets.round() <= f64::from(f.max_targets);
         let unanswered = v.unanswered >= 1.0 && v.unanswered * 2.0 >= v.new;
-        // A fast scan opens new flows as fast as a flood: a source that is scanning is a
-        // scan (its own rule reports it), not a flood of new flows or SYNs.
-        let scanning = || {
-            (prep.enabled & (1 << 2) != 0 && check(Category::PortScan, st, prep, now).is_some())
-                || (prep.enabled & (1 << 3) != 0
-                    && check(Category::NetworkScan, st, prep, now).is_some())
-        };
+        let scanning = || scan_shaped(st, prep, now);
         let mut hit = Vec::new();
         for kind in Kind::ALL {
             let threshold = kind.threshold(f);
@@ -1752,6 +1748,29 @@ fn check_answered_sweep(
         focus: None,
         pattern: Some(PATTERN_ANSWERED),
     })
+}
+
+/// Fewest distinct ports at one destination for [`scan_shaped`]: a flood's new flows reuse
+/// a few ports, the meters trip after a hundred flows or more.
+const SCAN_SHAPE_PORTS: f64 = 16.0;
+
+/// Whether a source's new flows are a scan's, not a flood's: its port-scan or network-scan
+/// rule holds, or (a fast scan trips the new-flow and SYN meters after a hundred probes or
+/// so, before its own rule has seen enough) at one destination it opened most of its flows
+/// on distinct ports. The scan rule then reports it at the next evaluation. Only for the
+/// scan rules the profile has.
+fn scan_shaped(st: &SourceState, prep: &Prepared, now: u64) -> bool {
+    let port_scan = prep.enabled & (1 << 2) != 0;
+    let network_scan = prep.enabled & (1 << 3) != 0;
+    let spread = || {
+        st.targets.entries.iter().filter(|e| e.occupied()).any(|e| {
+            let (_, flows, _, _, ports) =
+                target_view(e, st.targets.epoch, &st.tspan, now, prep.windows[2]);
+            ports >= SCAN_SHAPE_PORTS && ports * 2.0 >= flows
+        })
+    };
+    (port_scan && (spread() || check(Category::PortScan, st, prep, now).is_some()))
+        || (network_scan && check(Category::NetworkScan, st, prep, now).is_some())
 }
 
 /// Checks one category. Allocation-free unless something crossed.

@@ -2337,6 +2337,59 @@ fn a_fast_port_scan_is_a_scan_not_a_syn_flood() {
 }
 
 #[test]
+fn a_fast_scans_early_meter_report_is_not_a_flood() {
+    // nmap -sT -T4: the SYN meter trips after ~100 probes, before the port-scan rule's 100
+    // distinct ports: the flows on distinct ports already say scan.
+    let target = ip("198.51.100.21");
+    let mut e = Engine::new(policy());
+    let mut obs: Vec<Observation> = (0..60u16)
+        .map(|p| syn(u64::from(p) / 2, BOT, target, 40000 + p, p + 1))
+        .collect();
+    obs.push(labelled(
+        syn(31, BOT, target, 40100, 61),
+        &[Kind::Syn, Kind::NewFlows],
+        false,
+    ));
+    assert!(observe_urgent(&mut e, &obs).is_empty());
+    // The same report on a SYN flood at one port is one.
+    let mut e = Engine::new(policy());
+    let mut obs: Vec<Observation> = (0..60u16)
+        .map(|p| syn(u64::from(p) / 2, BOT, target, 40000 + p, 80))
+        .collect();
+    obs.push(labelled(
+        syn(31, BOT, target, 40100, 80),
+        &[Kind::Syn],
+        false,
+    ));
+    let d = observe_urgent(&mut e, &obs);
+    assert_eq!(of(&d, Category::Flood).len(), 1, "{d:#?}");
+}
+
+#[test]
+fn a_meter_report_from_before_a_hold_is_not_a_second_offense() {
+    // A scan decided; in the moments before its hold, its probes trip the new-flow meter.
+    // The hold starts the source afresh: the report is the first offense's, not a flood.
+    let target = ip("198.51.100.21");
+    let mut e = Engine::new(policy());
+    let obs = [labelled(
+        udp(100, BOT, target, 5555, 9999),
+        &[Kind::NewFlows],
+        false,
+    )];
+    e.observe(&obs[0]);
+    e.on_hold_change(&HoldChange::Held {
+        target: "203.0.113.7/32".parse().unwrap(),
+        since: Time(T0 + 120 * MS),
+        kind: BlockKind::Quarantine,
+    });
+    assert!(e.take_urgent());
+    let mut d = Vec::new();
+    e.evaluate_floods(Time(T0 + 150 * MS), &mut d);
+    e.evaluate(Time(T0 + 250 * MS), &mut d);
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+#[test]
 fn a_dumps_labels_are_old_news() {
     // At start the dump lists a flow a meter labelled before the agent restarted.
     let target = ip("198.51.100.99");
