@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use super::layout::{ElemKey, SetId};
 
@@ -80,117 +80,235 @@ fn shape(msg: impl Into<String>) -> ParseError {
     ParseError::Shape(msg.into())
 }
 
-/// The listing's top level, each object's body left unparsed until it is known to be needed.
-#[derive(serde::Deserialize)]
-struct Listing<'a> {
-    #[serde(borrow)]
-    nftables: Vec<BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>>,
-}
-
-/// Which table a set belongs to, read without its elements.
-#[derive(serde::Deserialize)]
-struct SetHead {
-    family: Option<String>,
-    table: Option<String>,
-    name: Option<String>,
-}
-
-/// A set's definition without its elements: the per-source counter sets can hold hundreds
-/// of thousands, which the agent never compares (the packet path fills them). Building them
-/// as a JSON tree would cost about 2 KB of heap each, per listing.
-#[derive(serde::Deserialize)]
-struct SetNoElems {
-    #[serde(rename = "type")]
-    set_type: Option<Value>,
-    flags: Option<Value>,
-    size: Option<Value>,
-    timeout: Option<Value>,
-}
-
 /// Parses `nft -j list table inet <table>` output.
 pub fn parse_table(text: &str, table: &str) -> Result<KernelTable, ParseError> {
-    let root: Listing<'_> = serde_json::from_str(text).map_err(ParseError::Json)?;
-    let counters: Vec<&str> = SetId::all()
-        .filter(|s| s.role.counting())
-        .map(SetId::name)
-        .collect();
-    let mut out = KernelTable::default();
-    let mut seen_table = false;
-    for obj in &root.nftables {
-        for (kind, raw) in obj {
-            let kind = kind.as_ref();
-            if !matches!(kind, "table" | "set" | "chain" | "rule") {
-                continue;
-            }
-            if kind == "set" {
-                let head: SetHead = serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
-                if head.family.as_deref() != Some("inet") || head.table.as_deref() != Some(table) {
-                    continue;
-                }
-                let name = head.name.ok_or_else(|| shape("missing `name`"))?;
-                let body: Value = if counters.contains(&name.as_str()) {
-                    let d: SetNoElems =
-                        serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
-                    let mut m = serde_json::Map::new();
-                    for (k, v) in [
-                        ("type", d.set_type),
-                        ("flags", d.flags),
-                        ("size", d.size),
-                        ("timeout", d.timeout),
-                    ] {
-                        if let Some(v) = v {
-                            m.insert(k.to_owned(), v);
-                        }
-                    }
-                    Value::Object(m)
-                } else {
-                    serde_json::from_str(raw.get()).map_err(ParseError::Json)?
-                };
-                out.sets.insert(name, parse_set(&body)?);
-                continue;
-            }
-            let body: Value = serde_json::from_str(raw.get()).map_err(ParseError::Json)?;
-            let ours = |b: &Value| {
-                b.get("family").and_then(Value::as_str) == Some("inet")
-                    && b.get("table").and_then(Value::as_str) == Some(table)
-            };
-            match kind {
-                "table"
-                    if body.get("family").and_then(Value::as_str) == Some("inet")
-                        && body.get("name").and_then(Value::as_str) == Some(table) =>
-                {
-                    seen_table = true;
-                }
-                "chain" if ours(&body) => {
-                    let name = str_field(&body, "name")?;
-                    let c = out.chains.entry(name.to_owned()).or_default();
-                    c.chain_type = body.get("type").and_then(Value::as_str).map(str::to_owned);
-                    c.hook = body.get("hook").and_then(Value::as_str).map(str::to_owned);
-                    c.prio = body.get("prio").and_then(Value::as_i64);
-                    c.policy = body
-                        .get("policy")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned);
-                }
-                "rule" if ours(&body) => {
-                    let chain = str_field(&body, "chain")?;
-                    let rule = normalise_rule(&body);
-                    out.chains
-                        .entry(chain.to_owned())
-                        .or_default()
-                        .rules
-                        .push(rule);
-                }
-                _ => {}
-            }
-        }
+    read_table(text.as_bytes(), table)
+}
+
+/// Parses `nft -j list table inet <table>` output as it is read. The per-source counter and
+/// meter sets hold hundreds of thousands of elements in a storm, which the agent never
+/// compares (the packet path fills them): their elements are skipped as they stream past,
+/// so a listing costs the memory of the sets the agent manages, not tens of megabytes of
+/// text.
+pub fn read_table(reader: impl std::io::Read, table: &str) -> Result<KernelTable, ParseError> {
+    let mut b = Builder {
+        table,
+        out: KernelTable::default(),
+        seen_table: false,
+        shape: None,
+    };
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader));
+    let parsed = Top(&mut b).deserialize(&mut de).and_then(|()| de.end());
+    if let Some(e) = b.shape {
+        return Err(e);
     }
-    if !seen_table {
+    parsed.map_err(ParseError::Json)?;
+    if !b.seen_table {
         return Err(shape(format!(
             "table inet {table} missing from its listing"
         )));
     }
-    Ok(out)
+    Ok(b.out)
+}
+
+/// What the listing has shown so far.
+struct Builder<'t> {
+    table: &'t str,
+    out: KernelTable,
+    seen_table: bool,
+    /// The first shape error: the parse stops there.
+    shape: Option<ParseError>,
+}
+
+impl Builder<'_> {
+    /// Records a shape error, returning the error that stops the parse.
+    fn fail<E: de::Error>(&mut self, e: ParseError) -> E {
+        let msg = e.to_string();
+        self.shape.get_or_insert(e);
+        E::custom(msg)
+    }
+
+    fn ours(&self, family: Option<&str>, table: Option<&str>) -> bool {
+        family == Some("inet") && table == Some(self.table)
+    }
+
+    /// Takes in a `table`, `chain` or `rule` object.
+    fn object(&mut self, kind: &str, body: &Value) -> Result<(), ParseError> {
+        let field = |k: &str| body.get(k).and_then(Value::as_str);
+        match kind {
+            "table" if field("family") == Some("inet") && field("name") == Some(self.table) => {
+                self.seen_table = true;
+            }
+            "chain" if self.ours(field("family"), field("table")) => {
+                let name = str_field(body, "name")?;
+                let c = self.out.chains.entry(name.to_owned()).or_default();
+                c.chain_type = field("type").map(str::to_owned);
+                c.hook = field("hook").map(str::to_owned);
+                c.prio = body.get("prio").and_then(Value::as_i64);
+                c.policy = field("policy").map(str::to_owned);
+            }
+            "rule" if self.ours(field("family"), field("table")) => {
+                let chain = str_field(body, "chain")?;
+                let rule = normalise_rule(body);
+                self.out
+                    .chains
+                    .entry(chain.to_owned())
+                    .or_default()
+                    .rules
+                    .push(rule);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// `{"nftables": [...]}`.
+struct Top<'a, 't>(&'a mut Builder<'t>);
+
+impl<'de> DeserializeSeed<'de> for Top<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Top<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with `nftables`")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        while let Some(k) = m.next_key::<String>()? {
+            if k == "nftables" {
+                m.next_value_seed(Objects(&mut *self.0))?;
+            } else {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The array of objects.
+struct Objects<'a, 't>(&'a mut Builder<'t>);
+
+impl<'de> DeserializeSeed<'de> for Objects<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Objects<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of objects")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        while s.next_element_seed(Object(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+/// One object: `{"<kind>": {...}}`.
+struct Object<'a, 't>(&'a mut Builder<'t>);
+
+impl<'de> DeserializeSeed<'de> for Object<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Object<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        while let Some(kind) = m.next_key::<String>()? {
+            match kind.as_str() {
+                "set" => m.next_value_seed(SetObject(&mut *self.0))?,
+                "table" | "chain" | "rule" => {
+                    let body: Value = m.next_value()?;
+                    if let Err(e) = self.0.object(&kind, &body) {
+                        return Err(self.0.fail(e));
+                    }
+                }
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `set` object: its elements are skipped when it is a counting set (nft lists the name
+/// before the elements) or another table's.
+struct SetObject<'a, 't>(&'a mut Builder<'t>);
+
+impl<'de> DeserializeSeed<'de> for SetObject<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SetObject<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a set object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let (mut family, mut table, mut name) = (None::<String>, None::<String>, None::<String>);
+        let mut body = serde_json::Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            match k.as_str() {
+                "family" => family = Some(m.next_value()?),
+                "table" => table = Some(m.next_value()?),
+                "name" => name = Some(m.next_value()?),
+                "type" | "flags" | "size" | "timeout" => {
+                    body.insert(k, m.next_value()?);
+                }
+                "elem" => {
+                    let theirs = (family.is_some() && table.is_some())
+                        && !self.0.ours(family.as_deref(), table.as_deref());
+                    let counting = name.as_deref().is_some_and(counting_set);
+                    if theirs || counting {
+                        m.next_value::<IgnoredAny>()?;
+                    } else {
+                        body.insert(k, m.next_value()?);
+                    }
+                }
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !self.0.ours(family.as_deref(), table.as_deref()) {
+            return Ok(());
+        }
+        let Some(name) = name else {
+            return Err(self.0.fail(shape("missing `name`")));
+        };
+        if counting_set(&name) {
+            body.remove("elem");
+        }
+        match parse_set(&Value::Object(body)) {
+            Ok(set) => {
+                self.0.out.sets.insert(name, set);
+                Ok(())
+            }
+            Err(e) => Err(self.0.fail(e)),
+        }
+    }
+}
+
+/// Whether `name` is one of the sets the packet path fills.
+fn counting_set(name: &str) -> bool {
+    SetId::all().any(|s| s.role.counting() && s.name() == name)
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> Result<&'a str, ParseError> {
@@ -330,8 +448,16 @@ mod tests {
                         {"prefix": {"addr": "192.0.2.0", "len": 28}},
                         {"range": ["192.0.2.100", "192.0.2.102"]}]}},
       {"set": {"family": "inet", "name": "src_counters4", "table": "egressguard", "type": "ipv4_addr", "handle": 3,
-               "size": 65535, "flags": ["timeout"], "timeout": 300}},
-      {"set": {"family": "inet", "name": "other", "table": "filter", "type": "ipv4_addr", "handle": 3}},
+               "size": 65535, "flags": ["timeout"], "timeout": 300,
+               "elem": [{"elem": {"val": "10.1.2.3", "timeout": 300, "expires": 299,
+                                  "counter": {"packets": 1, "bytes": 60}}}]}},
+      {"set": {"family": "inet", "name": "meter_pps4", "table": "egressguard", "type": "ipv4_addr", "handle": 9,
+               "flags": ["timeout"], "timeout": 60,
+               "elem": [{"elem": {"val": "10.1.2.3", "limit": {"rate": 2000, "burst": 400}}}]}},
+      {"set": {"family": "inet", "name": "other", "table": "filter", "type": "ipv4_addr", "handle": 3,
+               "elem": [{"weird": true}]}},
+      {"set": {"elem": ["10.9.9.9"], "family": "inet", "table": "egressguard", "name": "allow4",
+               "type": "ipv4_addr", "flags": ["interval"]}},
       {"chain": {"family": "inet", "table": "egressguard", "name": "forward", "handle": 1, "type": "filter",
                  "hook": "forward", "prio": -10, "policy": "accept"}},
       {"rule": {"family": "inet", "table": "egressguard", "chain": "forward", "handle": 6, "comment": "egressguard:x",
@@ -353,6 +479,12 @@ mod tests {
         );
         assert!(matches!(b.elems[3].key, ElemKey::Range(..)));
         assert_eq!(t.sets["src_counters4"].size, Some(65535));
+        // The packet path's sets: defined, their elements skipped.
+        assert!(t.sets["src_counters4"].elems.is_empty());
+        assert_eq!(t.sets["meter_pps4"].timeout, Some(60));
+        assert!(t.sets["meter_pps4"].elems.is_empty());
+        // Elements before the name are read all the same.
+        assert_eq!(t.sets["allow4"].elems.len(), 1);
         assert!(
             !t.sets.contains_key("other"),
             "other tables' sets are not ours"

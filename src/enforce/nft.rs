@@ -7,6 +7,7 @@
 //! and cannot run asynchronously without another runtime feature. The child is spawned from
 //! the calling thread, so it inherits that thread's network namespace.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -14,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::EnforceError;
-use super::kernel::{KernelTable, parse_table};
+use super::kernel::{KernelTable, ParseError, read_table};
 use super::layout::Tx;
 
 /// The default nft program, looked up in `PATH`.
@@ -58,7 +59,6 @@ pub struct Nft {
 
 struct Output {
     ok: bool,
-    stdout: String,
     stderr: String,
 }
 
@@ -75,6 +75,7 @@ impl Nft {
         &self.program
     }
 
+    /// Runs nft with `stdin`; what it prints on stdout is not wanted.
     async fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output, EnforceError> {
         let mut cmd = Command::new(&self.program);
         cmd.args(args)
@@ -84,21 +85,10 @@ impl Nft {
             } else {
                 Stdio::null()
             })
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
-                EnforceError::PermissionDenied {
-                    detail: format!("cannot execute {}: {source}", self.program.display()),
-                }
-            } else {
-                EnforceError::NftMissing {
-                    program: self.program.clone(),
-                    source,
-                }
-            }
-        })?;
+        let mut child = cmd.spawn().map_err(|source| self.spawn_error(source))?;
         if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(data).await.map_err(EnforceError::NftIo)?;
             drop(pipe);
@@ -109,9 +99,21 @@ impl Nft {
             .map_err(EnforceError::NftIo)?;
         Ok(Output {
             ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> EnforceError {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            EnforceError::PermissionDenied {
+                detail: format!("cannot execute {}: {source}", self.program.display()),
+            }
+        } else {
+            EnforceError::NftMissing {
+                program: self.program.clone(),
+                source,
+            }
+        }
     }
 
     fn failure(stderr: String, otherwise: impl FnOnce(String) -> EnforceError) -> EnforceError {
@@ -140,23 +142,46 @@ impl Nft {
         }))
     }
 
-    /// Reads the table back; `None` when it does not exist.
+    /// Reads the table back; `None` when it does not exist. The listing is parsed as nft
+    /// writes it ([`read_table`]): in a storm the counter and meter sets list hundreds of
+    /// thousands of elements, which would otherwise be held as text.
     pub async fn list_table(&self, table: &str) -> Result<Option<KernelTable>, EnforceError> {
-        let out = self
-            .run(&["-j", "list", "table", "inet", table], None)
-            .await?;
-        if !out.ok {
-            if classify(&out.stderr) == Failure::NotFound {
+        // Spawned here, so the child is in this thread's network namespace; read on a
+        // blocking thread, as the parser reads.
+        let mut child = std::process::Command::new(&self.program)
+            .args(["-j", "list", "table", "inet", table])
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| self.spawn_error(source))?;
+        let stdout = child.stdout.take();
+        let owned = table.to_owned();
+        let (parsed, status, stderr) = tokio::task::spawn_blocking(move || {
+            let parsed = stdout.map(|out| read_table(out, &owned));
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                // Best effort: the status below says whether it failed.
+                let _ = err.read_to_string(&mut stderr);
+            }
+            (parsed, child.wait(), stderr)
+        })
+        .await
+        .map_err(|e| EnforceError::NftIo(std::io::Error::other(e)))?;
+        let status = status.map_err(EnforceError::NftIo)?;
+        let stderr = stderr.trim().to_owned();
+        if !status.success() {
+            if classify(&stderr) == Failure::NotFound {
                 return Ok(None);
             }
-            return Err(Self::failure(out.stderr, |stderr| {
-                EnforceError::ListFailed {
-                    table: table.to_owned(),
-                    stderr,
-                }
+            return Err(Self::failure(stderr, |stderr| EnforceError::ListFailed {
+                table: table.to_owned(),
+                stderr,
             }));
         }
-        parse_table(&out.stdout, table)
+        parsed
+            .unwrap_or_else(|| Err(ParseError::Shape("no output".into())))
             .map(Some)
             .map_err(|source| EnforceError::Listing {
                 table: table.to_owned(),

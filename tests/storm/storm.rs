@@ -31,11 +31,12 @@ const CAP: u64 = 65_536;
 /// The detector's budget per tracked source (issue #4: ≤ 512 bytes per source).
 const BYTES_PER_SOURCE: u64 = 512;
 /// What the agent holds besides the per-source parts: runtime, SQLite, netlink buffers, the
-/// nft table listings (the enforcer's skips the counter sets' elements unparsed; the counter
-/// reader's one-pass reading is ~10 MB at this cap), the observations queued for the
+/// enforcer's table listings (parsed as nft writes them, the counter and meter sets'
+/// elements skipped), the counter reader's netlink dumps, the observations queued for the
 /// detector (≤ 16 batches × 4096 × 160 B = 10 MiB) and the allocator's per-thread arenas.
-/// Measured: 121 MiB peak RSS in all (debug build, 2026-11-25), of which the detector 32 MiB.
-const FIXED_BUDGET: u64 = 128 << 20;
+/// Measured: 80 MiB peak RSS in all (debug build, 2026-12-07), of which the detector 32 MiB;
+/// before the listings were streamed, the meter sets' elements as text took it to 192 MiB.
+const FIXED_BUDGET: u64 = 96 << 20;
 /// Distinct spoofed sources sent in the storm (an upper bound: the run also stops at
 /// [`STORM_LIMIT`]).
 const STORM_SOURCES: u64 = 2_600_000;
