@@ -168,18 +168,25 @@ impl Meters {
     }
 
     /// What the kernel's meter takes for `kind`: (rate per second, burst) in packets for a
-    /// `limit`; for [`Kind::Bps`] (bytes per second, the quota of one window), as the
-    /// kernel's byte `limit` cannot trip within its first second (see
-    /// `enforce::layout::BYTES_WINDOW_SECS`). None where the kernel cannot meter the rate
-    /// (see [`kernel_can_meter`]): that threshold is judged from the counters only.
+    /// `limit`; for [`Kind::Bps`] (bytes per second, the quota of one
+    /// [`Meters::bytes_window_ms`]), as the kernel's byte `limit` cannot trip within its
+    /// first second. None where the kernel cannot meter the rate (see
+    /// [`kernel_can_meter`]): that threshold is judged from the counters only.
     pub fn limit(&self, kind: Kind) -> Option<(u64, u64)> {
         let r = self.rate(kind)?;
         if kind == Kind::Bps {
             let r = (r / 8).max(1);
-            return Some((r, r));
+            return Some((r, burst(r, self.bytes_window_ms())));
         }
         let b = burst(r, self.tolerance_ms);
         kernel_can_meter(r, b).then_some((r, b))
+    }
+
+    /// The byte meter's window: twice the tolerance, so that at twice the threshold its
+    /// quota (the threshold's bytes in one window) is spent after the tolerance, as a
+    /// packet meter's bucket is.
+    pub fn bytes_window_ms(&self) -> u64 {
+        self.tolerance_ms.saturating_mul(2).max(1)
     }
 
     /// The sampling meter: (new flows per second, burst).
@@ -240,10 +247,12 @@ mod tests {
         assert!(!m.serves(Kind::Udp, 30_000));
         // 200 ms at 10k/s.
         assert_eq!(m.limit(Kind::Udp), Some((10_000, 2_000)));
-        // bps is metered in bytes, a quota of one second's worth per window.
+        // bps is metered in bytes, a quota of the threshold's bytes in a window of twice the
+        // tolerance: spent at twice the threshold after the tolerance.
         let (bytes, quota) = m.limit(Kind::Bps).unwrap();
         assert_eq!(bytes, m.rate(Kind::Bps).unwrap() / 8);
-        assert_eq!(quota, bytes);
+        assert_eq!(m.bytes_window_ms(), 400);
+        assert_eq!(quota, bytes * 4 / 10);
         assert_eq!(m.sampling(), Some((5_000, 1_000)));
     }
 
@@ -259,8 +268,8 @@ mod tests {
         assert_eq!(m.limit(Kind::Pps), None);
         m.rate[Kind::Pps as usize] = 100_000_000;
         assert_eq!(m.limit(Kind::Pps), Some((100_000_000, 20_000_000)));
-        // Bytes are a quota of one second's worth, whatever the rate.
+        // Bytes are a quota (64 bits), whatever the rate.
         m.rate[Kind::Bps as usize] = 1_000_000_000_000;
-        assert_eq!(m.limit(Kind::Bps), Some((125_000_000_000, 125_000_000_000)));
+        assert_eq!(m.limit(Kind::Bps), Some((125_000_000_000, 50_000_000_000)));
     }
 }

@@ -48,6 +48,8 @@ pub struct KernelSet {
     pub size: Option<u64>,
     /// Default `timeout`, when set.
     pub timeout: Option<u64>,
+    /// `comment`, when set.
+    pub comment: Option<String>,
     /// Elements.
     pub elems: Vec<KernelElem>,
 }
@@ -269,7 +271,7 @@ impl<'de> Visitor<'de> for SetObject<'_, '_> {
                 "family" => family = Some(m.next_value()?),
                 "table" => table = Some(m.next_value()?),
                 "name" => name = Some(m.next_value()?),
-                "type" | "flags" | "size" | "timeout" => {
+                "type" | "flags" | "size" | "timeout" | "comment" => {
                     body.insert(k, m.next_value()?);
                 }
                 "elem" => {
@@ -347,6 +349,10 @@ fn parse_set(body: &Value) -> Result<KernelSet, ParseError> {
         flags,
         size: body.get("size").and_then(Value::as_u64),
         timeout: body.get("timeout").and_then(Value::as_u64),
+        comment: body
+            .get("comment")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         elems,
     })
 }

@@ -34,12 +34,6 @@ pub const COUNTER_TIMEOUT_SECS: u32 = 300;
 /// token bucket idle this long is full again anyway.
 pub const METER_TIMEOUT_SECS: u32 = 60;
 
-/// The byte meter's window in seconds: the kernel's byte `limit` always lets a full second
-/// of its rate through before it trips, and nft's JSON has whole seconds only, so bytes are
-/// metered as a quota of one second of the threshold per one-second window (at twice the
-/// rate it trips half a second into the window).
-pub const BYTES_WINDOW_SECS: u32 = 1;
-
 /// How long a source stays sampled after its last new flow above the sampling rate.
 pub const HOT_TIMEOUT_SECS: u32 = 1;
 
@@ -222,6 +216,13 @@ impl SetId {
         SetId::all().filter(|s| !s.role.counting())
     }
 
+    /// Whether the set is created apart from the JSON transactions, by
+    /// [`TableSpec::side_set_script`]: the byte meter's, whose elements live one window of
+    /// [`crate::meter::Meters::bytes_window_ms`] (under a second by default).
+    pub fn side(self) -> bool {
+        self.role == Role::Meter(Kind::Bps)
+    }
+
     /// The flags the set must have, as `nft -j list` shows them (nft 1.0.6 does not list
     /// `dynamic`, so it is left out of the comparison).
     pub fn listed_flags(self) -> Vec<&'static str> {
@@ -256,9 +257,7 @@ fn meter_set_name(k: Kind, fam: Fam) -> &'static str {
 }
 
 fn set_timeout(role: Role) -> u32 {
-    if role == Role::Meter(Kind::Bps) {
-        BYTES_WINDOW_SECS
-    } else if role == Role::Hot {
+    if role == Role::Hot {
         HOT_TIMEOUT_SECS
     } else if role.metering() {
         METER_TIMEOUT_SECS
@@ -319,15 +318,46 @@ impl TableSpec {
         }
     }
 
-    /// The set's expected size and default timeout as listed (only counter sets have them).
+    /// The set's expected size and default timeout as listed (only counter sets have them;
+    /// nft lists whole seconds, so a byte window under a second is listed as 0).
     pub fn listed_size_timeout(&self, id: SetId) -> (Option<u64>, Option<u64>) {
         match id.role {
+            _ if id.side() => (
+                Some(u64::from(self.counter_set_size)),
+                Some(self.meters.bytes_window_ms() / 1000),
+            ),
             r if r.counting() => (
                 Some(u64::from(self.counter_set_size)),
                 Some(u64::from(set_timeout(r))),
             ),
             _ => (None, None),
         }
+    }
+
+    /// The comment a [`SetId::side`] set carries: its exact window, which the listing's
+    /// whole seconds cannot tell (`None` for the other sets).
+    pub fn listed_comment(&self, id: SetId) -> Option<String> {
+        id.side().then(|| {
+            format!(
+                "egressguard: byte quota window {} ms",
+                self.meters.bytes_window_ms()
+            )
+        })
+    }
+
+    /// The nft script (text syntax) that creates the [`SetId::side`] set `id`, and the
+    /// table if need be: nft's JSON cannot spell a timeout under a second.
+    pub fn side_set_script(&self, id: SetId) -> String {
+        format!(
+            "add table inet {table}\nadd set inet {table} {name} {{ type {ty}; size {size}; \
+             flags dynamic,timeout; timeout {ms}ms; comment \"{comment}\"; }}\n",
+            table = self.table,
+            name = id.name(),
+            ty = id.fam.type_name(),
+            size = self.counter_set_size,
+            ms = self.meters.bytes_window_ms(),
+            comment = self.listed_comment(id).unwrap_or_default(),
+        )
     }
 
     fn table_object(&self) -> Table<'static> {
@@ -538,6 +568,16 @@ pub struct RuleDef {
     pub tail: Vec<Value>,
 }
 
+impl RuleDef {
+    /// Whether the rule's own statements ([`RuleDef::tail`]) fill `set`.
+    fn fills(&self, set: SetId) -> bool {
+        let name = format!("@{}", set.name());
+        self.tail
+            .iter()
+            .any(|v| v.pointer("/set/set").and_then(Value::as_str) == Some(name.as_str()))
+    }
+}
+
 fn rule(chain: ChainId, name: &str, expr: Vec<Statement<'static>>) -> RuleDef {
     RuleDef {
         chain,
@@ -568,8 +608,9 @@ fn counter_update(set: SetId) -> Value {
 }
 
 /// `add @<set> { <fam> saddr quota over <bytes> bytes }` in a set whose elements time out
-/// after [`BYTES_WINDOW_SECS`]: `add` leaves an element's timeout alone, so each lives one
-/// window from its source's first packet, and the next packet starts a fresh quota.
+/// after one byte window ([`TableSpec::side_set_script`]): `add` leaves an element's timeout
+/// alone, so each lives one window from its source's first packet, and the next packet
+/// starts a fresh quota.
 fn quota_add(set: SetId, bytes: u64) -> Value {
     serde_json::json!({
         "set": {
@@ -1061,25 +1102,47 @@ impl Tx {
     /// `add_chains` (those missing or deleted) and every rule. Existing sets are never
     /// re-added: nft 1.0.6's JSON cannot spell `flags dynamic`, and re-adding a set with
     /// other flags fails. Elements are added separately.
+    ///
+    /// The [`SetId::side`] sets are neither added nor deleted here: the caller creates them
+    /// first ([`TableSpec::side_set_script`]), and deletes a wrong one with
+    /// [`Tx::structure_dropping_side`] before that.
     pub fn structure(&mut self, spec: &TableSpec, s: &Structure) {
+        self.structure_with(spec, s, false);
+    }
+
+    /// The structure with the wrong [`SetId::side`] sets deleted and without the rules that
+    /// fill a side set still to be created: the step before those are created. The table
+    /// drops and counts as it should meanwhile; only the byte meter is missing.
+    pub fn structure_dropping_side(&mut self, spec: &TableSpec, s: &Structure) {
+        self.structure_with(spec, s, true);
+    }
+
+    fn structure_with(&mut self, spec: &TableSpec, s: &Structure, drop_side: bool) {
         for c in &s.flush {
             self.flush_chain(spec, *c);
         }
         for c in &s.drop_chains {
             self.delete_chain(spec, *c);
         }
-        for id in &s.drop_sets {
+        for id in s.drop_sets.iter().filter(|id| drop_side || !id.side()) {
             self.delete_set(spec, *id);
         }
         self.add_table(spec);
-        for id in &s.add_sets {
+        for id in s.add_sets.iter().filter(|id| !id.side()) {
             self.add_set(spec, *id);
         }
         for c in &s.add_chains {
             self.add_chain(spec, *c);
         }
+        let pending: Vec<SetId> = if drop_side {
+            s.add_sets.iter().copied().filter(|id| id.side()).collect()
+        } else {
+            Vec::new()
+        };
         for r in rules(&spec.meters) {
-            self.add_rule(spec, &r);
+            if !pending.iter().any(|id| r.fills(*id)) {
+                self.add_rule(spec, &r);
+            }
         }
     }
 }
@@ -1100,6 +1163,29 @@ pub struct Structure {
 }
 
 impl Structure {
+    /// The [`SetId::side`] sets to create before the JSON transaction.
+    pub fn side_adds(&self) -> Vec<SetId> {
+        self.add_sets
+            .iter()
+            .copied()
+            .filter(|id| id.side())
+            .collect()
+    }
+
+    /// Whether a [`SetId::side`] set is wrong and must be deleted first.
+    pub fn drops_side(&self) -> bool {
+        self.drop_sets.iter().any(|id| id.side())
+    }
+
+    /// Every rule written again, nothing else: after [`Tx::structure_dropping_side`] and the
+    /// side sets' creation, every chain exists and the sets are right.
+    pub fn rules_only() -> Structure {
+        Structure {
+            flush: ChainId::ALL.to_vec(),
+            ..Structure::default()
+        }
+    }
+
     /// Everything from nothing (the table does not exist).
     pub fn fresh() -> Structure {
         Structure {
@@ -1167,6 +1253,47 @@ mod tests {
         for r in rules(&meters) {
             assert!(seen.insert((r.chain, r.comment.clone())), "{}", r.comment);
         }
+    }
+
+    #[test]
+    fn the_byte_meter_set_is_created_apart_with_its_window_in_milliseconds() {
+        let spec = TableSpec {
+            meters: Meters {
+                rate: [0, 100_000_000, 0, 0, 0, 0],
+                tolerance_ms: 150,
+                sample_above: 0,
+            },
+            ..spec()
+        };
+        let bytes4 = SetId::new(Role::Meter(Kind::Bps), Fam::V4);
+        assert!(bytes4.side() && SetId::all().filter(|s| s.side()).count() == 2);
+        let script = spec.side_set_script(bytes4);
+        assert_eq!(
+            script,
+            "add table inet egressguard\nadd set inet egressguard meter_bytes4 { type ipv4_addr; \
+             size 65536; flags dynamic,timeout; timeout 300ms; \
+             comment \"egressguard: byte quota window 300 ms\"; }\n"
+        );
+        assert_eq!(spec.listed_size_timeout(bytes4), (Some(65536), Some(0)));
+        // The JSON never adds or deletes it; the step before its re-creation leaves out the
+        // rule that fills it, and only that one.
+        let s = Structure {
+            drop_sets: vec![bytes4],
+            add_sets: vec![bytes4],
+            ..Structure::fresh()
+        };
+        let mut tx = Tx::new();
+        tx.structure(&spec, &s);
+        let full = tx.to_json();
+        assert!(!full.contains(r#""name":"meter_bytes4""#), "{full}");
+        assert!(full.contains(r#""set":"@meter_bytes4""#), "{full}");
+        let mut tx = Tx::new();
+        tx.structure_dropping_side(&spec, &s);
+        let first = tx.to_json();
+        assert!(first.contains(r#"{"delete":{"set""#), "{first}");
+        assert!(!first.contains(r#""set":"@meter_bytes4""#), "{first}");
+        assert!(first.contains(r#""set":"@meter_bytes6""#), "{first}");
+        assert!(first.contains(r#""set":"@src_counters4""#), "{first}");
     }
 
     #[test]

@@ -828,6 +828,18 @@ impl Enforcer {
         kernel: Option<&KernelTable>,
         genid: Option<u32>,
     ) -> Result<(), EnforceError> {
+        let rewritten;
+        let p = if p.rebuild {
+            match self.write_side_sets(p).await? {
+                Some(rest) => {
+                    rewritten = rest;
+                    &rewritten
+                }
+                None => p,
+            }
+        } else {
+            p
+        };
         let ops = p.element_ops();
         if ops.is_empty() || self.fast.is_none() {
             return self.apply_nft(&p.to_tx(&self.spec)).await;
@@ -881,6 +893,35 @@ impl Enforcer {
                 source,
             }),
         }
+    }
+
+    /// Creates the [`layout::SetId::side`] sets a rewrite needs, which nft's JSON cannot
+    /// spell. One that is wrong is deleted first, by a rewrite without the rules that fill
+    /// it (each step one transaction: the drops stay in force throughout); the plan's own
+    /// rewrite then writes every rule again, and is returned to be applied in its place.
+    async fn write_side_sets(&mut self, p: &Plan) -> Result<Option<Plan>, EnforceError> {
+        let adds = p.structure.side_adds();
+        if adds.is_empty() {
+            return Ok(None);
+        }
+        let dropped = p.structure.drops_side();
+        if dropped {
+            let mut tx = layout::Tx::new();
+            tx.structure_dropping_side(&self.spec, &p.structure);
+            self.apply_nft(&tx).await?;
+        }
+        let script: String = adds
+            .iter()
+            .map(|id| self.spec.side_set_script(*id))
+            .collect();
+        let started = Instant::now();
+        let result = self.nft.apply_script(&script).await;
+        self.sync_nft_us += started.elapsed().as_micros() as u64;
+        result?;
+        Ok(dropped.then(|| Plan {
+            structure: layout::Structure::rules_only(),
+            ..p.clone()
+        }))
     }
 
     async fn apply_nft(&mut self, tx: &layout::Tx) -> Result<(), EnforceError> {

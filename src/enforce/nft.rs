@@ -142,6 +142,21 @@ impl Nft {
         }))
     }
 
+    /// Runs an nft script in its text syntax (`nft -f -`), one transaction: for what the
+    /// JSON cannot spell.
+    pub async fn apply_script(&self, script: &str) -> Result<(), EnforceError> {
+        let out = self.run(&["-f", "-"], Some(script.as_bytes())).await?;
+        if out.ok {
+            return Ok(());
+        }
+        Err(Self::failure(out.stderr, |stderr| {
+            EnforceError::NftFailed {
+                commands: script.lines().count(),
+                stderr,
+            }
+        }))
+    }
+
     /// Reads the table back; `None` when it does not exist. The listing is parsed as nft
     /// writes it ([`read_table`]): in a storm the counter and meter sets list hundreds of
     /// thousands of elements, which would otherwise be held as text.

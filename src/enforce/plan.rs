@@ -413,6 +413,7 @@ pub fn plan(
                     || flags != id.listed_flags()
                     || s.size != size
                     || s.timeout != timeout
+                    || (id.side() && s.comment != spec.listed_comment(id))
                 {
                     p.rebuild = true;
                     p.reasons
@@ -661,6 +662,7 @@ mod tests {
                     flags: id.listed_flags().iter().map(|s| s.to_string()).collect(),
                     size,
                     timeout,
+                    comment: spec.listed_comment(id),
                     elems,
                 },
             );
@@ -911,6 +913,15 @@ mod tests {
         assert!(pl.changes.iter().any(
             |c| c.op == ElemOp::Add && c.key == ElemKey::Net("203.0.113.5/32".parse().unwrap())
         ));
+        // The byte meter's window changed (a reload with another tolerance): the listing's
+        // whole seconds cannot tell, its comment does.
+        let mut k = k0.clone();
+        k.sets.get_mut("meter_bytes4").unwrap().comment =
+            Some("egressguard: byte quota window 600 ms".into());
+        let pl = plan(&spec(), &w, Some(&k), Some(&base), NOW);
+        let bytes4 = SetId::new(Role::Meter(crate::meter::Kind::Bps), Fam::V4);
+        assert_eq!(pl.structure.drop_sets, [bytes4]);
+        assert!(pl.structure.drops_side() && pl.structure.side_adds() == [bytes4]);
         // Chain priority changed: dropped and recreated.
         let mut k = k0.clone();
         k.chains.get_mut("input").unwrap().prio = Some(0);

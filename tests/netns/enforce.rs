@@ -1306,3 +1306,63 @@ fn without_the_fast_path_everything_goes_through_nft_and_the_stats_say_so() {
         assert!(listed_elems(&ns, &table, "quarantine6").is_empty());
     });
 }
+
+#[test]
+fn the_byte_meters_window_follows_the_tolerance_across_a_reload() {
+    if !require_root("the_byte_meters_window_follows_the_tolerance_across_a_reload") {
+        return;
+    }
+    let topo = topology(&[10], &[20]);
+    let table = table_name();
+    let c = &topo.customers[0];
+    let r = &topo.router;
+    in_router(&topo, || async {
+        // nft's JSON has whole seconds only: the set is written in nft's text syntax, its
+        // window twice the tolerance.
+        let mut e = Enforcer::init(policy(&table, "")).await.expect("start");
+        e.apply(desired(
+            1,
+            vec![block(&format!("{}/32", c.v4), BlockKind::Block, None)],
+        ))
+        .await
+        .expect("apply");
+        for fam in ["4", "6"] {
+            let set = set_list(r, &table, &format!("meter_bytes{fam}"));
+            assert!(set.contains("timeout 400ms"), "{set}");
+            assert!(set.contains("flags dynamic,timeout"), "{set}");
+        }
+        // A reload with another tolerance: the window is not in the listing's whole
+        // seconds, its comment tells; the set is replaced and its rule written again.
+        let p2 = policy(&table, "detection:\n  flood_tolerance: 300ms\n");
+        e.set_policy(p2).await.expect("reload");
+        for fam in ["4", "6"] {
+            let set = set_list(r, &table, &format!("meter_bytes{fam}"));
+            assert!(set.contains("timeout 600ms"), "{set}");
+            assert!(set.contains("byte quota window 600 ms"), "{set}");
+        }
+        let forward = nft_in(r, &["list", "chain", "inet", &table, "forward"]);
+        for fam in ["4", "6"] {
+            let rule = forward
+                .lines()
+                .find(|l| l.contains(&format!("add @meter_bytes{fam}")))
+                .unwrap_or_else(|| panic!("no byte meter rule for {fam}:\n{forward}"));
+            assert!(rule.contains("quota over"), "{rule}");
+        }
+        assert!(
+            set_list(r, &table, "blocked4").contains(&c.v4.to_string()),
+            "the reload lifted the block"
+        );
+        // In step: nothing left to do.
+        e.reconcile().await.expect("reconcile");
+        let set = set_list(r, &table, "meter_bytes4");
+        assert!(set.contains("timeout 600ms"), "{set}");
+        let report = remove_all(
+            &RemoveTarget::from_policy(&policy(&table, "")),
+            &EnforceOptions::default(),
+        )
+        .await
+        .expect("remove");
+        assert!(report.table_removed);
+    });
+    assert_not_in_host(&table);
+}
