@@ -136,3 +136,18 @@ pub fn start_agent(
         .expect("agent started");
     (agent, dir)
 }
+
+/// CPU time of process `pid` in clock ticks from `/proc/PID/stat`: (its own user + system,
+/// its waited-for children's); zeros when the process is gone.
+pub fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    (at(11) + at(12), at(13) + at(14))
+}

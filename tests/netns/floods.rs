@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use egressguard::netns::{Agent, Proc, Topology};
 use serde_json::Value as Json;
 
-use crate::common::{agent_bin, require_root, start_agent};
+use crate::common::{agent_bin, cpu_ticks, require_root, start_agent};
 
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -160,6 +160,18 @@ fn policy(kind: &Kind) -> String {
     )
 }
 
+/// Makes the host of `ns` drop what it receives of the protocols `l4` (nft's syntax).
+fn drops_at(ns: &egressguard::netns::Netns, l4: &str) {
+    ns.run(&[
+        "nft",
+        &format!(
+            "add table inet sink; add chain inet sink in {{ type filter hook input priority 0; }}; \
+             add rule inet sink in meta l4proto {l4} drop"
+        ),
+    ])
+    .expect("target's drop rule");
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -176,13 +188,7 @@ fn round(kind: &Kind) -> (f64, u64, Json) {
     let cust = topo.customers[0].v4.to_string();
     // The target answers nothing: SYNs and datagrams go unanswered (ICMP errors are no
     // answer to conntrack), as from a flood's victim that has stopped answering.
-    topo.internet[0]
-        .ns
-        .run(&[
-            "nft",
-            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in meta l4proto { tcp, udp } drop",
-        ])
-        .expect("target's drop rules");
+    drops_at(&topo.internet[0].ns, "{ tcp, udp }");
     let (agent, _dir) = start_agent(&topo, &policy(kind));
     let rate = kind.rate.to_string();
     let size = kind.size.to_string();
@@ -321,19 +327,6 @@ fn measure_flood_latency() {
     }
 }
 
-/// CPU time of `pid` in clock ticks: (utime + stime, cutime + cstime of waited children).
-fn cpu_ticks(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = text.rfind(')').map_or("", |i| &text[i + 2..]);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // rest starts at field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
-    let at = |i: usize| f.get(i).copied().unwrap_or(0);
-    (at(11) + at(12), at(13) + at(14))
-}
-
 /// FastNetMon 1.2.4's configuration for the side-by-side run: AF_PACKET on the router's
 /// internet side, the lab's customer network, bans off (the flood stays unblocked, as for
 /// the agent in dry-run), its shipped thresholds, nothing sent anywhere.
@@ -380,13 +373,7 @@ fn measure_unblocked_syn_flood_cpu() {
     topo.add_internet_host(20).expect("internet host");
     let target = topo.internet[0].v4.to_string();
     let cust = topo.customers[0].v4.to_string();
-    topo.internet[0]
-        .ns
-        .run(&[
-            "nft",
-            "add table inet sink; add chain inet sink in { type filter hook input priority 0; }; add rule inet sink in meta l4proto tcp drop",
-        ])
-        .expect("target's drop rule");
+    drops_at(&topo.internet[0].ns, "tcp");
     let mut policy = egressguard::demo::DEFAULT_POLICY.to_owned();
     if std::env::var("EGD_SAMPLE").as_deref() == Ok("0") {
         assert!(

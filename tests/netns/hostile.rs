@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use egressguard::netns::{Agent, Netns};
 
-use crate::common::{agent_bin, require_root, require_tools, wait_for};
+use crate::common::{agent_bin, cpu_ticks, require_root, require_tools, wait_for};
 
 /// A system group made for one test, deleted on drop.
 struct TestGroup {
@@ -71,17 +71,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// CPU time (user + system) a process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses: utime is the
-    // 14th field of the line, stime the 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
 }
 
 /// One metric's value from a scrape of `port` inside `ns` (bash, so that no client library
@@ -584,9 +573,9 @@ fn metrics_accept_emfile_backs_off() {
     let held = idle_tcp(&ns, port, 40);
     assert_eq!(held.len(), 40, "the backlog takes them");
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_ticks(pid);
+    let before = cpu_ticks(pid).0;
     std::thread::sleep(Duration::from_secs(3));
-    let used = cpu_ticks(pid) - before;
+    let used = cpu_ticks(pid).0.saturating_sub(before);
     // Clock ticks are 1/100 s: a spinning accept loop burns ~300 in 3 s.
     assert!(
         used < 60,

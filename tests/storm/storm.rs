@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use egressguard::netns::{Agent, Netns, Topology};
 
-use crate::common::{agent_bin, require_root};
+use crate::common::{agent_bin, cpu_ticks, require_root};
 use crate::flowgen::{CtInject, RawUdp, egress_sink, paced, paced_injected, sink, spread};
 
 /// The detector's source cap in the storm scenario.
@@ -100,19 +100,6 @@ fn proc_bytes(pid: u32, key: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kb| kb * 1024)
-}
-
-/// CPU time of `pid` in clock ticks: (utime + stime, cutime + cstime of waited children).
-fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // rest starts at field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
-    Some((f.get(11)? + f.get(12)?, f.get(13)? + f.get(14)?))
 }
 
 fn clock_ticks_per_sec() -> u64 {
@@ -648,7 +635,7 @@ fn measure_agent_cpu_at_flow_rates() {
         println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         for &rate in &rates {
             let before = sample(&exe, &socket, pid).unwrap_or_default();
-            let (cpu0, child0) = cpu_ticks(pid).unwrap_or_default();
+            let (cpu0, child0) = cpu_ticks(pid);
             let w0 = Instant::now();
             let base = flow;
             let limit = Duration::from_secs(secs + 5);
@@ -672,7 +659,7 @@ fn measure_agent_cpu_at_flow_rates() {
             };
             flow += rate * secs;
             let wall = w0.elapsed();
-            let (cpu1, child1) = cpu_ticks(pid).unwrap_or_default();
+            let (cpu1, child1) = cpu_ticks(pid);
             let after = sample(&exe, &socket, pid).unwrap_or_default();
             let pct = |ticks: u64| ticks as f64 * 100.0 / tck as f64 / wall.as_secs_f64();
             println!(
